@@ -1,0 +1,58 @@
+"""gpu_provider: an exact statevector simulator for Qiskit, on NVIDIA GPUs or NumPy.
+
+>>> from gpu_provider import GPUProvider
+>>> backend = GPUProvider().get_backend("gpu_simulator")
+>>> counts = backend.run(circuit, shots=1000).result().get_counts()
+
+Importing the package touches no CUDA: the GPU is probed lazily on first use.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    CircuitTooLargeError,
+    DeviceUnavailableError,
+    GPUProviderError,
+    InvalidInputError,
+    InvalidOptionError,
+    IterationLimitError,
+    SimulationError,
+    UnboundParameterError,
+    UnsupportedInstructionError,
+)
+
+
+def __getattr__(name: str):
+    # The Qiskit front end loads on first use, so ``import gpu_provider.engine`` stays Qiskit-free.
+    if name in ("GPUProvider",):
+        from .provider import GPUProvider
+
+        return GPUProvider
+    if name in ("GPUSimulator",):
+        from .backend import GPUSimulator
+
+        return GPUSimulator
+    if name in ("GPUJob",):
+        from .job import GPUJob
+
+        return GPUJob
+    raise AttributeError(f"module 'gpu_provider' has no attribute {name!r}")
+
+
+__all__ = [
+    "GPUProvider",
+    "GPUSimulator",
+    "GPUJob",
+    "GPUProviderError",
+    "InvalidInputError",
+    "InvalidOptionError",
+    "UnboundParameterError",
+    "UnsupportedInstructionError",
+    "CircuitTooLargeError",
+    "DeviceUnavailableError",
+    "SimulationError",
+    "IterationLimitError",
+    "__version__",
+]

@@ -1,0 +1,341 @@
+"""``GPUSimulator``: a Qiskit ``BackendV2`` over the gpu_provider engine.
+
+``run()`` validates options, picks the device, translates (and fuses) every
+circuit before returning, so mistakes raise at once; the simulation itself
+runs asynchronously in a :class:`~gpu_provider.GPUJob`. No per-run state lives
+on the backend: one backend object serves many threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import time
+import uuid
+import warnings
+from typing import Any
+
+import numpy as np
+from qiskit.circuit import (
+    BreakLoopOp,
+    ContinueLoopOp,
+    ForLoopOp,
+    IfElseOp,
+    Measure,
+    Parameter,
+    QuantumCircuit,
+    Reset,
+    SwitchCaseOp,
+    WhileLoopOp,
+)
+from qiskit.circuit.library import Initialize, StatePreparation, UnitaryGate, get_standard_gate_name_mapping
+from qiskit.providers import BackendV2, Options
+from qiskit.result import Result
+from qiskit.transpiler import Target
+
+from . import __version__
+from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
+from .compiler.translate import translate
+from .engine.devices import DEVICE_NAMES, PRECISIONS, Device, resolve_device, state_bytes
+from .engine.executor import Execution, ExperimentOutput, RunConfig, estimated_ops, run_program
+from .engine.program import Measure as MeasureOp
+from .engine.program import is_sampling_friendly
+from .errors import InvalidInputError, InvalidOptionError
+from .job import GPUJob
+
+logger = logging.getLogger(__name__)
+
+MAX_QUBITS_CAP = 40
+MAX_SHOTS = 10**9
+# Memory for one shot of memory=True output, a conservative Python-side estimate.
+BYTES_PER_MEMORY_SHOT = 120
+
+
+class GPUSimulator(BackendV2):
+    """Exact statevector simulator on an NVIDIA GPU (CuPy) or, without one, on NumPy.
+
+    Options (set with ``set_options`` or pass to ``run``):
+        shots (int): samples per circuit (1024).
+        memory (bool): also return every shot's outcome (False).
+        seed_simulator (int | None): seed; experiment ``i`` uses ``seed + i``.
+        precision ("double" | "single"): complex128 or complex64 amplitudes.
+        device ("auto" | "GPU" | "CPU"): "auto" uses a usable GPU, else the CPU.
+        device_id (int): which GPU.
+        statevector (bool): add each circuit's final statevector (terminal
+            measurements removed) to the result.
+        fusion_enable, fusion_max_qubits, fusion_threshold: gate fusion.
+        max_loop_iterations (int): cap on ``while_loop`` iterations.
+    """
+
+    def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
+        super().__init__(
+            provider=provider,
+            name=name,
+            description="Exact statevector simulator on NVIDIA GPUs through CuPy, with a NumPy CPU fallback",
+            backend_version=__version__,
+        )
+        self._target_cache: dict = {}
+        if options:
+            self.set_options(**options)
+
+    @classmethod
+    def _default_options(cls) -> Options:
+        return Options(
+            shots=1024,
+            memory=False,
+            seed_simulator=None,
+            precision="double",
+            device="auto",
+            device_id=0,
+            statevector=False,
+            fusion_enable=True,
+            fusion_max_qubits=None,
+            fusion_threshold=DEFAULT_FUSION_THRESHOLD,
+            max_loop_iterations=100_000,
+        )
+
+    def set_options(self, **fields: Any) -> None:
+        known = {key: value for key, value in fields.items() if key in self.options}
+        for key in fields.keys() - known.keys():
+            raise InvalidOptionError(f"{key!r} is not an option of {self.name}; its options are {sorted(self.options)}")
+        _validate_options({**self.options.__dict__, **known})
+        super().set_options(**known)
+        self._target_cache.clear()
+
+    # -- target ---------------------------------------------------------------
+
+    @property
+    def target(self) -> Target:
+        device, _ = resolve_device(self.options.device, self.options.device_id)
+        key = (device.name, self.options.precision)
+        target = self._target_cache.get(key)
+        if target is None:
+            itemsize = np.dtype(PRECISIONS[self.options.precision]).itemsize
+            target = _build_target(max_qubits_for(device, itemsize), f"{self.name} on {device.name}")
+            self._target_cache[key] = target
+        return target
+
+    @property
+    def max_circuits(self):
+        return None
+
+    # -- run ------------------------------------------------------------------
+
+    def run(self, run_input, **options: Any) -> GPUJob:
+        """Simulate one circuit or a list of circuits; returns a submitted :class:`GPUJob`.
+
+        Raises:
+            InvalidInputError: for input that is not circuits, an empty list, bad
+                option values, unbound parameters or unsupported instructions.
+            DeviceUnavailableError: ``device="GPU"`` where no GPU is usable.
+            CircuitTooLargeError: a circuit whose state does not fit in memory.
+        """
+        merged = dict(self.options.__dict__)
+        for key, value in options.items():
+            if key in merged:
+                merged[key] = value
+            else:
+                warnings.warn(f"Option {key} is not used by this backend", UserWarning, stacklevel=2)
+        _validate_options(merged)
+        circuits = _as_circuit_list(run_input)
+        device, fallback_reason = resolve_device(merged["device"], merged["device_id"])
+        seed = merged["seed_simulator"]
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+        itemsize = np.dtype(PRECISIONS[merged["precision"]]).itemsize
+        experiments = []
+        for index, circuit in enumerate(circuits):
+            program = translate(circuit)
+            sampling = is_sampling_friendly(program)
+            if merged["statevector"] and not sampling:
+                raise InvalidInputError(
+                    f"statevector=True needs a circuit whose measurements are all at the end, without reset or "
+                    f"control flow; circuit {circuit.name!r} measures or branches mid-circuit. Drop the option, "
+                    "or save the state before the first measurement"
+                )
+            device.check_fits(program.num_qubits, itemsize, arrays=2 if sampling else 3)
+            if merged["memory"]:
+                _check_memory_output(merged["shots"], device)
+            ops_before = program.num_ops
+            if merged["fusion_enable"]:
+                program = fuse(program, device.kind, merged["fusion_max_qubits"], merged["fusion_threshold"])
+            config = RunConfig(
+                shots=merged["shots"],
+                seed=seed + index,
+                memory=merged["memory"],
+                statevector=merged["statevector"],
+                precision=merged["precision"],
+                max_loop_iterations=merged["max_loop_iterations"],
+            )
+            experiments.append((circuit, program, config, ops_before))
+        job_id = str(uuid.uuid4())
+        ops_total = sum(estimated_ops(program, config) for _, program, config, _ in experiments)
+        run_metadata = {"device": device.name, "precision": merged["precision"]}
+        if fallback_reason:
+            run_metadata["gpu_unavailable_reason"] = fallback_reason
+
+        def simulate(execution: Execution) -> Result:
+            return _simulate(self, job_id, device, experiments, execution, run_metadata)
+
+        execution = Execution(device, ops_total, simulate)
+        job = GPUJob(self, job_id, execution, circuits=circuits)
+        job.submit()
+        return job
+
+
+def _simulate(backend: GPUSimulator, job_id: str, device: Device, experiments, execution: Execution, run_metadata: dict) -> Result:
+    start = time.time()
+    results = []
+    for circuit, program, config, ops_before in experiments:
+        output = run_program(program, device, config, execution)
+        output.metadata.update(fusion_ops_before=ops_before, fusion_ops_after=program.num_ops)
+        if "gpu_unavailable_reason" in run_metadata:
+            output.metadata["gpu_unavailable_reason"] = run_metadata["gpu_unavailable_reason"]
+        results.append(experiment_result(circuit, output, config))
+    return Result.from_dict(
+        {
+            "backend_name": backend.name,
+            "backend_version": backend.backend_version,
+            "job_id": job_id,
+            "results": results,
+            "status": "COMPLETED",
+            "success": True,
+            "time_taken": time.time() - start,
+            "metadata": dict(run_metadata),
+        }
+    )
+
+
+def experiment_result(circuit: QuantumCircuit, output: ExperimentOutput, config: RunConfig) -> dict:
+    """One experiment laid out as Qiskit's BasicSimulator lays it out."""
+    data: dict = {"counts": {hex(value): count for value, count in output.counts.items()}}
+    if output.memory is not None:
+        data["memory"] = [hex(value) for value in output.memory]
+    if output.statevector is not None:
+        data["statevector"] = output.statevector
+    header = {
+        "name": circuit.name,
+        "n_qubits": circuit.num_qubits,
+        "qreg_sizes": [[qreg.name, qreg.size] for qreg in circuit.qregs],
+        "creg_sizes": [[creg.name, creg.size] for creg in circuit.cregs],
+        "qubit_labels": [[qreg.name, j] for qreg in circuit.qregs for j in range(qreg.size)],
+        "clbit_labels": [[creg.name, j] for creg in circuit.cregs for j in range(creg.size)],
+        "memory_slots": circuit.num_clbits,
+        "global_phase": float(circuit.global_phase) if not hasattr(circuit.global_phase, "parameters") else 0.0,
+        "metadata": circuit.metadata if circuit.metadata is not None else {},
+    }
+    return {
+        "name": circuit.name,
+        "seed_simulator": config.seed,
+        "shots": config.shots,
+        "data": data,
+        "status": "DONE",
+        "success": True,
+        "header": header,
+        "time_taken": output.metadata["time_taken"],
+        "metadata": output.metadata,
+    }
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+def _as_circuit_list(run_input) -> list[QuantumCircuit]:
+    if isinstance(run_input, QuantumCircuit):
+        return [run_input]
+    if isinstance(run_input, (list, tuple)):
+        if not run_input:
+            raise InvalidInputError("run() was given an empty list; pass at least one QuantumCircuit")
+        for index, item in enumerate(run_input):
+            if not isinstance(item, QuantumCircuit):
+                raise InvalidInputError(f"run() input {index} is a {type(item).__name__}, not a QuantumCircuit; pass circuits only")
+        return list(run_input)
+    raise InvalidInputError(
+        f"run() takes a QuantumCircuit or a list of them, not {type(run_input).__name__}; "
+        "parse OpenQASM with qiskit.qasm2.loads / qiskit.qasm3.loads first"
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _validate_options(options: dict) -> None:
+    shots = options["shots"]
+    if not _is_int(shots) or not 1 <= shots <= MAX_SHOTS:
+        raise InvalidOptionError(f"shots must be an integer from 1 to {MAX_SHOTS:,}, not {shots!r}")
+    for flag in ("memory", "statevector", "fusion_enable"):
+        if not isinstance(options[flag], (bool, np.bool_)):
+            raise InvalidOptionError(f"{flag} must be True or False, not {options[flag]!r}")
+    seed = options["seed_simulator"]
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise InvalidOptionError(f"seed_simulator must be a non-negative integer or None, not {seed!r}")
+    if options["precision"] not in PRECISIONS:
+        raise InvalidOptionError(f"precision must be one of {tuple(PRECISIONS)}, not {options['precision']!r}")
+    device = options["device"]
+    if not isinstance(device, str) or device.upper() not in {name.upper() for name in DEVICE_NAMES}:
+        raise InvalidOptionError(f"device must be one of {DEVICE_NAMES}, not {device!r}")
+    device_id = options["device_id"]
+    if not _is_int(device_id) or device_id < 0:
+        raise InvalidOptionError(f"device_id must be a non-negative integer, not {device_id!r}")
+    low, high = fusion_limits()
+    width = options["fusion_max_qubits"]
+    if width is not None and (not _is_int(width) or not low <= width <= high):
+        raise InvalidOptionError(f"fusion_max_qubits must be an integer from {low} to {high} (or None for the device default), not {width!r}")
+    threshold = options["fusion_threshold"]
+    if not _is_int(threshold) or threshold < 0:
+        raise InvalidOptionError(f"fusion_threshold must be a non-negative integer, not {threshold!r}")
+    cap = options["max_loop_iterations"]
+    if not _is_int(cap) or cap < 1:
+        raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
+
+
+def _check_memory_output(shots: int, device: Device) -> None:
+    from .engine.devices import host_available_bytes
+
+    needed = shots * BYTES_PER_MEMORY_SHOT
+    free = host_available_bytes()
+    if needed > free:
+        raise InvalidOptionError(
+            f"memory=True with {shots:,} shots needs about {needed:,} bytes of host memory but {free:,} are free; "
+            "use fewer shots or memory=False"
+        )
+
+
+# ---------------------------------------------------------------------------
+# target
+
+
+def max_qubits_for(device: Device, itemsize: int) -> int:
+    """The largest state (plus one scratch buffer) the device's memory holds."""
+    total = device.total_bytes()
+    n = int(math.floor(math.log2(max(total, 1) / (2 * itemsize))))
+    return max(1, min(n, MAX_QUBITS_CAP))
+
+
+def _build_target(num_qubits: int, description: str) -> Target:
+    target = Target(description=description, num_qubits=num_qubits)
+    for name, op in get_standard_gate_name_mapping().items():
+        if name in ("measure", "reset", "delay", "global_phase") or op.num_qubits > num_qubits:
+            continue
+        target.add_instruction(op, name=name)
+    target.add_instruction(Measure(), name="measure")
+    target.add_instruction(Reset(), name="reset")
+    from qiskit.circuit import Delay
+
+    target.add_instruction(Delay(Parameter("t")), name="delay")
+    for cls, name in (
+        (UnitaryGate, "unitary"),
+        (Initialize, "initialize"),
+        (StatePreparation, "state_preparation"),
+        (IfElseOp, "if_else"),
+        (WhileLoopOp, "while_loop"),
+        (ForLoopOp, "for_loop"),
+        (SwitchCaseOp, "switch_case"),
+        (BreakLoopOp, "break_loop"),
+        (ContinueLoopOp, "continue_loop"),
+    ):
+        target.add_instruction(cls, name=name)
+    return target

@@ -1,0 +1,1 @@
+"""Front-end compilers: Qiskit circuits to engine programs, and gate fusion."""

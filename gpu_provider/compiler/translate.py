@@ -1,0 +1,410 @@
+"""Translation: ``QuantumCircuit`` -> engine :class:`Program`.
+
+Standard gates become matrices (cached by name and parameters; diagonal ones
+become :class:`Diagonal`), control flow becomes nested op tuples with engine
+expressions, and any other instruction is expanded through its definition.
+Errors name what was wrong: the unbound parameter, the instruction without a
+matrix or definition, the non-unitary matrix, the unnormalized state.
+"""
+
+from __future__ import annotations
+
+import cmath
+import logging
+import math
+from typing import Optional
+
+import numpy as np
+from qiskit.circuit import (
+    Clbit,
+    ClassicalRegister,
+    ControlledGate,
+    Gate,
+    Instruction,
+    ParameterExpression,
+    QuantumCircuit,
+)
+from qiskit.circuit.classical import expr, types
+from qiskit.circuit.library import get_standard_gate_name_mapping
+
+from ..engine import program as P
+from ..errors import InvalidInputError, UnboundParameterError, UnsupportedInstructionError
+
+logger = logging.getLogger(__name__)
+
+NO_OPS = frozenset({"barrier", "delay", "id", "i", "snapshot"})
+_STANDARD_TYPES = {name: type(op) for name, op in get_standard_gate_name_mapping().items() if isinstance(op, Gate)}
+STANDARD_GATES = frozenset(_STANDARD_TYPES)
+# Gates wider than this are expanded through their definition rather than built as a dense matrix.
+DENSE_MAX_QUBITS = 10
+UNITARY_TOLERANCE = 1e-7
+
+
+def translate(circuit: QuantumCircuit) -> P.Program:
+    """Compile ``circuit`` into a :class:`Program`; raise a typed error if it cannot run."""
+    if not isinstance(circuit, QuantumCircuit):
+        raise InvalidInputError(f"expected a qiskit QuantumCircuit, got {type(circuit).__name__}")
+    if circuit.parameters:
+        names = ", ".join(sorted(p.name for p in circuit.parameters))
+        raise UnboundParameterError(
+            f"circuit {circuit.name!r} has unbound parameters: {names}; bind them with "
+            "circuit.assign_parameters({...}) before running"
+        )
+    if getattr(circuit, "num_input_vars", 0):
+        raise InvalidInputError(
+            f"circuit {circuit.name!r} declares input variables; give them values with stores instead"
+        )
+    translator = _Translator(circuit)
+    ops = translator.block(circuit, {bit: i for i, bit in enumerate(circuit.qubits)}, {bit: i for i, bit in enumerate(circuit.clbits)}, top=True)
+    phase = _real(circuit.global_phase, "global_phase", circuit.name)
+    if phase:
+        ops.append(P.GlobalPhase(phase))
+    return P.Program(
+        num_qubits=circuit.num_qubits,
+        num_clbits=circuit.num_clbits,
+        ops=tuple(ops),
+        name=circuit.name,
+    )
+
+
+def _real(value, what: str, where: str) -> float:
+    if isinstance(value, ParameterExpression):
+        try:
+            value = complex(value)
+        except TypeError as exc:
+            raise UnboundParameterError(f"{what} of {where!r} is unbound: {value}; bind it before running") from exc
+    number = complex(value)
+    if abs(number.imag) > 1e-12 or not math.isfinite(number.real):
+        raise InvalidInputError(f"{what} of {where!r} must be a finite real number, got {value!r}")
+    return number.real
+
+
+def _check_params(op: Instruction) -> None:
+    for param in op.params:
+        if isinstance(param, ParameterExpression):
+            if param.parameters:
+                names = ", ".join(sorted(p.name for p in param.parameters))
+                raise UnboundParameterError(f"instruction {op.name!r} has unbound parameters: {names}; bind them before running")
+            param = complex(param)
+        if isinstance(param, (int, float, complex, np.number)) and not isinstance(param, bool):
+            if not cmath.isfinite(complex(param)):
+                raise InvalidInputError(f"instruction {op.name!r} has a non-finite parameter {param!r}; use finite numbers")
+
+
+def _param_key(op: Instruction) -> Optional[tuple]:
+    key = []
+    for param in op.params:
+        if isinstance(param, ParameterExpression):
+            param = complex(param)
+        if isinstance(param, (int, float, complex, np.number)):
+            key.append(complex(param))
+        else:
+            return None
+    return tuple(key)
+
+
+_STANDARD_CACHE: dict = {}
+
+
+def _standard_op(op: Gate, key: tuple) -> tuple[bool, np.ndarray]:
+    """(is_diagonal, diagonal or matrix) of a standard gate, cached by name, parameters, ctrl_state."""
+    cached = _STANDARD_CACHE.get(key)
+    if cached is None:
+        cached = _classify(np.asarray(op.to_matrix(), dtype=np.complex128))
+        if len(_STANDARD_CACHE) > 65536:
+            _STANDARD_CACHE.clear()
+        _STANDARD_CACHE[key] = cached
+    return cached
+
+
+def _classify(matrix: np.ndarray) -> tuple[bool, np.ndarray]:
+    diagonal = np.diagonal(matrix)
+    if np.count_nonzero(matrix - np.diag(diagonal)) == 0:
+        out = np.ascontiguousarray(diagonal)
+    else:
+        out = np.ascontiguousarray(matrix)
+    out.setflags(write=False)
+    return out.ndim == 1, out
+
+
+def _check_unitary(matrix: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(matrix)):
+        raise InvalidInputError(f"instruction {name!r} has a matrix with NaN or infinite entries")
+    dim = matrix.shape[0]
+    if matrix.shape != (dim, dim) or dim & (dim - 1):
+        raise InvalidInputError(f"instruction {name!r} has a matrix of shape {matrix.shape}; a unitary must be 2^k x 2^k")
+    error = np.max(np.abs(matrix.conj().T @ matrix - np.eye(dim)))
+    if error > UNITARY_TOLERANCE:
+        raise InvalidInputError(f"instruction {name!r} has a matrix that is not unitary (|U^dag U - I| = {error:.2e}); pass a unitary matrix")
+
+
+def _state_vector(op: Instruction) -> np.ndarray:
+    """The target vector of an ``initialize`` / ``state_preparation``, in Qiskit order."""
+    from qiskit.quantum_info import Statevector
+
+    params = op.params
+    k = op.num_qubits
+    if params and all(isinstance(p, str) for p in params):
+        vector = Statevector.from_label("".join(params)).data
+    elif len(params) == 1 and k >= 1 and 2**k != 1:
+        vector = Statevector.from_int(int(np.real(params[0])), (2,) * k).data
+    else:
+        vector = np.asarray([complex(p) for p in params], dtype=np.complex128)
+    if vector.shape != (2**k,):
+        raise InvalidInputError(f"{op.name} on {k} qubits needs 2^{k} = {2**k} amplitudes, got {vector.shape[0]}")
+    if not np.all(np.isfinite(vector)):
+        raise InvalidInputError(f"{op.name} has NaN or infinite amplitudes")
+    norm = np.linalg.norm(vector)
+    if abs(norm - 1) > 1e-8:
+        raise InvalidInputError(f"{op.name} needs a normalized state, but its norm is {norm:.12g}; divide it by its norm")
+    return vector
+
+
+def _width(type_) -> Optional[int]:
+    if isinstance(type_, types.Bool):
+        return 0
+    if isinstance(type_, types.Uint):
+        return type_.width
+    if isinstance(type_, types.Float):
+        return None
+    raise UnsupportedInstructionError(f"classical type {type_} is not supported by this simulator")
+
+
+class _Translator:
+    def __init__(self, circuit: QuantumCircuit) -> None:
+        self.circuit = circuit
+        self.fresh = set(range(circuit.num_qubits))  # qubits still in |0>, top level only
+
+    # -- classical ----------------------------------------------------------
+
+    def _clbit(self, bit, clbits: dict) -> int:
+        try:
+            return clbits[bit]
+        except KeyError:
+            raise InvalidInputError(f"classical bit {bit} is not in circuit {self.circuit.name!r}") from None
+
+    def _bits(self, target, clbits: dict) -> P.Bits:
+        if isinstance(target, Clbit):
+            return P.Bits((self._clbit(target, clbits),), boolean=True)
+        if isinstance(target, ClassicalRegister):
+            return P.Bits(tuple(self._clbit(bit, clbits) for bit in target))
+        raise UnsupportedInstructionError(f"cannot read classical target {target!r}")
+
+    def condition(self, condition, clbits: dict):
+        if isinstance(condition, tuple):
+            target, value = condition
+            bits = self._bits(target, clbits)
+            if bits.boolean:
+                return P.Binary(P.ExprOp.EQUAL, P.Cast(bits, 1), P.Const(int(value)))
+            return P.Binary(P.ExprOp.EQUAL, bits, P.Const(int(value)))
+        return self.expression(condition, clbits)
+
+    def expression(self, node, clbits: dict):
+        if isinstance(node, expr.Var):
+            if isinstance(node.var, (Clbit, ClassicalRegister)):
+                return self._bits(node.var, clbits)
+            return P.Var(str(node.var), _width(node.type))
+        if isinstance(node, expr.Value):
+            if isinstance(node.type, (types.Bool, types.Uint, types.Float)):
+                return P.Const(node.value)
+            raise UnsupportedInstructionError(f"classical value of type {node.type} is not supported")
+        if isinstance(node, expr.Unary):
+            return P.Unary(P.ExprOp[node.op.name], self.expression(node.operand, clbits), _width(node.type))
+        if isinstance(node, expr.Binary):
+            return P.Binary(
+                P.ExprOp[node.op.name],
+                self.expression(node.left, clbits),
+                self.expression(node.right, clbits),
+                _width(node.left.type) if node.op.name.startswith("BIT_") else _width(node.type),
+            )
+        if isinstance(node, expr.Cast):
+            return P.Cast(self.expression(node.operand, clbits), _width(node.type))
+        if isinstance(node, expr.Index):
+            return P.Index(self.expression(node.target, clbits), self.expression(node.index, clbits))
+        raise UnsupportedInstructionError(f"classical expression {node!r} is not supported by this simulator")
+
+    def lvalue(self, node, clbits: dict):
+        if isinstance(node, expr.Var):
+            if isinstance(node.var, (Clbit, ClassicalRegister)):
+                return self._bits(node.var, clbits)
+            return P.Var(str(node.var), _width(node.type))
+        if isinstance(node, expr.Index) and isinstance(node.target, expr.Var) and isinstance(node.index, expr.Value):
+            if isinstance(node.target.var, ClassicalRegister):
+                return P.Bits((self._clbit(node.target.var[int(node.index.value)], clbits),))
+        raise UnsupportedInstructionError(f"cannot store to {node!r}")
+
+    # -- quantum ------------------------------------------------------------
+
+    def block(self, circuit: QuantumCircuit, qubits: dict, clbits: dict, top: bool = False) -> list:
+        ops: list = []
+        for instruction in circuit.data:
+            qargs = tuple(qubits[q] for q in instruction.qubits)
+            cargs = tuple(clbits[c] for c in instruction.clbits)
+            self.instruction(instruction.operation, qargs, cargs, qubits, clbits, ops, top)
+        return ops
+
+    def _touch(self, qargs, top: bool) -> None:
+        self.fresh.difference_update(qargs)
+
+    def _sub_block(self, body: QuantumCircuit, qargs, cargs, outer_clbits: dict) -> tuple:
+        qmap = {bit: qargs[i] for i, bit in enumerate(body.qubits)}
+        cmap = dict(outer_clbits)  # bodies share bits with the outer circuit; positional wins
+        cmap.update({bit: cargs[i] for i, bit in enumerate(body.clbits)})
+        return tuple(self.block(body, qmap, cmap))
+
+    def instruction(self, op: Instruction, qargs: tuple, cargs: tuple, qubits: dict, clbits: dict, ops: list, top: bool) -> None:
+        name = op.name
+        if name in NO_OPS:
+            return
+        if name == "measure":
+            ops.append(P.Measure(qargs[0], cargs[0]))
+            self._touch(qargs, top)
+            return
+        if name == "reset":
+            if not (top and qargs[0] in self.fresh):  # a reset of a qubit still in |0> does nothing
+                ops.append(P.Reset(qargs[0]))
+            return
+        if name == "global_phase":
+            _check_params(op)
+            ops.append(P.GlobalPhase(_real(op.params[0], "global_phase", name)))
+            return
+        if name == "store":
+            ops.append(P.Store(self.lvalue(op.lvalue, clbits), self.expression(op.rvalue, clbits)))
+            return
+        if name in ("if_else", "while_loop", "for_loop", "switch_case", "break_loop", "continue_loop", "box"):
+            self.control_flow(op, qargs, cargs, clbits, ops)
+            self._touch(qargs, top)
+            return
+        if name in ("initialize", "state_preparation"):
+            self.state_preparation(op, qargs, ops, top)
+            return
+        _check_params(op)
+        self._touch(qargs, top)
+        if name in STANDARD_GATES and type(op) is _STANDARD_TYPES[name]:
+            params = _param_key(op)
+            if params is not None:
+                is_diag, data = _standard_op(op, (name, params, getattr(op, "ctrl_state", None)))
+                ops.append(P.Diagonal(qargs, data, name) if is_diag else P.Unitary(qargs, data, label=name))
+                return
+        if isinstance(op, ControlledGate) and op.num_qubits > 5 and op.base_gate is not None:
+            base = self._matrix(op.base_gate)
+            if base is not None:
+                n_ctrl = op.num_ctrl_qubits
+                ops.append(P.Unitary(qargs[n_ctrl:], base, controls=qargs[:n_ctrl], ctrl_state=int(op.ctrl_state), label=name))
+                return
+        if op.num_qubits <= DENSE_MAX_QUBITS or op.definition is None:
+            matrix = self._matrix(op)
+            if matrix is not None:
+                is_diag, data = _classify(matrix)
+                ops.append(P.Diagonal(qargs, data, name) if is_diag else P.Unitary(qargs, data, label=name))
+                return
+        self.expand(op, qargs, cargs, qubits, clbits, ops, top)
+
+    def _matrix(self, op: Instruction) -> Optional[np.ndarray]:
+        if not isinstance(op, Gate):
+            return None
+        try:
+            matrix = np.asarray(op.to_matrix(), dtype=np.complex128)
+        except Exception:  # no __array__: fall back to the definition
+            return None
+        _check_unitary(matrix, op.name)
+        if matrix.shape[0] != 2**op.num_qubits:
+            raise InvalidInputError(f"instruction {op.name!r} acts on {op.num_qubits} qubits but its matrix is {matrix.shape}")
+        return matrix
+
+    def expand(self, op: Instruction, qargs, cargs, qubits, clbits, ops: list, top: bool) -> None:
+        definition = op.definition
+        if definition is None:
+            raise UnsupportedInstructionError(
+                f"instruction {op.name!r} has neither a matrix nor a definition; "
+                "transpile the circuit for this backend or replace the instruction"
+            )
+        if not isinstance(definition, QuantumCircuit):
+            raise UnsupportedInstructionError(f"instruction {op.name!r} has a definition of type {type(definition).__name__}")
+        qmap = {bit: qargs[i] for i, bit in enumerate(definition.qubits)}
+        cmap = {bit: cargs[i] for i, bit in enumerate(definition.clbits)}
+        for instruction in definition.data:
+            self.instruction(
+                instruction.operation,
+                tuple(qmap[q] for q in instruction.qubits),
+                tuple(cmap[c] for c in instruction.clbits),
+                qmap,
+                cmap,
+                ops,
+                top,
+            )
+        phase = _real(definition.global_phase, "global_phase", op.name)
+        if phase:
+            ops.append(P.GlobalPhase(phase))
+
+    def state_preparation(self, op: Instruction, qargs: tuple, ops: list, top: bool) -> None:
+        inverse = bool(getattr(op, "_inverse", False))
+        if not inverse:
+            vector = _state_vector(op)
+            all_fresh = top and self.fresh.issuperset(qargs)
+            if op.name == "initialize" and not all_fresh:
+                ops.extend(P.Reset(q) for q in qargs if not (top and q in self.fresh))
+                all_fresh = True
+            if all_fresh:
+                ops.append(P.Initialize(qargs, vector))
+                self._touch(qargs, top)
+                return
+        # state_preparation on a state that may not be |0>: its unitary action is its definition.
+        self._touch(qargs, top)
+        if op.num_qubits <= DENSE_MAX_QUBITS:
+            from qiskit.quantum_info import Operator
+
+            matrix = Operator(op.definition).data
+            is_diag, data = _classify(matrix)
+            ops.append(P.Diagonal(qargs, data, op.name) if is_diag else P.Unitary(qargs, data, label=op.name))
+        else:
+            self.expand(op, qargs, (), None, {}, ops, top=False)
+
+    def control_flow(self, op: Instruction, qargs, cargs, clbits: dict, ops: list) -> None:
+        name = op.name
+        if name == "break_loop":
+            ops.append(P.BreakLoop())
+        elif name == "continue_loop":
+            ops.append(P.ContinueLoop())
+        elif name == "box":
+            ops.extend(self._sub_block(op.blocks[0], qargs, cargs, clbits))
+        elif name == "if_else":
+            true_body = self._sub_block(op.blocks[0], qargs, cargs, clbits)
+            false_body = self._sub_block(op.blocks[1], qargs, cargs, clbits) if len(op.blocks) > 1 and op.blocks[1] is not None else ()
+            ops.append(P.IfElse(self.condition(op.condition, clbits), true_body, false_body))
+        elif name == "while_loop":
+            ops.append(P.WhileLoop(self.condition(op.condition, clbits), self._sub_block(op.blocks[0], qargs, cargs, clbits)))
+        elif name == "for_loop":
+            indexset, parameter, body = op.params
+            if parameter is None:
+                once = self._sub_block(body, qargs, cargs, clbits)
+                iterations = tuple(once for _ in indexset)
+            else:
+                iterations = tuple(
+                    self._sub_block(body.assign_parameters({parameter: value}, inplace=False), qargs, cargs, clbits)
+                    for value in indexset
+                )
+            ops.append(P.ForLoop(iterations))
+        elif name == "switch_case":
+            target = op.target
+            if isinstance(target, (Clbit, ClassicalRegister)):
+                target_expr = self._bits(target, clbits)
+                if isinstance(target_expr, P.Bits) and target_expr.boolean:
+                    target_expr = P.Bits(target_expr.clbits)
+            else:
+                target_expr = self.expression(target, clbits)
+            cases = []
+            for values, body in op.cases_specifier():
+                translated = self._sub_block(body, qargs, cargs, clbits)
+                labels = tuple(values)
+                if any(_is_default(v) for v in labels):
+                    cases.append((None, translated))
+                else:
+                    cases.append((tuple(int(v) for v in labels), translated))
+            ops.append(P.SwitchCase(target_expr, tuple(cases)))
+
+
+def _is_default(value) -> bool:
+    from qiskit.circuit.controlflow import CASE_DEFAULT
+
+    return value is CASE_DEFAULT

@@ -1,0 +1,1 @@
+"""The simulation engine: programs, devices, statevectors, execution. It never imports Qiskit."""

@@ -1,0 +1,302 @@
+"""The two devices behind one small surface: array module, streams, events, memory.
+
+``CPUDevice`` runs on NumPy with host events; ``GPUDevice`` runs on CuPy with
+CUDA streams and events. The executor and the job are written once against
+this surface. Nothing here touches CUDA at import time: the GPU is probed
+lazily, once, and the answer and its reason are cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import CircuitTooLargeError, DeviceUnavailableError, InvalidOptionError
+
+logger = logging.getLogger(__name__)
+
+DEVICE_NAMES = ("auto", "CPU", "GPU")
+PRECISIONS = {"double": np.complex128, "single": np.complex64}
+
+
+@dataclass(frozen=True)
+class GPUProbe:
+    """The cached answer to "can this process use a GPU?" and why not."""
+
+    usable: bool
+    reason: str
+    device_count: int = 0
+    names: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=1)
+def probe_gpu() -> GPUProbe:
+    """Check, once, that CuPy imports, a CUDA device is visible and NVRTC loads."""
+    if os.environ.get("GPU_PROVIDER_DISABLE_GPU"):
+        return GPUProbe(False, "disabled by the GPU_PROVIDER_DISABLE_GPU environment variable")
+    try:
+        import cupy  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken CUDA install raising on import
+        return GPUProbe(False, f"CuPy is not importable ({type(exc).__name__}: {exc}); install gpu-provider[cuda12] or [cuda13]")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return GPUProbe(False, f"no CUDA device is visible ({type(exc).__name__}: {exc})")
+    if count < 1:
+        return GPUProbe(False, "no CUDA device is visible (device count is 0)")
+    try:
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as exc:
+        return GPUProbe(False, f"NVRTC cannot be loaded ({type(exc).__name__}: {exc}); install nvidia-cuda-nvrtc")
+    names = []
+    for index in range(count):
+        try:
+            props = cupy.cuda.runtime.getDeviceProperties(index)
+            name = props["name"]
+            names.append(name.decode() if isinstance(name, bytes) else str(name))
+        except Exception as exc:
+            return GPUProbe(False, f"CUDA device {index} cannot be queried ({type(exc).__name__}: {exc})")
+    return GPUProbe(True, "", count, tuple(names))
+
+
+def reset_probe() -> None:
+    """Forget the cached probe (tests, or after the environment changed)."""
+    probe_gpu.cache_clear()
+    _DEVICES.clear()
+
+
+class HostEvent:
+    """A CPU event: recorded when the host thread reaches it, like a CUDA event."""
+
+    __slots__ = ("_flag",)
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+
+    def record(self, stream: Any = None) -> None:
+        self._flag.set()
+
+    @property
+    def done(self) -> bool:
+        return self._flag.is_set()
+
+    def synchronize(self) -> None:
+        self._flag.wait()
+
+
+class Device:
+    """What the engine needs of a device."""
+
+    kind: str = ""
+    xp: Any = np
+    device_id: int = 0
+
+    def new_event(self):
+        raise NotImplementedError
+
+    def stream(self):
+        """A context manager that makes the job's stream current."""
+        raise NotImplementedError
+
+    def free_bytes(self) -> int:
+        raise NotImplementedError
+
+    def total_bytes(self) -> int:
+        raise NotImplementedError
+
+    def to_host(self, array) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_device(self, array):
+        raise NotImplementedError
+
+    def release_memory(self) -> None:
+        """Give cached memory back after a job ends, fails or is cancelled."""
+
+    def check_fits(self, num_qubits: int, itemsize: int, arrays: int = 2) -> None:
+        """Raise :class:`CircuitTooLargeError` unless ``arrays`` states of ``num_qubits`` fit."""
+        needed = state_bytes(num_qubits, itemsize) * arrays
+        free = self.free_bytes()
+        if needed > free:
+            raise CircuitTooLargeError(
+                f"a {num_qubits}-qubit state needs {needed:,} bytes on the {self.kind} "
+                f"({arrays} arrays of 2^{num_qubits} x {itemsize} bytes) but only {free:,} bytes are free; "
+                "use fewer qubits, precision='single', or another device",
+                num_qubits=num_qubits,
+                bytes_needed=needed,
+                bytes_free=free,
+            )
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind == "CPU" else f"{self.kind}:{self.device_id}"
+
+
+def state_bytes(num_qubits: int, itemsize: int) -> int:
+    return (1 << num_qubits) * itemsize
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class CPUDevice(Device):
+    kind = "CPU"
+    xp = np
+
+    def new_event(self) -> HostEvent:
+        return HostEvent()
+
+    def stream(self):
+        return _NullContext()
+
+    def free_bytes(self) -> int:
+        return host_available_bytes()
+
+    def total_bytes(self) -> int:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def to_host(self, array) -> np.ndarray:
+        return array
+
+    def to_device(self, array):
+        return np.asarray(array)
+
+
+def host_available_bytes() -> int:
+    """Memory the host can hand out now (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class GPUDevice(Device):
+    """One CUDA device through CuPy; each job gets its own stream from a pool."""
+
+    kind = "GPU"
+
+    def __init__(self, device_id: int) -> None:
+        import cupy
+
+        self.xp = cupy
+        self.device_id = device_id
+        self._cupy = cupy
+        self._streams: list = []
+        self._lock = threading.Lock()
+        with cupy.cuda.Device(device_id):
+            self._pool = cupy.get_default_memory_pool()
+
+    def new_event(self):
+        return self._cupy.cuda.Event(block=False, disable_timing=False)
+
+    def stream(self):
+        return _GPUStreamContext(self)
+
+    def _take_stream(self):
+        with self._lock:
+            if self._streams:
+                return self._streams.pop()
+        with self._cupy.cuda.Device(self.device_id):
+            return self._cupy.cuda.Stream(non_blocking=True)
+
+    def _give_stream(self, stream) -> None:
+        with self._lock:
+            self._streams.append(stream)
+
+    def free_bytes(self) -> int:
+        with self._cupy.cuda.Device(self.device_id):
+            free, _ = self._cupy.cuda.runtime.memGetInfo()
+            return int(free) + int(self._pool.free_bytes())
+
+    def total_bytes(self) -> int:
+        with self._cupy.cuda.Device(self.device_id):
+            return int(self._cupy.cuda.runtime.memGetInfo()[1])
+
+    def to_host(self, array) -> np.ndarray:
+        return self._cupy.asnumpy(array)
+
+    def to_device(self, array):
+        return self._cupy.asarray(array)
+
+    def release_memory(self) -> None:
+        with self._cupy.cuda.Device(self.device_id):
+            self._pool.free_all_blocks()
+
+
+class _GPUStreamContext:
+    def __init__(self, device: GPUDevice) -> None:
+        self._device = device
+        self._cuda_device = device._cupy.cuda.Device(device.device_id)
+
+    def __enter__(self):
+        self._cuda_device.__enter__()
+        self.stream = self._device._take_stream()
+        self.stream.__enter__()
+        return self.stream
+
+    def __exit__(self, *exc):
+        self.stream.__exit__(*exc)
+        self._device._give_stream(self.stream)
+        self._cuda_device.__exit__(*exc)
+        return False
+
+
+_DEVICES: dict = {}
+_DEVICES_LOCK = threading.Lock()
+
+
+def resolve_device(device: str = "auto", device_id: int = 0) -> tuple[Device, str]:
+    """Pick the device for a run; returns it with the reason when auto chose the CPU.
+
+    ``device="GPU"`` where no GPU is usable raises :class:`DeviceUnavailableError`
+    with the probe's reason: never a silent fallback from a device that was asked for.
+    """
+    if not isinstance(device, str) or device.upper() not in DEVICE_NAMES_UPPER:
+        raise InvalidOptionError(f"device must be one of {DEVICE_NAMES}, not {device!r}")
+    if isinstance(device_id, bool) or not isinstance(device_id, (int, np.integer)) or device_id < 0:
+        raise InvalidOptionError(f"device_id must be a non-negative integer, not {device_id!r}")
+    wanted = device.upper()
+    if wanted == "CPU":
+        return _cached("CPU", 0, CPUDevice), ""
+    probe = probe_gpu()
+    if not probe.usable:
+        if wanted == "GPU":
+            raise DeviceUnavailableError(
+                f"device='GPU' was asked for but no GPU is usable: {probe.reason}. "
+                "Use device='CPU' or device='auto' to run on the CPU.",
+                reason=probe.reason,
+            )
+        logger.info("gpu_provider runs on the CPU: %s", probe.reason)
+        return _cached("CPU", 0, CPUDevice), probe.reason
+    if device_id >= probe.device_count:
+        raise InvalidOptionError(
+            f"device_id={device_id} does not exist: this machine has {probe.device_count} GPU(s) "
+            f"({', '.join(probe.names)}); use 0..{probe.device_count - 1}"
+        )
+    return _cached("GPU", int(device_id), lambda: GPUDevice(int(device_id))), ""
+
+
+DEVICE_NAMES_UPPER = tuple(name.upper() for name in DEVICE_NAMES)
+
+
+def _cached(kind: str, device_id: int, factory) -> Device:
+    key = (kind, device_id)
+    with _DEVICES_LOCK:
+        if key not in _DEVICES:
+            _DEVICES[key] = factory()
+        return _DEVICES[key]

@@ -1,0 +1,359 @@
+"""The engine's input: a frozen, flat program of numeric operations.
+
+A :class:`Program` is what every front end compiles to. Its matrices are plain
+NumPy arrays; nothing here knows about Qiskit. Qubit order is Qiskit's: qubit 0
+is the least significant bit of a state index, and for an op on ``qubits``
+``(q0, q1, ...)`` the matrix index bit ``i`` belongs to ``qubits[i]``.
+
+Classical data lives in a per-shot memory of clbits (0/1) plus named variables.
+Control flow holds nested op tuples and :class:`ClassicalExpr` conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Classical expressions
+
+
+class ExprOp(str, enum.Enum):
+    """Operators of classical expressions (the same set OpenQASM 3 offers)."""
+
+    BIT_NOT = "bit_not"
+    LOGIC_NOT = "logic_not"
+    NEGATE = "negate"
+    BIT_AND = "bit_and"
+    BIT_OR = "bit_or"
+    BIT_XOR = "bit_xor"
+    LOGIC_AND = "logic_and"
+    LOGIC_OR = "logic_or"
+    EQUAL = "equal"
+    NOT_EQUAL = "not_equal"
+    LESS = "less"
+    LESS_EQUAL = "less_equal"
+    GREATER = "greater"
+    GREATER_EQUAL = "greater_equal"
+    SHIFT_LEFT = "shift_left"
+    SHIFT_RIGHT = "shift_right"
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+
+
+@dataclass(frozen=True)
+class Bits:
+    """The unsigned integer read from clbits, ``clbits[0]`` least significant.
+
+    ``boolean`` marks a single bit used as a truth value.
+    """
+
+    clbits: tuple[int, ...]
+    boolean: bool = False
+
+
+@dataclass(frozen=True)
+class Var:
+    """A named classical variable; ``width`` 0 means a Boolean, ``None`` a float."""
+
+    name: str
+    width: int | None = 0
+
+
+@dataclass(frozen=True)
+class Const:
+    value: Union[bool, int, float]
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: ExprOp
+    operand: "ClassicalExpr"
+    width: int | None = None  # result width for unsigned results, else None
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: ExprOp
+    left: "ClassicalExpr"
+    right: "ClassicalExpr"
+    width: int | None = None
+
+
+@dataclass(frozen=True)
+class Cast:
+    """Convert to ``bool`` (``width == 0``), to an unsigned of ``width`` bits, or float (None)."""
+
+    operand: "ClassicalExpr"
+    width: int | None
+
+
+@dataclass(frozen=True)
+class Index:
+    """Bit ``index`` of an unsigned value, as a Boolean."""
+
+    target: "ClassicalExpr"
+    index: "ClassicalExpr"
+
+
+ClassicalExpr = Union[Bits, Var, Const, Unary, Binary, Cast, Index]
+
+
+def _mask(value: int, width: int | None) -> int:
+    return value & ((1 << width) - 1) if width else value
+
+
+def evaluate(expr: ClassicalExpr, clbits, variables: dict) -> Union[bool, int, float]:
+    """Evaluate ``expr`` against one shot's classical memory."""
+    if isinstance(expr, Bits):
+        if expr.boolean:
+            return bool(clbits[expr.clbits[0]])
+        value = 0
+        for position, clbit in enumerate(expr.clbits):
+            value |= int(clbits[clbit]) << position
+        return value
+    if isinstance(expr, Const):
+        return expr.value
+    if isinstance(expr, Var):
+        return variables.get(expr.name, False if expr.width == 0 else 0)
+    if isinstance(expr, Cast):
+        value = evaluate(expr.operand, clbits, variables)
+        if expr.width == 0:
+            return bool(value)
+        if expr.width is None:
+            return float(value)
+        return _mask(int(value), expr.width)
+    if isinstance(expr, Index):
+        return bool((int(evaluate(expr.target, clbits, variables)) >> int(evaluate(expr.index, clbits, variables))) & 1)
+    if isinstance(expr, Unary):
+        value = evaluate(expr.operand, clbits, variables)
+        if expr.op is ExprOp.LOGIC_NOT:
+            return not value
+        if expr.op is ExprOp.BIT_NOT:
+            return (not value) if expr.width == 0 else _mask(~int(value), expr.width)
+        if expr.op is ExprOp.NEGATE:
+            return -value
+        raise ValueError(f"unknown unary operator {expr.op!r}")
+    if isinstance(expr, Binary):
+        op = expr.op
+        if op is ExprOp.LOGIC_AND:  # short-circuit like the languages it models
+            return bool(evaluate(expr.left, clbits, variables)) and bool(evaluate(expr.right, clbits, variables))
+        if op is ExprOp.LOGIC_OR:
+            return bool(evaluate(expr.left, clbits, variables)) or bool(evaluate(expr.right, clbits, variables))
+        left = evaluate(expr.left, clbits, variables)
+        right = evaluate(expr.right, clbits, variables)
+        return _BINARY[op](left, right, expr.width)
+    raise TypeError(f"not a classical expression: {expr!r}")
+
+
+def _bitwise(fn):
+    def apply(left, right, width):
+        if width == 0:
+            return bool(fn(int(left), int(right)))
+        return _mask(fn(int(left), int(right)), width)
+
+    return apply
+
+
+_BINARY = {
+    ExprOp.BIT_AND: _bitwise(lambda a, b: a & b),
+    ExprOp.BIT_OR: _bitwise(lambda a, b: a | b),
+    ExprOp.BIT_XOR: _bitwise(lambda a, b: a ^ b),
+    ExprOp.EQUAL: lambda a, b, w: a == b,
+    ExprOp.NOT_EQUAL: lambda a, b, w: a != b,
+    ExprOp.LESS: lambda a, b, w: a < b,
+    ExprOp.LESS_EQUAL: lambda a, b, w: a <= b,
+    ExprOp.GREATER: lambda a, b, w: a > b,
+    ExprOp.GREATER_EQUAL: lambda a, b, w: a >= b,
+    ExprOp.SHIFT_LEFT: lambda a, b, w: _mask(int(a) << int(b), w),
+    ExprOp.SHIFT_RIGHT: lambda a, b, w: int(a) >> int(b),
+    ExprOp.ADD: lambda a, b, w: _mask(a + b, w) if w else a + b,
+    ExprOp.SUB: lambda a, b, w: _mask(a - b, w) if w else a - b,
+    ExprOp.MUL: lambda a, b, w: _mask(a * b, w) if w else a * b,
+    ExprOp.DIV: lambda a, b, w: (int(a) // int(b)) if w else a / b,
+}
+
+
+# ---------------------------------------------------------------------------
+# Operations
+
+
+@dataclass(frozen=True, eq=False)
+class Unitary:
+    """Apply ``matrix`` (2^k x 2^k) to ``qubits``; ``qubits[0]`` is the matrix's low bit.
+
+    ``controls`` (with ``ctrl_state``, bit ``i`` for ``controls[i]``) restrict the
+    action to the subspace where the controls hold that state.
+    """
+
+    qubits: tuple[int, ...]
+    matrix: np.ndarray
+    controls: tuple[int, ...] = ()
+    ctrl_state: int = 0
+    label: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Diagonal:
+    """Multiply amplitudes by ``diagonal[i]``, ``i`` the bits of ``qubits`` (low first)."""
+
+    qubits: tuple[int, ...]
+    diagonal: np.ndarray
+    label: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Initialize:
+    """``qubits`` hold |0...0>; put them in ``vector`` (Qiskit order)."""
+
+    qubits: tuple[int, ...]
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class GlobalPhase:
+    phase: float
+
+
+@dataclass(frozen=True)
+class Measure:
+    qubit: int
+    clbit: int
+
+
+@dataclass(frozen=True)
+class Reset:
+    qubit: int
+
+
+@dataclass(frozen=True)
+class Store:
+    """Write a value to a variable (``target`` a :class:`Var`) or to clbits (:class:`Bits`)."""
+
+    target: Union[Var, Bits]
+    value: ClassicalExpr
+
+
+@dataclass(frozen=True)
+class IfElse:
+    condition: ClassicalExpr
+    true_body: tuple
+    false_body: tuple = ()
+
+
+@dataclass(frozen=True)
+class WhileLoop:
+    condition: ClassicalExpr
+    body: tuple
+
+
+@dataclass(frozen=True)
+class ForLoop:
+    """One op tuple per iteration (the loop parameter is already bound in each)."""
+
+    iterations: tuple
+
+
+@dataclass(frozen=True)
+class SwitchCase:
+    """``cases`` pairs a tuple of values (``None`` for default) with a body."""
+
+    target: ClassicalExpr
+    cases: tuple
+
+
+@dataclass(frozen=True)
+class BreakLoop:
+    pass
+
+
+@dataclass(frozen=True)
+class ContinueLoop:
+    pass
+
+
+GateOp = Union[Unitary, Diagonal]
+Op = Union[Unitary, Diagonal, Initialize, GlobalPhase, Measure, Reset, Store, IfElse, WhileLoop, ForLoop, SwitchCase, BreakLoop, ContinueLoop]
+CONTROL_FLOW = (IfElse, WhileLoop, ForLoop, SwitchCase)
+
+
+@dataclass(frozen=True)
+class Program:
+    """A whole circuit: ``ops`` act on ``num_qubits`` qubits and ``num_clbits`` clbits."""
+
+    num_qubits: int
+    num_clbits: int
+    ops: tuple
+    name: str = ""
+    metadata: dict = field(default_factory=dict, compare=False)
+
+    def replace(self, **changes) -> "Program":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_ops(self) -> int:
+        return count_ops(self.ops)
+
+
+def count_ops(ops) -> int:
+    """Number of ops, counting nested control-flow bodies once each."""
+    total = 0
+    for op in ops:
+        total += 1
+        if isinstance(op, IfElse):
+            total += count_ops(op.true_body) + count_ops(op.false_body)
+        elif isinstance(op, WhileLoop):
+            total += count_ops(op.body)
+        elif isinstance(op, ForLoop):
+            total += sum(count_ops(body) for body in op.iterations)
+        elif isinstance(op, SwitchCase):
+            total += sum(count_ops(body) for _, body in op.cases)
+    return total
+
+
+def op_qubits(op) -> tuple[int, ...]:
+    """Every qubit an op may touch (control-flow ops: all qubits of their bodies)."""
+    if isinstance(op, Unitary):
+        return op.controls + op.qubits
+    if isinstance(op, (Diagonal, Initialize)):
+        return op.qubits
+    if isinstance(op, (Measure, Reset)):
+        return (op.qubit,)
+    return tuple(sorted({q for body in _bodies(op) for inner in body for q in op_qubits(inner)}))
+
+
+def _bodies(op):
+    if isinstance(op, IfElse):
+        return (op.true_body, op.false_body)
+    if isinstance(op, WhileLoop):
+        return (op.body,)
+    if isinstance(op, ForLoop):
+        return op.iterations
+    if isinstance(op, SwitchCase):
+        return tuple(body for _, body in op.cases)
+    return ()
+
+
+def is_sampling_friendly(program: Program) -> bool:
+    """True when every shot can be drawn from one final state.
+
+    That holds when the program has no control flow, no classical stores, no
+    reset, and no gate acts on a qubit after it was measured.
+    """
+    measured: set[int] = set()
+    for op in program.ops:
+        if isinstance(op, Measure):
+            measured.add(op.qubit)
+        elif isinstance(op, (Reset, Store, BreakLoop, ContinueLoop) + CONTROL_FLOW):
+            return False
+        elif isinstance(op, GlobalPhase):
+            continue
+        elif measured.intersection(op_qubits(op)):
+            return False
+    return True

@@ -1,0 +1,59 @@
+"""The typed errors of gpu_provider.
+
+This module imports nothing from Qiskit so the engine can raise these too. Each
+error also derives from the built-in exception a caller would naturally catch
+(``ValueError``, ``MemoryError``, ``RuntimeError``), and every message says what
+was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class GPUProviderError(Exception):
+    """Base class of every error raised by gpu_provider."""
+
+
+class InvalidInputError(GPUProviderError, ValueError):
+    """A circuit, option or value handed to the simulator is not valid."""
+
+
+class InvalidOptionError(InvalidInputError):
+    """A run or backend option has a value the simulator does not accept."""
+
+
+class UnboundParameterError(InvalidInputError):
+    """The circuit still holds unbound Parameters."""
+
+
+class UnsupportedInstructionError(InvalidInputError):
+    """An instruction has neither a matrix, a known meaning nor a definition."""
+
+
+class CircuitTooLargeError(GPUProviderError, MemoryError):
+    """The state of the circuit does not fit in the memory of the chosen device."""
+
+    def __init__(self, message: str, *, num_qubits: int, bytes_needed: int, bytes_free: int):
+        super().__init__(message)
+        self.num_qubits = num_qubits
+        self.bytes_needed = bytes_needed
+        self.bytes_free = bytes_free
+
+
+class DeviceUnavailableError(GPUProviderError, RuntimeError):
+    """The device that was asked for cannot be used here; ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+class SimulationError(GPUProviderError, RuntimeError):
+    """Simulation failed while a job was running."""
+
+
+class IterationLimitError(SimulationError):
+    """A classical loop ran more iterations than ``max_loop_iterations`` allows."""
+
+
+class JobCancelledError(GPUProviderError):
+    """Raised inside an execution when its job was cancelled (internal signal)."""
