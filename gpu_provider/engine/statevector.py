@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import SimulationError
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Controlled gates with at most this many qubits in all are applied as one dense matrix.
 DENSE_CONTROLLED_MAX = 6
 
@@ -200,7 +201,9 @@ class StateVector:
             return self.kernels.probability_one(self, self.bit(qubit))
         _, one = self._halves(qubit)
         xp = self.xp
-        return float(xp.einsum("...,...->", one.real, one.real) + xp.einsum("...,...->", one.imag, one.imag))
+        letters = _LETTERS[: one.ndim]
+        subscripts = f"{letters},{letters}->"  # a full contraction over a strided view: no copy
+        return float(xp.einsum(subscripts, one.real, one.real) + xp.einsum(subscripts, one.imag, one.imag))
 
     def measure(self, qubit: int, random: float, reset: bool = False) -> int:
         """Projectively measure ``qubit`` with the uniform sample ``random``; collapse.

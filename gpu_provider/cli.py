@@ -1,0 +1,157 @@
+"""Command line: ``gpu-provider run FILE`` and ``gpu-provider devices``.
+
+``run`` reads an OpenQASM 2 or 3 file with Qiskit's own parsers, simulates it
+(on the GPU when one is usable, else on the CPU) and prints the counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .errors import GPUProviderError
+
+logger = logging.getLogger(__name__)
+
+_VERSION_RE = re.compile(r"^\s*OPENQASM\s+(\d+)", re.MULTILINE)
+
+
+def load_qasm(text: str, source: str = "<string>"):
+    """Parse OpenQASM 2 or 3 (by its ``OPENQASM`` header) into a QuantumCircuit."""
+    import qiskit.qasm2
+    import qiskit.qasm3
+
+    stripped = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.DOTALL)
+    match = _VERSION_RE.search(stripped)
+    version = int(match.group(1)) if match else 3
+    try:
+        if version == 2:
+            return qiskit.qasm2.loads(
+                text,
+                custom_instructions=qiskit.qasm2.LEGACY_CUSTOM_INSTRUCTIONS,
+                include_path=qiskit.qasm2.LEGACY_INCLUDE_PATH,
+            )
+        return qiskit.qasm3.loads(text)
+    except Exception as exc:  # the parsers raise several types; one clear message for the user
+        raise GPUProviderError(f"could not parse {source} as OpenQASM {version}: {exc}") from exc
+
+
+def example_path(name: str) -> Path:
+    """Path of a bundled example circuit (``bell``, ``ghz``, ``qft``, ``teleport``)."""
+    with resources.as_file(resources.files("gpu_provider.examples") / f"{name}.qasm") as path:
+        return Path(path)
+
+
+def _read_circuit(spec: str):
+    path = Path(spec)
+    if not path.exists():
+        candidate = resources.files("gpu_provider.examples") / f"{spec.removesuffix('.qasm')}.qasm"
+        if candidate.is_file():
+            return load_qasm(candidate.read_text(), f"example {spec}")
+        raise GPUProviderError(f"no such file: {spec} (bundled examples: {', '.join(list_examples())})")
+    return load_qasm(path.read_text(), str(path))
+
+
+def list_examples() -> list[str]:
+    return sorted(entry.name.removesuffix(".qasm") for entry in resources.files("gpu_provider.examples").iterdir() if entry.name.endswith(".qasm"))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .backend import GPUSimulator
+
+    circuit = _read_circuit(args.file)
+    backend = GPUSimulator()
+    options = {"shots": args.shots, "device": args.device, "precision": args.precision, "memory": args.memory}
+    if args.seed is not None:
+        options["seed_simulator"] = args.seed
+    result = backend.run(circuit, **options).result()
+    counts = result.get_counts()
+    metadata = result.results[0].metadata
+    if args.json:
+        payload = {
+            "circuit": circuit.name,
+            "num_qubits": circuit.num_qubits,
+            "shots": args.shots,
+            "counts": dict(counts),
+            "device": metadata.get("device"),
+            "precision": metadata.get("precision"),
+            "time_taken": metadata.get("time_taken"),
+        }
+        if args.memory:
+            payload["memory"] = result.get_memory()
+        if metadata.get("gpu_unavailable_reason"):
+            payload["gpu_unavailable_reason"] = metadata["gpu_unavailable_reason"]
+        print(json.dumps(payload, indent=2, sort_keys=True))
+        return 0
+    print(f"# {args.file}: {circuit.num_qubits} qubits, {args.shots} shots on {metadata.get('device')} ({metadata.get('precision')}), "
+          f"{metadata.get('time_taken', 0.0) * 1e3:.2f} ms")
+    if metadata.get("gpu_unavailable_reason"):
+        print(f"# no GPU used: {metadata['gpu_unavailable_reason']}")
+    width = max((len(key) for key in counts), default=0)
+    for key, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        print(f"{key:>{width}}  {count}")
+    if args.memory:
+        print("memory:", " ".join(result.get_memory()))
+    return 0
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from .engine.devices import probe_gpu
+
+    probe = probe_gpu()
+    info = {
+        "cpu": True,
+        "gpu_usable": probe.usable,
+        "gpus": list(probe.names),
+        "reason": probe.reason or None,
+        "auto_uses": "GPU:0" if probe.usable else "CPU",
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("CPU: usable (NumPy)")
+    if probe.usable:
+        for index, name in enumerate(probe.names):
+            print(f"GPU {index}: {name} (usable)")
+    else:
+        print(f"GPU: not usable: {probe.reason}")
+    print(f"device='auto' runs on: {info['auto_uses']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpu-provider", description="Exact statevector simulation of OpenQASM circuits on a GPU or the CPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="simulate an OpenQASM 2/3 file (or a bundled example name) and print the counts")
+    run.add_argument("file", help=f"path to a .qasm file, or a bundled example ({', '.join(list_examples())})")
+    run.add_argument("--shots", type=int, default=1024)
+    run.add_argument("--seed", type=int, default=None, help="seed_simulator, for repeatable samples")
+    run.add_argument("--device", default="auto", choices=["auto", "GPU", "CPU", "gpu", "cpu"])
+    run.add_argument("--precision", default="double", choices=["double", "single"])
+    run.add_argument("--memory", action="store_true", help="also print every shot's outcome")
+    run.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    run.set_defaults(handler=_cmd_run)
+    devices = sub.add_parser("devices", help="say whether a GPU is usable and, if not, why")
+    devices.add_argument("--json", action="store_true")
+    devices.set_defaults(handler=_cmd_devices)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qiskit.exceptions import QiskitError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (GPUProviderError, QiskitError, ValueError, OSError) as exc:
+        print(f"gpu-provider: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
