@@ -190,9 +190,9 @@ class StateVector:
     def _halves(self, qubit: int):
         index = [slice(None)] * self.num_qubits
         axis = self.axis(qubit)
-        index[axis] = 0
+        index[axis] = slice(0, 1)  # slices, not integers: a 1-qubit state still yields views
         zero = tuple(index)
-        index[axis] = 1
+        index[axis] = slice(1, 2)
         state = self._tensor()
         return state[zero], state[tuple(index)]
 
