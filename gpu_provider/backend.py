@@ -39,7 +39,6 @@ from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
 from .compiler.translate import translate
 from .engine.devices import DEVICE_NAMES, PRECISIONS, Device, resolve_device, state_bytes
 from .engine.executor import Execution, ExperimentOutput, RunConfig, estimated_ops, run_program
-from .engine.program import Measure as MeasureOp
 from .engine.program import is_sampling_friendly
 from .errors import InvalidInputError, InvalidOptionError
 from .job import GPUJob
@@ -66,6 +65,7 @@ class GPUSimulator(BackendV2):
             measurements removed) to the result.
         fusion_enable, fusion_max_qubits, fusion_threshold: gate fusion.
         max_loop_iterations (int): cap on ``while_loop`` iterations.
+        initial_statevector (array | None): start from this state instead of |0...0>.
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
@@ -93,6 +93,7 @@ class GPUSimulator(BackendV2):
             fusion_max_qubits=None,
             fusion_threshold=DEFAULT_FUSION_THRESHOLD,
             max_loop_iterations=100_000,
+            initial_statevector=None,
         )
 
     def set_options(self, **fields: Any) -> None:
@@ -146,7 +147,7 @@ class GPUSimulator(BackendV2):
         itemsize = np.dtype(PRECISIONS[merged["precision"]]).itemsize
         experiments = []
         for index, circuit in enumerate(circuits):
-            program = translate(circuit)
+            program = translate(circuit, merged["initial_statevector"])
             sampling = is_sampling_friendly(program)
             if merged["statevector"] and not sampling:
                 raise InvalidInputError(

@@ -40,8 +40,11 @@ DENSE_MAX_QUBITS = 10
 UNITARY_TOLERANCE = 1e-7
 
 
-def translate(circuit: QuantumCircuit) -> P.Program:
-    """Compile ``circuit`` into a :class:`Program`; raise a typed error if it cannot run."""
+def translate(circuit: QuantumCircuit, initial_state: Optional[np.ndarray] = None) -> P.Program:
+    """Compile ``circuit`` into a :class:`Program`; raise a typed error if it cannot run.
+
+    ``initial_state`` (2^n amplitudes, Qiskit order, normalized) replaces |0...0>.
+    """
     if not isinstance(circuit, QuantumCircuit):
         raise InvalidInputError(f"expected a qiskit QuantumCircuit, got {type(circuit).__name__}")
     if circuit.parameters:
@@ -55,7 +58,11 @@ def translate(circuit: QuantumCircuit) -> P.Program:
             f"circuit {circuit.name!r} declares input variables; give them values with stores instead"
         )
     translator = _Translator(circuit)
-    ops = translator.block(circuit, {bit: i for i, bit in enumerate(circuit.qubits)}, {bit: i for i, bit in enumerate(circuit.clbits)}, top=True)
+    prelude = []
+    if initial_state is not None:
+        prelude.append(P.Initialize(tuple(range(circuit.num_qubits)), _check_initial_state(initial_state, circuit)))
+        translator.fresh.clear()  # no qubit starts in |0>: resets must stay
+    ops = prelude + translator.block(circuit, {bit: i for i, bit in enumerate(circuit.qubits)}, {bit: i for i, bit in enumerate(circuit.clbits)}, top=True)
     phase = _real(circuit.global_phase, "global_phase", circuit.name)
     if phase:
         ops.append(P.GlobalPhase(phase))
@@ -157,6 +164,25 @@ def _state_vector(op: Instruction) -> np.ndarray:
     norm = np.linalg.norm(vector)
     if abs(norm - 1) > 1e-8:
         raise InvalidInputError(f"{op.name} needs a normalized state, but its norm is {norm:.12g}; divide it by its norm")
+    return vector
+
+
+def _check_initial_state(vector, circuit: QuantumCircuit) -> np.ndarray:
+    try:
+        vector = np.asarray(vector, dtype=np.complex128).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"initial_statevector must be an array of complex amplitudes: {exc}") from exc
+    expected = 2**circuit.num_qubits
+    if vector.shape[0] != expected:
+        raise InvalidInputError(
+            f"initial_statevector has {vector.shape[0]} amplitudes but circuit {circuit.name!r} has "
+            f"{circuit.num_qubits} qubits, so it needs 2^{circuit.num_qubits} = {expected}"
+        )
+    if not np.all(np.isfinite(vector)):
+        raise InvalidInputError("initial_statevector has NaN or infinite amplitudes")
+    norm = float(np.linalg.norm(vector))
+    if abs(norm - 1) > 1e-8:
+        raise InvalidInputError(f"initial_statevector is not normalized: its norm is {norm:.12g}; divide it by its norm")
     return vector
 
 

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -224,6 +225,7 @@ class Dispatcher:
                 run_execution(execution)
             except BaseException:  # never let a worker die: the job records the error
                 logger.exception("gpu_provider worker caught an unexpected error")
+            del execution  # an idle worker must not keep the last job's memory alive
 
 
 def run_execution(execution: Execution) -> None:
@@ -241,6 +243,8 @@ def run_execution(execution: Execution) -> None:
         execution.cancelled = True
         execution.finish()
     except BaseException as exc:  # the job reports it; the worker lives on
+        # Drop the frames' locals (the state vectors) but keep the traceback's text.
+        traceback.clear_frames(exc.__traceback__)
         execution.finish(error=exc)
     finally:
         try:
@@ -428,6 +432,9 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
             counts[value] = counts.get(value, 0) + 1
         if config.statevector:
             statevector = state.to_host()
+    if program.num_clbits == 0:
+        # Nothing is recorded without classical bits: empty counts, as Qiskit's BasicSimulator.
+        counts, memory = {}, []
     return ExperimentOutput(
         counts=counts,
         memory=memory if config.memory else None,
