@@ -39,7 +39,7 @@ from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
 from .compiler.translate import translate
 from .engine.devices import DEVICE_NAMES, PRECISIONS, Device, resolve_device, state_bytes
 from .engine.executor import Execution, ExperimentOutput, RunConfig, estimated_ops, run_program
-from .engine.program import is_sampling_friendly
+from .engine.program import is_sampling_friendly, measurements_are_terminal
 from .errors import InvalidInputError, InvalidOptionError
 from .job import GPUJob
 
@@ -149,9 +149,9 @@ class GPUSimulator(BackendV2):
         for index, circuit in enumerate(circuits):
             program = translate(circuit, merged["initial_statevector"])
             sampling = is_sampling_friendly(program)
-            if merged["statevector"] and not sampling:
+            if merged["statevector"] and not measurements_are_terminal(program):
                 raise InvalidInputError(
-                    f"statevector=True needs a circuit whose measurements are all at the end, without reset or "
+                    f"statevector=True needs a circuit whose measurements are all at the end, without "
                     f"control flow; circuit {circuit.name!r} measures or branches mid-circuit. Drop the option, "
                     "or save the state before the first measurement"
                 )

@@ -87,7 +87,7 @@ def _real(value, what: str, where: str) -> float:
 
 
 def _check_params(op: Instruction) -> None:
-    for param in op.params:
+    for param in getattr(op, "params", ()):  # bare Operations (Clifford, ...) have no params
         if isinstance(param, ParameterExpression):
             if param.parameters:
                 names = ", ".join(sorted(p.name for p in param.parameters))
@@ -259,6 +259,25 @@ class _Translator:
                 return P.Bits((self._clbit(node.target.var[int(node.index.value)], clbits),))
         raise UnsupportedInstructionError(f"cannot store to {node!r}")
 
+    def store(self, lvalue, rvalue, clbits: dict) -> P.Store:
+        value = self.expression(rvalue, clbits)
+        if isinstance(lvalue, expr.Index):
+            constant_register_bit = (
+                isinstance(lvalue.target, expr.Var)
+                and isinstance(lvalue.target.var, ClassicalRegister)
+                and isinstance(lvalue.index, expr.Value)
+            )
+            if not constant_register_bit:
+                # A bit of a uint variable, or a register bit at a computed index: store the whole
+                # target as (old & ~(1 << i)) | (bit << i), so the engine only writes whole targets.
+                width = _width(lvalue.target.type)
+                index = self.expression(lvalue.index, clbits)
+                one_hot = P.Binary(P.ExprOp.SHIFT_LEFT, P.Const(1), index, width)
+                kept = P.Binary(P.ExprOp.BIT_AND, self.expression(lvalue.target, clbits), P.Unary(P.ExprOp.BIT_NOT, one_hot, width), width)
+                bit = P.Binary(P.ExprOp.SHIFT_LEFT, P.Cast(value, width), index, width)
+                return P.Store(self.lvalue(lvalue.target, clbits), P.Binary(P.ExprOp.BIT_OR, kept, bit, width))
+        return P.Store(self.lvalue(lvalue, clbits), value)
+
     # -- quantum ------------------------------------------------------------
 
     def block(self, circuit: QuantumCircuit, qubits: dict, clbits: dict, top: bool = False) -> list:
@@ -295,7 +314,7 @@ class _Translator:
             ops.append(P.GlobalPhase(_real(op.params[0], "global_phase", name)))
             return
         if name == "store":
-            ops.append(P.Store(self.lvalue(op.lvalue, clbits), self.expression(op.rvalue, clbits)))
+            ops.append(self.store(op.lvalue, op.rvalue, clbits))
             return
         if name in ("if_else", "while_loop", "for_loop", "switch_case", "break_loop", "continue_loop", "box"):
             self.control_flow(op, qargs, cargs, clbits, ops)
@@ -318,7 +337,7 @@ class _Translator:
                 n_ctrl = op.num_ctrl_qubits
                 ops.append(P.Unitary(qargs[n_ctrl:], base, controls=qargs[:n_ctrl], ctrl_state=int(op.ctrl_state), label=name))
                 return
-        if op.num_qubits <= DENSE_MAX_QUBITS or op.definition is None:
+        if op.num_qubits <= DENSE_MAX_QUBITS or getattr(op, "definition", None) is None:
             matrix = self._matrix(op)
             if matrix is not None:
                 is_diag, data = _classify(matrix)
@@ -327,11 +346,17 @@ class _Translator:
         self.expand(op, qargs, cargs, qubits, clbits, ops, top)
 
     def _matrix(self, op: Instruction) -> Optional[np.ndarray]:
-        if not isinstance(op, Gate):
-            return None
         try:
-            matrix = np.asarray(op.to_matrix(), dtype=np.complex128)
-        except Exception:  # no __array__: fall back to the definition
+            if isinstance(op, Gate):
+                matrix = np.asarray(op.to_matrix(), dtype=np.complex128)
+            elif not isinstance(op, Instruction) and op.num_qubits <= DENSE_MAX_QUBITS:
+                # A bare Operation (Clifford, AnnotatedOperation, ...) has no definition: use its operator.
+                from qiskit.quantum_info import Operator
+
+                matrix = np.asarray(Operator(op).data, dtype=np.complex128)
+            else:
+                return None
+        except Exception:  # no __array__ / operator: fall back to the definition
             return None
         _check_unitary(matrix, op.name)
         if matrix.shape[0] != 2**op.num_qubits:
@@ -339,7 +364,7 @@ class _Translator:
         return matrix
 
     def expand(self, op: Instruction, qargs, cargs, qubits, clbits, ops: list, top: bool) -> None:
-        definition = op.definition
+        definition = getattr(op, "definition", None)
         if definition is None:
             raise UnsupportedInstructionError(
                 f"instruction {op.name!r} has neither a matrix nor a definition; "

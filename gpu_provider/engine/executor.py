@@ -46,6 +46,7 @@ from .program import (
     count_ops,
     evaluate,
     is_sampling_friendly,
+    measurements_are_terminal,
 )
 from .statevector import StateVector
 
@@ -395,43 +396,49 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
     sampling = is_sampling_friendly(program)
     device.check_fits(program.num_qubits, np.dtype(dtype).itemsize, arrays=2 if sampling else 3)
     state = new_state(device, program.num_qubits, dtype)
+    shot = _Shot(program.num_clbits, rng, config, execution)
+    measures = [op for op in program.ops if isinstance(op, Measure)]
+    measured = sorted({m.qubit for m in measures})
     memory: list[int] = []
-    counts: dict[int, int] = {}
     statevector = None
     if sampling:
-        shot = _Shot(program.num_clbits, rng, config, execution)
-        measures = [op for op in program.ops if isinstance(op, Measure)]
-        gates = tuple(op for op in program.ops if not isinstance(op, Measure))
-        run_ops(state, gates, shot)
+        # One simulation; every shot drawn from the final probabilities.
+        run_ops(state, tuple(op for op in program.ops if not isinstance(op, Measure)), shot)
         if config.statevector:
             statevector = state.to_host()
-        if measures and config.shots:
-            qubits = sorted({m.qubit for m in measures})
-            outcomes = state.sample(qubits, config.shots, rng)
-            memory = _sampled_clbit_values(outcomes, qubits, measures, program.num_clbits)
+        if measures:
+            outcomes = state.sample(measured, config.shots, rng)
+            memory = _sampled_clbit_values(outcomes, measured, measures, program.num_clbits)
         else:
             memory = [0] * config.shots
-        for value in memory:
-            counts[value] = counts.get(value, 0) + 1
     else:
+        # Shot by shot, from a copy of the common prefix of gates.
+        terminal = measurements_are_terminal(program)
+        ops = tuple(op for op in program.ops if not isinstance(op, Measure)) if terminal else program.ops
         prefix_len = 0
-        while prefix_len < len(program.ops) and _is_prefix_op(program.ops[prefix_len]):
+        while prefix_len < len(ops) and _is_prefix_op(ops[prefix_len]):
             prefix_len += 1
-        shot = _Shot(program.num_clbits, rng, config, execution)
-        run_ops(state, program.ops[:prefix_len], shot)
+        run_ops(state, ops[:prefix_len], shot)
         prefix = state.snapshot() if config.shots > 1 else None
-        rest = program.ops[prefix_len:]
+        rest = ops[prefix_len:]
         for index in range(config.shots):
             if index:
                 state.copy_from(prefix)
             shot.clbits = [0] * program.num_clbits
             shot.variables = {}
             run_ops(state, rest, shot)
-            value = _clbit_value(shot.clbits)
-            memory.append(value)
-            counts[value] = counts.get(value, 0) + 1
+            if terminal and measures:
+                # Terminal measurements of a trajectory with resets: one draw from its final state.
+                outcome = state.sample(measured, 1, rng)
+                memory.extend(_sampled_clbit_values(outcome, measured, measures, program.num_clbits))
+            else:
+                memory.append(_clbit_value(shot.clbits))
         if config.statevector:
+            # The last trajectory's state, its terminal measurements removed (as Aer does).
             statevector = state.to_host()
+    counts: dict[int, int] = {}
+    for value in memory:
+        counts[value] = counts.get(value, 0) + 1
     if program.num_clbits == 0:
         # Nothing is recorded without classical bits: empty counts, as Qiskit's BasicSimulator.
         counts, memory = {}, []

@@ -340,17 +340,32 @@ def _bodies(op):
     return ()
 
 
+def measurements_are_terminal(program: Program) -> bool:
+    """True when no op acts on a qubit after it was measured and nothing is classical.
+
+    Then removing the measurements leaves the rest of the evolution unchanged,
+    and a shot's outcome can be drawn from that shot's final state.
+    """
+    return _only_terminal_measures(program, allow_reset=True)
+
+
 def is_sampling_friendly(program: Program) -> bool:
     """True when every shot can be drawn from one final state.
 
     That holds when the program has no control flow, no classical stores, no
     reset, and no gate acts on a qubit after it was measured.
     """
+    return _only_terminal_measures(program, allow_reset=False)
+
+
+def _only_terminal_measures(program: Program, allow_reset: bool) -> bool:
     measured: set[int] = set()
     for op in program.ops:
         if isinstance(op, Measure):
             measured.add(op.qubit)
-        elif isinstance(op, (Reset, Store, BreakLoop, ContinueLoop) + CONTROL_FLOW):
+        elif isinstance(op, (Store, BreakLoop, ContinueLoop) + CONTROL_FLOW):
+            return False
+        elif isinstance(op, Reset) and not allow_reset:
             return False
         elif isinstance(op, GlobalPhase):
             continue

@@ -1,0 +1,189 @@
+"""Gate fusion: fused and unfused runs agree to 1e-12, on the engine and through the backend.
+
+Two oracles: the same engine running the unfused program, and the
+engine-independent ``reference_evolve`` (qiskit.quantum_info) applying the fused
+program, so a fusion bug cannot hide behind an engine bug with the same shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qiskit import QuantumCircuit
+from qiskit.circuit.library import MCXGate, UnitaryGate
+from qiskit.quantum_info import Statevector, random_statevector, random_unitary
+
+from gpu_provider.compiler.fusion import fuse
+from gpu_provider.compiler.translate import translate
+from gpu_provider.engine import program as P
+from gpu_provider.engine.devices import resolve_device
+from gpu_provider.engine.executor import RunConfig, run_program
+from tests.helpers import make_backend, random_layer, random_positions, reference_evolve, run_statevector
+
+ATOL = 1e-12
+SINGLE_QUBIT = ["h", "x", "y", "sx", "t", "s", "rx", "ry", "rz", "p", "u"]
+TWO_QUBIT = ["cx", "cz", "cp", "crx", "rzz", "rxx", "swap", "iswap", "cu", "ecr"]
+DIAGONAL_1 = ["z", "s", "sdg", "t", "tdg", "rz", "p"]
+DIAGONAL_2 = ["cz", "cp", "crz", "rzz", "cs"]
+
+
+def _append(circuit: QuantumCircuit, name: str, qubits, rng) -> None:
+    from tests.helpers import standard_gate
+
+    circuit.append(standard_gate(name, rng), qubits)
+
+
+def random_gate_circuit(n: int, depth: int, seed: int, diagonal_only: bool = False) -> QuantumCircuit:
+    """Random 1-, 2- and 3-qubit gates on random (non-adjacent, reversed) qubits."""
+    rng = np.random.default_rng(seed)
+    circuit = QuantumCircuit(n)
+    if not diagonal_only:
+        random_layer(circuit, rng)
+    for _ in range(depth):
+        roll = rng.random()
+        if diagonal_only:
+            if roll < 0.5 or n < 2:
+                _append(circuit, str(rng.choice(DIAGONAL_1)), random_positions(rng, n, 1), rng)
+            elif roll < 0.9 or n < 3:
+                _append(circuit, str(rng.choice(DIAGONAL_2)), random_positions(rng, n, 2), rng)
+            else:
+                circuit.ccz(*random_positions(rng, n, 3))
+        elif roll < 0.45 or n < 2:
+            _append(circuit, str(rng.choice(SINGLE_QUBIT)), random_positions(rng, n, 1), rng)
+        elif roll < 0.85 or n < 3:
+            _append(circuit, str(rng.choice(TWO_QUBIT)), random_positions(rng, n, 2), rng)
+        elif roll < 0.95:
+            circuit.ccx(*random_positions(rng, n, 3))
+        else:
+            k = min(3, n)
+            circuit.unitary(random_unitary(2**k, seed=int(rng.integers(1 << 30))), random_positions(rng, n, k))
+    return circuit
+
+
+def engine_statevector(program: P.Program, device: str, precision: str = "double") -> np.ndarray:
+    dev, _ = resolve_device(device)
+    output = run_program(program, dev, RunConfig(shots=1, seed=1, statevector=True, precision=precision))
+    return np.asarray(output.statevector)
+
+
+@pytest.mark.parametrize("width", range(1, 9))
+def test_fused_program_matches_unfused_for_every_width(device, width):
+    for seed in range(3):
+        n = 3 + (seed * 3 + width) % 7  # 3..9 qubits
+        circuit = random_gate_circuit(n, depth=40, seed=100 * width + seed)
+        program = translate(circuit)
+        fused = fuse(program, "GPU" if device == "GPU" else "CPU", max_qubits=width, threshold=0)
+        assert fused.num_ops <= program.num_ops
+        if width >= 2:
+            assert fused.num_ops < program.num_ops, "fusion did nothing: the test would be vacuous"
+        for op in fused.ops:
+            if isinstance(op, P.Unitary) and op.label == "fused":
+                assert len(op.qubits) <= max(width, 3)  # no block wider than asked (bar wider input gates)
+        # Engine-independent: the fused program is the same map as the circuit.
+        np.testing.assert_allclose(reference_evolve(fused), Statevector(circuit).data, atol=ATOL, rtol=0)
+        # Engine: fused and unfused runs agree.
+        np.testing.assert_allclose(engine_statevector(fused, device), engine_statevector(program, device), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
+def test_diagonal_only_runs(device, width):
+    n = 9
+    circuit = random_gate_circuit(n, depth=60, seed=width, diagonal_only=True)
+    start = random_statevector(2**n, seed=width).data  # a generic state, so every phase shows
+    program = translate(circuit)
+    program = program.replace(ops=(P.Initialize(tuple(range(n)), start),) + program.ops)
+    fused = fuse(program, "CPU", max_qubits=width, threshold=0)
+    gates = [op for op in fused.ops if isinstance(op, (P.Unitary, P.Diagonal))]
+    assert gates and all(isinstance(op, P.Diagonal) for op in gates), "diagonal runs must stay diagonal"
+    assert fused.num_ops < program.num_ops
+    expected = Statevector(start).evolve(circuit).data
+    np.testing.assert_allclose(reference_evolve(fused), expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(engine_statevector(fused, device), engine_statevector(program, device), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(engine_statevector(fused, device), expected, atol=ATOL, rtol=0)
+
+
+def test_fusion_below_threshold_is_identity():
+    program = translate(random_gate_circuit(5, depth=10, seed=1))
+    assert fuse(program, "CPU", max_qubits=5, threshold=6) is program
+
+
+def test_fusion_keeps_non_gates_in_place():
+    # Gates on other qubits may move across a measure or reset; gates on the same qubits may not.
+    circuit = QuantumCircuit(4, 2)
+    rng = np.random.default_rng(2)
+    random_layer(circuit, rng)
+    circuit.cx(0, 1)
+    circuit.measure(0, 0)
+    circuit.rx(0.3, 0)  # after the measure on qubit 0: must stay after it
+    circuit.ry(0.4, 2)  # may be pulled before
+    circuit.reset(1)
+    circuit.cz(1, 3)
+    circuit.measure(1, 1)
+    program = translate(circuit)
+    fused = fuse(program, "CPU", max_qubits=4, threshold=0)
+    kinds = [type(op).__name__ for op in fused.ops]
+    measure0 = fused.ops.index(P.Measure(0, 0))
+    after = [op for op in fused.ops[measure0 + 1 :] if isinstance(op, (P.Unitary, P.Diagonal))]
+    assert any(0 in P.op_qubits(op) for op in after), kinds
+    assert [type(op) for op in fused.ops if not isinstance(op, (P.Unitary, P.Diagonal))] == [P.Measure, P.Reset, P.Measure]
+
+
+@pytest.mark.parametrize("width", [1, 3, 5, 8])
+def test_backend_fusion_on_and_off_agree(device, width):
+    circuit = random_gate_circuit(8, depth=50, seed=width)
+    circuit.append(MCXGate(6), [7, 0, 5, 2, 6, 1, 3])  # too wide to fuse: stays a controlled op
+    circuit.append(UnitaryGate(random_unitary(4, seed=3)).control(2, ctrl_state=1), [4, 6, 1, 0])
+    circuit.global_phase = 0.77
+    on = make_backend(device, fusion_threshold=1, fusion_max_qubits=width)
+    off = make_backend(device, fusion_enable=False)
+    fused_state = run_statevector(on, circuit)
+    plain_state = run_statevector(off, circuit)
+    np.testing.assert_allclose(fused_state, plain_state, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(fused_state, Statevector(circuit).data, atol=ATOL, rtol=0)
+    metadata = on.run(circuit, shots=1).result().results[0].metadata
+    if width > 1:
+        assert metadata["fusion_ops_after"] < metadata["fusion_ops_before"]
+
+
+def test_default_threshold_fuses_only_large_circuits(device):
+    backend = make_backend(device)
+    small = random_gate_circuit(6, depth=30, seed=1)
+    metadata = backend.run(small, shots=1).result().results[0].metadata
+    assert metadata["fusion_ops_after"] == metadata["fusion_ops_before"]
+    large = random_gate_circuit(14, depth=40, seed=2)
+    result = backend.run(large, shots=1, statevector=True).result()
+    metadata = result.results[0].metadata
+    assert metadata["fusion_ops_after"] < metadata["fusion_ops_before"]
+    np.testing.assert_allclose(result.get_statevector(0), Statevector(large).data, atol=ATOL, rtol=0)
+
+
+def test_fused_dynamic_circuit_gives_the_same_shots(device):
+    # Same seed, same random draws: fusing must not change a single shot.
+    circuit = QuantumCircuit(5, 5)
+    rng = np.random.default_rng(4)
+    random_layer(circuit, rng)
+    circuit.cx(0, 3)
+    circuit.measure(3, 0)
+    with circuit.if_test((circuit.clbits[0], 1)):
+        circuit.rx(1.1, 2)
+        circuit.cz(2, 4)
+    circuit.rzz(0.5, 1, 4)
+    circuit.h(3)
+    circuit.reset(0)
+    circuit.cry(0.7, 4, 0)
+    circuit.measure(range(5), range(5))
+    on = make_backend(device, fusion_threshold=1, fusion_max_qubits=3)
+    off = make_backend(device, fusion_enable=False)
+    fused = on.run(circuit, shots=300, seed_simulator=9, memory=True).result()
+    plain = off.run(circuit, shots=300, seed_simulator=9, memory=True).result()
+    assert fused.results[0].metadata["fusion_ops_after"] < fused.results[0].metadata["fusion_ops_before"]
+    assert fused.get_memory() == plain.get_memory()
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_fusion_in_single_and_double_precision(device, precision):
+    circuit = random_gate_circuit(7, depth=60, seed=5)
+    program = translate(circuit)
+    fused = fuse(program, "CPU", max_qubits=5, threshold=0)
+    tolerance = ATOL if precision == "double" else 1e-5
+    np.testing.assert_allclose(engine_statevector(fused, device, precision), Statevector(circuit).data, atol=tolerance, rtol=0)

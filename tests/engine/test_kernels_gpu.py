@@ -1,0 +1,250 @@
+"""The CUDA kernels against the NumPy statevector, on a real GPU.
+
+Each ``check_*`` helper runs one kernel on a device state and the same
+operation through ``StateVector(numpy, ...)`` (the CPU path, no kernels), then
+compares amplitudes. The helpers take the array module and the kernels as
+arguments, so the tests below only choose the cases; every test is marked
+``gpu`` and the root conftest skips it where no GPU is usable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pytest
+
+from gpu_provider.engine.kernels import MAX_DIAGONAL_QUBITS, MAX_MATRIX_QUBITS, kernels_for
+from gpu_provider.engine.statevector import StateVector
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"double": np.complex128, "single": np.complex64}
+# Largest |amplitude| difference allowed against the NumPy path.
+TOLERANCE = {"double": 1e-12, "single": 1e-5}
+# Wider than one shared-memory tile (2^11 or 2^12 amplitudes), so the tiled
+# kernel meets several tiles and targets above them.
+NUM_QUBITS = 14
+PLACEMENTS = ["low", "high", "mixed"]
+METHODS = ["auto", "strided", "tiled"]
+
+
+# ---------------------------------------------------------------------------
+# helpers shared by the tests (array module and kernels are parameters)
+
+
+def random_state(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random normalized state, never all zeros, so every amplitude counts."""
+    state = rng.normal(size=1 << n) + 1j * rng.normal(size=1 << n)
+    return state / np.linalg.norm(state)
+
+
+def random_unitary(rng: np.random.Generator, dim: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(dim, dim)) + 1j * rng.normal(size=(dim, dim)))
+    return q * (np.diagonal(r) / np.abs(np.diagonal(r)))
+
+
+def random_phases(rng: np.random.Generator, dim: int) -> np.ndarray:
+    return np.exp(1j * rng.uniform(0, 2 * np.pi, size=dim))
+
+
+def place_targets(rng: np.random.Generator, n: int, k: int, placement: str) -> list[int]:
+    """k distinct bits: the lowest, the highest, or anywhere; shuffled so matrix bit j != bit j."""
+    if placement == "low":
+        bits = list(range(k))
+    elif placement == "high":
+        bits = list(range(n - k, n))
+    else:
+        bits = [int(b) for b in rng.choice(n, size=k, replace=False)]
+    rng.shuffle(bits)
+    return bits
+
+
+def device_state(xp: Any, n: int, dtype: Any, initial: np.ndarray, kernels: Any = None) -> StateVector:
+    state = StateVector(xp, n, dtype, kernels)
+    state.data[...] = xp.asarray(initial.astype(dtype))
+    return state
+
+
+def host_state(n: int, dtype: Any, initial: np.ndarray) -> StateVector:
+    state = StateVector(np, n, dtype)
+    state.data[...] = initial.astype(dtype)
+    return state
+
+
+def to_numpy(xp: Any, array: Any) -> np.ndarray:
+    return np.asarray(array) if xp is np else xp.asnumpy(array)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
+    error = float(np.max(np.abs(actual.astype(np.complex128) - expected.astype(np.complex128))))
+    assert error <= tolerance, f"max amplitude error {error:.3e} > {tolerance:.0e}"
+
+
+def check_apply_matrix(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], method: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[precision]
+    initial = random_state(rng, n)
+    matrix = random_unitary(rng, 1 << len(bits))
+    state = device_state(xp, n, dtype, initial)
+    kernels.apply_matrix(state, list(bits), xp.asarray(matrix.astype(dtype)), method=method)
+    oracle = host_state(n, dtype, initial)
+    oracle.apply_unitary(list(bits), matrix)  # canonical order: qubit q is bit q
+    assert_close(to_numpy(xp, state.data), oracle.to_host(), TOLERANCE[precision])
+
+
+def check_apply_diagonal(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[precision]
+    initial = random_state(rng, n)
+    diagonal = random_phases(rng, 1 << len(bits))
+    state = device_state(xp, n, dtype, initial)
+    kernels.apply_diagonal(state, list(bits), xp.asarray(diagonal.astype(dtype)))
+    oracle = host_state(n, dtype, initial)
+    oracle.apply_diagonal(list(bits), diagonal)
+    assert_close(to_numpy(xp, state.data), oracle.to_host(), TOLERANCE[precision])
+
+
+def check_probability_one(xp: Any, kernels: Any, precision: str, n: int, bit: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[precision]
+    initial = random_state(rng, n)
+    state = device_state(xp, n, dtype, initial)
+    p1 = kernels.probability_one(state, bit)
+    assert isinstance(p1, float)
+    expected = host_state(n, dtype, initial).probability_one(bit)
+    assert abs(p1 - expected) <= TOLERANCE[precision], (p1, expected)
+
+
+def check_collapse(xp: Any, kernels: Any, precision: str, n: int, bit: int, outcome: int, flip: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[precision]
+    initial = random_state(rng, n)
+    oracle = host_state(n, dtype, initial)
+    p1 = oracle.probability_one(bit)
+    probability = p1 if outcome else 1.0 - p1
+    state = device_state(xp, n, dtype, initial)
+    kernels.collapse(state, bit, outcome, 1.0 / np.sqrt(probability), flip)
+    oracle.collapse(bit, outcome, probability, flip=flip)
+    actual = to_numpy(xp, state.data)
+    assert_close(actual, oracle.to_host(), TOLERANCE[precision])
+    assert abs(float(np.vdot(actual, actual).real) - 1.0) <= 10 * TOLERANCE[precision]
+
+
+def check_statevector_program(xp: Any, kernels: Any, precision: str, n: int, seed: int, steps: int = 60) -> None:
+    """A random program through StateVector with kernels and through StateVector(numpy)."""
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[precision]
+    initial = random_state(rng, n)
+    device = device_state(xp, n, dtype, initial, kernels)
+    host = host_state(n, dtype, initial)
+    for step in range(steps):
+        kind = rng.choice(["unitary", "unitary", "wide", "diagonal", "measure", "reset"])
+        if kind in ("unitary", "wide"):
+            # Wide matrices take the array-module path, which reorders axes:
+            # later kernels then act on non-canonical bit positions.
+            k = int(rng.integers(1, MAX_MATRIX_QUBITS + 1)) if kind == "unitary" else min(n, MAX_MATRIX_QUBITS + 1)
+            qubits = [int(q) for q in rng.choice(n, size=k, replace=False)]
+            matrix = random_unitary(rng, 1 << k)
+            device.apply_unitary(qubits, matrix)
+            host.apply_unitary(qubits, matrix)
+        elif kind == "diagonal":
+            k = int(rng.integers(1, min(n, MAX_DIAGONAL_QUBITS) + 1))
+            qubits = [int(q) for q in rng.choice(n, size=k, replace=False)]
+            diagonal = random_phases(rng, 1 << k)
+            device.apply_diagonal(qubits, diagonal)
+            host.apply_diagonal(qubits, diagonal)
+        else:
+            qubit = int(rng.integers(n))
+            # Measure on the host first: a uniform sample near the threshold
+            # could fall either side within rounding, so pick the host outcome.
+            p1 = host.probability_one(qubit)
+            assert abs(device.probability_one(qubit) - p1) <= 10 * TOLERANCE[precision]
+            outcome = host.measure(qubit, float(rng.random()), reset=kind == "reset")
+            probability = p1 if outcome else 1.0 - p1
+            device.collapse(qubit, outcome, probability, flip=kind == "reset")
+        if step % 15 == 14:
+            assert_close(device.to_host(), host.to_host(), 10 * TOLERANCE[precision])
+    assert_close(device.to_host(), host.to_host(), 10 * TOLERANCE[precision])
+
+
+# ---------------------------------------------------------------------------
+# the GPU tests
+
+
+@pytest.fixture(scope="module")
+def cp():
+    return pytest.importorskip("cupy")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("k", range(1, MAX_MATRIX_QUBITS + 1))
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_apply_matrix(cp, precision, k, placement, method):
+    seed = 1000 * k + 10 * PLACEMENTS.index(placement) + METHODS.index(method)
+    bits = place_targets(np.random.default_rng(seed), NUM_QUBITS, k, placement)
+    check_apply_matrix(cp, kernels_for(DTYPES[precision]), precision, NUM_QUBITS, bits, method, seed)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n,bits", [(1, [0]), (3, [2, 0, 1]), (5, [4, 0, 2, 1, 3]), (7, [6, 1]), (12, [11, 0, 5])])
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_apply_matrix_small_states(cp, precision, n, bits, method):
+    check_apply_matrix(cp, kernels_for(DTYPES[precision]), precision, n, bits, method, seed=n)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7, MAX_DIAGONAL_QUBITS])
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_apply_diagonal(cp, precision, k, placement):
+    seed = 100 * k + PLACEMENTS.index(placement)
+    bits = place_targets(np.random.default_rng(seed), NUM_QUBITS, k, placement)
+    check_apply_diagonal(cp, kernels_for(DTYPES[precision]), precision, NUM_QUBITS, bits, seed)
+
+
+@pytest.mark.parametrize("bit", [0, 1, 5, NUM_QUBITS - 1])
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_probability_one(cp, precision, bit):
+    check_probability_one(cp, kernels_for(DTYPES[precision]), precision, NUM_QUBITS, bit, seed=bit)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("outcome", [0, 1])
+@pytest.mark.parametrize("bit", [0, 3, NUM_QUBITS - 1])
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_collapse(cp, precision, bit, outcome, flip):
+    check_collapse(cp, kernels_for(DTYPES[precision]), precision, NUM_QUBITS, bit, outcome, flip, seed=bit + 2 * outcome)
+
+
+@pytest.mark.parametrize("n", [6, NUM_QUBITS])
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_statevector_with_kernels_matches_numpy(cp, precision, n):
+    check_statevector_program(cp, kernels_for(DTYPES[precision]), precision, n, seed=n)
+
+
+def test_kernels_run_on_the_current_stream(cp):
+    """Launched inside a non-default stream, the work is ordered on that stream."""
+    rng = np.random.default_rng(7)
+    n = 20
+    initial = random_state(rng, n)
+    matrix = random_unitary(rng, 4)
+    kernels = kernels_for(np.complex128)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        state = device_state(cp, n, np.complex128, initial)
+        device_matrix = cp.asarray(matrix)
+        for _ in range(5):
+            kernels.apply_matrix(state, [0, n - 1], device_matrix)
+        done = cp.cuda.Event()
+        done.record(stream)
+    done.synchronize()
+    oracle = host_state(n, np.complex128, initial)
+    for _ in range(5):
+        oracle.apply_unitary([0, n - 1], matrix)
+    assert_close(cp.asnumpy(state.data, stream=stream), oracle.to_host(), TOLERANCE["double"])
+
+
+def test_kernels_for_is_cached_per_dtype():
+    assert kernels_for(np.complex64) is kernels_for(np.dtype("complex64"))
+    assert kernels_for(np.complex64) is not kernels_for(np.complex128)

@@ -1,0 +1,253 @@
+"""The engine's StateVector on each device, against qiskit.quantum_info.Statevector.
+
+Sequences of ops on random qubit tuples exercise the lazily tracked axis order:
+every result is read back in canonical order and compared with the exact state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qiskit.quantum_info import Operator, Statevector, random_statevector, random_unitary
+
+from gpu_provider.engine.devices import PRECISIONS, resolve_device
+from gpu_provider.engine.executor import new_state
+from gpu_provider.engine.statevector import controlled_matrix
+from tests.helpers import AMPLITUDE_TOLERANCE, FIDELITY_TOLERANCE, chi_square_goodness, fidelity, random_positions
+
+ALPHA = 1e-6
+
+
+def make_state(device: str, n: int, precision: str = "double", initial=None):
+    dev, _ = resolve_device(device)
+    state = new_state(dev, n, PRECISIONS[precision])
+    if initial is not None:
+        state.data[...] = dev.xp.asarray(np.asarray(initial, dtype=state.dtype))
+    return state
+
+
+def random_start(n: int, seed: int) -> np.ndarray:
+    return random_statevector(2**n, seed=seed).data
+
+
+def assert_close(state, expected, precision: str) -> None:
+    actual = state.to_host()
+    assert actual.dtype == np.dtype(PRECISIONS[precision])
+    f = fidelity(actual, expected)
+    assert f >= 1 - FIDELITY_TOLERANCE[precision], f"1 - F = {1 - f:.3e}"
+    error = float(np.max(np.abs(actual - np.asarray(expected))))
+    assert error <= AMPLITUDE_TOLERANCE[precision], f"max amplitude error {error:.3e}"
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_sequences_of_dense_unitaries(device, precision):
+    rng = np.random.default_rng(1)
+    n = 9
+    start = random_start(n, 1)
+    state = make_state(device, n, precision, start)
+    expected = Statevector(start)
+    for step in range(40):
+        k = int(rng.integers(1, 6))
+        qubits = random_positions(rng, n, k)
+        matrix = random_unitary(2**k, seed=step).data
+        state.apply_unitary(qubits, matrix)
+        expected = expected.evolve(Operator(matrix), qargs=qubits)
+        if step % 10 == 9:  # reading back mid-way must not disturb later ops
+            assert_close(state, expected.data, precision)
+    assert_close(state, expected.data, precision)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_diagonals_on_random_qubits(device, k):
+    rng = np.random.default_rng(k)
+    n = 9
+    start = random_start(n, 2)
+    state = make_state(device, n, "double", start)
+    expected = Statevector(start)
+    for step in range(6):
+        qubits = random_positions(rng, n, k)
+        diagonal = np.exp(1j * rng.uniform(-np.pi, np.pi, 2**k))
+        if step == 2:  # interleave a dense gate so the axis order is not canonical
+            state.apply_unitary([5, 0], random_unitary(4, seed=9).data)
+            expected = expected.evolve(Operator(random_unitary(4, seed=9).data), qargs=[5, 0])
+        state.apply_diagonal(qubits, diagonal)
+        expected = expected.evolve(Operator(np.diag(diagonal)), qargs=qubits)
+    assert_close(state, expected.data, "double")
+
+
+@pytest.mark.parametrize("num_controls,num_targets", [(1, 1), (2, 1), (3, 2), (5, 1), (4, 3), (7, 1), (6, 2)])
+def test_controlled_unitaries_with_ctrl_state(device, num_controls, num_targets):
+    rng = np.random.default_rng(10 * num_controls + num_targets)
+    n = num_controls + num_targets + 2
+    start = random_start(n, 3)
+    state = make_state(device, n, "double", start)
+    expected = Statevector(start)
+    for step in range(3):
+        qubits = random_positions(rng, n, num_controls + num_targets)
+        controls, targets = qubits[:num_controls], qubits[num_controls:]
+        ctrl_state = int(rng.integers(0, 2**num_controls))
+        matrix = random_unitary(2**num_targets, seed=step).data
+        state.apply_controlled(controls, ctrl_state, targets, matrix)
+        full = controlled_matrix(matrix, num_controls, ctrl_state)
+        expected = expected.evolve(Operator(full), qargs=controls + targets)
+    assert_close(state, expected.data, "double")
+
+
+def test_controlled_matrix_matches_qiskit_control():
+    from qiskit.circuit.library import UnitaryGate
+
+    base = random_unitary(4, seed=5).data
+    for ctrl_state in range(8):
+        qiskit_matrix = Operator(UnitaryGate(base).control(3, ctrl_state=ctrl_state)).data
+        np.testing.assert_allclose(controlled_matrix(base, 3, ctrl_state), qiskit_matrix, atol=1e-12)
+
+
+def test_global_phase_and_zero_qubit_ops(device):
+    start = random_start(3, 4)
+    state = make_state(device, 3, "double", start)
+    state.apply_phase(0.4)
+    state.apply_unitary((), np.array([[np.exp(0.3j)]]))
+    state.apply_diagonal((), np.array([np.exp(-0.1j)]))
+    assert_close(state, start * np.exp(0.6j), "double")
+
+
+def test_initialize_qubits_in_zero(device):
+    from qiskit import QuantumCircuit
+
+    n = 6
+    state = make_state(device, n)
+    circuit = QuantumCircuit(n)
+    for q in (0, 3, 5):
+        matrix = random_unitary(2, seed=q).data
+        state.apply_unitary([q], matrix)
+        circuit.unitary(matrix, [q])
+    vector = random_statevector(8, seed=7).data
+    state.initialize([4, 1, 2], vector)
+    circuit.initialize(vector, [4, 1, 2])
+    assert_close(state, Statevector(circuit).data, "double")
+
+
+def test_measure_probabilities_and_collapse(device):
+    n = 5
+    start = random_start(n, 8)
+    for qubit in range(n):
+        for outcome_wanted in (0, 1):
+            state = make_state(device, n, "double", start)
+            state.apply_unitary([2, 4], random_unitary(4, seed=1).data)  # non-canonical order
+            reference = Statevector(start).evolve(Operator(random_unitary(4, seed=1).data), qargs=[2, 4])
+            p1 = reference.probabilities([qubit])[1]
+            assert state.probability_one(qubit) == pytest.approx(p1, abs=1e-12)
+            random = p1 / 2 if outcome_wanted else (p1 + 1) / 2  # uniform sample picking the outcome
+            outcome = state.measure(qubit, random)
+            assert outcome == outcome_wanted
+            projector = np.diag([1.0 - outcome, float(outcome)])
+            collapsed = reference.evolve(Operator(projector), qargs=[qubit]).data
+            collapsed = collapsed / np.linalg.norm(collapsed)
+            assert_close(state, collapsed, "double")
+
+
+def test_reset_moves_the_kept_half_to_zero(device):
+    n = 4
+    start = random_start(n, 9)
+    reference = Statevector(start)
+    p1 = reference.probabilities([1])[1]
+    state = make_state(device, n, "double", start)
+    outcome = state.measure(1, p1 / 2, reset=True)  # outcome 1, then flipped to |0>
+    assert outcome == 1
+    kept = reference.evolve(Operator(np.array([[0, 1], [0, 0]])), qargs=[1]).data  # |0><1|
+    assert_close(state, kept / np.linalg.norm(kept), "double")
+
+
+@pytest.mark.parametrize("qubits", [[0, 1, 2, 3], [3, 0, 2], [4], [2, 4, 1, 0, 3]])
+def test_sample_matches_exact_marginals(device, qubits):
+    n = 5
+    start = random_start(n, 10)
+    state = make_state(device, n, "double", start)
+    state.apply_unitary([3, 1], random_unitary(4, seed=2).data)
+    reference = Statevector(start).evolve(Operator(random_unitary(4, seed=2).data), qargs=[3, 1])
+    shots = 4000
+    outcomes = state.sample(qubits, shots, np.random.default_rng(0))
+    assert outcomes.shape == (shots,)
+    probabilities = reference.probabilities(qubits)  # index bit j is qubits[j]
+    expected = {str(i): float(p) for i, p in enumerate(probabilities)}
+    observed: dict = {}
+    for value in outcomes.tolist():
+        observed[str(value)] = observed.get(str(value), 0) + 1
+    assert chi_square_goodness(observed, expected) > ALPHA
+
+
+def test_snapshot_and_copy_from_are_independent(device):
+    n = 4
+    start = random_start(n, 11)
+    state = make_state(device, n, "double", start)
+    state.apply_unitary([3, 0], random_unitary(4, seed=3).data)
+    saved = state.snapshot()
+    expected = state.to_host().copy()
+    state.apply_unitary([1], random_unitary(2, seed=4).data)
+    state.copy_from(saved)
+    assert_close(state, expected, "double")
+    saved.apply_unitary([2], random_unitary(2, seed=5).data)  # the snapshot owns its memory
+    assert_close(state, expected, "double")
+
+
+# ---------------------------------------------------------------------------
+# states wider than one row of amplitudes (the engine works in rows of 2^10)
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_wide_state_mixed_sequence(device, precision):
+    rng = np.random.default_rng(20)
+    n = 15
+    start = random_start(n, 20)
+    state = make_state(device, n, precision, start)
+    expected = Statevector(start)
+    for step in range(36):
+        kind = step % 3
+        if kind == 0:
+            k = int(rng.integers(1, 5))
+            qubits = random_positions(rng, n, k)
+            matrix = random_unitary(2**k, seed=100 + step).data
+            state.apply_unitary(qubits, matrix)
+            expected = expected.evolve(Operator(matrix), qargs=qubits)
+        elif kind == 1:
+            k = int(rng.integers(1, 11))
+            qubits = random_positions(rng, n, k)
+            diagonal = np.exp(1j * rng.uniform(-np.pi, np.pi, 2**k))
+            state.apply_diagonal(qubits, diagonal)
+            expected = expected.evolve(Operator(np.diag(diagonal)), qargs=qubits)
+        else:
+            qubits = random_positions(rng, n, 8)
+            controls, targets = qubits[:7], qubits[7:]
+            ctrl_state = int(rng.integers(0, 2**7))
+            matrix = random_unitary(2, seed=step).data
+            state.apply_controlled(controls, ctrl_state, targets, matrix)
+            expected = expected.evolve(Operator(controlled_matrix(matrix, 7, ctrl_state)), qargs=controls + targets)
+    assert_close(state, expected.data, precision)
+
+
+@pytest.mark.parametrize("qubits", [[0, 5, 12], [12, 11, 10, 9], [3], list(range(13))])
+def test_sample_wide_sparse_state(device, qubits):
+    # Most rows of 2^10 amplitudes hold zero probability: a draw must never land there.
+    n = 13
+    from qiskit import QuantumCircuit
+
+    circuit = QuantumCircuit(n)
+    circuit.h(12)
+    circuit.cx(12, 0)
+    circuit.ry(0.7, 5)
+    circuit.x(9)
+    circuit.h(3)
+    circuit.cry(1.1, 3, 11)
+    reference = Statevector(circuit)
+    state = make_state(device, n, "double", reference.data)
+    state.apply_unitary([11, 2], np.eye(4))  # moves axes: sampling must follow the order
+    shots = 4000
+    outcomes = state.sample(qubits, shots, np.random.default_rng(1))
+    probabilities = reference.probabilities(qubits)
+    observed: dict = {}
+    for value in outcomes.tolist():
+        observed[str(value)] = observed.get(str(value), 0) + 1
+    impossible = {k: v for k, v in observed.items() if probabilities[int(k)] < 1e-12}
+    assert not impossible, f"drew outcomes of probability 0: {impossible}"
+    expected = {str(i): float(p) for i, p in enumerate(probabilities) if p > 1e-12}
+    assert chi_square_goodness(observed, expected) > ALPHA
