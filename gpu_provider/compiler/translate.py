@@ -331,7 +331,13 @@ class _Translator:
                 is_diag, data = _standard_op(op, (name, params, getattr(op, "ctrl_state", None)))
                 ops.append(P.Diagonal(qargs, data, name) if is_diag else P.Unitary(qargs, data, label=name))
                 return
-        if isinstance(op, ControlledGate) and op.num_qubits > 5 and op.base_gate is not None:
+        if (
+            isinstance(op, ControlledGate)
+            and op.base_gate is not None
+            and op.base_gate.num_qubits == op.num_qubits - op.num_ctrl_qubits
+            # A narrow gate with its own matrix (e.g. cu with ctrl_state, whose phase is not in its base) uses it below.
+            and not (op.num_qubits <= 5 and hasattr(op, "__array__"))
+        ):
             base = self._matrix(op.base_gate)
             if base is not None:
                 n_ctrl = op.num_ctrl_qubits
