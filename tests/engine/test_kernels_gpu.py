@@ -244,7 +244,3 @@ def test_kernels_run_on_the_current_stream(cp):
         oracle.apply_unitary([0, n - 1], matrix)
     assert_close(cp.asnumpy(state.data, stream=stream), oracle.to_host(), TOLERANCE["double"])
 
-
-def test_kernels_for_is_cached_per_dtype():
-    assert kernels_for(np.complex64) is kernels_for(np.dtype("complex64"))
-    assert kernels_for(np.complex64) is not kernels_for(np.complex128)

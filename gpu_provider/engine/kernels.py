@@ -1,0 +1,395 @@
+"""The compiled GPU kernels of the statevector, built once per precision.
+
+``kernels/statevector.cu`` holds every kernel as a C++ template over the real
+type and, for dense matrices, the matrix width. :func:`kernels_for` hands out
+one cached :class:`Kernels` per dtype; its first launch compiles a single
+``cupy.RawModule`` holding all of that dtype's instances (see
+:func:`instances`), which CuPy also caches on disk. Nothing here touches CUDA
+at import time or when a :class:`Kernels` is created.
+
+How each operation runs (details in the ``.cu`` file):
+
+- ``apply_matrix``: one group of 2^k amplitudes per thread, in registers, when
+  the lowest target leaves whole 128-byte lines contiguous for a warp
+  ("strided"); otherwise through a shared-memory tile that holds the low bits
+  and the high targets, loaded and stored with coalesced accesses ("tiled").
+- ``apply_diagonal``: one amplitude per thread, the diagonal in shared memory.
+- ``probability_one``: per-block partial sums in double, added on the device.
+- ``collapse``: one (bit = 0, bit = 1) pair per thread, reading the kept half.
+
+:func:`compile_to_ptx` compiles the same source through NVRTC alone, without a
+GPU, so CPU-only CI proves that every instance compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from ..errors import GPUProviderError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+SOURCE_NAME = "statevector.cu"
+# Widest dense matrix with a kernel; wider ones take the array-module path.
+MAX_MATRIX_QUBITS = 5
+# Most targets of a diagonal kernel (its 2^10 entries fill 16 KiB of shared memory).
+MAX_DIAGONAL_QUBITS = 10
+# Our options; RawModule adds -ftz=true and --device-as-default-execution-space,
+# which compile_to_ptx repeats so that CI compiles exactly what a GPU run does.
+COMPILE_OPTIONS = ("--std=c++17",)
+CUPY_IMPLIED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+REAL_TYPES = {np.dtype(np.complex64): "float", np.dtype(np.complex128): "double"}
+# log2 of a shared-memory tile in amplitudes; must match tile_traits<R>::TILE_LOG.
+TILE_LOG = {"float": 12, "double": 11}
+# The strided matrix kernel runs when a warp's accesses cover whole lines of this size.
+LINE_BYTES = 128
+# Threads per block; wide matrices take fewer so more blocks fit their registers.
+BLOCK = 256
+MATRIX_BLOCK = {1: 256, 2: 256, 3: 256, 4: 128, 5: 128}
+# probability_one's grid never exceeds this, so its sum is the same on every device.
+MAX_REDUCTION_BLOCKS = 1024
+
+MatrixMethod = Literal["auto", "strided", "tiled"]
+
+
+class KernelCompileError(GPUProviderError, RuntimeError):
+    """The CUDA kernels failed to compile; the message carries NVRTC's log."""
+
+
+def source() -> str:
+    """The CUDA source of every statevector kernel."""
+    return (importlib.resources.files("gpu_provider") / "kernels" / SOURCE_NAME).read_text(encoding="utf-8")
+
+
+def _real_names(real: str | None) -> tuple[str, ...]:
+    if real is None:
+        return tuple(REAL_TYPES.values())
+    if real not in REAL_TYPES.values():
+        raise InvalidInputError(f"real type must be one of {tuple(REAL_TYPES.values())}, not {real!r}")
+    return (real,)
+
+
+def instances(real: str | None = None) -> list[str]:
+    """Every kernel name expression (template instance), for one real type or both."""
+    names = []
+    for r in _real_names(real):
+        for k in range(1, MAX_MATRIX_QUBITS + 1):
+            names.append(_matrix_name(r, k, "strided"))
+            names.append(_matrix_name(r, k, "tiled"))
+        names += [f"apply_diagonal<{r}>", f"probability_one<{r}>", f"collapse<{r}>"]
+    return names
+
+
+def _matrix_name(real: str, k: int, method: str) -> str:
+    kernel = "apply_matrix" if method == "strided" else "apply_matrix_low"
+    return f"{kernel}<{real}, {k}>"
+
+
+# ---------------------------------------------------------------------------
+# Compiling without a GPU
+
+
+@dataclass(frozen=True)
+class PTXBuild:
+    """The whole source compiled for one virtual architecture."""
+
+    arch: str
+    ptx: str
+    lowered_names: dict[str, str]  # name expression -> mangled entry name in ``ptx``
+    log: str
+
+
+def _normalize_arch(arch: str) -> str:
+    text = str(arch).strip().lower()
+    for prefix in ("compute_", "sm_"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    if not text.isdigit():
+        raise InvalidInputError(f"arch must look like 'compute_90', 'sm_90' or '90', not {arch!r}")
+    return f"compute_{text}"
+
+
+def compile_to_ptx(arch: str = "compute_90", real: str | None = None) -> PTXBuild:
+    """Compile every instance (or one real type's) to PTX for ``arch`` through NVRTC.
+
+    Needs CuPy and NVRTC but no GPU: NVRTC only compiles, it never touches a
+    device. Raises :class:`KernelCompileError` with NVRTC's log on failure.
+    """
+    from cupy.cuda import nvrtc  # CuPy is an optional dependency: import on use
+
+    target = _normalize_arch(arch)
+    names = instances(real)
+    options = COMPILE_OPTIONS + CUPY_IMPLIED_OPTIONS + (f"--gpu-architecture={target}",)
+    program = nvrtc.createProgram(source(), SOURCE_NAME, (), ())
+    try:
+        for name in names:
+            nvrtc.addNameExpression(program, name)
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as exc:
+            raise KernelCompileError(
+                f"NVRTC could not compile {SOURCE_NAME} for {target} with {options}:\n{nvrtc.getProgramLog(program)}"
+            ) from exc
+        lowered = {name: nvrtc.getLoweredName(program, name) for name in names}
+        ptx = nvrtc.getPTX(program)
+        log = nvrtc.getProgramLog(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    if isinstance(ptx, bytes):
+        ptx = ptx.decode("utf-8")
+    if isinstance(log, bytes):
+        log = log.decode("utf-8")
+    return PTXBuild(target, ptx.rstrip("\x00"), lowered, log.rstrip("\x00"))
+
+
+# ---------------------------------------------------------------------------
+# Launch planning (pure host arithmetic, testable without a GPU)
+
+
+def pack_bits(bits: Sequence[int]) -> int:
+    """Bit positions packed 6 bits each (entry j in bits 6j..6j+5), as the kernels read them."""
+    packed = 0
+    for j, bit in enumerate(bits):
+        packed |= int(bit) << (6 * j)
+    return packed
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How apply_matrix_low cuts the state into tiles for one target set.
+
+    A tile holds all values of bits ``0..low_bits-1`` and of ``high_sorted``
+    (the targets at or above ``low_bits``): ``2^tile_log`` amplitudes, with
+    ``tile_log = low_bits + len(high_sorted)``. ``local_targets[j]`` is target j's
+    bit inside a tile.
+    """
+
+    tile_log: int
+    low_bits: int
+    high_sorted: tuple[int, ...]
+    local_targets: tuple[int, ...]
+
+
+def tile_plan(num_qubits: int, bits: Sequence[int], tile_log: int) -> TilePlan:
+    """Choose ``low_bits`` so the low bits plus the targets above them fill one tile.
+
+    Counting the targets at or above ``T - h`` grows by at most one per step of h
+    and reaches at most k, so some h in 0..k equals its own count.
+    """
+    size = min(tile_log, num_qubits)
+    for high_count in range(len(bits) + 1):
+        low_bits = size - high_count
+        high = sorted(b for b in bits if b >= low_bits)
+        if len(high) == high_count:
+            local = tuple(b if b < low_bits else low_bits + high.index(b) for b in bits)
+            return TilePlan(size, low_bits, tuple(high), local)
+    raise AssertionError(f"no tile plan for targets {list(bits)} on {num_qubits} qubits")  # unreachable, see above
+
+
+def strided_is_coalesced(bits: Sequence[int], itemsize: int) -> bool:
+    """Whether one group per thread reads whole lines: the lowest target's run fills one."""
+    return (1 << min(bits)) * itemsize >= LINE_BYTES
+
+
+@dataclass(frozen=True)
+class MatrixLaunch:
+    """Everything about one apply_matrix launch but the arrays and the grid."""
+
+    name: str
+    block: int
+    blocks_needed: int
+    scalars: tuple  # the kernel's arguments after (state, matrix), as exact C types
+
+
+@functools.lru_cache(maxsize=4096)
+def matrix_launch(real: str, num_qubits: int, bits: tuple[int, ...], method: MatrixMethod = "auto") -> MatrixLaunch:
+    """Plan an apply_matrix launch (cached: circuits repeat the same targets)."""
+    k = len(bits)
+    itemsize = 8 if real == "float" else 16
+    if method == "auto":
+        method = "strided" if strided_is_coalesced(bits, itemsize) else "tiled"
+    if method == "strided":
+        groups = 1 << (num_qubits - k)
+        block = MATRIX_BLOCK[k]
+        scalars = (np.uint64(groups), np.uint64(pack_bits(bits)), np.uint64(pack_bits(sorted(bits))))
+        return MatrixLaunch(_matrix_name(real, k, "strided"), block, -(-groups // block), scalars)
+    if method == "tiled":
+        plan = tile_plan(num_qubits, bits, TILE_LOG[real])
+        scalars = (
+            np.uint64(1 << (num_qubits - plan.tile_log)),
+            np.int32(plan.low_bits),
+            np.int32(len(plan.high_sorted)),
+            np.uint64(pack_bits(plan.high_sorted)),
+            np.uint64(pack_bits(plan.local_targets)),
+            np.uint64(pack_bits(sorted(plan.local_targets))),
+        )
+        # One tile per block at a time; a block's threads split the tile's groups.
+        block = min(BLOCK, 1 << (plan.tile_log - k))
+        return MatrixLaunch(_matrix_name(real, k, "tiled"), block, 1 << (num_qubits - plan.tile_log), scalars)
+    raise InvalidInputError(f"method must be 'auto', 'strided' or 'tiled', not {method!r}")
+
+
+# ---------------------------------------------------------------------------
+# The kernels of one dtype
+
+
+class Kernels:
+    """The statevector kernels for one dtype; compiled on first use, then cached.
+
+    Every method takes the :class:`~gpu_provider.engine.statevector.StateVector`
+    whose ``data`` (a flat CuPy array of ``2^num_qubits`` amplitudes) it updates
+    in place, and launches on the current CuPy stream.
+    """
+
+    def __init__(self, dtype: Any) -> None:
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in REAL_TYPES:
+            raise InvalidInputError(f"GPU kernels exist for complex64 and complex128, not {self.dtype}")
+        self.real = REAL_TYPES[self.dtype]
+        self._real_scalar = np.float32 if self.real == "float" else np.float64
+        self._lock = threading.Lock()
+        self._module: Any = None
+        self._functions: dict[str, Any] = {}
+        self._resident: dict[tuple[int, str, int], int] = {}
+
+    # -- what this object can do ---------------------------------------------
+
+    def can_apply(self, k: int) -> bool:
+        return 1 <= k <= MAX_MATRIX_QUBITS
+
+    def can_apply_diagonal(self, k: int) -> bool:
+        return 1 <= k <= MAX_DIAGONAL_QUBITS
+
+    # -- operations -------------------------------------------------------------
+
+    def apply_matrix(self, state: Any, bits: Sequence[int], matrix: Any, *, method: MatrixMethod = "auto") -> None:
+        """Apply the dense ``(2^k, 2^k)`` ``matrix`` to ``bits``; matrix index bit j is ``bits[j]``.
+
+        ``method`` forces one of the two kernels ("strided" or "tiled"); both are
+        correct for every target set, "auto" picks the faster one.
+        """
+        k = len(bits)
+        if not self.can_apply(k):
+            raise InvalidInputError(f"apply_matrix has kernels for 1 to {MAX_MATRIX_QUBITS} targets, not {k}")
+        n = self._check_bits(state, bits)
+        xp = state.xp
+        matrix = xp.ascontiguousarray(matrix, dtype=self.dtype)
+        if matrix.shape != (1 << k, 1 << k):
+            raise InvalidInputError(f"a matrix on {k} targets must be {1 << k}x{1 << k}, not {matrix.shape}")
+        plan = matrix_launch(self.real, n, tuple(bits), method)
+        grid = self._grid(state, plan.name, plan.block, plan.blocks_needed)
+        self._function(plan.name)((grid,), (plan.block,), (state.data, matrix) + plan.scalars)
+
+    def apply_diagonal(self, state: Any, bits: Sequence[int], diagonal: Any) -> None:
+        """Multiply each amplitude by ``diagonal[j]``, bit i of j being the amplitude's bit ``bits[i]``."""
+        k = len(bits)
+        if not self.can_apply_diagonal(k):
+            raise InvalidInputError(f"apply_diagonal has a kernel for 1 to {MAX_DIAGONAL_QUBITS} targets, not {k}")
+        n = self._check_bits(state, bits)
+        diagonal = state.xp.ascontiguousarray(diagonal, dtype=self.dtype).reshape(-1)
+        if diagonal.shape[0] != 1 << k:
+            raise InvalidInputError(f"a diagonal on {k} targets has {1 << k} entries, not {diagonal.shape[0]}")
+        name = f"apply_diagonal<{self.real}>"
+        size = 1 << n
+        grid = self._grid(state, name, BLOCK, -(-size // BLOCK))
+        args = (state.data, diagonal, np.uint64(size), np.int32(k), np.uint64(pack_bits(bits)))
+        self._function(name)((grid,), (BLOCK,), args)
+
+    def probability_one(self, state: Any, bit: int) -> float:
+        """The total probability of the amplitudes whose ``bit`` is 1 (waits for the stream)."""
+        n = self._check_bits(state, [bit])
+        name = f"probability_one<{self.real}>"
+        half = 1 << (n - 1)
+        grid = min(-(-half // BLOCK), MAX_REDUCTION_BLOCKS)
+        partial = state.xp.empty(grid, dtype=np.float64)
+        self._function(name)((grid,), (BLOCK,), (state.data, np.uint64(half), np.int32(bit), partial))
+        return float(partial.sum())
+
+    def collapse(self, state: Any, bit: int, outcome: int, scale: float, flip: bool) -> None:
+        """Keep the half where ``bit == outcome`` times ``scale``, zero the rest; ``flip`` moves it to ``bit == 0``."""
+        n = self._check_bits(state, [bit])
+        if outcome not in (0, 1):
+            raise InvalidInputError(f"a measurement outcome is 0 or 1, not {outcome!r}")
+        name = f"collapse<{self.real}>"
+        half = 1 << (n - 1)
+        grid = self._grid(state, name, BLOCK, -(-half // BLOCK))
+        args = (state.data, np.uint64(half), np.int32(bit), np.int32(outcome), self._real_scalar(scale), np.int32(bool(flip)))
+        self._function(name)((grid,), (BLOCK,), args)
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _check_bits(self, state: Any, bits: Sequence[int]) -> int:
+        n = int(state.num_qubits)
+        if state.data.dtype != self.dtype:
+            raise InvalidInputError(f"these kernels are for {self.dtype}, the state is {state.data.dtype}")
+        if len(set(bits)) != len(bits) or any(not 0 <= b < n for b in bits):
+            raise InvalidInputError(f"target bits must be distinct and in 0..{n - 1}, not {list(bits)}")
+        return n
+
+    def _function(self, name: str) -> Any:
+        """The launchable kernel ``name``; the first call compiles this dtype's module."""
+        function = self._functions.get(name)
+        if function is not None:
+            return function
+        with self._lock:
+            if self._module is None:
+                self._module = self._build_module()
+            function = self._functions.get(name)
+            if function is None:
+                function = self._module.get_function(name)
+                self._functions[name] = function
+        return function
+
+    def _build_module(self) -> Any:
+        import cupy
+
+        names = instances(self.real)
+        module = cupy.RawModule(code=source(), options=COMPILE_OPTIONS, name_expressions=names)
+        try:
+            module.compile()  # compile now, so a failure names the kernels rather than a launch
+        except cupy.cuda.compiler.CompileException as exc:
+            raise KernelCompileError(f"the {self.real} statevector kernels failed to compile: {exc}") from exc
+        logger.debug("compiled %d %s statevector kernels", len(names), self.real)
+        return module
+
+    def _grid(self, state: Any, name: str, block: int, needed: int) -> int:
+        """Blocks to launch: what the work needs, capped at what the device keeps resident."""
+        key = (self._device_id(state), name, block)
+        resident = self._resident.get(key)
+        if resident is None:
+            resident = self._resident_blocks(name, block)
+            self._resident[key] = resident
+        return max(1, min(needed, resident))
+
+    def _device_id(self, state: Any) -> int:
+        return int(state.data.device.id)
+
+    def _resident_blocks(self, name: str, block: int) -> int:
+        """Blocks of ``name`` the current device runs at once (occupancy x multiprocessors)."""
+        import cupy
+
+        function = self._function(name)
+        sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function.kernel.ptr, block, 0)
+        return max(1, int(per_sm)) * int(sms)
+
+
+_KERNELS: dict[np.dtype, Kernels] = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def kernels_for(dtype: Any) -> Kernels:
+    """The cached :class:`Kernels` for ``dtype`` (complex64 or complex128); compiles nothing yet."""
+    key = np.dtype(dtype)
+    with _KERNELS_LOCK:
+        kernels = _KERNELS.get(key)
+        if kernels is None:
+            kernels = _KERNELS[key] = Kernels(key)
+        return kernels

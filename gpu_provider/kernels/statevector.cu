@@ -1,0 +1,313 @@
+// Statevector kernels for gpu_provider, compiled at run time by NVRTC through
+// cupy.RawModule (see gpu_provider/engine/kernels.py, which names every
+// template instance). The source includes no headers: NVRTC's built-ins
+// (float2/double2, __shfl_down_sync, __ldg) are all it needs, so it compiles
+// the same with or without a CUDA toolkit on the machine.
+//
+// Conventions shared by every kernel:
+// - The state is a flat array of 2^n amplitudes, float2 (complex64) or
+//   double2 (complex128): .x real, .y imaginary. Indices are 64-bit.
+// - A "bit" is a physical bit position of the flat index (0 = least significant).
+// - Target lists travel packed, 6 bits per entry (entry j in bits 6j..6j+5), so a
+//   launch needs no device array for them.
+// - Every loop over the state is grid-stride: the host sizes the grid to what
+//   the device keeps resident, and each block loads its small operands
+//   (matrix, diagonal) into shared memory once.
+
+typedef unsigned long long index_t;
+
+template <typename R> struct complex_of;
+template <> struct complex_of<float> { typedef float2 type; };
+template <> struct complex_of<double> { typedef double2 type; };
+
+template <typename R>
+__device__ __forceinline__ typename complex_of<R>::type make_complex(R re, R im) {
+    typename complex_of<R>::type z;
+    z.x = re;
+    z.y = im;
+    return z;
+}
+
+__device__ __forceinline__ int unpack6(index_t packed, int j) {
+    return (int)((packed >> (6 * j)) & 63u);
+}
+
+// x with a zero bit inserted at position p (bits >= p move up by one).
+__device__ __forceinline__ index_t insert_zero_bit(index_t x, int p) {
+    index_t low = x & ((1ull << p) - 1ull);
+    return ((x >> p) << (p + 1)) | low;
+}
+
+__device__ __forceinline__ int insert_zero_bit32(int x, int p) {
+    int low = x & ((1 << p) - 1);
+    return ((x >> p) << (p + 1)) | low;
+}
+
+// start ^ (mask[j] for each bit j set in c): a group member's index or slot.
+// With c a compile-time constant (unrolled loops) it folds to a few XORs.
+template <typename I, int K>
+__device__ __forceinline__ I combine(int c, const I* mask, I start) {
+    I out = start;
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+        if ((c >> j) & 1) out ^= mask[j];
+    return out;
+}
+
+// Output rows unrolled per group: all of them for small matrices; for wide
+// ones only the columns are, since unrolling D x D complex MACs spills.
+template <int K>
+__host__ __device__ constexpr int row_unroll() { return K <= 2 ? (1 << K) : 1; }
+
+// out = sum_c m[row * D + c] * v[c], the row of a dense matrix-vector product.
+template <typename R, int D>
+__device__ __forceinline__ typename complex_of<R>::type matrix_row(
+        const typename complex_of<R>::type* m, const typename complex_of<R>::type* v, int row) {
+    // Four independent accumulators: twice the FMA chains of a plain (re, im) pair.
+    R re_xx = 0, re_yy = 0, im_xy = 0, im_yx = 0;
+#pragma unroll
+    for (int c = 0; c < D; ++c) {
+        typename complex_of<R>::type a = m[row * D + c];
+        re_xx = fma(a.x, v[c].x, re_xx);
+        re_yy = fma(a.y, v[c].y, re_yy);
+        im_xy = fma(a.x, v[c].y, im_xy);
+        im_yx = fma(a.y, v[c].x, im_yx);
+    }
+    return make_complex<R>(re_xx - re_yy, im_xy + im_yx);
+}
+
+// ---------------------------------------------------------------------------
+// apply_matrix<R, K>: a dense 2^K x 2^K matrix on K targets, one group per thread.
+//
+// Group g becomes its base index by inserting a zero bit at each target
+// (ascending); its 2^K members are base | offset(c), where bit j of c selects
+// target j (matrix index bit j <-> targets[j]). The thread holds the 2^K inputs
+// in registers and writes each output row straight back, so it runs in place.
+// Consecutive threads differ in the lowest non-target bits, so a warp's loads
+// are contiguous runs of 2^(lowest target) amplitudes: the host uses this path
+// when those runs fill whole 128-byte lines, and apply_matrix_low otherwise.
+template <typename R, int K>
+__global__ void __launch_bounds__(256) apply_matrix(
+        typename complex_of<R>::type* __restrict__ state,
+        const typename complex_of<R>::type* __restrict__ matrix,
+        index_t groups, index_t packed_targets, index_t packed_sorted) {
+    typedef typename complex_of<R>::type cplx;
+    constexpr int D = 1 << K;
+    __shared__ cplx m[D * D];
+    for (int i = threadIdx.x; i < D * D; i += blockDim.x) m[i] = __ldg(matrix + i);
+
+    int sorted[K];
+    index_t mask[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        sorted[j] = unpack6(packed_sorted, j);
+        mask[j] = 1ull << unpack6(packed_targets, j);
+    }
+    __syncthreads();
+
+    const index_t stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t g = (index_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
+        index_t base = g;
+#pragma unroll
+        for (int j = 0; j < K; ++j) base = insert_zero_bit(base, sorted[j]);
+        cplx v[D];
+#pragma unroll
+        for (int c = 0; c < D; ++c) v[c] = state[base | combine<index_t, K>(c, mask, 0ull)];
+#pragma unroll(row_unroll<K>())
+        for (int r = 0; r < D; ++r) state[base | combine<index_t, K>(r, mask, 0ull)] = matrix_row<R, D>(m, v, r);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// apply_matrix_low<R, K>: the same product through a shared-memory tile, for
+// targets among the low bits, where one group per thread would make every
+// warp access strided.
+//
+// A tile is 2^(L + h) amplitudes: all 2^L values of the low bits 0..L-1 times
+// all 2^h values of the h targets at or above L ("high targets"). Every group
+// lies inside one tile. Tile-local index s: bits 0..L-1 are the global low
+// bits, bit L + i is high target i (ascending). The block loads a tile with
+// contiguous, coalesced reads (runs of 2^L amplitudes), applies the matrix to
+// each group from shared memory, and stores the tile back the same way. The
+// host picks L so that L + h = min(TILE_LOG, n); with n >= TILE_LOG that makes
+// L >= TILE_LOG - 5 >= 6, runs of at least 64 amplitudes.
+//
+// Shared-memory slots are swizzled so that the 8 (double2) or 16 (float2)
+// lanes that share a bank cycle mostly hit distinct banks: the low
+// SLOT_BITS of s are XORed with a linear function of the next five bits (found
+// by exhaustive search over all target sets of up to 5 bits; contiguous low
+// target sets are conflict free, no set is worse than 2-way).
+template <typename R> struct tile_traits;
+template <> struct tile_traits<float> {
+    static constexpr int TILE_LOG = 12;   // 4096 x 8 B = 32 KiB
+    static constexpr int SLOT_BITS = 4;   // 16 lanes x 8 B fill the 32 banks
+    __device__ static __forceinline__ int fold(int x) {
+        return ((x & 1) ? 0x7 : 0) ^ ((x & 2) ? 0xd : 0) ^ ((x & 4) ? 0xb : 0) ^ ((x & 8) ? 0xe : 0) ^
+               ((x & 16) ? 0x9 : 0);
+    }
+};
+template <> struct tile_traits<double> {
+    static constexpr int TILE_LOG = 11;   // 2048 x 16 B = 32 KiB
+    static constexpr int SLOT_BITS = 3;   // 8 lanes x 16 B fill the 32 banks
+    __device__ static __forceinline__ int fold(int x) {
+        return ((x & 1) ? 0x7 : 0) ^ ((x & 2) ? 0x5 : 0) ^ ((x & 4) ? 0x3 : 0) ^ ((x & 8) ? 0x1 : 0) ^
+               ((x & 16) ? 0x6 : 0);
+    }
+};
+
+// Linear (over XOR) bijection of tile slots; linearity lets a group's slots be
+// built from the swizzled base and swizzled per-target masks.
+template <typename R>
+__device__ __forceinline__ int swizzle(int s) {
+    constexpr int S = tile_traits<R>::SLOT_BITS;
+    return s ^ tile_traits<R>::fold((s >> S) & 31);
+}
+
+template <typename R, int K>
+__global__ void __launch_bounds__(256) apply_matrix_low(
+        typename complex_of<R>::type* __restrict__ state,
+        const typename complex_of<R>::type* __restrict__ matrix,
+        index_t tiles, int low_bits, int high_count,
+        index_t packed_high_sorted, index_t packed_local_targets, index_t packed_local_sorted) {
+    typedef typename complex_of<R>::type cplx;
+    constexpr int D = 1 << K;
+    __shared__ cplx m[D * D];
+    __shared__ cplx tile[1 << tile_traits<R>::TILE_LOG];
+    for (int i = threadIdx.x; i < D * D; i += blockDim.x) m[i] = __ldg(matrix + i);
+
+    int high_sorted[K];  // h <= K of them
+    int local_sorted[K];
+    int slot_mask[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) high_sorted[j] = unpack6(packed_high_sorted, j);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        local_sorted[j] = unpack6(packed_local_sorted, j);
+        slot_mask[j] = swizzle<R>(1 << unpack6(packed_local_targets, j));
+    }
+    const int tile_size = 1 << (low_bits + high_count);
+    const int groups = tile_size >> K;
+    const index_t low_mask = (1ull << low_bits) - 1ull;
+    __syncthreads();
+
+    for (index_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+        index_t base = t << low_bits;
+#pragma unroll
+        for (int j = 0; j < K; ++j)
+            if (j < high_count) base = insert_zero_bit(base, high_sorted[j]);
+
+        for (int s = threadIdx.x; s < tile_size; s += blockDim.x) {
+            index_t index = base | ((index_t)s & low_mask);
+            const int high = s >> low_bits;
+#pragma unroll
+            for (int j = 0; j < K; ++j)
+                if (j < high_count && ((high >> j) & 1)) index |= 1ull << high_sorted[j];
+            tile[swizzle<R>(s)] = state[index];
+        }
+        __syncthreads();
+
+        for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+            int local = g;
+#pragma unroll
+            for (int j = 0; j < K; ++j) local = insert_zero_bit32(local, local_sorted[j]);
+            const int slot = swizzle<R>(local);
+            cplx v[D];
+#pragma unroll
+            for (int c = 0; c < D; ++c) v[c] = tile[combine<int, K>(c, slot_mask, slot)];
+#pragma unroll(row_unroll<K>())
+            for (int r = 0; r < D; ++r) tile[combine<int, K>(r, slot_mask, slot)] = matrix_row<R, D>(m, v, r);
+        }
+        __syncthreads();
+
+        for (int s = threadIdx.x; s < tile_size; s += blockDim.x) {
+            index_t index = base | ((index_t)s & low_mask);
+            const int high = s >> low_bits;
+#pragma unroll
+            for (int j = 0; j < K; ++j)
+                if (j < high_count && ((high >> j) & 1)) index |= 1ull << high_sorted[j];
+            state[index] = tile[swizzle<R>(s)];
+        }
+        __syncthreads();  // the next tile's loads overwrite this one
+    }
+}
+
+// ---------------------------------------------------------------------------
+// apply_diagonal<R>: state[i] *= diagonal[sub(i)], where bit j of sub(i) is bit
+// targets[j] of i (up to 10 targets; the diagonal sits in shared memory).
+template <typename R>
+__global__ void __launch_bounds__(256) apply_diagonal(
+        typename complex_of<R>::type* __restrict__ state,
+        const typename complex_of<R>::type* __restrict__ diagonal,
+        index_t size, int count, index_t packed_targets) {
+    typedef typename complex_of<R>::type cplx;
+    __shared__ cplx d[1 << 10];
+    for (int i = threadIdx.x; i < (1 << count); i += blockDim.x) d[i] = __ldg(diagonal + i);
+    int targets[10];
+#pragma unroll
+    for (int j = 0; j < 10; ++j) targets[j] = unpack6(packed_targets, j);
+    __syncthreads();
+
+    const index_t stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < size; i += stride) {
+        int sub = 0;
+#pragma unroll
+        for (int j = 0; j < 10; ++j)
+            if (j < count) sub |= (int)((i >> targets[j]) & 1ull) << j;
+        const cplx a = state[i];
+        const cplx f = d[sub];
+        state[i] = make_complex<R>(a.x * f.x - a.y * f.y, a.x * f.y + a.y * f.x);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// probability_one<R>: partial[block] = sum of |amp|^2 over this block's share of
+// the amplitudes whose bit `bit` is 1, accumulated in double for both
+// precisions. The host adds the per-block partials: with a fixed grid the
+// result is deterministic, and no accumulator needs zeroing first.
+template <typename R>
+__global__ void __launch_bounds__(256) probability_one(
+        const typename complex_of<R>::type* __restrict__ state,
+        index_t half, int bit, double* __restrict__ partial) {
+    typedef typename complex_of<R>::type cplx;
+    __shared__ double warp_sums[32];
+    const index_t one = 1ull << bit;
+    double acc = 0.0;
+    const index_t stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < half; i += stride) {
+        const cplx a = state[insert_zero_bit(i, bit) | one];
+        acc += (double)a.x * (double)a.x + (double)a.y * (double)a.y;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = (blockDim.x + 31) >> 5;
+        acc = lane < warps ? warp_sums[lane] : 0.0;
+        for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+        if (lane == 0) partial[blockIdx.x] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// collapse<R>: per pair (bit `bit` = 0, 1), keep the `outcome` amplitude times
+// `scale` and zero the other; with `flip` (reset) the kept amplitude lands on
+// bit = 0. Only the kept half is read.
+template <typename R>
+__global__ void __launch_bounds__(256) collapse(
+        typename complex_of<R>::type* __restrict__ state,
+        index_t half, int bit, int outcome, R scale, int flip) {
+    typedef typename complex_of<R>::type cplx;
+    const index_t one = 1ull << bit;
+    const cplx zero = make_complex<R>(0, 0);
+    const bool keep_low = flip || outcome == 0;
+    const index_t stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < half; i += stride) {
+        const index_t i0 = insert_zero_bit(i, bit);
+        const cplx a = state[outcome ? (i0 | one) : i0];
+        const cplx kept = make_complex<R>(a.x * scale, a.y * scale);
+        state[i0] = keep_low ? kept : zero;
+        state[i0 | one] = keep_low ? zero : kept;
+    }
+}

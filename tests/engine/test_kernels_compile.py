@@ -1,0 +1,362 @@
+"""The CUDA kernels, checked on a machine without a GPU.
+
+1. NVRTC compiles every template instance to PTX for sm_80 and sm_90 (it needs
+   CuPy and the NVRTC library, no device), and each instance's entry point is
+   in the PTX.
+2. The launch planning of ``gpu_provider.engine.kernels`` (tiles, packing,
+   path choice) holds for every target set, and importing it touches no CUDA.
+3. A host C++ compiler builds the same ``.cu`` file against a small emulation
+   of the CUDA features it uses (each block's threads as real threads, barriers
+   for ``__syncthreads``), and the kernels, launched through the real
+   :class:`~gpu_provider.engine.kernels.Kernels` planning, must match the NumPy
+   statevector. That runs the kernels' indexing, tiling and reductions in CI;
+   timing and true GPU memory semantics still need ``test_kernels_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpu_provider.engine import kernels as K
+from tests.engine import test_kernels_gpu as gpu_checks
+
+ARCHS = ["compute_80", "compute_90"]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------
+# 1. PTX through NVRTC
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def ptx_build(request) -> K.PTXBuild:
+    cupy = pytest.importorskip("cupy")
+    try:
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as exc:  # the NVRTC wheel is missing or its library cannot be loaded
+        pytest.skip(f"NVRTC is not usable here: {type(exc).__name__}: {exc}")
+    return K.compile_to_ptx(request.param)
+
+
+def test_every_instance_compiles_to_ptx(ptx_build):
+    names = K.instances()
+    assert set(ptx_build.lowered_names) == set(names)
+    for name in names:
+        lowered = ptx_build.lowered_names[name]
+        assert re.search(rf"\.entry\s+{re.escape(lowered)}\s*\(", ptx_build.ptx), f"{name} ({lowered}) is not in the PTX"
+
+
+def test_ptx_is_for_the_requested_architecture(ptx_build):
+    digits = ptx_build.arch.split("_")[1]
+    assert re.search(rf"^\.target\s+sm_{digits}\b", ptx_build.ptx, re.MULTILINE)
+
+
+def test_instances_cover_every_kernel_width_and_precision():
+    names = set(K.instances())
+    assert len(names) == len(K.instances())
+    for real in ("float", "double"):
+        assert set(K.instances(real)) <= names
+        for k in range(1, K.MAX_MATRIX_QUBITS + 1):
+            assert f"apply_matrix<{real}, {k}>" in names
+            assert f"apply_matrix_low<{real}, {k}>" in names
+        for kernel in ("apply_diagonal", "probability_one", "collapse"):
+            assert f"{kernel}<{real}>" in names
+
+
+def test_arch_spellings():
+    assert K._normalize_arch("sm_90") == K._normalize_arch("90") == K._normalize_arch("compute_90") == "compute_90"
+    with pytest.raises(ValueError):
+        K._normalize_arch("hopper")
+
+
+# ---------------------------------------------------------------------------
+# 2. Host-side planning, and no CUDA at import
+
+
+def test_import_and_kernels_for_touch_no_cuda():
+    code = (
+        "import sys, numpy\n"
+        "import gpu_provider.engine.kernels as k\n"
+        "kernels = k.kernels_for(numpy.complex64)\n"
+        "assert kernels.can_apply(5) and not kernels.can_apply(6) and kernels.can_apply_diagonal(10)\n"
+        "assert 'cupy' not in sys.modules, 'importing the kernels module imported CuPy'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_kernels_for_is_cached_per_dtype():
+    assert K.kernels_for(np.complex64) is K.kernels_for(np.dtype("complex64"))
+    assert K.kernels_for(np.complex64) is not K.kernels_for(np.complex128)
+    with pytest.raises(ValueError):
+        K.kernels_for(np.float64)
+
+
+def test_pack_bits_matches_the_kernels_layout():
+    assert K.pack_bits([]) == 0
+    assert K.pack_bits([3, 0, 63]) == 3 | (0 << 6) | (63 << 12)
+
+
+@pytest.mark.parametrize("real", ["float", "double"])
+@pytest.mark.parametrize("n", [1, 3, 8, 12, 13, 20, 33])
+def test_tile_plans_cover_every_target_set(real, n):
+    tile_log = K.TILE_LOG[real]
+    for k in range(1, min(n, K.MAX_MATRIX_QUBITS) + 1):
+        # Every target set on small n; on large n those among 16 bits, plus the top ones.
+        pool = range(n) if n <= 13 else list(range(14)) + [n - 2, n - 1]
+        for bits in itertools.combinations(pool, k):
+            plan = K.tile_plan(n, list(bits), tile_log)
+            assert plan.tile_log == min(tile_log, n) == plan.low_bits + len(plan.high_sorted)
+            assert list(plan.high_sorted) == sorted(b for b in bits if b >= plan.low_bits)
+            assert all(0 <= t < plan.tile_log for t in plan.local_targets)
+            assert len(set(plan.local_targets)) == k
+            for bit, local in zip(bits, plan.local_targets):
+                assert local == bit if bit < plan.low_bits else plan.high_sorted[local - plan.low_bits] == bit
+            if n >= tile_log:
+                # Coalesced tile loads: runs of at least 2^(TILE_LOG - 5) contiguous amplitudes.
+                assert plan.low_bits >= tile_log - K.MAX_MATRIX_QUBITS
+
+
+def test_strided_path_only_when_warps_read_whole_lines():
+    assert K.strided_is_coalesced([3, 9], 16) and not K.strided_is_coalesced([2, 9], 16)
+    assert K.strided_is_coalesced([4], 8) and not K.strided_is_coalesced([3, 20], 8)
+
+
+def test_matrix_launch_plans():
+    strided = K.matrix_launch("double", 20, (19, 3))
+    assert strided.name == "apply_matrix<double, 2>"
+    assert strided.blocks_needed * strided.block >= 1 << 18
+    assert [type(v) for v in strided.scalars] == [np.uint64] * 3
+    assert int(strided.scalars[1]) == K.pack_bits([19, 3]) and int(strided.scalars[2]) == K.pack_bits([3, 19])
+    tiled = K.matrix_launch("float", 20, (0, 19, 7))
+    assert tiled.name == "apply_matrix_low<float, 3>"
+    assert tiled.blocks_needed == 1 << (20 - K.TILE_LOG["float"])  # one tile per block
+    assert tiled.block == 256
+    assert [type(v) for v in tiled.scalars] == [np.uint64, np.int32, np.int32, np.uint64, np.uint64, np.uint64]
+    assert K.matrix_launch("double", 20, (0, 19), "strided").name == "apply_matrix<double, 2>"
+    with pytest.raises(ValueError):
+        K.matrix_launch("double", 20, (0, 19), "fastest")
+
+
+# ---------------------------------------------------------------------------
+# 3. The kernels themselves, compiled for the host and run on the CPU
+
+EMULATION_HEADER = r"""
+// The CUDA subset statevector.cu uses, on the host: a launch runs one thread
+// per CUDA thread; they walk the grid's blocks in step, a barrier between
+// blocks, so __shared__ (function statics) holds one block at a time.
+#include <cmath>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+struct float2 { float x, y; };
+struct double2 { double x, y; };
+struct emu_dim3 { unsigned x, y, z; };
+thread_local emu_dim3 threadIdx, blockIdx;
+emu_dim3 blockDim, gridDim;
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+#define __restrict__ __restrict
+#define __shared__ static
+using std::fma;
+
+class emu_barrier {
+  public:
+    void reset(unsigned count) { count_ = count; waiting_ = 0; }
+    void wait() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        const unsigned long generation = generation_;
+        if (++waiting_ == count_) {
+            waiting_ = 0;
+            ++generation_;
+            cv_.notify_all();
+        } else {
+            cv_.wait(lock, [&] { return generation != generation_; });
+        }
+    }
+  private:
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    unsigned count_ = 1, waiting_ = 0;
+    unsigned long generation_ = 0;
+};
+emu_barrier emu_block_barrier, emu_warp_barrier[32];
+double emu_lanes[1024];
+
+inline void __syncthreads() { emu_block_barrier.wait(); }
+template <class T> inline T __ldg(const T* p) { return *p; }
+inline double __shfl_down_sync(unsigned, double value, int offset) {
+    const unsigned t = threadIdx.x, lane = t % 32;
+    emu_lanes[t] = value;
+    emu_warp_barrier[t / 32].wait();
+    const double out = (lane + offset < 32 && t + offset < blockDim.x) ? emu_lanes[t + offset] : value;
+    emu_warp_barrier[t / 32].wait();
+    return out;
+}
+template <class F> void emu_launch(unsigned grid, unsigned block, F kernel) {
+    blockDim = {block, 1, 1};
+    gridDim = {grid, 1, 1};
+    emu_block_barrier.reset(block);
+    for (unsigned w = 0; w * 32 < block; ++w) emu_warp_barrier[w].reset(block - 32 * w < 32 ? block - 32 * w : 32);
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < block; ++t)
+        threads.emplace_back([=] {
+            threadIdx = {t, 0, 0};
+            for (unsigned b = 0; b < grid; ++b) {
+                blockIdx = {b, 0, 0};
+                kernel();
+                emu_block_barrier.wait();  // the next block reuses the shared arrays
+            }
+        });
+    for (auto& thread : threads) thread.join();
+}
+"""
+
+_C_TYPES = {"u": ctypes.c_uint64, "i": ctypes.c_int32, "p": ctypes.c_void_p}
+# Per kernel: its parameters after the launch shape (p pointer, u uint64, i int32,
+# r the real type) and the call forwarding them, {c} standing for float2/double2.
+_SIGNATURES = {
+    "apply_matrix": ("ppuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
+    "apply_matrix_low": ("ppuiiuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4, a5, a6, a7"),
+    "apply_diagonal": ("ppuiu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
+    "probability_one": ("puip", "(const {c}*)a0, a1, a2, (double*)a3"),
+    "collapse": ("puiiri", "({c}*)a0, a1, a2, a3, a4, a5"),
+}
+
+
+def _wrapper_source(source_path: str) -> str:
+    """The emulation, the kernels, and one extern "C" launcher per instance."""
+    lines = [EMULATION_HEADER, f'#include "{source_path}"']
+    for name in K.instances():
+        kernel, real = re.fullmatch(r"(\w+)<(\w+)(?:, \d+)?>", name).groups()
+        kinds, call = _SIGNATURES[kernel]
+        types = {"p": "void*", "u": "index_t", "i": "int", "r": real}
+        params = ", ".join(f"{types[kind]} a{i}" for i, kind in enumerate(kinds))
+        arguments = call.format(c=real + "2")
+        lines.append(
+            f'extern "C" void {_symbol(name)}(unsigned grid, unsigned block, {params}) '
+            f"{{ emu_launch(grid, block, [=] {{ {name}({arguments}); }}); }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _symbol(name: str) -> str:
+    return "emu_" + re.sub(r"\W+", "_", name).strip("_")
+
+
+class _EmulatedFunction:
+    """Calls like a cupy.RawKernel: ``function((grid,), (block,), args)``."""
+
+    def __init__(self, library: ctypes.CDLL, name: str, real: str) -> None:
+        self._signature = _SIGNATURES[name.split("<")[0]][0]
+        real_type = ctypes.c_float if real == "float" else ctypes.c_double
+        self._function = getattr(library, _symbol(name))
+        self._function.argtypes = [ctypes.c_uint, ctypes.c_uint] + [
+            real_type if c == "r" else _C_TYPES[c] for c in self._signature
+        ]
+        self._scalar_types = {"u": np.uint64, "i": np.int32, "r": np.float32 if real == "float" else np.float64}
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
+        assert len(grid) == 1 and len(block) == 1 and 1 <= block[0] <= 256 and grid[0] >= 1
+        values = []
+        for arg, kind in zip(args, self._signature, strict=True):
+            if kind == "p":
+                assert isinstance(arg, np.ndarray) and arg.flags.c_contiguous
+                values.append(arg.ctypes.data)
+            else:
+                # The loader must pass exactly the C type the kernel declares.
+                assert type(arg) is self._scalar_types[kind], (arg, kind)
+                values.append(arg.item())
+        self._function(grid[0], block[0], *values)
+
+
+class EmulatedKernels(K.Kernels):
+    """The real launch planning, with launches going to the host-compiled kernels."""
+
+    def __init__(self, dtype, library: ctypes.CDLL, resident_blocks: int) -> None:
+        super().__init__(dtype)
+        self._library = library
+        self._resident_blocks_value = resident_blocks
+
+    def _function(self, name: str):
+        assert name in K.instances(self.real)
+        if name not in self._functions:
+            self._functions[name] = _EmulatedFunction(self._library, name, self.real)
+        return self._functions[name]
+
+    def _device_id(self, state) -> int:
+        return 0
+
+    def _resident_blocks(self, name: str, block: int) -> int:
+        return self._resident_blocks_value
+
+
+@pytest.fixture(scope="module")
+def emulated_library(tmp_path_factory) -> ctypes.CDLL:
+    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler to build the emulated kernels")
+    folder = tmp_path_factory.mktemp("emulated_kernels")
+    source_path = folder / K.SOURCE_NAME
+    source_path.write_text(K.source(), encoding="utf-8")
+    wrapper = folder / "emulated.cpp"
+    wrapper.write_text(_wrapper_source(str(source_path)), encoding="utf-8")
+    library = folder / "libemulated.so"
+    flags = ["-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas"]
+    command = [compiler, *flags, str(wrapper), "-o", str(library)]
+    built = subprocess.run(command, capture_output=True, text=True)
+    assert built.returncode == 0, f"{' '.join(command)} failed:\n{built.stderr[-4000:]}"
+    return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(scope="module", params=["double", "single"])
+def emulated(request, emulated_library):
+    precision = request.param
+    # Two resident blocks: grid-stride loops and several tiles per block get exercised.
+    return precision, EmulatedKernels(gpu_checks.DTYPES[precision], emulated_library, resident_blocks=2)
+
+
+@pytest.mark.parametrize("k", range(1, K.MAX_MATRIX_QUBITS + 1))
+def test_emulated_apply_matrix(emulated, k):
+    precision, kernels = emulated
+    n = 13  # several shared-memory tiles in both precisions
+    for placement, method in [("low", "tiled"), ("low", "strided"), ("high", "strided"), ("high", "tiled"), ("mixed", "auto")]:
+        seed = 100 * k + gpu_checks.PLACEMENTS.index(placement)
+        bits = gpu_checks.place_targets(np.random.default_rng(seed), n, k, placement)
+        gpu_checks.check_apply_matrix(np, kernels, precision, n, bits, method, seed)
+
+
+@pytest.mark.parametrize("n,bits", [(1, [0]), (3, [2, 0, 1]), (6, [4, 0, 2, 1, 5])])
+def test_emulated_apply_matrix_small_states(emulated, n, bits):
+    precision, kernels = emulated
+    for method in ("strided", "tiled"):
+        gpu_checks.check_apply_matrix(np, kernels, precision, n, bits, method, seed=n)
+
+
+def test_emulated_diagonal_probability_and_collapse(emulated):
+    precision, kernels = emulated
+    n = 11
+    for k, placement in [(1, "low"), (3, "mixed"), (K.MAX_DIAGONAL_QUBITS, "high")]:
+        bits = gpu_checks.place_targets(np.random.default_rng(k), n, k, placement)
+        gpu_checks.check_apply_diagonal(np, kernels, precision, n, bits, seed=k)
+    for bit in (0, 4, n - 1):
+        gpu_checks.check_probability_one(np, kernels, precision, n, bit, seed=bit)
+    for bit, outcome, flip in itertools.product((0, n - 1), (0, 1), (False, True)):
+        gpu_checks.check_collapse(np, kernels, precision, n, bit, outcome, flip, seed=bit + outcome)
+
+
+def test_emulated_statevector_program(emulated):
+    precision, kernels = emulated
+    gpu_checks.check_statevector_program(np, kernels, precision, n=7, seed=3, steps=40)
