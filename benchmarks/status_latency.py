@@ -20,7 +20,8 @@ from qiskit import QuantumCircuit
 from gpu_provider import GPUSimulator
 
 
-def long_circuit(num_qubits: int, layers: int) -> QuantumCircuit:
+def long_circuit(num_qubits: int = 20, layers: int = 40) -> QuantumCircuit:
+    """A circuit that keeps a CPU busy for seconds when fusion is off."""
     rng = np.random.default_rng(0)
     qc = QuantumCircuit(num_qubits)
     for _ in range(layers):

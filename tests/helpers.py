@@ -287,3 +287,12 @@ def controlled_operator(base: np.ndarray, num_ctrl: int, ctrl_state: int) -> Ope
     projector[ctrl_state, ctrl_state] = 1
     identity = np.eye(2**num_ctrl)
     return Operator(np.kron(base, projector) + np.kron(np.eye(base.shape[0]), identity - projector))
+
+
+def bell() -> QuantumCircuit:
+    """A measured Bell pair: counts only ever '00' and '11'."""
+    circuit = QuantumCircuit(2, 2)
+    circuit.h(0)
+    circuit.cx(0, 1)
+    circuit.measure([0, 1], [0, 1])
+    return circuit

@@ -12,34 +12,15 @@ from qiskit.circuit.classical import expr
 from qiskit.providers import JobError, JobStatus, JobTimeoutError
 from qiskit.quantum_info import Statevector
 
+from benchmarks.status_latency import long_circuit
+from tests.helpers import bell
 from gpu_provider import GPUSimulator
 from gpu_provider.job import GPUJob
 
 FINAL = {JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED}
 
 
-def long_circuit(num_qubits: int = 20, layers: int = 40) -> QuantumCircuit:
-    """A circuit that keeps a CPU busy for a few seconds when fusion is off."""
-    rng = np.random.default_rng(5)
-    qc = QuantumCircuit(num_qubits)
-    for _ in range(layers):
-        for q in range(num_qubits):
-            qc.rx(float(rng.uniform(0, 6)), q)
-        for q in range(0, num_qubits - 1, 2):
-            qc.cx(q, q + 1)
-    qc.measure_all()
-    return qc
-
-
 LONG_OPTIONS = {"fusion_enable": False, "shots": 10}
-
-
-def bell() -> QuantumCircuit:
-    qc = QuantumCircuit(2, 2)
-    qc.h(0)
-    qc.cx(0, 1)
-    qc.measure([0, 1], [0, 1])
-    return qc
 
 
 def wait_for(predicate, timeout: float = 30.0) -> bool:

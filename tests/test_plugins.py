@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from qiskit import QuantumCircuit
 
+from tests.helpers import bell
 from gpu_provider.errors import InvalidOptionError
 from gpu_provider.plugins import NEKO_GROUP, NekoBackendPlugin
 
@@ -57,14 +58,6 @@ def test_installed_package_is_found_through_entry_points_and_runs_bell(installed
     counts = report["counts"]
     assert set(counts) == {"00", "11"} and sum(counts.values()) == 500
     assert 150 < counts["00"] < 350
-
-
-def bell() -> QuantumCircuit:
-    qc = QuantumCircuit(2, 2)
-    qc.h(0)
-    qc.cx(0, 1)
-    qc.measure([0, 1], [0, 1])
-    return qc
 
 
 @pytest.mark.parametrize("selection, device", [(None, "auto"), ("cpu", "CPU"), ("CPU", "CPU"), ("auto", "auto"), ("gpu_simulator:cpu", "CPU")])

@@ -20,6 +20,7 @@ from qiskit.circuit.library import UnitaryGate
 from qiskit.providers import JobError, JobStatus
 from qiskit.quantum_info import Statevector
 
+from tests.helpers import bell
 from gpu_provider import GPUSimulator
 from gpu_provider.engine import devices
 from gpu_provider.engine.statevector import StateVector
@@ -34,14 +35,6 @@ from gpu_provider.errors import (
     UnboundParameterError,
     UnsupportedInstructionError,
 )
-
-
-def bell() -> QuantumCircuit:
-    qc = QuantumCircuit(2, 2)
-    qc.h(0)
-    qc.cx(0, 1)
-    qc.measure([0, 1], [0, 1])
-    return qc
 
 
 def assert_backend_still_works(backend: GPUSimulator) -> None:
