@@ -303,18 +303,7 @@ class Program:
 
 def count_ops(ops) -> int:
     """Number of ops, counting nested control-flow bodies once each."""
-    total = 0
-    for op in ops:
-        total += 1
-        if isinstance(op, IfElse):
-            total += count_ops(op.true_body) + count_ops(op.false_body)
-        elif isinstance(op, WhileLoop):
-            total += count_ops(op.body)
-        elif isinstance(op, ForLoop):
-            total += sum(count_ops(body) for body in op.iterations)
-        elif isinstance(op, SwitchCase):
-            total += sum(count_ops(body) for _, body in op.cases)
-    return total
+    return sum(1 + sum(count_ops(body) for body in _bodies(op)) for op in ops)
 
 
 def op_qubits(op) -> tuple[int, ...]:
