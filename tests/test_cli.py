@@ -1,0 +1,67 @@
+"""The command line: gpu-provider run / devices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpu_provider import cli
+from gpu_provider.engine.devices import probe_gpu
+
+
+def run_json(capsys, *args: str) -> dict:
+    assert cli.main(["run", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_run_bundled_openqasm2_bell(capsys):
+    report = run_json(capsys, "bell", "--shots", "2000", "--seed", "3", "--device", "cpu")
+    assert set(report["counts"]) == {"00", "11"} and sum(report["counts"].values()) == 2000
+    assert 850 < report["counts"]["00"] < 1150
+    assert report["device"] == "CPU" and report["precision"] == "double"
+
+
+def test_run_openqasm3_teleport_matches_the_sent_state(capsys):
+    report = run_json(capsys, "teleport", "--shots", "4000", "--seed", "5", "--precision", "single")
+    ones = sum(count for key, count in report["counts"].items() if key[0] == "1")
+    # The teleported qubit was ry(1.1)|0>: P(1) = sin^2(0.55) = 0.272.
+    assert abs(ones / 4000 - 0.272) < 0.03
+    assert report["precision"] == "single"
+
+
+def test_run_a_file_with_memory_and_seed_repeats(tmp_path, capsys):
+    path = tmp_path / "x.qasm"
+    path.write_text('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[3];\ncreg c[3];\nx q[1];\nh q[2];\nmeasure q -> c;\n')
+    first = run_json(capsys, str(path), "--shots", "50", "--seed", "9", "--memory")
+    second = run_json(capsys, str(path), "--shots", "50", "--seed", "9", "--memory")
+    assert first["memory"] == second["memory"] and len(first["memory"]) == 50
+    assert set(first["counts"]) <= {"010", "110"}
+
+
+def test_table_output_and_errors(tmp_path, capsys):
+    assert cli.main(["run", "ghz", "--shots", "100", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "00000" in out and "11111" in out
+    assert cli.main(["run", str(tmp_path / "missing.qasm")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.qasm"
+    bad.write_text("OPENQASM 2.0;\nqreg q[1];\nfoo q[0];\n")
+    assert cli.main(["run", str(bad)]) == 2
+    assert "could not parse" in capsys.readouterr().err
+
+
+def test_devices_reports_usability_and_reason(capsys):
+    assert cli.main(["devices", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    probe = probe_gpu()
+    assert info["gpu_usable"] == probe.usable
+    if not probe.usable:
+        assert info["reason"] == probe.reason and info["auto_uses"] == "CPU"
+
+
+def test_gpu_without_gpu_is_an_error(capsys):
+    if probe_gpu().usable:
+        pytest.skip("a GPU is usable here")
+    assert cli.main(["run", "bell", "--device", "GPU"]) == 2
+    assert "no GPU is usable" in capsys.readouterr().err
