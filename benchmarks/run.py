@@ -123,8 +123,11 @@ def build_simulators(device: str, precision: str, basic_max_qubits: int, basic_t
 
         qsim = qsimcirq.QSimSimulator(qsimcirq.QSimOptions(cpu_threads=os.cpu_count() or 1, use_gpu=False))
 
+        from qiskit.transpiler.passes import RemoveBarriers
+
         def prepare(circuit):
-            return circuit_from_qasm(qasm2.dumps(_u_cx(circuit)))
+            # cirq's OpenQASM reader knows no barrier; they change nothing in a simulation.
+            return circuit_from_qasm(qasm2.dumps(RemoveBarriers()(_u_cx(circuit))))
 
         sims.append(Simulator("qsim", prepare, lambda c: qsim.run(c, repetitions=SHOTS)))
         if precision == "double":
