@@ -1,0 +1,230 @@
+"""The GPU device's plumbing, run on the CPU through a NumPy-backed stand-in for CuPy.
+
+No real GPU is needed: a fake ``cupy`` module (arrays are NumPy arrays with a
+``get()``; streams, events, the memory pool and the runtime are small host
+objects) stands in, and the compiled kernels are switched off so the engine
+takes its array-module path. This proves what the GPU path shares with the
+CPU path without CUDA: device resolution and the probe, per-job streams,
+events feeding status and progress, memory checks against the device's free
+memory and the pool's release, and that nothing in the engine assumes
+``xp is numpy``. The CUDA kernels themselves are covered by
+test_kernels_compile.py (PTX, emulation) and test_kernels_gpu.py (a real GPU).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+from qiskit import QuantumCircuit
+from qiskit.providers import JobStatus
+from qiskit.quantum_info import Statevector
+
+from gpu_provider import GPUSimulator
+from gpu_provider.engine import devices, executor
+from gpu_provider.errors import CircuitTooLargeError, InvalidOptionError
+from tests.helpers import bell
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array posing as a CuPy array: ``get()`` copies it to the host."""
+
+    def get(self):
+        return np.array(self)
+
+
+def _to_device(value):
+    if isinstance(value, np.ndarray) and not isinstance(value, DeviceArray):
+        return value.view(DeviceArray)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v) for v in value)
+    return value
+
+
+class FakeEvent:
+    recorded = 0
+
+    def __init__(self, block=False, disable_timing=False):
+        self.done = False
+
+    def record(self, stream=None):
+        FakeEvent.recorded += 1
+        self.done = True
+
+    def synchronize(self):
+        pass
+
+
+class FakeStream:
+    created = 0
+    current: list = []
+
+    def __init__(self, non_blocking=False):
+        FakeStream.created += 1
+
+    def __enter__(self):
+        FakeStream.current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        FakeStream.current.pop()
+        return False
+
+
+class FakeDevice:
+    def __init__(self, index=0):
+        self.id = index
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class FakePool:
+    def __init__(self):
+        self.released = 0
+
+    def free_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        self.released += 1
+
+
+def make_fake_cupy(free_bytes: int = 8 << 30, total_bytes: int = 16 << 30) -> types.ModuleType:
+    pool = FakePool()
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1,
+        getDeviceProperties=lambda index: {"name": b"Fake H200"},
+        memGetInfo=lambda: (free_bytes, total_bytes),
+    )
+    cuda = types.SimpleNamespace(
+        runtime=runtime,
+        nvrtc=types.SimpleNamespace(getVersion=lambda: (12, 9)),
+        Device=FakeDevice,
+        Stream=FakeStream,
+        Event=FakeEvent,
+    )
+
+    class FakeCupy(types.ModuleType):
+        def __getattr__(self, name):
+            function = getattr(np, name)
+            if not callable(function) or isinstance(function, type):
+                return function
+
+            def on_device(*args, **kwargs):
+                return _to_device(function(*args, **kwargs))
+
+            return on_device
+
+    module = FakeCupy("cupy")
+    module.cuda = cuda
+    module.pool = pool
+    module.get_default_memory_pool = lambda: pool
+    module.asnumpy = lambda array: np.array(array)
+    module.asarray = lambda array, dtype=None: _to_device(np.array(array, dtype=dtype))
+    module.ndarray = DeviceArray
+    return module
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    fake = make_fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    from gpu_provider.engine import kernels
+
+    monkeypatch.setattr(kernels, "kernels_for", lambda dtype: None)  # the array-module path
+    devices.reset_probe()
+    yield fake
+    devices.reset_probe()
+
+
+def random_circuit(n: int, seed: int) -> QuantumCircuit:
+    rng = np.random.default_rng(seed)
+    qc = QuantumCircuit(n)
+    for layer in range(4):
+        for q in range(n):
+            qc.u(*rng.uniform(-np.pi, np.pi, 3), q)
+        for q in range(layer % 2, n - 1, 2):
+            qc.cx(q, q + 1)
+        if n > 2:
+            qc.cp(float(rng.uniform(0, 3)), n - 1, 0)  # non-adjacent, reversed order
+    return qc
+
+
+def test_probe_sees_the_device_and_auto_chooses_it(fake_gpu):
+    probe = devices.probe_gpu()
+    assert probe.usable and probe.names == ("Fake H200",)
+    device, reason = devices.resolve_device("auto", 0)
+    assert device.kind == "GPU" and device.name == "GPU:0" and reason == ""
+    with pytest.raises(InvalidOptionError, match="device_id=1 does not exist"):
+        devices.resolve_device("GPU", 1)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("double", 1e-12), ("single", 1e-5)])
+@pytest.mark.parametrize("fusion", [False, True])
+def test_gpu_device_path_matches_statevector(fake_gpu, precision, tolerance, fusion):
+    backend = GPUSimulator(device="GPU", precision=precision, fusion_enable=fusion, fusion_threshold=1)
+    for seed, n in enumerate((1, 3, 7, 11)):
+        qc = random_circuit(n, seed)
+        result = backend.run(qc, shots=1, statevector=True).result()
+        state = result.get_statevector()
+        assert isinstance(state, np.ndarray) and not isinstance(state, DeviceArray)
+        assert abs(np.vdot(Statevector(qc).data, state)) ** 2 >= 1 - tolerance
+        assert result.results[0].metadata["device"] == "GPU:0"
+        assert result.results[0].metadata["precision"] == precision
+
+
+def test_sampling_and_shot_by_shot_on_the_gpu_path(fake_gpu):
+    backend = GPUSimulator(device="GPU")
+    counts = backend.run(bell(), shots=2000, seed_simulator=4).result().get_counts()
+    assert set(counts) == {"00", "11"} and 850 < counts["00"] < 1150
+    qc = QuantumCircuit(2, 2)
+    qc.h(0)
+    qc.measure(0, 0)
+    with qc.if_test((qc.clbits[0], 1)):
+        qc.x(1)
+    qc.measure(1, 1)
+    counts = backend.run(qc, shots=500, seed_simulator=2).result().get_counts()
+    assert set(counts) == {"00", "11"}
+    # The same seed gives the same samples on both devices.
+    cpu = GPUSimulator(device="CPU").run(bell(), shots=300, seed_simulator=8, memory=True).result().get_memory()
+    gpu = backend.run(bell(), shots=300, seed_simulator=8, memory=True).result().get_memory()
+    assert cpu == gpu
+
+
+def test_jobs_use_streams_and_events_and_release_memory(fake_gpu):
+    streams, events, released = FakeStream.created, FakeEvent.recorded, fake_gpu.pool.released
+    backend = GPUSimulator(device="GPU")
+    jobs = [backend.run(random_circuit(6, seed), shots=10) for seed in range(6)]
+    for job in jobs:
+        assert job.result().success
+        assert job.status() == JobStatus.DONE and job.progress()[0] == job.progress()[1]
+    assert FakeStream.created > streams  # each worker takes its stream from the device's pool
+    assert FakeStream.created - streams <= 4  # ...and gives it back for the next job
+    assert FakeEvent.recorded - events >= 6 * 2  # start and end events at least, per job
+    assert fake_gpu.pool.released - released >= 6  # the pool is emptied after every job
+
+
+def test_too_large_for_the_gpu_names_its_memory(monkeypatch):
+    fake = make_fake_cupy(free_bytes=1 << 20, total_bytes=1 << 30)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    devices.reset_probe()
+    try:
+        with pytest.raises(CircuitTooLargeError) as info:
+            GPUSimulator(device="GPU").run(random_circuit(20, 1))
+        assert "GPU" in str(info.value) and info.value.bytes_free == 1 << 20
+        assert info.value.num_qubits == 20
+    finally:
+        devices.reset_probe()
+
+
+def test_dispatcher_per_device(fake_gpu):
+    gpu, _ = devices.resolve_device("GPU", 0)
+    cpu, _ = devices.resolve_device("CPU", 0)
+    assert executor.dispatcher_for(gpu) is executor.dispatcher_for(gpu)
+    assert executor.dispatcher_for(gpu) is not executor.dispatcher_for(cpu)
