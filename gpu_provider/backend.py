@@ -37,7 +37,7 @@ from qiskit.transpiler import Target
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
 from .compiler.translate import translate
-from .engine.devices import DEVICE_NAMES, PRECISIONS, Device, resolve_device, state_bytes
+from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device
 from .engine.executor import Execution, ExperimentOutput, RunConfig, estimated_ops, run_program
 from .engine.program import is_sampling_friendly, measurements_are_terminal
 from .errors import InvalidInputError, InvalidOptionError
@@ -275,12 +275,7 @@ def _validate_options(options: dict) -> None:
         raise InvalidOptionError(f"seed_simulator must be a non-negative integer or None, not {seed!r}")
     if options["precision"] not in PRECISIONS:
         raise InvalidOptionError(f"precision must be one of {tuple(PRECISIONS)}, not {options['precision']!r}")
-    device = options["device"]
-    if not isinstance(device, str) or device.upper() not in {name.upper() for name in DEVICE_NAMES}:
-        raise InvalidOptionError(f"device must be one of {DEVICE_NAMES}, not {device!r}")
-    device_id = options["device_id"]
-    if not _is_int(device_id) or device_id < 0:
-        raise InvalidOptionError(f"device_id must be a non-negative integer, not {device_id!r}")
+    check_device_option(options["device"], options["device_id"])
     low, high = fusion_limits()
     width = options["fusion_max_qubits"]
     if width is not None and (not _is_int(width) or not low <= width <= high):

@@ -41,12 +41,6 @@ def load_qasm(text: str, source: str = "<string>"):
         raise GPUProviderError(f"could not parse {source} as OpenQASM {version}: {exc}") from exc
 
 
-def example_path(name: str) -> Path:
-    """Path of a bundled example circuit (``bell``, ``ghz``, ``qft``, ``teleport``)."""
-    with resources.as_file(resources.files("gpu_provider.examples") / f"{name}.qasm") as path:
-        return Path(path)
-
-
 def _read_circuit(spec: str):
     path = Path(spec)
     if not path.exists():

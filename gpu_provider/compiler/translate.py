@@ -157,14 +157,7 @@ def _state_vector(op: Instruction) -> np.ndarray:
         vector = Statevector.from_int(int(np.real(params[0])), (2,) * k).data
     else:
         vector = np.asarray([complex(p) for p in params], dtype=np.complex128)
-    if vector.shape != (2**k,):
-        raise InvalidInputError(f"{op.name} on {k} qubits needs 2^{k} = {2**k} amplitudes, got {vector.shape[0]}")
-    if not np.all(np.isfinite(vector)):
-        raise InvalidInputError(f"{op.name} has NaN or infinite amplitudes")
-    norm = np.linalg.norm(vector)
-    if abs(norm - 1) > 1e-8:
-        raise InvalidInputError(f"{op.name} needs a normalized state, but its norm is {norm:.12g}; divide it by its norm")
-    return vector
+    return _checked_state(vector, k, f"{op.name} on {k} qubits")
 
 
 def _check_initial_state(vector, circuit: QuantumCircuit) -> np.ndarray:
@@ -172,17 +165,19 @@ def _check_initial_state(vector, circuit: QuantumCircuit) -> np.ndarray:
         vector = np.asarray(vector, dtype=np.complex128).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"initial_statevector must be an array of complex amplitudes: {exc}") from exc
-    expected = 2**circuit.num_qubits
-    if vector.shape[0] != expected:
-        raise InvalidInputError(
-            f"initial_statevector has {vector.shape[0]} amplitudes but circuit {circuit.name!r} has "
-            f"{circuit.num_qubits} qubits, so it needs 2^{circuit.num_qubits} = {expected}"
-        )
+    return _checked_state(vector, circuit.num_qubits, f"initial_statevector of circuit {circuit.name!r}")
+
+
+def _checked_state(vector: np.ndarray, num_qubits: int, what: str) -> np.ndarray:
+    """``vector`` if it holds 2^num_qubits finite amplitudes of norm 1; else a clear error."""
+    expected = 2**num_qubits
+    if vector.shape != (expected,):
+        raise InvalidInputError(f"{what} has {vector.size} amplitudes, but a {num_qubits}-qubit state needs 2^{num_qubits} = {expected}")
     if not np.all(np.isfinite(vector)):
-        raise InvalidInputError("initial_statevector has NaN or infinite amplitudes")
+        raise InvalidInputError(f"{what} has NaN or infinite amplitudes")
     norm = float(np.linalg.norm(vector))
     if abs(norm - 1) > 1e-8:
-        raise InvalidInputError(f"initial_statevector is not normalized: its norm is {norm:.12g}; divide it by its norm")
+        raise InvalidInputError(f"{what} is not normalized: its norm is {norm:.12g}; divide it by its norm")
     return vector
 
 

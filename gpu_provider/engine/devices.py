@@ -257,16 +257,21 @@ _DEVICES: dict = {}
 _DEVICES_LOCK = threading.Lock()
 
 
+def check_device_option(device, device_id) -> None:
+    """Raise :class:`InvalidOptionError` unless ``device`` and ``device_id`` are well formed."""
+    if not isinstance(device, str) or device.upper() not in {name.upper() for name in DEVICE_NAMES}:
+        raise InvalidOptionError(f"device must be one of {DEVICE_NAMES}, not {device!r}")
+    if isinstance(device_id, bool) or not isinstance(device_id, (int, np.integer)) or device_id < 0:
+        raise InvalidOptionError(f"device_id must be a non-negative integer, not {device_id!r}")
+
+
 def resolve_device(device: str = "auto", device_id: int = 0) -> tuple[Device, str]:
     """Pick the device for a run; returns it with the reason when auto chose the CPU.
 
     ``device="GPU"`` where no GPU is usable raises :class:`DeviceUnavailableError`
     with the probe's reason: never a silent fallback from a device that was asked for.
     """
-    if not isinstance(device, str) or device.upper() not in DEVICE_NAMES_UPPER:
-        raise InvalidOptionError(f"device must be one of {DEVICE_NAMES}, not {device!r}")
-    if isinstance(device_id, bool) or not isinstance(device_id, (int, np.integer)) or device_id < 0:
-        raise InvalidOptionError(f"device_id must be a non-negative integer, not {device_id!r}")
+    check_device_option(device, device_id)
     wanted = device.upper()
     if wanted == "CPU":
         return _cached("CPU", 0, CPUDevice), ""
@@ -286,9 +291,6 @@ def resolve_device(device: str = "auto", device_id: int = 0) -> tuple[Device, st
             f"({', '.join(probe.names)}); use 0..{probe.device_count - 1}"
         )
     return _cached("GPU", int(device_id), lambda: GPUDevice(int(device_id))), ""
-
-
-DEVICE_NAMES_UPPER = tuple(name.upper() for name in DEVICE_NAMES)
 
 
 def _cached(kind: str, device_id: int, factory) -> Device:

@@ -12,7 +12,6 @@ threads (one CUDA stream each on the GPU); the caller's thread stays free.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import queue
 import threading
@@ -94,15 +93,13 @@ class _Continue(Exception):
 class Execution:
     """One job's life on a device, read through events; never blocks to answer."""
 
-    _ids = itertools.count()
-
     def __init__(self, device: Device, ops_total: int, run: Callable[["Execution"], Any]) -> None:
         self.device = device
         self.ops_total = max(int(ops_total), 1)
         self._run = run
         self.start_event = None  # recorded on the job's stream before its first op
-        self.end_event = None
-        self._finished = threading.Event()  # set after the end event and host-side results
+        # The end: a host event set once the results (copied back from the device) are built.
+        self._finished = threading.Event()
         self._cancel = threading.Event()
         self._checkpoints: collections.deque = collections.deque()
         self._ops_done = 0
@@ -112,7 +109,6 @@ class Execution:
         self.cancelled = False
         self.started_at: Optional[float] = None
         self.finished_at: Optional[float] = None
-        self.checkpoint_every = 1
         self._lock = threading.Lock()
 
     # -- called by the worker ------------------------------------------------
@@ -139,20 +135,17 @@ class Execution:
             return True
 
     def checkpoint(self, ops: int = 1) -> None:
-        """Count ``ops`` more enqueued; stop here if the job was cancelled."""
+        """Count ``ops`` more enqueued and record a checkpoint event; stop here if cancelled."""
         if self._cancel.is_set():
             raise JobCancelledError("cancelled at a checkpoint")
         self._ops_enqueued += ops
-        if self._ops_enqueued - (self._checkpoints[-1][0] if self._checkpoints else self._ops_done) >= self.checkpoint_every:
-            event = self.device.new_event()
-            event.record()
-            self._checkpoints.append((self._ops_enqueued, event))
+        event = self.device.new_event()
+        event.record()
+        self._checkpoints.append((self._ops_enqueued, event))
 
     def finish(self, result: Any = None, error: Optional[BaseException] = None) -> None:
         self.result, self.error = result, error
         self.finished_at = time.time()
-        self.end_event = self.device.new_event()
-        self.end_event.record()
         self._finished.set()
 
     # -- read by the job -----------------------------------------------------

@@ -243,7 +243,7 @@ class StateVector:
         tail = min(n, ROW_QUBITS)
         while tail > 0 and tail + sum(axis < n - tail for axis in axes) > DIAGONAL_FACTORS_MAX_QUBITS:
             tail -= 1
-        factors = _diagonal_factors(tuple(axes), n, tail, diagonal.astype(self.dtype, copy=False))
+        factors = diagonal.astype(self.dtype, copy=False)[_diagonal_index(tuple(axes), n, tail)]
         if self.xp is not np:
             factors = self.xp.asarray(factors)
         state = self.data.reshape((2,) * (n - tail) + (1 << tail,))
@@ -371,10 +371,13 @@ class StateVector:
         return self.data.get()
 
 
-def _diagonal_factors(axes: tuple[int, ...], n: int, tail: int, diagonal: np.ndarray) -> np.ndarray:
-    """The diagonal as a tensor that broadcasts against the state shaped (2,)*(n-tail) + (2^tail,).
+@functools.lru_cache(maxsize=1024)
+def _diagonal_index(axes: tuple[int, ...], n: int, tail: int) -> np.ndarray:
+    """Which diagonal entry each position of the state shaped (2,)*(n-tail) + (2^tail,) takes.
 
-    ``axes[i]`` is the tensor axis of the qubit that is bit i of the diagonal's index.
+    ``axes[i]`` is the tensor axis of the qubit that is bit i of the diagonal's
+    index. The result broadcasts against that shape; it depends only on the
+    layout, so it is cached and reused by every diagonal with the same one.
     """
     head = n - tail
     shape = [1] * head + [1 << tail]
@@ -389,7 +392,8 @@ def _diagonal_factors(axes: tuple[int, ...], n: int, tail: int, diagonal: np.nda
             index = index | (coordinate << i)
         else:
             index = index | (((column >> (n - 1 - axis)) & 1) << i)
-    return diagonal[index]
+    index.setflags(write=False)
+    return index
 
 
 def _copy_cost(run: int, after: int) -> float:
