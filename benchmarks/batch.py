@@ -12,7 +12,6 @@ times and the ratio Aer / gpu_provider; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from qiskit import QuantumCircuit, transpile
 
+from benchmarks.report import emit
 from gpu_provider import GPUSimulator
 
 
@@ -72,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     report = measure(args.circuits, args.qubits, args.device, args.precision, args.repeats)
-    for key, value in report.items():
-        print(f"{key:>22}: {value}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "batch.json").write_text(json.dumps(report, indent=2))
+    emit(report, args.out, "batch.json")
     return 0
 
 

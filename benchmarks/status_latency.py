@@ -10,13 +10,13 @@ maximum latency, and how many status/progress changes were seen.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 from qiskit import QuantumCircuit
 
+from benchmarks.report import emit
 from gpu_provider import GPUSimulator
 
 
@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     report = measure(args.qubits, args.layers, args.device)
-    for key, value in report.items():
-        print(f"{key:>22}: {value}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "status_latency.json").write_text(json.dumps(report, indent=2))
+    emit(report, args.out, "status_latency.json")
     return 0
 
 

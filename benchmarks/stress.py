@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
-import json
 import resource
 import threading
 import time
@@ -26,6 +25,7 @@ from qiskit.circuit import Parameter
 from qiskit.providers import JobError, JobStatus
 from qiskit.quantum_info import Statevector
 
+from benchmarks.report import emit
 from gpu_provider import GPUSimulator
 from gpu_provider.errors import GPUProviderError
 
@@ -135,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     report = stress(args.jobs, args.threads, args.device, args.max_qubits)
-    for key, value in report.items():
-        print(f"{key:>22}: {value}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "stress.json").write_text(json.dumps(report, indent=2))
+    emit(report, args.out, "stress.json")
     return 0 if report["clean"] else 1
 
 
