@@ -97,7 +97,7 @@ def random_unitary(rng: np.random.Generator, dim: int) -> np.ndarray:
 
 def bench_size(cupy: Any, n: int, precision: str, repeats: int, warmup: int) -> tuple[list[PassResult], dict]:
     """Copy and kernel passes at one size and precision; returns the passes and the copy's figures."""
-    from gpu_provider.engine.kernels import kernels_for, strided_is_coalesced
+    from gpu_provider.engine.kernels import auto_method, kernels_for
     from gpu_provider.engine.statevector import StateVector
 
     dtype = np.dtype(PRECISIONS[precision])
@@ -119,7 +119,7 @@ def bench_size(cupy: Any, n: int, precision: str, repeats: int, warmup: int) -> 
         for k in MATRIX_WIDTHS:
             matrix = cupy.asarray(random_unitary(rng, 1 << k).astype(dtype))
             for placement, bits in (("low", list(range(k))), ("high", list(range(n - k, n)))):
-                chosen = "strided" if strided_is_coalesced(bits, dtype.itemsize) else "tiled"
+                chosen = auto_method(kernels.real, bits)
                 # Both kernels are timed; the one apply_matrix picks is marked, the other shows the margin.
                 for method in ("strided", "tiled"):
                     times = time_on_stream(

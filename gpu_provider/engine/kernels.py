@@ -198,6 +198,34 @@ def strided_is_coalesced(bits: Sequence[int], itemsize: int) -> bool:
     return (1 << min(bits)) * itemsize >= LINE_BYTES
 
 
+# The kernel "auto" runs where the strided one would not read whole lines
+# (low targets), per real type and width: the faster of the two in
+# ``benchmarks.gpu_kernels`` (targets 0..k-1, n = 28 and 30, NVIDIA H200; the
+# figures are in docs/benchmarks.md). Where the lowest target still gives runs
+# of two or more amplitudes, a strided thread's loads share lines through L1,
+# which is why it wins some rows.
+LOW_TARGET_METHOD: dict[tuple[str, int], str] = {
+    ("float", 1): "strided",
+    ("float", 2): "tiled",
+    ("float", 3): "tiled",
+    ("float", 4): "tiled",
+    ("float", 5): "tiled",
+    ("double", 1): "tiled",
+    ("double", 2): "strided",
+    ("double", 3): "tiled",
+    ("double", 4): "tiled",
+    ("double", 5): "strided",
+}
+
+
+def auto_method(real: str, bits: Sequence[int]) -> str:
+    """The kernel ``method="auto"`` picks: strided where it reads whole lines, else the measured table."""
+    itemsize = 8 if real == "float" else 16
+    if strided_is_coalesced(bits, itemsize):
+        return "strided"
+    return LOW_TARGET_METHOD[(real, len(bits))]
+
+
 @dataclass(frozen=True)
 class MatrixLaunch:
     """Everything about one apply_matrix launch but the arrays and the grid."""
@@ -212,9 +240,8 @@ class MatrixLaunch:
 def matrix_launch(real: str, num_qubits: int, bits: tuple[int, ...], method: MatrixMethod = "auto") -> MatrixLaunch:
     """Plan an apply_matrix launch (cached: circuits repeat the same targets)."""
     k = len(bits)
-    itemsize = 8 if real == "float" else 16
     if method == "auto":
-        method = "strided" if strided_is_coalesced(bits, itemsize) else "tiled"
+        method = auto_method(real, bits)
     if method == "strided":
         groups = 1 << (num_qubits - k)
         block = MATRIX_BLOCK[k]
@@ -230,7 +257,8 @@ def matrix_launch(real: str, num_qubits: int, bits: tuple[int, ...], method: Mat
             np.uint64(pack_bits(plan.local_targets)),
             np.uint64(pack_bits(sorted(plan.local_targets))),
         )
-        # One tile per block at a time; a block's threads split the tile's groups.
+        # One tile per block at a time; a block's threads split the tile's groups
+        # (low_shape<R, K>::BLOCK in the kernel, for a full tile).
         block = min(BLOCK, 1 << (plan.tile_log - k))
         return MatrixLaunch(_matrix_name(real, k, "tiled"), block, 1 << (num_qubits - plan.tile_log), scalars)
     raise InvalidInputError(f"method must be 'auto', 'strided' or 'tiled', not {method!r}")

@@ -141,6 +141,9 @@ template <typename R> struct tile_traits;
 template <> struct tile_traits<float> {
     static constexpr int TILE_LOG = 12;   // 4096 x 8 B = 32 KiB
     static constexpr int SLOT_BITS = 4;   // 16 lanes x 8 B fill the 32 banks
+    // apply_matrix_low's resident blocks per SM for k = 1..5: register caps that
+    // ptxas meets without spilling for sm_80/sm_90 (56-122 registers).
+    __host__ __device__ static constexpr int low_min_blocks(int k) { return k == 4 ? 3 : 4; }
     __device__ static __forceinline__ int fold(int x) {
         return ((x & 1) ? 0x7 : 0) ^ ((x & 2) ? 0xd : 0) ^ ((x & 4) ? 0xb : 0) ^ ((x & 8) ? 0xe : 0) ^
                ((x & 16) ? 0x9 : 0);
@@ -149,6 +152,7 @@ template <> struct tile_traits<float> {
 template <> struct tile_traits<double> {
     static constexpr int TILE_LOG = 11;   // 2048 x 16 B = 32 KiB
     static constexpr int SLOT_BITS = 3;   // 8 lanes x 16 B fill the 32 banks
+    __host__ __device__ static constexpr int low_min_blocks(int k) { return k == 2 ? 2 : 4; }
     __device__ static __forceinline__ int fold(int x) {
         return ((x & 1) ? 0x7 : 0) ^ ((x & 2) ? 0x5 : 0) ^ ((x & 4) ? 0x3 : 0) ^ ((x & 8) ? 0x1 : 0) ^
                ((x & 16) ? 0x6 : 0);
@@ -163,16 +167,43 @@ __device__ __forceinline__ int swizzle(int s) {
     return s ^ tile_traits<R>::fold((s >> S) & 31);
 }
 
+// The tiled kernel's shape for a full tile: BLOCK threads (one group each at
+// k = 5 in float, 256 otherwise at most), each moving PER_THREAD amplitudes per
+// tile; MIN_BLOCKS asks the register allocator for that many resident blocks
+// per multiprocessor (64 registers a thread for k <= 3, where the products are
+// cheap and latency hiding needs threads; wide products get what they need).
+template <typename R, int K> struct low_shape {
+    static constexpr int TILE = 1 << tile_traits<R>::TILE_LOG;
+    static constexpr int BLOCK = (TILE >> K) < 256 ? (TILE >> K) : 256;
+    static constexpr int PER_THREAD = TILE / BLOCK;
+    static constexpr int CHUNK = PER_THREAD < 8 ? PER_THREAD : 8;  // loads in flight per thread
+    static constexpr int MIN_BLOCKS = tile_traits<R>::low_min_blocks(K);
+};
+
+// The global index of tile slot s (before swizzling): the low bits of s are the
+// state's low bits, bit low_bits + i of s is high target i.
+template <int K>
+__device__ __forceinline__ index_t tile_index(index_t base, int s, int low_bits, index_t low_mask,
+                                              int high_count, const int* high_sorted) {
+    index_t index = base | ((index_t)s & low_mask);
+    const int high = s >> low_bits;
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+        if (j < high_count && ((high >> j) & 1)) index |= 1ull << high_sorted[j];
+    return index;
+}
+
 template <typename R, int K>
-__global__ void __launch_bounds__(256) apply_matrix_low(
+__global__ void __launch_bounds__(low_shape<R, K>::BLOCK, low_shape<R, K>::MIN_BLOCKS) apply_matrix_low(
         typename complex_of<R>::type* __restrict__ state,
         const typename complex_of<R>::type* __restrict__ matrix,
         index_t tiles, int low_bits, int high_count,
         index_t packed_high_sorted, index_t packed_local_targets, index_t packed_local_sorted) {
     typedef typename complex_of<R>::type cplx;
+    typedef low_shape<R, K> shape;
     constexpr int D = 1 << K;
     __shared__ cplx m[D * D];
-    __shared__ cplx tile[1 << tile_traits<R>::TILE_LOG];
+    __shared__ cplx tile[shape::TILE];
     for (int i = threadIdx.x; i < D * D; i += blockDim.x) m[i] = __ldg(matrix + i);
 
     int high_sorted[K];  // h <= K of them
@@ -188,6 +219,11 @@ __global__ void __launch_bounds__(256) apply_matrix_low(
     const int tile_size = 1 << (low_bits + high_count);
     const int groups = tile_size >> K;
     const index_t low_mask = (1ull << low_bits) - 1ull;
+    // A full tile with the planned block: every loop below has a compile-time
+    // trip count, so each thread issues all its PER_THREAD loads before the
+    // first shared-memory store waits for one (memory-level parallelism). Small
+    // states (fewer amplitudes than a tile) take the same steps in plain loops.
+    const bool full = tile_size == shape::TILE && blockDim.x == shape::BLOCK;
     __syncthreads();
 
     for (index_t t = blockIdx.x; t < tiles; t += gridDim.x) {
@@ -196,13 +232,19 @@ __global__ void __launch_bounds__(256) apply_matrix_low(
         for (int j = 0; j < K; ++j)
             if (j < high_count) base = insert_zero_bit(base, high_sorted[j]);
 
-        for (int s = threadIdx.x; s < tile_size; s += blockDim.x) {
-            index_t index = base | ((index_t)s & low_mask);
-            const int high = s >> low_bits;
+        if (full) {
+#pragma unroll 1
+            for (int i0 = 0; i0 < shape::PER_THREAD; i0 += shape::CHUNK) {
+                cplx staged[shape::CHUNK];
 #pragma unroll
-            for (int j = 0; j < K; ++j)
-                if (j < high_count && ((high >> j) & 1)) index |= 1ull << high_sorted[j];
-            tile[swizzle<R>(s)] = state[index];
+                for (int i = 0; i < shape::CHUNK; ++i)
+                    staged[i] = state[tile_index<K>(base, threadIdx.x + (i0 + i) * shape::BLOCK, low_bits, low_mask, high_count, high_sorted)];
+#pragma unroll
+                for (int i = 0; i < shape::CHUNK; ++i) tile[swizzle<R>(threadIdx.x + (i0 + i) * shape::BLOCK)] = staged[i];
+            }
+        } else {
+            for (int s = threadIdx.x; s < tile_size; s += blockDim.x)
+                tile[swizzle<R>(s)] = state[tile_index<K>(base, s, low_bits, low_mask, high_count, high_sorted)];
         }
         __syncthreads();
 
@@ -219,13 +261,15 @@ __global__ void __launch_bounds__(256) apply_matrix_low(
         }
         __syncthreads();
 
-        for (int s = threadIdx.x; s < tile_size; s += blockDim.x) {
-            index_t index = base | ((index_t)s & low_mask);
-            const int high = s >> low_bits;
-#pragma unroll
-            for (int j = 0; j < K; ++j)
-                if (j < high_count && ((high >> j) & 1)) index |= 1ull << high_sorted[j];
-            state[index] = tile[swizzle<R>(s)];
+        if (full) {
+#pragma unroll 8
+            for (int i = 0; i < shape::PER_THREAD; ++i) {
+                const int s = threadIdx.x + i * shape::BLOCK;
+                state[tile_index<K>(base, s, low_bits, low_mask, high_count, high_sorted)] = tile[swizzle<R>(s)];
+            }
+        } else {
+            for (int s = threadIdx.x; s < tile_size; s += blockDim.x)
+                state[tile_index<K>(base, s, low_bits, low_mask, high_count, high_sorted)] = tile[swizzle<R>(s)];
         }
         __syncthreads();  // the next tile's loads overwrite this one
     }
