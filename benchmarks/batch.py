@@ -44,14 +44,23 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(circuits: int, qubits: int, device: str, precision: str, repeats: int, layers: int = 12) -> dict:
+def measure(
+    circuits: int, qubits: int, device: str, precision: str, repeats: int, layers: int = 12,
+    fusion_threshold: int | None = None, aer: bool = True,
+) -> dict:
     rng = np.random.default_rng(7)
     batch = transpile([random_circuit(qubits, layers, rng) for _ in range(circuits)], basis_gates=["u", "cx"], optimization_level=0)
-    ours = GPUSimulator(device=device, precision=precision)
+    options = {} if fusion_threshold is None else {"fusion_threshold": fusion_threshold}
+    ours = GPUSimulator(device=device, precision=precision, **options)
     report = {"circuits": circuits, "qubits": qubits, "precision": precision, "shots": 1024}
-    report["gpu_provider_device"] = ours.run(batch[:1], shots=8).result().results[0].metadata["device"]
+    report["fusion_threshold"] = ours.options.fusion_threshold
+    first = ours.run(batch[:1], shots=8).result().results[0].metadata
+    report["gpu_provider_device"] = first["device"]
+    report["ops_per_circuit"] = first.get("fusion_ops_after")
     report["gpu_provider_s"] = _median_time(lambda: ours.run(batch, shots=1024, seed_simulator=1).result(), repeats)
     try:
+        if not aer:
+            raise ImportError("--no-aer")
         from qiskit_aer import AerSimulator
     except ImportError:
         report["aer_s"] = None
@@ -69,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="single", choices=["single", "double"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fusion-threshold", type=int, default=None, help="fuse circuits of at least this many qubits (default: the backend's)")
+    parser.add_argument("--no-aer", action="store_true", help="time gpu_provider alone")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    report = measure(args.circuits, args.qubits, args.device, args.precision, args.repeats)
+    report = measure(
+        args.circuits, args.qubits, args.device, args.precision, args.repeats,
+        fusion_threshold=args.fusion_threshold, aer=not args.no_aer,
+    )
     emit(report, args.out, "batch.json")
     return 0
 

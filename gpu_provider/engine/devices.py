@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 DEVICE_NAMES = ("auto", "CPU", "GPU")
 PRECISIONS = {"double": np.complex128, "single": np.complex64}
+# After the last running job on a GPU ends, the memory pool's cache is emptied
+# if it holds more than this fraction of the device's memory.
+POOL_CACHE_FRACTION = 0.125
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,10 @@ class Device:
     xp: Any = np
     device_id: int = 0
 
+    def __init__(self) -> None:
+        self._running = 0
+        self._running_lock = threading.Lock()
+
     def new_event(self):
         raise NotImplementedError
 
@@ -114,7 +121,20 @@ class Device:
         raise NotImplementedError
 
     def release_memory(self) -> None:
-        """Give cached memory back after a job ends, fails or is cancelled."""
+        """Give cached memory back after a job ends, fails or is cancelled (where that is worth it)."""
+
+    def job_started(self) -> None:
+        """A job began running on this device (see :meth:`release_memory`)."""
+        with self._running_lock:
+            self._running += 1
+
+    def job_ended(self) -> None:
+        with self._running_lock:
+            self._running -= 1
+
+    @property
+    def running_jobs(self) -> int:
+        return self._running
 
     def check_fits(self, num_qubits: int, itemsize: int, arrays: int = 2) -> None:
         """Raise :class:`CircuitTooLargeError` unless ``arrays`` states of ``num_qubits`` fit."""
@@ -188,6 +208,7 @@ class GPUDevice(Device):
     kind = "GPU"
 
     def __init__(self, device_id: int) -> None:
+        super().__init__()
         import cupy
 
         self.xp = cupy
@@ -199,7 +220,8 @@ class GPUDevice(Device):
             self._pool = cupy.get_default_memory_pool()
 
     def new_event(self):
-        return self._cupy.cuda.Event(block=False, disable_timing=False)
+        # Status and progress only ask whether an event was reached: no timing.
+        return self._cupy.cuda.Event(block=False, disable_timing=True)
 
     def stream(self):
         return _GPUStreamContext(self)
@@ -231,8 +253,20 @@ class GPUDevice(Device):
         return self._cupy.asarray(array)
 
     def release_memory(self) -> None:
+        """Empty the memory pool's cache only when it holds much and no job runs here.
+
+        Freeing blocks synchronizes the device, which would stall the other
+        jobs' streams, and a kept cache lets the next job of the same size
+        allocate without cudaMalloc. A large cache left by a finished job is
+        given back once the device is idle, so other processes get the memory;
+        while jobs run, CuPy's pool empties its cache itself before it reports
+        out of memory, and the memory check counts cached blocks as free.
+        """
+        if self.running_jobs > 0:
+            return
         with self._cupy.cuda.Device(self.device_id):
-            self._pool.free_all_blocks()
+            if self._pool.free_bytes() > self.total_bytes() * POOL_CACHE_FRACTION:
+                self._pool.free_all_blocks()
 
 
 class _GPUStreamContext:

@@ -1,8 +1,10 @@
 """Running programs: the interpreter, the per-job execution record, the dispatcher.
 
 An :class:`Execution` is one job's record on its device: a start event, a
-checkpoint event every few ops (progress), an end event, a cancel request and
-the outcome. Events are CUDA events on the GPU and host events on the CPU, so
+checkpoint event every few ops (progress; at most every ``CHECKPOINT_OPS`` ops
+or ``CHECKPOINT_SECONDS`` of host time, from a ring of ``CHECKPOINT_RING``
+reused events, so a job holds a fixed number of events however long it runs),
+an end event, a cancel request and the outcome. Events are CUDA events on the GPU and host events on the CPU, so
 the job reads its status the same way on both and never blocks doing so.
 
 A :class:`Dispatcher` per device runs executions on a bounded pool of worker
@@ -44,12 +46,21 @@ from .program import (
     WhileLoop,
     count_ops,
     evaluate,
+    gate_arrays,
     is_sampling_friendly,
     measurements_are_terminal,
 )
 from .statevector import StateVector
 
 logger = logging.getLogger(__name__)
+
+# A checkpoint event is recorded once this many ops were enqueued since the
+# last one, or once this much host time has passed; cancellation is checked
+# at every op regardless.
+CHECKPOINT_OPS = 16
+CHECKPOINT_SECONDS = 0.005
+# Checkpoint events a job keeps outstanding; the oldest is re-recorded for the newest.
+CHECKPOINT_RING = 8
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,8 @@ class Execution:
         self._checkpoints: collections.deque = collections.deque()
         self._ops_done = 0
         self._ops_enqueued = 0
+        self._ops_recorded = 0
+        self._recorded_at = 0.0
         self.result: Any = None
         self.error: Optional[BaseException] = None
         self.cancelled = False
@@ -135,13 +148,27 @@ class Execution:
             return True
 
     def checkpoint(self, ops: int = 1) -> None:
-        """Count ``ops`` more enqueued and record a checkpoint event; stop here if cancelled."""
+        """Count ``ops`` more enqueued, recording an event every few; stop here if cancelled."""
         if self._cancel.is_set():
             raise JobCancelledError("cancelled at a checkpoint")
         self._ops_enqueued += ops
-        event = self.device.new_event()
+        now = time.perf_counter()
+        if self._ops_enqueued - self._ops_recorded < CHECKPOINT_OPS and now - self._recorded_at < CHECKPOINT_SECONDS:
+            return
+        checkpoints = self._checkpoints
+        event = None
+        if len(checkpoints) >= CHECKPOINT_RING:
+            try:
+                _, event = checkpoints.popleft()  # progress() may have taken it meanwhile
+            except IndexError:
+                event = None
+        if event is None:
+            event = self.device.new_event()
+        # Re-recording moves an event forward: a reader that still holds its old
+        # pair sees it not done yet, so progress only ever under-reports.
         event.record()
-        self._checkpoints.append((self._ops_enqueued, event))
+        checkpoints.append((self._ops_enqueued, event))
+        self._ops_recorded, self._recorded_at = self._ops_enqueued, now
 
     def finish(self, result: Any = None, error: Optional[BaseException] = None) -> None:
         self.result, self.error = result, error
@@ -227,6 +254,7 @@ def run_execution(execution: Execution) -> None:
     device = execution.device
     if execution.finished:  # cancelled while queued
         return
+    device.job_started()
     try:
         with device.stream():
             if not execution.begin():
@@ -241,6 +269,7 @@ def run_execution(execution: Execution) -> None:
         traceback.clear_frames(exc.__traceback__)
         execution.finish(error=exc)
     finally:
+        device.job_ended()
         try:
             device.release_memory()
         except Exception:  # releasing cached blocks must never fail a job
@@ -389,6 +418,7 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
     sampling = is_sampling_friendly(program)
     device.check_fits(program.num_qubits, np.dtype(dtype).itemsize, arrays=2 if sampling else 3)
     state = new_state(device, program.num_qubits, dtype)
+    state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
     shot = _Shot(program.num_clbits, rng, config, execution)
     measures = [op for op in program.ops if isinstance(op, Measure)]
     measured = sorted({m.qubit for m in measures})

@@ -317,6 +317,15 @@ def op_qubits(op) -> tuple[int, ...]:
     return tuple(sorted({q for body in _bodies(op) for inner in body for q in op_qubits(inner)}))
 
 
+def gate_arrays(ops):
+    """The matrices and diagonals of the gates in ``ops`` (not inside control flow), in order."""
+    for op in ops:
+        if isinstance(op, Unitary):
+            yield op.matrix
+        elif isinstance(op, Diagonal):
+            yield op.diagonal
+
+
 def _bodies(op):
     if isinstance(op, IfElse):
         return (op.true_body, op.false_body)

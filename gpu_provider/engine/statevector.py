@@ -33,6 +33,9 @@ DENSE_CONTROLLED_MAX = 6
 ROW_QUBITS = 10
 # A diagonal's broadcast factors hold at most 2^this values.
 DIAGONAL_FACTORS_MAX_QUBITS = 14
+# StateVector.preload takes arrays of at most this many entries, this many bytes in all.
+PRELOAD_MAX_ENTRIES = 1 << 12
+PRELOAD_MAX_BYTES = 64 << 20
 
 
 @functools.lru_cache(maxsize=512)
@@ -102,6 +105,35 @@ class StateVector:
             cached = (array, self.xp.asarray(array.astype(self.dtype, copy=False)))
             self._device_arrays[key] = cached
         return cached[1]
+
+    def preload(self, arrays) -> None:
+        """Copy the small host arrays a program will use to the device in one transfer.
+
+        Each later ``_on_device`` of one of them is then a cache hit instead of a
+        host-to-device copy of its own per gate. Only arrays up to
+        ``PRELOAD_MAX_ENTRIES`` entries each and ``PRELOAD_MAX_BYTES`` in all are
+        taken; the rest are copied when first used, as before. NumPy needs nothing.
+        """
+        if self.xp is np:
+            return
+        chosen, seen, total = [], set(), 0
+        for array in arrays:
+            if id(array) in seen or id(array) in self._device_arrays or array.size > PRELOAD_MAX_ENTRIES:
+                continue
+            size = array.size * self.dtype.itemsize
+            if total + size > PRELOAD_MAX_BYTES:
+                break
+            seen.add(id(array))
+            chosen.append(array)
+            total += size
+        if not chosen:
+            return
+        flat = np.concatenate([a.astype(self.dtype, copy=False).reshape(-1) for a in chosen])
+        device = self.xp.asarray(flat)
+        offset = 0
+        for array in chosen:
+            self._device_arrays[id(array)] = (array, device[offset : offset + array.size].reshape(array.shape))
+            offset += array.size
 
     def _reorder(self, new_order: list[int]) -> None:
         """Copy the state into the buffer with axes in ``new_order``, then swap."""
