@@ -33,9 +33,9 @@ from gpu_provider.compiler.translate import translate
 from gpu_provider.engine import program as P
 
 
-def dense_passes(program: P.Program, device_kind: str, width) -> dict:
+def dense_passes(program: P.Program, device_kind: str, width, precision: str) -> dict:
     """Dense fused ops by width and diagonal ops, as the fuser emits them for ``width``."""
-    fused = fuse(program, device_kind, None if width == "auto" else width)
+    fused = fuse(program, device_kind, None if width == "auto" else width, precision=precision)
     counts: collections.Counter = collections.Counter()
     for op in fused.ops:
         if isinstance(op, P.Unitary):
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                     report[key] = {
                         "median_s": round(statistics.median(times), 4),
                         "ops": first["fusion_ops_after"],
-                        "passes": dense_passes(program, device, width),
+                        "passes": dense_passes(program, device, width, precision),
                     }
     emit(report, args.out, "fusion_width.json")
     return 0

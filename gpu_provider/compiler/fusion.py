@@ -16,8 +16,10 @@ the second pass merges such phases into wide diagonal blocks instead of
 spending dense-matrix width on them: a QFT then needs about a third of the
 dense products.
 
-The width is priced per device: a GPU pass costs about the same up to the
-kernels' widest matrix (5 qubits), while on the CPU a dense k-qubit product
+The width is priced per device and precision (``DEFAULT_MAX_QUBITS``): on the
+GPU a complex128 pass stays near memory speed up to the kernels' widest matrix
+(5 qubits), a complex64 pass at 5 qubits is arithmetic-bound and width 4 wins
+end to end; on the CPU a dense k-qubit product
 costs 2^k multiply-adds per amplitude, so it stops being memory-bound sooner:
 measured on 2 cores, a 5-qubit product costs about seven plain copies of the
 state and a 4-qubit one four. 5 stays the CPU default: 6 was within noise on QV
@@ -37,7 +39,12 @@ from ..engine.statevector import DENSE_CONTROLLED_MAX, controlled_matrix
 DEFAULT_FUSION_THRESHOLD = 14
 MIN_FUSION_QUBITS = 1
 MAX_FUSION_QUBITS = 8
-DEFAULT_MAX_QUBITS = {"CPU": 5, "GPU": 5}
+# Default width per (device, precision). GPU: QV-30 end to end on an NVIDIA H200
+# (benchmarks.fusion_width, 2026-11-27) took 1.43 s at width 4 against 1.48 s at
+# 5 in single precision, and 2.28 s against 2.19 s in double: a complex64 pass
+# at k = 5 costs 1.8-3.4 copies (0.30-0.54 of copy bandwidth) against 1.2-2.6
+# at k = 4, while complex128 passes are memory-bound for longer. CPU: see above.
+DEFAULT_MAX_QUBITS = {("CPU", "double"): 5, ("CPU", "single"): 5, ("GPU", "double"): 5, ("GPU", "single"): 4}
 DIAGONAL_MAX_QUBITS = 10
 LOOKAHEAD = 128  # ops scanned past the block's start for gates to pull in
 # A fused matrix whose off-diagonal entries are all below this is a Diagonal
@@ -50,11 +57,22 @@ def fusion_limits() -> tuple[int, int]:
     return MIN_FUSION_QUBITS, MAX_FUSION_QUBITS
 
 
-def fuse(program: P.Program, device_kind: str = "CPU", max_qubits: Optional[int] = None, threshold: int = DEFAULT_FUSION_THRESHOLD) -> P.Program:
-    """Return ``program`` with its gates fused for ``device_kind``."""
+def default_width(device_kind: str, precision: str = "double") -> int:
+    """The fusion width used when ``fusion_max_qubits`` is None."""
+    return DEFAULT_MAX_QUBITS.get((device_kind, precision), 5)
+
+
+def fuse(
+    program: P.Program,
+    device_kind: str = "CPU",
+    max_qubits: Optional[int] = None,
+    threshold: int = DEFAULT_FUSION_THRESHOLD,
+    precision: str = "double",
+) -> P.Program:
+    """Return ``program`` with its gates fused for ``device_kind`` and ``precision``."""
     if program.num_qubits < threshold:
         return program
-    width = max_qubits if max_qubits is not None else DEFAULT_MAX_QUBITS.get(device_kind, 5)
+    width = max_qubits if max_qubits is not None else default_width(device_kind, precision)
     all_qubits = frozenset(range(program.num_qubits))
     return program.replace(ops=_fuse_ops(program.ops, width, all_qubits))
 

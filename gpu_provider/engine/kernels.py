@@ -200,10 +200,11 @@ def strided_is_coalesced(bits: Sequence[int], itemsize: int) -> bool:
 
 # The kernel "auto" runs where the strided one would not read whole lines
 # (low targets), per real type and width: the faster of the two in
-# ``benchmarks.gpu_kernels`` (targets 0..k-1, n = 28 and 30, NVIDIA H200; the
-# figures are in docs/benchmarks.md). Where the lowest target still gives runs
-# of two or more amplitudes, a strided thread's loads share lines through L1,
-# which is why it wins some rows.
+# ``benchmarks.gpu_kernels`` on targets 0..k-1 (NVIDIA H200, n = 28 and 30,
+# 2026-11-27; figures in docs/benchmarks.md). A strided thread whose lowest
+# target still leaves runs of two or more amplitudes shares lines with its
+# neighbours through L1, which is why it wins the k = 1 single-precision row;
+# at double k = 2 and 5 the two are within 2% of each other.
 LOW_TARGET_METHOD: dict[tuple[str, int], str] = {
     ("float", 1): "strided",
     ("float", 2): "tiled",
@@ -211,10 +212,10 @@ LOW_TARGET_METHOD: dict[tuple[str, int], str] = {
     ("float", 4): "tiled",
     ("float", 5): "tiled",
     ("double", 1): "tiled",
-    ("double", 2): "strided",
+    ("double", 2): "tiled",
     ("double", 3): "tiled",
     ("double", 4): "tiled",
-    ("double", 5): "strided",
+    ("double", 5): "tiled",
 }
 
 

@@ -187,3 +187,16 @@ def test_fusion_in_single_and_double_precision(device, precision):
     fused = fuse(program, "CPU", max_qubits=5, threshold=0)
     tolerance = ATOL if precision == "double" else 1e-5
     np.testing.assert_allclose(engine_statevector(fused, device, precision), Statevector(circuit).data, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("device_kind, precision, width", [("GPU", "single", 4), ("GPU", "double", 5), ("CPU", "single", 5), ("CPU", "double", 5)])
+def test_default_width_per_device_and_precision(device_kind, precision, width):
+    from gpu_provider.compiler.fusion import default_width
+
+    assert default_width(device_kind, precision) == width
+    circuit = random_gate_circuit(8, depth=80, seed=5)
+    program = translate(circuit)
+    fused = fuse(program, device_kind, threshold=0, precision=precision)
+    widths = {len(op.qubits) for op in fused.ops if isinstance(op, P.Unitary) and op.label == "fused"}
+    assert max(widths) == width  # the default is used, and reached on a dense 8-qubit circuit
+    np.testing.assert_allclose(reference_evolve(fused), Statevector(circuit).data, atol=ATOL, rtol=0)
