@@ -29,6 +29,9 @@ from ..errors import SimulationError
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Controlled gates with at most this many qubits in all are applied as one dense matrix.
 DENSE_CONTROLLED_MAX = 6
+# States of at most this many qubits apply dense gates through a cached
+# gather index (StateVector._apply_small) instead of axis bookkeeping.
+SMALL_STATE_QUBITS = 12
 # Diagonals and sampling work on the state as rows of 2^this amplitudes.
 ROW_QUBITS = 10
 # A diagonal's broadcast factors hold at most 2^this values.
@@ -36,6 +39,28 @@ DIAGONAL_FACTORS_MAX_QUBITS = 14
 # StateVector.preload takes arrays of at most this many entries, this many bytes in all.
 PRELOAD_MAX_ENTRIES = 1 << 12
 PRELOAD_MAX_BYTES = 64 << 20
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_index(num_qubits: int, qubits: tuple[int, ...]) -> np.ndarray:
+    """Flat indices of every group of a gate on ``qubits``, canonical order: shape (2^(n-k), 2^k).
+
+    Row g is one group (the other qubits' bits fixed by g); column c its member
+    whose bit ``qubits[j]`` is bit j of c, so ``rows @ matrix.T`` applies the gate.
+    """
+    k = len(qubits)
+    rest = [q for q in range(num_qubits) if q not in qubits]
+    groups = np.arange(1 << (num_qubits - k), dtype=np.intp)
+    base = np.zeros_like(groups)
+    for j, q in enumerate(rest):
+        base |= ((groups >> j) & 1) << q
+    members = np.arange(1 << k, dtype=np.intp)
+    offset = np.zeros_like(members)
+    for j, q in enumerate(qubits):
+        offset |= ((members >> j) & 1) << q
+    index = base[:, None] | offset[None, :]
+    index.setflags(write=False)
+    return index
 
 
 @functools.lru_cache(maxsize=512)
@@ -72,7 +97,7 @@ class StateVector:
         self._buffer = None
         # order[axis] is the qubit held by tensor axis ``axis`` (axis 0 most significant).
         self.order: list[int] = list(range(num_qubits - 1, -1, -1))
-        self._device_arrays: dict[int, tuple[np.ndarray, Any]] = {}
+        self._device_arrays: dict[Any, tuple[np.ndarray, Any]] = {}
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -171,6 +196,9 @@ class StateVector:
             self.kernels.apply_matrix(self, [self.bit(q) for q in qubits], self._on_device(matrix))
             return
         n = self.num_qubits
+        if n <= SMALL_STATE_QUBITS and k < n:
+            self._apply_small(qubits, matrix)
+            return
         order = self.order
         axes = [order.index(q) for q in qubits]
         low, high = min(axes), max(axes)
@@ -185,6 +213,28 @@ class StateVector:
         else:
             xp.matmul(self.data.reshape(-1, dim), matrix.T, out=self.buffer.reshape(-1, dim))
         self._swap()
+
+    def _apply_small(self, qubits: Sequence[int], matrix: np.ndarray) -> None:
+        """A small state in canonical order: gather the groups, one product, scatter back.
+
+        Below ``SMALL_STATE_QUBITS`` the arithmetic is a few microseconds and the
+        axis bookkeeping of the general path is most of a gate's cost; here a
+        gate is three array calls on a cached index, and the order stays canonical.
+        """
+        if self.order != self._canonical_order():
+            self.to_canonical()
+        index = _group_index(self.num_qubits, tuple(qubits))
+        if self.xp is not np:
+            key = ("index", id(index))
+            cached = self._device_arrays.get(key)
+            if cached is None or cached[0] is not index:
+                cached = self._device_arrays[key] = (index, self.xp.asarray(index))
+            index = cached[1]
+        groups = self.data[index]
+        self.data[index] = groups @ self._on_device(matrix).T
+
+    def _canonical_order(self) -> list[int]:
+        return list(range(self.num_qubits - 1, -1, -1))
 
     def _gather(self, qubits: Sequence[int], axes: list[int]) -> int:
         """Transpose so ``qubits`` sit on the first or last axes; return the block's first axis.

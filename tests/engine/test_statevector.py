@@ -251,3 +251,29 @@ def test_sample_wide_sparse_state(device, qubits):
     assert not impossible, f"drew outcomes of probability 0: {impossible}"
     expected = {str(i): float(p) for i, p in enumerate(probabilities) if p > 1e-12}
     assert chi_square_goodness(observed, expected) > ALPHA
+
+
+@pytest.mark.parametrize("n", [3, 9, 12, 13])
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_small_state_gather_path_and_general_path(device, n, precision, monkeypatch):
+    """States up to SMALL_STATE_QUBITS take the gather path; both paths match Statevector."""
+    from gpu_provider.engine import statevector as S
+
+    rng = np.random.default_rng(n)
+    gates = []
+    for i in range(30):
+        k = int(rng.integers(1, min(n, 4) + 1))
+        gates.append((tuple(int(q) for q in rng.choice(n, k, replace=False)), random_unitary(2**k, seed=i).data))
+    start = random_start(n, seed=n)
+    expected = Statevector(start)
+    for qubits, matrix in gates:
+        expected = expected.evolve(Operator(matrix), qargs=list(qubits))
+    for small in (0, 64):  # the general path only; the gather path wherever it applies
+        monkeypatch.setattr(S, "SMALL_STATE_QUBITS", small)
+        state = make_state(device, n, precision, start)
+        for qubits, matrix in gates:
+            state.apply_unitary(qubits, matrix)
+            if qubits[0] % 3 == 0:
+                state.apply_diagonal(qubits[:1], np.exp(1j * np.array([0.0, 0.3])))  # mixes in the axis-order paths
+                state.apply_diagonal(qubits[:1], np.exp(-1j * np.array([0.0, 0.3])))
+        assert_close(state, expected.data, precision)
