@@ -118,7 +118,33 @@ def _fuse_ops(ops, width: int, all_qubits: frozenset) -> tuple:
     # wide pass then merges with other diagonals instead of into a dense block.
     if width >= 2:
         items = _greedy(items, 2, all_qubits)
-    return tuple(op for op, _, _ in _greedy(items, width, all_qubits))
+    return _fold_global_phases(tuple(op for op, _, _ in _greedy(items, width, all_qubits)))
+
+
+def _fold_global_phases(ops: tuple) -> tuple:
+    """Multiply this sequence's global phases into one of its gates, saving their passes.
+
+    A global phase is a scalar: it commutes with every op, so it may join any
+    gate that always runs with it, that is one in the same sequence (not inside
+    control flow, which may not run) and without controls (a phase on a
+    controlled gate is relative). Without such a gate the phases stay as one op.
+    """
+    phases = [op for op in ops if isinstance(op, P.GlobalPhase)]
+    if not phases:
+        return ops
+    total = sum(op.phase for op in phases)
+    factor = complex(np.cos(total), np.sin(total))
+    rest = [op for op in ops if not isinstance(op, P.GlobalPhase)]
+    for position, op in enumerate(rest):
+        if isinstance(op, P.Diagonal):
+            rest[position] = P.Diagonal(op.qubits, op.diagonal * factor, op.label)
+            return tuple(rest)
+        if isinstance(op, P.Unitary) and not op.controls:
+            rest[position] = P.Unitary(op.qubits, op.matrix * factor, label=op.label)
+            return tuple(rest)
+    if len(phases) == 1:
+        return ops
+    return (P.GlobalPhase(total),) + tuple(rest)
 
 
 def _greedy(items: list, width: int, all_qubits: frozenset) -> list:

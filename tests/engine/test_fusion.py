@@ -200,3 +200,20 @@ def test_default_width_per_device_and_precision(device_kind, precision, width):
     widths = {len(op.qubits) for op in fused.ops if isinstance(op, P.Unitary) and op.label == "fused"}
     assert max(widths) == width  # the default is used, and reached on a dense 8-qubit circuit
     np.testing.assert_allclose(reference_evolve(fused), Statevector(circuit).data, atol=ATOL, rtol=0)
+
+
+def test_global_phase_joins_a_gate_and_costs_no_pass(device):
+    circuit = QuantumCircuit(3, global_phase=0.7)
+    circuit.h(0)
+    circuit.cx(0, 1)
+    circuit.rz(0.4, 2)
+    program = translate(circuit)
+    assert any(isinstance(op, P.GlobalPhase) for op in program.ops)
+    fused = fuse(program, "CPU", max_qubits=2, threshold=0)
+    assert not any(isinstance(op, P.GlobalPhase) for op in fused.ops)
+    np.testing.assert_allclose(reference_evolve(fused), Statevector(circuit).data, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(engine_statevector(fused, device), Statevector(circuit).data, atol=ATOL, rtol=0)
+    # Only controlled gates or control flow to join: the phase stays, as one op, exactly.
+    phases_only = P.Program(2, 1, (P.GlobalPhase(0.25), P.GlobalPhase(0.5), P.Measure(0, 0)))
+    fused = fuse(phases_only, "CPU", threshold=0)
+    assert [op.phase for op in fused.ops if isinstance(op, P.GlobalPhase)] == [0.75]
