@@ -50,13 +50,30 @@ def fusion_limits() -> tuple[int, int]:
     return MIN_FUSION_QUBITS, MAX_FUSION_QUBITS
 
 
-def fuse(program: P.Program, device_kind: str = "CPU", max_qubits: Optional[int] = None, threshold: int = DEFAULT_FUSION_THRESHOLD) -> P.Program:
-    """Return ``program`` with its gates fused for ``device_kind``."""
+def fuse(
+    program: P.Program,
+    device_kind: str = "CPU",
+    max_qubits: Optional[int] = None,
+    threshold: int = DEFAULT_FUSION_THRESHOLD,
+    sources: Optional[dict] = None,
+) -> P.Program:
+    """Return ``program`` with its gates fused for ``device_kind``.
+
+    With ``sources`` (a dict), every fused top-level op is recorded as
+    ``sources[id(op)] = (op, gates)``, ``gates`` being the original gates it
+    multiplies (in their fusable form, program order), so a caller can rebuild
+    the block with :func:`merge_block` when some of those gates change.
+    """
     if program.num_qubits < threshold:
         return program
     width = max_qubits if max_qubits is not None else DEFAULT_MAX_QUBITS.get(device_kind, 5)
     all_qubits = frozenset(range(program.num_qubits))
-    return program.replace(ops=_fuse_ops(program.ops, width, all_qubits))
+    return program.replace(ops=_fuse_ops(program.ops, width, all_qubits, sources))
+
+
+def merge_block(gates: list):
+    """One op for ``gates`` (program order), as fusion builds it: a Diagonal when it is one."""
+    return _merge(gates, all(isinstance(gate, P.Diagonal) for gate in gates))
 
 
 def _as_fusable(op):
@@ -80,7 +97,7 @@ def _touches(op, all_qubits: frozenset) -> frozenset:
     return all_qubits  # control flow, stores, break/continue: a full barrier
 
 
-def _fuse_ops(ops, width: int, all_qubits: frozenset) -> tuple:
+def _fuse_ops(ops, width: int, all_qubits: frozenset, sources: Optional[dict] = None) -> tuple:
     items = []
     for op in ops:
         if isinstance(op, P.IfElse):
@@ -99,11 +116,11 @@ def _fuse_ops(ops, width: int, all_qubits: frozenset) -> tuple:
     # controlled phase written as cx, phase, cx) becomes a Diagonal, which the
     # wide pass then merges with other diagonals instead of into a dense block.
     if width >= 2:
-        items = _greedy(items, 2, all_qubits)
-    return tuple(op for op, _, _ in _greedy(items, width, all_qubits))
+        items = _greedy(items, 2, all_qubits, sources)
+    return tuple(op for op, _, _ in _greedy(items, width, all_qubits, sources))
 
 
-def _greedy(items: list, width: int, all_qubits: frozenset) -> list:
+def _greedy(items: list, width: int, all_qubits: frozenset, sources: Optional[dict] = None) -> list:
     """One greedy pass over ``(op, fusable, qubits)`` items; returns items."""
     out = []
     pending = items
@@ -140,6 +157,11 @@ def _greedy(items: list, width: int, all_qubits: frozenset) -> list:
             out.append(pending[0])
         else:
             op = _merge(block, diagonal)
+            if sources is not None:
+                gates = []
+                for member in block:  # a block of the first pass stands for its own gates
+                    gates.extend(sources[id(member)][1] if id(member) in sources else [member])
+                sources[id(op)] = (op, tuple(gates))
             out.append((op, True, frozenset(op.qubits)))
         pending = kept
     return out
