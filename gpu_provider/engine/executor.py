@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import GPUProviderError, IterationLimitError, JobCancelledError, SimulationError
+from ..errors import GPUProviderError, InvalidInputError, IterationLimitError, JobCancelledError, SimulationError
 from .devices import PRECISIONS, Device
 from .program import (
     CONTROL_FLOW,
@@ -448,6 +448,25 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
             "time_taken": time.perf_counter() - start,
         },
     )
+
+
+def evolve(program: Program, state: StateVector, config: RunConfig, execution: Optional[Execution] = None) -> StateVector:
+    """Run ``program`` (no measurement but terminal ones, which are dropped; no reset or
+    control flow) on ``state`` from |0...0>; returns the state, left on its device.
+
+    Raises:
+        InvalidInputError: the program measures mid-circuit, resets or branches, so it has no
+            single final state.
+    """
+    if not is_sampling_friendly(program):
+        raise InvalidInputError(
+            f"circuit {program.name!r} has no single final state: it measures mid-circuit, resets or uses "
+            "control flow; exact expectation values need a circuit without them (final measurements are ignored)"
+        )
+    state.reset_to_zero()
+    shot = _Shot(program.num_clbits, np.random.default_rng(config.seed), config, execution)
+    run_ops(state, tuple(op for op in program.ops if not isinstance(op, Measure)), shot)
+    return state
 
 
 def _sampled_clbit_values(outcomes: np.ndarray, qubits: list[int], measures, num_clbits: int) -> list[int]:

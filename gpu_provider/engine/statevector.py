@@ -370,6 +370,12 @@ class StateVector:
             return self.data.copy()
         return self.data.get()
 
+    def reset_to_zero(self) -> None:
+        """Back to |0...0> in canonical order, reusing the arrays (for the next binding)."""
+        self.data.fill(0)
+        self.data[0] = 1
+        self.order = list(range(self.num_qubits - 1, -1, -1))
+
 
 @functools.lru_cache(maxsize=1024)
 def _diagonal_index(axes: tuple[int, ...], n: int, tail: int) -> np.ndarray:
