@@ -39,8 +39,9 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub
 from .backend import GPUSimulator
 from .compiler.parameters import CompiledCircuit, FusionOptions, compile_circuit
 from .engine.devices import PRECISIONS, Device, resolve_device
-from .engine.executor import Execution, RunConfig, evolve, new_state, run_program
-from .engine.expectation import PauliSum, expectation_values, pauli_sum
+from .engine.batch import batch_size, batchable, evolve_batch, evolve_columns
+from .engine.executor import Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory
+from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
 from .engine.program import is_sampling_friendly
 from .errors import InvalidInputError, InvalidOptionError
 from .job import GPUJob
@@ -133,12 +134,15 @@ def _seed_of(seed) -> Optional[int]:
     return int(seed)
 
 
-def _simulator_metadata(device: Device, precision: str, compiled: CompiledCircuit, program_ops: int, bindings: int, seconds: float, reason: str) -> dict:
+def _simulator_metadata(
+    device: Device, precision: str, compiled: CompiledCircuit, program_ops: int, bindings: int, seconds: float, reason: str, batched: int = 0
+) -> dict:
     metadata = {
         "device": device.name,
         "precision": precision,
         "method": "statevector",
         "num_bindings": bindings,
+        "batched_bindings": batched,
         "compiled_once": not compiled.per_binding_translation,
         "parametrized_ops": compiled.num_slots,
         "fusion_ops_before": compiled.ops_before,
@@ -296,18 +300,33 @@ def _estimate(task: _EstimatorTask, device: Device, config: RunConfig, execution
     for position in np.ndindex(*task.shape):
         by_binding.setdefault(bc_index[position], []).append(position)
     evs = np.zeros(task.shape, dtype=np.float64)
-    state = new_state(device, pub.circuit.num_qubits, config.dtype)
+    state = None
     program_ops = 0
-    for binding, positions in by_binding.items():
-        program = task.compiled.bind(task.values[binding])
-        program_ops = program.num_ops
-        evolve(program, state, config, execution)
-        values = expectation_values(state, [bc_obs[p] for p in positions])
-        scale = max(1.0, max(float(np.sum(np.abs(bc_obs[p].coeffs))) for p in positions))
-        if np.max(np.abs(values.imag)) > 1e-8 * scale:
-            raise InvalidInputError("an observable is not Hermitian: its expectation value is not real")
-        for p, value in zip(positions, values.real):
-            evs[p] = value
+    batched = 0
+    compiled = task.compiled
+    n = pub.circuit.num_qubits
+    for chunk in _chunks(list(by_binding.items()), n):
+        kernels = device_kernels(device, config.dtype)
+        if len(chunk) > 1 and compiled.can_batch:
+            columns = compiled.bind_columns(np.stack([task.values[binding] for binding, _ in chunk]))
+            batch = evolve_columns(columns, n, len(chunk), device.xp, config.dtype, kernels, execution)
+            program_ops = compiled.template.num_ops
+            batched += len(chunk)
+            rows = batch_expectation_values(batch, [[bc_obs[p] for p in positions] for _, positions in chunk])
+            for (_, positions), values in zip(chunk, rows):
+                _store(positions, values, bc_obs, evs)
+            continue
+        programs = [compiled.bind(task.values[binding]) for binding, _ in chunk]
+        program_ops = programs[0].num_ops
+        if batchable(programs):
+            batch = evolve_batch(programs, device.xp, config.dtype, kernels, execution)
+            states = (batch.state(row) for row in range(len(chunk)))
+            batched += len(chunk)
+        else:
+            if state is None:
+                state = new_state(device, pub.circuit.num_qubits, config.dtype)
+            states = (evolve(program, state, config, execution) for program in programs)
+        _consume(zip(chunk, states), bc_obs, evs)
     del state
     if precision != 0:
         rng = np.random.default_rng(seed)
@@ -318,10 +337,31 @@ def _estimate(task: _EstimatorTask, device: Device, config: RunConfig, execution
         "target_precision": precision,
         "circuit_metadata": pub.circuit.metadata,
         "simulator_metadata": _simulator_metadata(
-            device, config.precision, task.compiled, program_ops, len(by_binding), time.perf_counter() - start, reason
+            device, config.precision, task.compiled, program_ops, len(by_binding), time.perf_counter() - start, reason, batched
         ),
     }
     return PubResult(data, metadata=metadata)
+
+
+def _consume(finals, bc_obs: np.ndarray, evs: np.ndarray) -> None:
+    """Evaluate, on each final state, the observables of the output positions it serves."""
+    for (_, positions), final in finals:
+        _store(positions, expectation_values(final, [bc_obs[p] for p in positions]), bc_obs, evs)
+
+
+def _store(positions: list, values: np.ndarray, bc_obs: np.ndarray, evs: np.ndarray) -> None:
+    scale = max(1.0, max(float(np.sum(np.abs(bc_obs[p].coeffs))) for p in positions))
+    if np.max(np.abs(values.imag)) > 1e-8 * scale:
+        raise InvalidInputError("an observable is not Hermitian: its expectation value is not real")
+    for p, value in zip(positions, values.real):
+        evs[p] = value
+
+
+def _chunks(items: list, num_qubits: int):
+    """Parameter sets in chunks that one batch of states holds (one at a time for wide states)."""
+    size = batch_size(num_qubits)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 # ---------------------------------------------------------------------------
@@ -418,20 +458,45 @@ def _sample(task: _SamplerTask, device: Device, precision: str, execution: Execu
     registers = [(creg.name, [circuit.find_bit(bit).index for bit in creg]) for creg in circuit.cregs]
     arrays = {name: np.zeros(shape + (task.shots, max(1, -(-len(bits) // 8))), dtype=np.uint8) for name, bits in registers}
     program_ops = 0
-    for index in np.ndindex(*shape):
-        program = task.compiled.bind(task.values[index])
-        program_ops = program.num_ops
-        config = RunConfig(shots=task.shots, seed=int(seeds.integers(0, 2**62)), memory=True, precision=precision)
-        output = run_program(program, device, config, execution)
-        memory = output.memory or [0] * task.shots
-        for name, bits in registers:
-            arrays[name][index] = _register_bytes(memory, bits, task.shots)
+    batched = 0
+    compiled = task.compiled
+    for chunk in _chunks(list(np.ndindex(*shape)), circuit.num_qubits):
+        configs = [RunConfig(shots=task.shots, seed=int(seeds.integers(0, 2**62)), memory=True, precision=precision) for _ in chunk]
+        kernels = device_kernels(device, configs[0].dtype)
+        if len(chunk) > 1 and compiled.can_batch:
+            columns = compiled.bind_columns(np.stack([task.values[index] for index in chunk]))
+            batch = evolve_columns(columns, circuit.num_qubits, len(chunk), device.xp, configs[0].dtype, kernels, execution)
+            program = compiled.template  # measurements are the same in every binding
+            program_ops = program.num_ops
+            memories = [
+                sample_memory(program, batch.state(row), task.shots, np.random.default_rng(config.seed)) for row, config in enumerate(configs)
+            ]
+            batched += len(chunk)
+            for index, memory in zip(chunk, memories):
+                for name, bits in registers:
+                    arrays[name][index] = _register_bytes(memory, bits, task.shots)
+            continue
+        programs = [compiled.bind(task.values[index]) for index in chunk]
+        program_ops = programs[0].num_ops
+        if batchable(programs):
+            batch = evolve_batch(programs, device.xp, configs[0].dtype, kernels, execution)
+            memories = [
+                sample_memory(program, batch.state(row), task.shots, np.random.default_rng(config.seed))
+                for row, (program, config) in enumerate(zip(programs, configs))
+            ]
+            batched += len(chunk)
+        else:
+            memories = (run_program(program, device, config, execution).memory for program, config in zip(programs, configs))
+        for index, memory in zip(chunk, memories):
+            memory = memory or [0] * task.shots
+            for name, bits in registers:
+                arrays[name][index] = _register_bytes(memory, bits, task.shots)
     data = DataBin(**{name: BitArray(arrays[name], len(bits)) for name, bits in registers}, shape=shape)
     metadata = {
         "shots": task.shots,
         "circuit_metadata": circuit.metadata,
         "simulator_metadata": _simulator_metadata(
-            device, precision, task.compiled, program_ops, int(np.prod(shape, dtype=np.int64)), time.perf_counter() - start, reason
+            device, precision, task.compiled, program_ops, int(np.prod(shape, dtype=np.int64)), time.perf_counter() - start, reason, batched
         ),
     }
     return SamplerPubResult(data, metadata=metadata)

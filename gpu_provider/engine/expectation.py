@@ -94,6 +94,21 @@ def _physical(masks: np.ndarray, bit_of_qubit: Sequence[int]) -> np.ndarray:
     return out
 
 
+def _term_table(observables: Sequence[PauliSum], num_qubits: int):
+    """Distinct (x, z) terms of all observables, and each observable's weight on each: (O, U)."""
+    for index, observable in enumerate(observables):
+        if observable.num_qubits != num_qubits:
+            raise InvalidInputError(f"observable {index} acts on {observable.num_qubits} qubits but the state has {num_qubits}")
+    x = np.concatenate([o.x for o in observables])
+    z = np.concatenate([o.z for o in observables])
+    coeffs = np.concatenate([o.coeffs for o in observables])
+    owner = np.repeat(np.arange(len(observables)), [o.num_terms for o in observables])
+    unique, inverse = np.unique(np.stack([x, z], axis=1), axis=0, return_inverse=True)
+    weights = np.zeros((len(observables), unique.shape[0]), dtype=np.complex128)
+    np.add.at(weights, (owner, inverse.reshape(-1)), coeffs)
+    return unique[:, 0], unique[:, 1], weights
+
+
 def expectation_values(state, observables: Sequence[PauliSum]) -> np.ndarray:
     """``<psi|O|psi>`` for each observable, as complex128 on the host.
 
@@ -108,19 +123,12 @@ def expectation_values(state, observables: Sequence[PauliSum]) -> np.ndarray:
     out = np.zeros(len(observables), dtype=np.complex128)
     if not observables or not any(o.num_terms for o in observables):
         return out
-    x = np.concatenate([o.x for o in observables])
-    z = np.concatenate([o.z for o in observables])
-    coeffs = np.concatenate([o.coeffs for o in observables])
-    owner = np.repeat(np.arange(len(observables)), [o.num_terms for o in observables])
-    # One column per distinct (x, z): weights[o, u] is observable o's coefficient of term u.
-    unique, inverse = np.unique(np.stack([x, z], axis=1), axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    weights = np.zeros((len(observables), unique.shape[0]), dtype=np.complex128)
-    np.add.at(weights, (owner, inverse), coeffs)
+    x, z, weights = _term_table(observables, n)
     bits = [state.bit(q) for q in range(n)]
-    x_phys = _physical(unique[:, 0], bits)
-    z_phys = _physical(unique[:, 1], bits)
+    x_phys = _physical(x, bits)
+    z_phys = _physical(z, bits)
     kernels = getattr(state, "kernels", None)
+    data = state.data.reshape(1, -1)
     for x_mask in np.unique(x_phys):
         members = np.nonzero(x_phys == x_mask)[0]
         group_weights = weights[:, members]
@@ -128,24 +136,48 @@ def expectation_values(state, observables: Sequence[PauliSum]) -> np.ndarray:
             for o in np.nonzero(np.any(group_weights != 0, axis=1))[0]:
                 out[o] += kernels.pauli_expectation(state, int(x_mask), z_phys[members], group_weights[o])
         else:
-            values = _group_values(state, int(x_mask), [int(m) for m in z_phys[members]])
-            out += group_weights @ values
+            values = _group_values(state.xp, data, n, int(x_mask), [int(m) for m in z_phys[members]], state.buffer)
+            out += group_weights @ values[0]
     return out
 
 
-def _group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
-    """``<X^x Z^z_t>`` for each t (physical masks) through ``xp``.
+def batch_expectation_values(batch, observables: Sequence[Sequence[PauliSum]]) -> list[np.ndarray]:
+    """``expectation_values`` for every row of a :class:`~gpu_provider.engine.batch.StateBatch`
+    (canonical order), ``observables[row]`` being that row's list; each X-mask group is one
+    pass over all rows at once on the ``xp`` path (per row through the kernel on a GPU)."""
+    n = batch.num_qubits
+    if getattr(batch, "kernels", None) is not None:
+        return [expectation_values(batch.state(row), list(obs)) for row, obs in enumerate(observables)]
+    flat = [o for obs in observables for o in obs]
+    outs = [np.zeros(len(obs), dtype=np.complex128) for obs in observables]
+    if not flat or not any(o.num_terms for o in flat):
+        return outs
+    x, z, weights = _term_table(flat, n)
+    values = np.zeros((batch.batch, x.shape[0]), dtype=np.complex128)
+    scratch = batch.xp.empty(batch.data.size // 2 if n else 1, dtype=batch.dtype)
+    for x_mask in np.unique(x):
+        members = np.nonzero(x == x_mask)[0]
+        values[:, members] = _group_values(batch.xp, batch.data, n, int(x_mask), [int(m) for m in z[members]], scratch)
+    start = 0
+    for row, obs in enumerate(observables):
+        outs[row] = weights[start : start + len(obs)] @ values[row]
+        start += len(obs)
+    return outs
+
+
+def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch) -> np.ndarray:
+    """``<X^x Z^z_t>`` for each t (physical masks) and each row of ``data`` (B, 2^n): (B, T).
 
     With ``x != 0`` the pairs ``(i, i ^ x)`` are visited once, from the half
     where the highest bit ``h`` of ``x`` is 0: with ``q = conj(psi[i ^ x]) psi[i]``
     there and ``e = (-1)^popcount(x & z)``, the pair contributes
     ``s(i) (q + e conj(q))``, i.e. ``2 s(i) Re q`` or ``2i s(i) Im q``. So one
-    pass forms ``q`` on half the state, and the parity sums run on real arrays.
+    pass forms ``q`` on half the state (in ``scratch``), and the parity sums run
+    on real arrays.
     """
-    xp = state.xp
-    n = state.num_qubits
-    tensor = state.data.reshape((2,) * n)  # axis a holds physical bit n - 1 - a
-    values = np.zeros(len(z_masks), dtype=np.complex128)
+    rows = data.shape[0]
+    tensor = data.reshape((rows,) + (2,) * n)  # axis 1 + a holds physical bit n - 1 - a
+    values = np.zeros((rows, len(z_masks)), dtype=np.complex128)
     if not x_mask:
         # Z-only terms: parity sums of |psi[i]|^2.
         product = tensor.real * tensor.real
@@ -154,13 +186,12 @@ def _group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
         return values
     high = x_mask.bit_length() - 1
     high_axis = n - 1 - high
-    lower = (slice(None),) * high_axis
+    lower = (slice(None),) * (1 + high_axis)
     a, b = tensor[lower + (0,)], tensor[lower + (1,)]
-    flips = tuple(n - 1 - bit - (1 if n - 1 - bit > high_axis else 0) for bit in range(high) if (x_mask >> bit) & 1)
+    flips = tuple(1 + n - 1 - bit - (1 if n - 1 - bit > high_axis else 0) for bit in range(high) if (x_mask >> bit) & 1)
     if flips:
         b = xp.flip(b, axis=flips)
-    # q in the first half of the scratch buffer: nothing of full size is allocated.
-    q = state.buffer.reshape(-1)[: 1 << (n - 1)].reshape((2,) * (n - 1))
+    q = scratch.reshape(-1)[: rows << (n - 1)].reshape((rows,) + (2,) * (n - 1))
     xp.conjugate(b, out=q)
     xp.multiply(q, a, out=q)
     bits = [n - 1 - axis for axis in range(n) if axis != high_axis]
@@ -168,30 +199,32 @@ def _group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
     for is_odd, part, factor in ((False, q.real, 2.0), (True, q.imag, 2.0j)):
         members = np.nonzero(odd == is_odd)[0]
         if members.size:
-            values[members] = factor * _parity_sums(xp, part, bits, [z_masks[t] for t in members])
+            values[:, members] = factor * _parity_sums(xp, part, bits, [z_masks[t] for t in members])
     return values
 
 
 def _parity_sums(xp, tensor, bits: list[int], z_masks: list[int]) -> np.ndarray:
-    """``sum_i (-1)^popcount(i & z) tensor[i]`` for each z; ``bits[axis]`` is the physical bit of an axis.
+    """``sum_i (-1)^popcount(i & z) tensor[r, i]`` for each row r and each z: (B, T).
 
-    Axes that no z reads are summed out first (one pass); then each term is a
-    chain of halvings, ``t[0] + t[1]`` or ``t[0] - t[1]`` along the next axis,
-    and terms that agree on the first axes share those halvings.
+    ``bits[axis]`` is the physical bit of tensor axis ``1 + axis``. Axes that
+    no z reads are summed out first (one pass); then each term is a chain of
+    halvings, ``t[:, 0] + t[:, 1]`` or ``t[:, 0] - t[:, 1]`` along the next
+    axis, and terms that agree on the first axes share those halvings.
     """
     union = 0
     for z in z_masks:
         union |= z
     kept = [axis for axis, bit in enumerate(bits) if (union >> bit) & 1]
-    summed = tuple(axis for axis in range(len(bits)) if axis not in kept)
+    summed = tuple(1 + axis for axis in range(len(bits)) if axis not in kept)
     reduced = xp.sum(tensor, axis=summed) if summed else tensor
     paths = [tuple((z >> bits[axis]) & 1 for axis in kept) for z in z_masks]
     level = {(): reduced}
     for depth in range(len(kept)):
         needed = {path[: depth + 1] for path in paths}
         level = {
-            prefix: (level[prefix[:-1]][0] - level[prefix[:-1]][1]) if prefix[-1] else (level[prefix[:-1]][0] + level[prefix[:-1]][1])
+            prefix: (level[prefix[:-1]][:, 0] - level[prefix[:-1]][:, 1]) if prefix[-1] else (level[prefix[:-1]][:, 0] + level[prefix[:-1]][:, 1])
             for prefix in needed
         }
-    sums = xp.stack([xp.asarray(level[path]).reshape(()) for path in paths]).astype(np.float64)
+    rows = tensor.shape[0]
+    sums = xp.stack([level[path].reshape(rows) for path in paths], axis=1).astype(np.float64)
     return np.asarray(sums.get() if xp is not np else sums)

@@ -121,3 +121,33 @@ def test_wrong_number_of_values_and_non_finite_values():
     with pytest.raises(InvalidInputError, match="finite"):
         compiled.bind([np.nan] * count)
     assert_same_state(compiled.bind(np.arange(count) / count), qc, np.arange(count) / count)
+
+
+@pytest.mark.parametrize("name", sorted(params_module._VECTORIZED))
+def test_vectorized_gate_matrices_match_qiskit(name):
+    from qiskit.circuit.library import get_standard_gate_name_mapping
+
+    gate_type = type(get_standard_gate_name_mapping()[name])
+    count = len(get_standard_gate_name_mapping()[name].params)
+    values = np.random.default_rng(len(name)).uniform(-4, 4, size=(5, count))
+    matrices = params_module._VECTORIZED[name](*values.T)
+    for row, matrix in zip(values, matrices):
+        np.testing.assert_allclose(matrix, gate_type(*row).to_matrix(), atol=1e-14)
+
+
+def test_bind_columns_match_bind_for_every_row():
+    from gpu_provider.engine.batch import columns_of
+
+    qc = mixed_circuit(5)
+    qc.rxx(qc.parameters[0] * qc.parameters[1], 0, 2)  # non-affine, not vectorized: row by row
+    qc.cry(qc.parameters[2], 1, 3, ctrl_state=0)  # non-default control state: Qiskit's matrix
+    for fusion in (FusionOptions(enable=False), FusionOptions(threshold=1)):
+        compiled = compile_circuit(qc, fusion)
+        assert compiled.can_batch
+        values = np.random.default_rng(4).uniform(-np.pi, np.pi, size=(4, qc.num_parameters))
+        batched = compiled.bind_columns(values)
+        expected = columns_of([compiled.bind(row) for row in values])
+        assert len(batched) == len(expected)
+        for mine, theirs in zip(batched, expected):
+            assert mine.kind == theirs.kind and tuple(mine.qubits) == tuple(theirs.qubits)
+            np.testing.assert_allclose(np.broadcast_to(mine.data, np.shape(theirs.data)) if not theirs.stacked else mine.data, theirs.data, atol=1e-12)
