@@ -474,7 +474,7 @@ def _sample(task: _SamplerTask, device: Device, precision: str, execution: Execu
             batched += len(chunk)
             for index, memory in zip(chunk, memories):
                 for name, bits in registers:
-                    arrays[name][index] = _register_bytes(memory, bits, task.shots)
+                    arrays[name][index] = _register_bytes(memory, bits, task.shots, circuit.num_clbits)
             continue
         programs = [compiled.bind(task.values[index]) for index in chunk]
         program_ops = programs[0].num_ops
@@ -490,7 +490,7 @@ def _sample(task: _SamplerTask, device: Device, precision: str, execution: Execu
         for index, memory in zip(chunk, memories):
             memory = memory or [0] * task.shots
             for name, bits in registers:
-                arrays[name][index] = _register_bytes(memory, bits, task.shots)
+                arrays[name][index] = _register_bytes(memory, bits, task.shots, circuit.num_clbits)
     data = DataBin(**{name: BitArray(arrays[name], len(bits)) for name, bits in registers}, shape=shape)
     metadata = {
         "shots": task.shots,
@@ -502,10 +502,10 @@ def _sample(task: _SamplerTask, device: Device, precision: str, execution: Execu
     return SamplerPubResult(data, metadata=metadata)
 
 
-def _register_bytes(memory: list, clbits: list[int], shots: int) -> np.ndarray:
+def _register_bytes(memory: list, clbits: list[int], shots: int, num_clbits: int) -> np.ndarray:
     """Each shot's register value (bit j from ``clbits[j]``) as big-endian bytes, as BitArray stores it."""
     num_bytes = max(1, -(-len(clbits) // 8))
-    if max(clbits, default=0) < 62 and len(clbits) <= 62:
+    if num_clbits <= 62:  # every shot's clbit integer fits an int64
         values = np.asarray(memory, dtype=np.int64)
         register = np.zeros(shots, dtype=np.int64)
         for j, clbit in enumerate(clbits):

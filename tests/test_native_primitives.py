@@ -252,12 +252,16 @@ def test_sampler_seeded_default_shots_and_dynamic_circuits():
 
 
 def test_sampler_wide_registers_and_no_registers():
-    qc = QuantumCircuit(3, 70)
+    small, wide = ClassicalRegister(2, "small"), ClassicalRegister(70, "wide")
+    qc = QuantumCircuit(QuantumRegister(3), small, wide)
     qc.x(0)
-    qc.measure(0, 69)
-    qc.measure(1, 3)
-    bits = SamplerV2(seed=1).run([qc], shots=5).result()[0].data.c
-    assert bits.num_bits == 70 and set(bits.get_bitstrings()) == {"1" + "0" * 69}
+    qc.x(2)
+    qc.measure(0, wide[69])
+    qc.measure(1, wide[3])
+    qc.measure(2, small[1])
+    data = SamplerV2(seed=1).run([qc], shots=5).result()[0].data
+    assert data.wide.num_bits == 70 and set(data.wide.get_bitstrings()) == {"1" + "0" * 69}
+    assert data.small.num_bits == 2 and set(data.small.get_bitstrings()) == {"10"}
     plain = QuantumCircuit(1)
     plain.h(0)
     assert list(SamplerV2().run([plain], shots=3).result()[0].data.keys()) == []
