@@ -3,6 +3,8 @@
 >>> from gpu_provider import GPUProvider
 >>> backend = GPUProvider().get_backend("gpu_simulator")
 >>> counts = backend.run(circuit, shots=1000).result().get_counts()
+>>> from gpu_provider import EstimatorV2
+>>> evs = EstimatorV2().run([(circuit, observables, parameter_values)]).result()[0].data.evs
 
 Importing the package touches no CUDA: the GPU is probed lazily on first use.
 """
@@ -38,6 +40,10 @@ def __getattr__(name: str):
         from .job import GPUJob
 
         return GPUJob
+    if name in ("EstimatorV2", "SamplerV2", "GPUPrimitiveJob"):
+        from . import primitives
+
+        return getattr(primitives, name)
     raise AttributeError(f"module 'gpu_provider' has no attribute {name!r}")
 
 
@@ -45,6 +51,9 @@ __all__ = [
     "GPUProvider",
     "GPUSimulator",
     "GPUJob",
+    "EstimatorV2",
+    "SamplerV2",
+    "GPUPrimitiveJob",
     "GPUProviderError",
     "InvalidInputError",
     "InvalidOptionError",

@@ -160,7 +160,7 @@ class GPUSimulator(BackendV2):
                 _check_memory_output(merged["shots"], device)
             ops_before = program.num_ops
             if merged["fusion_enable"]:
-                program = fuse(program, device.kind, merged["fusion_max_qubits"], merged["fusion_threshold"], merged["precision"])
+                program = fuse(program, device.kind, merged["fusion_max_qubits"], merged["fusion_threshold"], precision=merged["precision"])
             config = RunConfig(
                 shots=merged["shots"],
                 seed=seed + index,

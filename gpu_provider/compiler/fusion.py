@@ -67,14 +67,27 @@ def fuse(
     device_kind: str = "CPU",
     max_qubits: Optional[int] = None,
     threshold: int = DEFAULT_FUSION_THRESHOLD,
+    sources: Optional[dict] = None,
     precision: str = "double",
 ) -> P.Program:
-    """Return ``program`` with its gates fused for ``device_kind`` and ``precision``."""
+    """Return ``program`` with its gates fused for ``device_kind`` and ``precision``.
+
+    With ``sources`` (a dict), every fused top-level op is recorded as
+    ``sources[id(op)] = (op, gates)``, ``gates`` being the original gates it
+    multiplies (in their fusable form, program order), so a caller can rebuild
+    the block with :func:`merge_block` when some of those gates change. Global
+    phases are then left as ops (they may depend on parameters), not folded.
+    """
     if program.num_qubits < threshold:
         return program
     width = max_qubits if max_qubits is not None else default_width(device_kind, precision)
     all_qubits = frozenset(range(program.num_qubits))
-    return program.replace(ops=_fuse_ops(program.ops, width, all_qubits))
+    return program.replace(ops=_fuse_ops(program.ops, width, all_qubits, sources))
+
+
+def merge_block(gates: list):
+    """One op for ``gates`` (program order), as fusion builds it: a Diagonal when it is one."""
+    return _merge(gates, all(isinstance(gate, P.Diagonal) for gate in gates))
 
 
 def _as_fusable(op):
@@ -98,7 +111,7 @@ def _touches(op, all_qubits: frozenset) -> frozenset:
     return all_qubits  # control flow, stores, break/continue: a full barrier
 
 
-def _fuse_ops(ops, width: int, all_qubits: frozenset) -> tuple:
+def _fuse_ops(ops, width: int, all_qubits: frozenset, sources: Optional[dict] = None) -> tuple:
     items = []
     for op in ops:
         if isinstance(op, P.IfElse):
@@ -117,8 +130,9 @@ def _fuse_ops(ops, width: int, all_qubits: frozenset) -> tuple:
     # controlled phase written as cx, phase, cx) becomes a Diagonal, which the
     # wide pass then merges with other diagonals instead of into a dense block.
     if width >= 2:
-        items = _greedy(items, 2, all_qubits)
-    return _fold_global_phases(tuple(op for op, _, _ in _greedy(items, width, all_qubits)))
+        items = _greedy(items, 2, all_qubits, sources)
+    fused = tuple(op for op, _, _ in _greedy(items, width, all_qubits, sources))
+    return fused if sources is not None else _fold_global_phases(fused)
 
 
 def _fold_global_phases(ops: tuple) -> tuple:
@@ -147,7 +161,7 @@ def _fold_global_phases(ops: tuple) -> tuple:
     return (P.GlobalPhase(total),) + tuple(rest)
 
 
-def _greedy(items: list, width: int, all_qubits: frozenset) -> list:
+def _greedy(items: list, width: int, all_qubits: frozenset, sources: Optional[dict] = None) -> list:
     """One greedy pass over ``(op, fusable, qubits)`` items; returns items."""
     out = []
     pending = items
@@ -184,6 +198,11 @@ def _greedy(items: list, width: int, all_qubits: frozenset) -> list:
             out.append(pending[0])
         else:
             op = _merge(block, diagonal)
+            if sources is not None:
+                gates = []
+                for member in block:  # a block of the first pass stands for its own gates
+                    gates.extend(sources[id(member)][1] if id(member) in sources else [member])
+                sources[id(op)] = (op, tuple(gates))
             out.append((op, True, frozenset(op.qubits)))
         pending = kept
     return out

@@ -58,14 +58,16 @@ def translate(circuit: QuantumCircuit, initial_state: Optional[np.ndarray] = Non
             f"circuit {circuit.name!r} declares input variables; give them values with stores instead"
         )
     translator = _Translator(circuit)
+    return _translate_with(translator, circuit, initial_state)
+
+
+def _translate_with(translator: "_Translator", circuit: QuantumCircuit, initial_state) -> P.Program:
     prelude = []
     if initial_state is not None:
         prelude.append(P.Initialize(tuple(range(circuit.num_qubits)), _check_initial_state(initial_state, circuit)))
         translator.fresh.clear()  # no qubit starts in |0>: resets must stay
     ops = prelude + translator.block(circuit, {bit: i for i, bit in enumerate(circuit.qubits)}, {bit: i for i, bit in enumerate(circuit.clbits)}, top=True)
-    phase = _real(circuit.global_phase, "global_phase", circuit.name)
-    if phase:
-        ops.append(P.GlobalPhase(phase))
+    translator.global_phase(circuit.global_phase, circuit.name, ops)
     return P.Program(
         num_qubits=circuit.num_qubits,
         num_clbits=circuit.num_clbits,
@@ -191,10 +193,90 @@ def _width(type_) -> Optional[int]:
     raise UnsupportedInstructionError(f"classical type {type_} is not supported by this simulator")
 
 
+class NeedsBinding(UnboundParameterError):
+    """A parametrized instruction a template cannot hold (inside control flow, or without a
+    standard matrix or definition): the circuit is translated per binding instead."""
+
+
+class GateSlot:
+    """A standard gate whose parameters are expressions: its matrix is rebuilt per binding."""
+
+    __slots__ = ("gate_type", "params", "ctrl_state", "qubits", "diagonal", "label")
+
+    def __init__(self, op: Gate, qubits: tuple, diagonal: bool) -> None:
+        self.gate_type = type(op)
+        self.params = tuple(op.params)
+        self.ctrl_state = getattr(op, "ctrl_state", None) if isinstance(op, ControlledGate) else None
+        self.qubits = qubits
+        self.diagonal = diagonal
+        self.label = op.name
+
+    def matrix(self, evaluate) -> np.ndarray:
+        params = [evaluate(p) for p in self.params]
+        gate = self.gate_type(*params) if self.ctrl_state is None else self.gate_type(*params, ctrl_state=self.ctrl_state)
+        return np.asarray(gate.to_matrix(), dtype=np.complex128)
+
+    def bind(self, evaluate):
+        matrix = self.matrix(evaluate)
+        if not np.all(np.isfinite(matrix)):
+            raise InvalidInputError(f"instruction {self.label!r} has a non-finite matrix for these parameter values; use finite numbers")
+        if self.diagonal:
+            return P.Diagonal(self.qubits, np.ascontiguousarray(np.diagonal(matrix)), self.label)
+        return P.Unitary(self.qubits, matrix, label=self.label)
+
+
+class PhaseSlot:
+    """A global phase that is an expression of parameters."""
+
+    __slots__ = ("expression", "where")
+
+    def __init__(self, expression, where: str) -> None:
+        self.expression = expression
+        self.where = where
+
+    def bind(self, evaluate):
+        return P.GlobalPhase(_real(evaluate(self.expression), "global_phase", self.where))
+
+
 class _Translator:
-    def __init__(self, circuit: QuantumCircuit) -> None:
+    def __init__(self, circuit: QuantumCircuit, evaluate=None) -> None:
         self.circuit = circuit
         self.fresh = set(range(circuit.num_qubits))  # qubits still in |0>, top level only
+        # Template mode (evaluate given): parametrized gates become slots, keyed by id(op).
+        self.evaluate = evaluate
+        self.slots: dict = {}
+        self.depth = 0  # control-flow nesting
+
+    def global_phase(self, value, where: str, ops: list) -> None:
+        if self.evaluate is not None and isinstance(value, ParameterExpression) and value.parameters:
+            if self.depth:
+                raise NeedsBinding(f"a parametrized global phase inside control flow ({where!r})")
+            slot = PhaseSlot(value, where)
+            op = slot.bind(self.evaluate)
+            self.slots[id(op)] = (op, slot)
+            ops.append(op)
+            return
+        phase = _real(value, "global_phase", where)
+        if phase:
+            ops.append(P.GlobalPhase(phase))
+
+    def parametric_gate(self, op: Instruction, qargs: tuple, cargs: tuple, qubits, clbits, ops: list, top: bool) -> None:
+        """A gate with unbound parameters, in template mode: a slot, or its definition expanded."""
+        if self.depth:
+            raise NeedsBinding(f"instruction {op.name!r} inside control flow depends on parameters")
+        self._touch(qargs, top)
+        if op.name in STANDARD_GATES and type(op) is _STANDARD_TYPES[op.name]:
+            probe = GateSlot(op, qargs, diagonal=False)
+            # Diagonal at two generic points: diagonal for every value (rz, p, crz, rzz, ...).
+            diagonal = all(_is_diagonal(probe.matrix(_generic_values(seed))) for seed in (1, 2))
+            slot = GateSlot(op, qargs, diagonal)
+            emitted = slot.bind(self.evaluate)
+            self.slots[id(emitted)] = (emitted, slot)
+            ops.append(emitted)
+            return
+        if getattr(op, "definition", None) is None:
+            raise NeedsBinding(f"instruction {op.name!r} depends on parameters and has no definition")
+        self.expand(op, qargs, cargs, qubits, clbits, ops, top)
 
     # -- classical ----------------------------------------------------------
 
@@ -290,7 +372,11 @@ class _Translator:
         qmap = {bit: qargs[i] for i, bit in enumerate(body.qubits)}
         cmap = dict(outer_clbits)  # bodies share bits with the outer circuit; positional wins
         cmap.update({bit: cargs[i] for i, bit in enumerate(body.clbits)})
-        return tuple(self.block(body, qmap, cmap))
+        self.depth += 1
+        try:
+            return tuple(self.block(body, qmap, cmap))
+        finally:
+            self.depth -= 1
 
     def instruction(self, op: Instruction, qargs: tuple, cargs: tuple, qubits: dict, clbits: dict, ops: list, top: bool) -> None:
         name = op.name
@@ -305,8 +391,9 @@ class _Translator:
                 ops.append(P.Reset(qargs[0]))
             return
         if name == "global_phase":
-            _check_params(op)
-            ops.append(P.GlobalPhase(_real(op.params[0], "global_phase", name)))
+            if not (self.evaluate is not None and _has_unbound(op)):
+                _check_params(op)
+            self.global_phase(op.params[0], name, ops)
             return
         if name == "store":
             ops.append(self.store(op.lvalue, op.rvalue, clbits))
@@ -316,7 +403,12 @@ class _Translator:
             self._touch(qargs, top)
             return
         if name in ("initialize", "state_preparation"):
+            if self.evaluate is not None and _has_unbound(op):
+                raise NeedsBinding(f"instruction {name!r} depends on parameters")
             self.state_preparation(op, qargs, ops, top)
+            return
+        if self.evaluate is not None and _has_unbound(op):
+            self.parametric_gate(op, qargs, cargs, qubits, clbits, ops, top)
             return
         _check_params(op)
         self._touch(qargs, top)
@@ -385,9 +477,7 @@ class _Translator:
                 ops,
                 top,
             )
-        phase = _real(definition.global_phase, "global_phase", op.name)
-        if phase:
-            ops.append(P.GlobalPhase(phase))
+        self.global_phase(definition.global_phase, op.name, ops)
 
     def state_preparation(self, op: Instruction, qargs: tuple, ops: list, top: bool) -> None:
         inverse = bool(getattr(op, "_inverse", False))
@@ -460,3 +550,51 @@ def _is_default(value) -> bool:
     from qiskit.circuit.controlflow import CASE_DEFAULT
 
     return value is CASE_DEFAULT
+
+
+def _has_unbound(op) -> bool:
+    return any(isinstance(p, ParameterExpression) and p.parameters for p in getattr(op, "params", ()))
+
+
+def _is_diagonal(matrix: np.ndarray) -> bool:
+    return np.count_nonzero(np.abs(matrix - np.diag(np.diagonal(matrix))) > 1e-12) == 0
+
+
+def _generic_values(seed: int):
+    """An evaluator giving every parameter expression its own generic value."""
+    rng = np.random.default_rng(seed)
+    cache: dict = {}
+
+    def evaluate(value):
+        if not isinstance(value, ParameterExpression) or not value.parameters:
+            return value
+        bound = {}
+        for parameter in value.parameters:
+            if parameter not in cache:
+                cache[parameter] = float(rng.uniform(0.3, 2.8))
+            bound[parameter] = cache[parameter]
+        return value.bind(bound).numeric()
+
+    return evaluate
+
+
+def translate_template(circuit: QuantumCircuit, evaluate) -> tuple[P.Program, dict]:
+    """Translate a circuit whose gates may hold unbound parameters, once.
+
+    Each parametrized standard gate (and parametrized global phase) becomes an
+    op whose data is computed with ``evaluate`` (a function from a parameter
+    expression to a number), recorded in the returned ``slots``:
+    ``id(op) -> (op, slot)``, with ``slot.bind(evaluate)`` rebuilding it for
+    other values. Raises :class:`NeedsBinding` when a parametrized instruction
+    cannot be held in a template (inside control flow, or neither standard nor
+    defined): translate each bound circuit then.
+    """
+    if not isinstance(circuit, QuantumCircuit):
+        raise InvalidInputError(f"expected a qiskit QuantumCircuit, got {type(circuit).__name__}")
+    if getattr(circuit, "num_input_vars", 0):
+        raise InvalidInputError(
+            f"circuit {circuit.name!r} declares input variables; give them values with stores instead"
+        )
+    translator = _Translator(circuit, evaluate)
+    program = _translate_with(translator, circuit, None)
+    return program, translator.slots

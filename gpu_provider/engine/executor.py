@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import GPUProviderError, IterationLimitError, JobCancelledError, SimulationError
+from ..errors import GPUProviderError, InvalidInputError, IterationLimitError, JobCancelledError, SimulationError
 from .devices import PRECISIONS, Device
 from .program import (
     CONTROL_FLOW,
@@ -293,13 +293,17 @@ def dispatcher_for(device: Device) -> Dispatcher:
 # The interpreter
 
 
-def new_state(device: Device, num_qubits: int, dtype) -> StateVector:
-    kernels = None
-    if device.kind == "GPU":
-        from .kernels import kernels_for
+def device_kernels(device: Device, dtype) -> Any:
+    """The compiled kernels for ``dtype`` on a GPU device; None on the CPU."""
+    if device.kind != "GPU":
+        return None
+    from .kernels import kernels_for
 
-        kernels = kernels_for(np.dtype(dtype))
-    return StateVector(device.xp, num_qubits, dtype, kernels)
+    return kernels_for(np.dtype(dtype))
+
+
+def new_state(device: Device, num_qubits: int, dtype) -> StateVector:
+    return StateVector(device.xp, num_qubits, dtype, device_kernels(device, dtype))
 
 
 def estimated_ops(program: Program, config: RunConfig) -> int:
@@ -478,6 +482,35 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
             "time_taken": time.perf_counter() - start,
         },
     )
+
+
+def evolve(program: Program, state: StateVector, config: RunConfig, execution: Optional[Execution] = None) -> StateVector:
+    """Run ``program`` (no measurement but terminal ones, which are dropped; no reset or
+    control flow) on ``state`` from |0...0>; returns the state, left on its device.
+
+    Raises:
+        InvalidInputError: the program measures mid-circuit, resets or branches, so it has no
+            single final state.
+    """
+    if not is_sampling_friendly(program):
+        raise InvalidInputError(
+            f"circuit {program.name!r} has no single final state: it measures mid-circuit, resets or uses "
+            "control flow; exact expectation values need a circuit without them (final measurements are ignored)"
+        )
+    state.reset_to_zero()
+    shot = _Shot(program.num_clbits, np.random.default_rng(config.seed), config, execution)
+    run_ops(state, tuple(op for op in program.ops if not isinstance(op, Measure)), shot)
+    return state
+
+
+def sample_memory(program: Program, state: StateVector, shots: int, rng: np.random.Generator) -> list[int]:
+    """Each shot's clbit integer, drawn from ``state``, the final state of the sampling-friendly
+    ``program`` (as :func:`run_program` draws them: the same generator gives the same shots)."""
+    measures = [op for op in program.ops if isinstance(op, Measure)]
+    if not measures:
+        return [0] * shots
+    measured = sorted({m.qubit for m in measures})
+    return _sampled_clbit_values(state.sample(measured, shots, rng), measured, measures, program.num_clbits)
 
 
 def _sampled_clbit_values(outcomes: np.ndarray, qubits: list[int], measures, num_clbits: int) -> list[int]:

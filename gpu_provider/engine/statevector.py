@@ -452,6 +452,26 @@ class StateVector:
             return self.data.copy()
         return self.data.get()
 
+    @classmethod
+    def view(cls, xp: Any, data, dtype, kernels: Any = None, buffer=None) -> "StateVector":
+        """A state over existing flat ``data`` (canonical order), e.g. one row of a batch; nothing is copied."""
+        state = cls.__new__(cls)
+        state.xp = xp
+        state.num_qubits = int(data.shape[0]).bit_length() - 1
+        state.dtype = np.dtype(dtype)
+        state.kernels = kernels
+        state.data = data
+        state._buffer = buffer
+        state.order = list(range(state.num_qubits - 1, -1, -1))
+        state._device_arrays = {}
+        return state
+
+    def reset_to_zero(self) -> None:
+        """Back to |0...0> in canonical order, reusing the arrays (for the next binding)."""
+        self.data.fill(0)
+        self.data[0] = 1
+        self.order = list(range(self.num_qubits - 1, -1, -1))
+
 
 @functools.lru_cache(maxsize=1024)
 def _diagonal_index(axes: tuple[int, ...], n: int, tail: int) -> np.ndarray:

@@ -355,3 +355,70 @@ __global__ void __launch_bounds__(256) collapse(
         state[i0 | one] = keep_low ? zero : kept;
     }
 }
+
+// ---------------------------------------------------------------------------
+// pauli_expectation<R>: one X-mask group of Pauli terms in one pass.
+// partial[2 * block] (+1 for the imaginary part) = this block's share of
+//     sum_i f(i) * conj(state[i ^ x_mask]) * state[i],
+//     f(i) = sum_t weights[t] * (-1)^popcount(i & z_masks[t]),
+// accumulated in double for both precisions; with a fixed grid the host's sum
+// of the partials is deterministic. Masks are physical bit positions; up to
+// 256 terms per launch (they sit in shared memory).
+template <typename R>
+__global__ void __launch_bounds__(256) pauli_expectation(
+        const typename complex_of<R>::type* __restrict__ state,
+        index_t size, index_t x_mask,
+        const index_t* __restrict__ z_masks, const double2* __restrict__ weights, int count,
+        double* __restrict__ partial) {
+    typedef typename complex_of<R>::type cplx;
+    __shared__ index_t zs[256];
+    __shared__ double2 ws[256];
+    __shared__ double warp_re[32];
+    __shared__ double warp_im[32];
+    for (int t = threadIdx.x; t < count; t += blockDim.x) {
+        zs[t] = z_masks[t];
+        ws[t] = weights[t];
+    }
+    __syncthreads();
+    double re = 0.0, im = 0.0;
+    const index_t stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < size; i += stride) {
+        const cplx a = state[i];
+        const cplx b = state[i ^ x_mask];
+        // conj(b) * a
+        const double pr = (double)b.x * (double)a.x + (double)b.y * (double)a.y;
+        const double pi = (double)b.x * (double)a.y - (double)b.y * (double)a.x;
+        double fr = 0.0, fi = 0.0;
+        for (int t = 0; t < count; ++t) {
+            const double sign = (__popcll(i & zs[t]) & 1) ? -1.0 : 1.0;
+            fr += sign * ws[t].x;
+            fi += sign * ws[t].y;
+        }
+        re += fr * pr - fi * pi;
+        im += fr * pi + fi * pr;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        re += __shfl_down_sync(0xffffffffu, re, offset);
+        im += __shfl_down_sync(0xffffffffu, im, offset);
+    }
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        warp_re[warp] = re;
+        warp_im[warp] = im;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = (blockDim.x + 31) >> 5;
+        re = lane < warps ? warp_re[lane] : 0.0;
+        im = lane < warps ? warp_im[lane] : 0.0;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            re += __shfl_down_sync(0xffffffffu, re, offset);
+            im += __shfl_down_sync(0xffffffffu, im, offset);
+        }
+        if (lane == 0) {
+            partial[2 * blockIdx.x] = re;
+            partial[2 * blockIdx.x + 1] = im;
+        }
+    }
+}

@@ -301,3 +301,23 @@ def test_gate_matrices_go_to_the_device_in_one_copy(fake_gpu, monkeypatch):
     # ...and no gate is copied on its own (the (16,) copies are this array-module
     # path's broadcast factors for diagonals; the GPU kernels take the diagonal itself).
     assert not [shape for shape in copies if shape in ((2, 2), (2,))], copies
+
+
+def test_primitives_on_the_gpu_path(fake_gpu):
+    from qiskit.circuit.library import efficient_su2
+    from qiskit.primitives import StatevectorEstimator
+
+    from gpu_provider import EstimatorV2, SamplerV2
+
+    qc = efficient_su2(5, reps=1)
+    values = np.random.default_rng(4).uniform(-1, 1, size=(3, qc.num_parameters))
+    observables = [["XYZII"], ["ZZZZZ"]]
+    result = EstimatorV2(backend_options={"device": "GPU"}).run([(qc, observables, values)]).result()[0]
+    reference = StatevectorEstimator().run([(qc, observables, values)]).result()[0]
+    np.testing.assert_allclose(result.data.evs, reference.data.evs, atol=1e-12)
+    assert result.metadata["simulator_metadata"]["device"] == "GPU:0"
+    measured = qc.measure_all(inplace=False)
+    gpu = SamplerV2(seed=3, backend_options={"device": "GPU"}).run([(measured, values[0])], shots=200).result()[0]
+    cpu = SamplerV2(seed=3, backend_options={"device": "CPU"}).run([(measured, values[0])], shots=200).result()[0]
+    assert gpu.data.meas.get_bitstrings() == cpu.data.meas.get_bitstrings()  # the same seed, the same samples
+

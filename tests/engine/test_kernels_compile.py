@@ -75,7 +75,7 @@ def test_instances_cover_every_kernel_width_and_precision():
         for k in range(1, K.MAX_MATRIX_QUBITS + 1):
             assert f"apply_matrix<{real}, {k}>" in names
             assert f"apply_matrix_low<{real}, {k}>" in names
-        for kernel in ("apply_diagonal", "probability_one", "collapse"):
+        for kernel in ("apply_diagonal", "probability_one", "collapse", "pauli_expectation"):
             assert f"{kernel}<{real}>" in names
 
 
@@ -204,6 +204,7 @@ double emu_lanes[1024];
 
 inline void __syncthreads() { emu_block_barrier.wait(); }
 template <class T> inline T __ldg(const T* p) { return *p; }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline double __shfl_down_sync(unsigned, double value, int offset) {
     const unsigned t = threadIdx.x, lane = t % 32;
     emu_lanes[t] = value;
@@ -240,6 +241,7 @@ _SIGNATURES = {
     "apply_diagonal": ("ppuiu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
     "probability_one": ("puip", "(const {c}*)a0, a1, a2, (double*)a3"),
     "collapse": ("puiiri", "({c}*)a0, a1, a2, a3, a4, a5"),
+    "pauli_expectation": ("puuppip", "(const {c}*)a0, a1, a2, (const index_t*)a3, (const double2*)a4, a5, (double*)a6"),
 }
 
 
@@ -367,3 +369,15 @@ def test_emulated_diagonal_probability_and_collapse(emulated):
 def test_emulated_statevector_program(emulated):
     precision, kernels = emulated
     gpu_checks.check_statevector_program(np, kernels, precision, n=7, seed=3, steps=40)
+
+
+@pytest.mark.parametrize("n", [1, 4, 11])
+def test_emulated_pauli_expectation(emulated, n):
+    precision, kernels = emulated
+    gpu_checks.check_pauli_expectation(np, kernels, precision, n, seed=n)
+
+
+def test_emulated_pauli_expectation_chunks_many_terms(emulated):
+    precision, kernels = emulated
+    gpu_checks.check_pauli_expectation(np, kernels, precision, 6, seed=9, count=K.MAX_PAULI_TERMS + 20)
+

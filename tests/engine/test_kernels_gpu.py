@@ -168,6 +168,43 @@ def check_statevector_program(xp: Any, kernels: Any, precision: str, n: int, see
     assert_close(device.to_host(), host.to_host(), 10 * TOLERANCE[precision])
 
 
+def random_pauli_terms(rng: np.random.Generator, n: int, count: int, x_masks: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` random (x, z, coeff) terms sharing ``x_masks`` X masks (one of them 0), so groups have many terms."""
+    xs = [0] + [int(rng.integers(1, 1 << n)) for _ in range(x_masks - 1)]
+    x = np.array([xs[int(rng.integers(len(xs)))] for _ in range(count)], dtype=np.uint64)
+    z = rng.integers(0, 1 << n, size=count).astype(np.uint64)
+    coeffs = rng.normal(size=count) + 0.5j * rng.normal(size=count)
+    return x, z, coeffs
+
+
+def check_pauli_expectation(xp: Any, kernels: Any, precision: str, n: int, seed: int, count: int = 40) -> None:
+    """The kernel's grouped expectation against the xp path, with the state in a shuffled axis order."""
+    from gpu_provider.engine.expectation import PauliSum, expectation_values
+
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[precision]
+    initial = random_state(rng, n)
+    x, z, coeffs = random_pauli_terms(rng, n, count)
+    observables = [PauliSum(n, x, z, coeffs), PauliSum(n, x[:5], z[:5], np.ones(5))]
+    oracle = host_state(n, dtype, initial)
+    order = [int(q) for q in rng.permutation(n)]
+    oracle._reorder(order)  # physical bits differ from qubits: the masks must be mapped
+    expected = expectation_values(oracle, observables)
+    state = device_state(xp, n, dtype, initial, kernels)
+    state._reorder(order)
+    actual = expectation_values(state, observables)
+    scale = float(np.sum(np.abs(coeffs)))
+    assert np.max(np.abs(actual - expected)) <= 10 * TOLERANCE[precision] * scale, (actual, expected)
+    # One group straight through the kernel: the same as the xp path's weighted sum.
+    members = np.nonzero(x == x[0])[0]
+    bits = [state.bit(q) for q in range(n)]
+    from gpu_provider.engine.expectation import _physical
+
+    direct = kernels.pauli_expectation(state, int(_physical(x[:1], bits)[0]), _physical(z[members], bits), coeffs[members])
+    single = expectation_values(oracle, [PauliSum(n, x[members], z[members], coeffs[members])])[0]
+    assert abs(direct - single) <= 10 * TOLERANCE[precision] * scale
+
+
 # ---------------------------------------------------------------------------
 # the GPU tests
 
@@ -243,4 +280,16 @@ def test_kernels_run_on_the_current_stream(cp):
     for _ in range(5):
         oracle.apply_unitary([0, n - 1], matrix)
     assert_close(cp.asnumpy(state.data, stream=stream), oracle.to_host(), TOLERANCE["double"])
+
+
+@pytest.mark.parametrize("n", [1, 5, NUM_QUBITS])
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_pauli_expectation_kernel_matches_xp_path(cp, precision, n):
+    check_pauli_expectation(cp, kernels_for(DTYPES[precision]), precision, n, seed=n)
+
+
+def test_pauli_expectation_kernel_with_more_terms_than_one_launch(cp):
+    from gpu_provider.engine.kernels import MAX_PAULI_TERMS
+
+    check_pauli_expectation(cp, kernels_for(np.complex128), "double", 12, seed=5, count=3 * MAX_PAULI_TERMS)
 

@@ -1,0 +1,526 @@
+"""Native Qiskit primitives on the engine: :class:`EstimatorV2` and :class:`SamplerV2`.
+
+They sit beside :class:`~gpu_provider.GPUSimulator` and use its options, device
+and compiler, with no shots in the estimator:
+
+- Each PUB's circuit is translated and fused once
+  (:func:`~gpu_provider.compiler.parameters.compile_circuit`); each binding of
+  its parameters rebuilds only the parameter-dependent matrices.
+- The estimator runs each binding once, on the device, and evaluates every
+  observable that binding broadcasts to on the final state, exactly
+  (:mod:`gpu_provider.engine.expectation`: Pauli terms grouped by X mask, one
+  pass per group). ``precision > 0`` adds seeded Gaussian noise of that
+  standard deviation, as Qiskit's ``StatevectorEstimator`` and Aer do.
+- The sampler returns a ``BitArray`` per classical register; mid-circuit
+  measurement and control flow work as in ``backend.run``.
+- ``run()`` validates and compiles before returning a submitted
+  :class:`GPUPrimitiveJob`; the work runs on the device's dispatcher, so
+  ``status()`` never blocks and ``cancel()`` stops at the next checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from qiskit.circuit import QuantumCircuit
+from qiskit.primitives import BaseEstimatorV2, BaseSamplerV2
+from qiskit.primitives.base.base_primitive_job import BasePrimitiveJob
+from qiskit.primitives.containers import BitArray, DataBin, PrimitiveResult, PubResult, SamplerPubResult
+from qiskit.primitives.containers.estimator_pub import EstimatorPub
+from qiskit.primitives.containers.sampler_pub import SamplerPub
+
+from .backend import GPUSimulator
+from .compiler.parameters import CompiledCircuit, FusionOptions, compile_circuit
+from .engine.devices import PRECISIONS, Device, resolve_device
+from .engine.batch import batch_size, batchable, evolve_batch, evolve_columns
+from .engine.executor import Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory
+from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
+from .engine.program import is_sampling_friendly
+from .errors import InvalidInputError, InvalidOptionError
+from .job import GPUJob
+
+logger = logging.getLogger(__name__)
+
+# Aer's option names, accepted so that its users can switch by changing the import.
+_AER_OPTION_KEYS = ("default_precision", "default_shots", "backend_options", "run_options")
+
+
+class GPUPrimitiveJob(GPUJob, BasePrimitiveJob):
+    """The job of a primitive's ``run()``: Qiskit's ``PrimitiveJob`` contract
+    (``result``, ``status``, ``done``, ``running``, ``cancelled``,
+    ``in_final_state``, ``cancel``, ``job_id``) plus ``backend()``,
+    ``wait_for_final_state``, ``result(timeout)`` and ``progress()`` of
+    :class:`~gpu_provider.GPUJob`, whose event-driven, non-blocking behaviour it
+    shares. ``result()`` returns a ``PrimitiveResult``.
+    """
+
+    def __init__(self, backend, job_id: str, execution: Execution, circuits=None) -> None:
+        GPUJob.__init__(self, backend, job_id, execution, circuits=circuits)
+
+    def _submit(self) -> None:  # the name Qiskit's PrimitiveJob uses
+        self.submit()
+
+    def __repr__(self) -> str:
+        return f"<GPUPrimitiveJob {self.job_id()} on {self._execution.device.name}: {self.status().name}>"
+
+
+def _split_options(options: Optional[dict], **defaults) -> dict:
+    """Aer-style ``options`` merged over the keyword defaults."""
+    merged = dict(defaults)
+    if options:
+        unknown = set(options) - set(_AER_OPTION_KEYS)
+        if unknown:
+            raise InvalidOptionError(f"unknown primitive options {sorted(unknown)}; the options are {list(_AER_OPTION_KEYS)}")
+        merged.update({k: v for k, v in options.items() if k != "run_options"})
+        run_options = dict(options.get("run_options") or {})
+        if "seed_simulator" in run_options:
+            merged["seed"] = run_options.pop("seed_simulator")
+        if "shots" in run_options:
+            merged["default_shots"] = run_options.pop("shots")
+        if run_options:
+            raise InvalidOptionError(f"run_options {sorted(run_options)} are not used; pass seed_simulator or shots")
+    return merged
+
+
+class _Primitive:
+    """What both primitives share: the backend (options, device) and compiling PUB circuits."""
+
+    def _init_backend(self, backend: Optional[GPUSimulator], backend_options: Optional[dict]) -> None:
+        if backend is not None and not isinstance(backend, GPUSimulator):
+            raise InvalidInputError(f"backend must be a GPUSimulator, not {type(backend).__name__}")
+        self._backend = backend if backend is not None else GPUSimulator()
+        if backend_options:
+            self._backend.set_options(**backend_options)
+
+    @property
+    def backend(self) -> GPUSimulator:
+        """The :class:`~gpu_provider.GPUSimulator` whose options (device, precision, fusion) this primitive uses."""
+        return self._backend
+
+    def _device(self) -> tuple[Device, str, str]:
+        options = self._backend.options
+        device, reason = resolve_device(options.device, options.device_id)
+        return device, options.precision, reason
+
+    def _compile(self, circuit: QuantumCircuit, device: Device, cache: dict) -> CompiledCircuit:
+        key = id(circuit)
+        if key not in cache:
+            options = self._backend.options
+            fusion = FusionOptions(
+                options.fusion_enable, device.kind, options.fusion_max_qubits, options.fusion_threshold, options.precision
+            )
+            itemsize = np.dtype(PRECISIONS[options.precision]).itemsize
+            device.check_fits(circuit.num_qubits, itemsize, arrays=2)
+            cache[key] = (circuit, compile_circuit(circuit, fusion))  # keep the circuit alive: ids stay unique
+        return cache[key][1]
+
+    def _submit(self, device: Device, ops_total: int, work, circuits) -> GPUPrimitiveJob:
+        execution = Execution(device, ops_total, work)
+        job = GPUPrimitiveJob(self._backend, str(uuid.uuid4()), execution, circuits=circuits)
+        job.submit()
+        return job
+
+
+def _seed_of(seed) -> Optional[int]:
+    if seed is None or isinstance(seed, np.random.Generator):
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidOptionError(f"seed must be a non-negative integer, a numpy Generator or None, not {seed!r}")
+    return int(seed)
+
+
+def _simulator_metadata(
+    device: Device, precision: str, compiled: CompiledCircuit, program_ops: int, bindings: int, seconds: float, reason: str, batched: int = 0
+) -> dict:
+    metadata = {
+        "device": device.name,
+        "precision": precision,
+        "method": "statevector",
+        "num_bindings": bindings,
+        "batched_bindings": batched,
+        "compiled_once": not compiled.per_binding_translation,
+        "parametrized_ops": compiled.num_slots,
+        "fusion_ops_before": compiled.ops_before,
+        "fusion_ops_after": program_ops,
+        "time_taken": seconds,
+    }
+    if reason:
+        metadata["gpu_unavailable_reason"] = reason
+    return metadata
+
+
+# ---------------------------------------------------------------------------
+# Estimator
+
+
+def _as_pauli_sum(observable, num_qubits: int) -> PauliSum:
+    """A Qiskit ``SparseObservable`` (an ``ObservablesArray`` element) as the engine's PauliSum."""
+    if observable.contains_projectors:
+        observable = observable.as_paulis()
+    bit_terms = np.asarray(observable.bit_terms, dtype=np.uint64)
+    indices = np.asarray(observable.indices, dtype=np.uint64)
+    boundaries = np.asarray(observable.boundaries, dtype=np.int64)
+    count = observable.num_terms
+    owner = np.repeat(np.arange(count), np.diff(boundaries))
+    x = np.zeros(count, dtype=np.uint64)
+    z = np.zeros(count, dtype=np.uint64)
+    # SparseObservable's Pauli letters: bit 0 is the Z part, bit 1 the X part (Y has both).
+    np.bitwise_or.at(x, owner, ((bit_terms >> np.uint64(1)) & np.uint64(1)) << indices)
+    np.bitwise_or.at(z, owner, (bit_terms & np.uint64(1)) << indices)
+    return pauli_sum(num_qubits, x, z, np.asarray(observable.coeffs, dtype=np.complex128))
+
+
+@dataclass
+class _EstimatorTask:
+    pub: EstimatorPub
+    compiled: CompiledCircuit
+    values: np.ndarray  # (*param_shape, num_parameters)
+    observables: np.ndarray  # object array of PauliSum, obs_shape
+    shape: tuple
+
+
+class EstimatorV2(_Primitive, BaseEstimatorV2):
+    """Exact expectation values on the gpu_provider engine (GPU through CuPy, or NumPy).
+
+    Args:
+        default_precision: standard deviation of the Gaussian noise added to each
+            expectation value when a PUB or ``run()`` gives none; 0 (the default) is exact.
+        seed: seed (or numpy Generator) of that noise.
+        backend: a :class:`~gpu_provider.GPUSimulator` whose options (``device``,
+            ``precision``, ``fusion_*``) are used; a new one by default.
+        backend_options: options set on that backend.
+        options: Aer's form, ``{"default_precision", "backend_options", "run_options":
+            {"seed_simulator"}}``, for code written against Aer's ``EstimatorV2``.
+    """
+
+    def __init__(
+        self,
+        *,
+        default_precision: float = 0.0,
+        seed: np.random.Generator | int | None = None,
+        backend: Optional[GPUSimulator] = None,
+        backend_options: Optional[dict] = None,
+        options: Optional[dict] = None,
+    ) -> None:
+        merged = _split_options(options, default_precision=default_precision, seed=seed, backend_options=backend_options)
+        if "default_shots" in merged:
+            raise InvalidOptionError("the estimator takes no shots; give precision instead")
+        self._default_precision = _check_precision(merged["default_precision"])
+        _seed_of(merged["seed"])
+        self._seed = merged["seed"]
+        self._init_backend(backend, merged["backend_options"])
+
+    @property
+    def default_precision(self) -> float:
+        return self._default_precision
+
+    @property
+    def seed(self):
+        return self._seed
+
+    def run(self, pubs: Iterable, *, precision: float | None = None) -> GPUPrimitiveJob:
+        """Estimate every PUB; returns a submitted :class:`GPUPrimitiveJob`.
+
+        Raises:
+            ValueError: a PUB that does not validate (parameter count, observable
+                width, negative precision), a circuit with mid-circuit measurement
+                or control flow, or a state too large for the device.
+        """
+        if precision is None:
+            precision = self._default_precision
+        _check_precision(precision)
+        coerced = [_coerce(EstimatorPub, pub, precision, i) for i, pub in enumerate(_pub_list(pubs))]
+        device, dtype_name, reason = self._device()
+        cache: dict = {}
+        tasks = []
+        ops_total = 0
+        for pub in coerced:
+            compiled = self._compile(pub.circuit, device, cache)
+            n = pub.circuit.num_qubits
+            observables = np.empty(pub.observables.shape, dtype=object)
+            for index, observable in np.ndenumerate(pub.observables.sparse_observables_array()):
+                observables[index] = _as_pauli_sum(observable, n)
+            values = pub.parameter_values.as_array(compiled.parameters) if compiled.parameters else np.zeros(pub.parameter_values.shape + (0,))
+            if not compiled.per_binding_translation and not is_sampling_friendly(compiled.template):
+                raise InvalidInputError(
+                    f"circuit {pub.circuit.name!r} measures mid-circuit, resets or uses control flow, so it has no single "
+                    "final state; EstimatorV2 computes exact expectation values of a final state (final measurements are ignored)"
+                )
+            shape = np.broadcast_shapes(pub.parameter_values.shape, pub.observables.shape)
+            tasks.append(_EstimatorTask(pub, compiled, values, observables, shape))
+            ops_total += max(compiled.ops_before, 1) * max(int(np.prod(pub.parameter_values.shape, dtype=np.int64)), 1)
+        seed = self._seed
+        config = RunConfig(shots=1, seed=0, precision=dtype_name)
+
+        def work(execution: Execution) -> PrimitiveResult:
+            results = []
+            for task in tasks:
+                results.append(_estimate(task, device, config, execution, seed, reason))
+            return PrimitiveResult(results, metadata={"version": 2})
+
+        return self._submit(device, ops_total, work, [task.pub.circuit for task in tasks])
+
+
+def _check_precision(precision) -> float:
+    if isinstance(precision, bool) or not isinstance(precision, (int, float, np.integer, np.floating)) or not math.isfinite(precision) or precision < 0:
+        raise InvalidOptionError(f"precision must be a finite non-negative number (0 is exact), not {precision!r}")
+    return float(precision)
+
+
+def _coerce(kind, pub, default, index: int):
+    """Qiskit's PUB coercion and validation, its errors naming the PUB."""
+    try:
+        return kind.coerce(pub, default)
+    except ValueError as exc:
+        raise InvalidInputError(f"PUB {index} is not valid: {exc}") from exc
+
+
+def _pub_list(pubs) -> list:
+    if isinstance(pubs, (QuantumCircuit, EstimatorPub, SamplerPub)):
+        raise InvalidInputError("run() takes a list of PUBs; wrap a single one in a list: run([pub])")
+    return list(pubs)
+
+
+def _estimate(task: _EstimatorTask, device: Device, config: RunConfig, execution: Execution, seed, reason: str) -> PubResult:
+    start = time.perf_counter()
+    pub = task.pub
+    precision = float(pub.precision)
+    param_shape = pub.parameter_values.shape
+    index_array = np.empty(param_shape, dtype=object)
+    for index in np.ndindex(*param_shape):
+        index_array[index] = index
+    bc_index, bc_obs = np.broadcast_arrays(index_array, task.observables)
+    # Every output position, grouped by the binding it needs: one simulation per binding.
+    by_binding: dict = {}
+    for position in np.ndindex(*task.shape):
+        by_binding.setdefault(bc_index[position], []).append(position)
+    evs = np.zeros(task.shape, dtype=np.float64)
+    state = None
+    program_ops = 0
+    batched = 0
+    compiled = task.compiled
+    n = pub.circuit.num_qubits
+    for chunk in _chunks(list(by_binding.items()), n):
+        kernels = device_kernels(device, config.dtype)
+        if len(chunk) > 1 and compiled.can_batch:
+            columns = compiled.bind_columns(np.stack([task.values[binding] for binding, _ in chunk]))
+            batch = evolve_columns(columns, n, len(chunk), device.xp, config.dtype, kernels, execution)
+            program_ops = compiled.template.num_ops
+            batched += len(chunk)
+            rows = batch_expectation_values(batch, [[bc_obs[p] for p in positions] for _, positions in chunk])
+            for (_, positions), values in zip(chunk, rows):
+                _store(positions, values, bc_obs, evs)
+            continue
+        programs = [compiled.bind(task.values[binding]) for binding, _ in chunk]
+        program_ops = programs[0].num_ops
+        if batchable(programs):
+            batch = evolve_batch(programs, device.xp, config.dtype, kernels, execution)
+            states = (batch.state(row) for row in range(len(chunk)))
+            batched += len(chunk)
+        else:
+            if state is None:
+                state = new_state(device, pub.circuit.num_qubits, config.dtype)
+            states = (evolve(program, state, config, execution) for program in programs)
+        _consume(zip(chunk, states), bc_obs, evs)
+    del state
+    if precision != 0:
+        rng = np.random.default_rng(seed)
+        evs = rng.normal(evs, precision)
+    stds = np.full(task.shape, precision, dtype=np.float64)
+    data = DataBin(evs=evs, stds=stds, shape=task.shape)
+    metadata = {
+        "target_precision": precision,
+        "circuit_metadata": pub.circuit.metadata,
+        "simulator_metadata": _simulator_metadata(
+            device, config.precision, task.compiled, program_ops, len(by_binding), time.perf_counter() - start, reason, batched
+        ),
+    }
+    return PubResult(data, metadata=metadata)
+
+
+def _consume(finals, bc_obs: np.ndarray, evs: np.ndarray) -> None:
+    """Evaluate, on each final state, the observables of the output positions it serves."""
+    for (_, positions), final in finals:
+        _store(positions, expectation_values(final, [bc_obs[p] for p in positions]), bc_obs, evs)
+
+
+def _store(positions: list, values: np.ndarray, bc_obs: np.ndarray, evs: np.ndarray) -> None:
+    scale = max(1.0, max(float(np.sum(np.abs(bc_obs[p].coeffs))) for p in positions))
+    if np.max(np.abs(values.imag)) > 1e-8 * scale:
+        raise InvalidInputError("an observable is not Hermitian: its expectation value is not real")
+    for p, value in zip(positions, values.real):
+        evs[p] = value
+
+
+def _chunks(items: list, num_qubits: int):
+    """Parameter sets in chunks that one batch of states holds (one at a time for wide states)."""
+    size = batch_size(num_qubits)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ---------------------------------------------------------------------------
+# Sampler
+
+
+@dataclass
+class _SamplerTask:
+    pub: SamplerPub
+    compiled: CompiledCircuit
+    values: np.ndarray
+    shots: int
+
+
+class SamplerV2(_Primitive, BaseSamplerV2):
+    """Shots from the gpu_provider engine, as ``BitArray`` per classical register.
+
+    Args:
+        default_shots: shots of a PUB that gives none (1024).
+        seed: seed of the samples (an int, or None for fresh randomness).
+        backend: a :class:`~gpu_provider.GPUSimulator` whose options are used.
+        backend_options: options set on that backend.
+        options: Aer's form, ``{"default_shots", "backend_options", "run_options":
+            {"seed_simulator"}}``.
+    """
+
+    def __init__(
+        self,
+        *,
+        default_shots: int = 1024,
+        seed: Optional[int] = None,
+        backend: Optional[GPUSimulator] = None,
+        backend_options: Optional[dict] = None,
+        options: Optional[dict] = None,
+    ) -> None:
+        merged = _split_options(options, default_shots=default_shots, seed=seed, backend_options=backend_options)
+        if "default_precision" in merged:
+            raise InvalidOptionError("the sampler takes shots, not a precision")
+        self._default_shots = _check_shots(merged["default_shots"])
+        self._seed = _seed_of(merged["seed"])
+        if isinstance(merged["seed"], np.random.Generator):
+            self._seed = int(merged["seed"].integers(0, 2**62))
+        self._init_backend(backend, merged["backend_options"])
+
+    @property
+    def default_shots(self) -> int:
+        return self._default_shots
+
+    @property
+    def seed(self) -> Optional[int]:
+        return self._seed
+
+    def run(self, pubs: Iterable, *, shots: int | None = None) -> GPUPrimitiveJob:
+        """Sample every PUB; returns a submitted :class:`GPUPrimitiveJob`.
+
+        Raises:
+            ValueError: a PUB that does not validate (parameter count, shots < 1)
+                or a state too large for the device.
+        """
+        if shots is None:
+            shots = self._default_shots
+        _check_shots(shots)
+        coerced = [_coerce(SamplerPub, pub, shots, i) for i, pub in enumerate(_pub_list(pubs))]
+        device, dtype_name, reason = self._device()
+        cache: dict = {}
+        tasks = []
+        ops_total = 0
+        for pub in coerced:
+            compiled = self._compile(pub.circuit, device, cache)
+            values = pub.parameter_values.as_array(compiled.parameters) if compiled.parameters else np.zeros(pub.parameter_values.shape + (0,))
+            tasks.append(_SamplerTask(pub, compiled, values, int(pub.shots)))
+            ops_total += max(compiled.ops_before, 1) * max(int(np.prod(pub.parameter_values.shape, dtype=np.int64)), 1)
+        seed = self._seed if self._seed is not None else int(np.random.default_rng().integers(0, 2**62))
+
+        def work(execution: Execution) -> PrimitiveResult:
+            seeds = np.random.default_rng(seed)
+            results = [_sample(task, device, dtype_name, execution, seeds, reason) for task in tasks]
+            return PrimitiveResult(results, metadata={"version": 2})
+
+        return self._submit(device, ops_total, work, [task.pub.circuit for task in tasks])
+
+
+def _check_shots(shots) -> int:
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or not 1 <= shots <= 10**9:
+        raise InvalidOptionError(f"shots must be an integer from 1 to 1,000,000,000, not {shots!r}")
+    return int(shots)
+
+
+def _sample(task: _SamplerTask, device: Device, precision: str, execution: Execution, seeds: np.random.Generator, reason: str) -> SamplerPubResult:
+    start = time.perf_counter()
+    pub = task.pub
+    circuit = pub.circuit
+    shape = pub.parameter_values.shape
+    registers = [(creg.name, [circuit.find_bit(bit).index for bit in creg]) for creg in circuit.cregs]
+    arrays = {name: np.zeros(shape + (task.shots, max(1, -(-len(bits) // 8))), dtype=np.uint8) for name, bits in registers}
+    program_ops = 0
+    batched = 0
+    compiled = task.compiled
+    for chunk in _chunks(list(np.ndindex(*shape)), circuit.num_qubits):
+        configs = [RunConfig(shots=task.shots, seed=int(seeds.integers(0, 2**62)), memory=True, precision=precision) for _ in chunk]
+        kernels = device_kernels(device, configs[0].dtype)
+        if len(chunk) > 1 and compiled.can_batch:
+            columns = compiled.bind_columns(np.stack([task.values[index] for index in chunk]))
+            batch = evolve_columns(columns, circuit.num_qubits, len(chunk), device.xp, configs[0].dtype, kernels, execution)
+            program = compiled.template  # measurements are the same in every binding
+            program_ops = program.num_ops
+            memories = [
+                sample_memory(program, batch.state(row), task.shots, np.random.default_rng(config.seed)) for row, config in enumerate(configs)
+            ]
+            batched += len(chunk)
+            for index, memory in zip(chunk, memories):
+                for name, bits in registers:
+                    arrays[name][index] = _register_bytes(memory, bits, task.shots, circuit.num_clbits)
+            continue
+        programs = [compiled.bind(task.values[index]) for index in chunk]
+        program_ops = programs[0].num_ops
+        if batchable(programs):
+            batch = evolve_batch(programs, device.xp, configs[0].dtype, kernels, execution)
+            memories = [
+                sample_memory(program, batch.state(row), task.shots, np.random.default_rng(config.seed))
+                for row, (program, config) in enumerate(zip(programs, configs))
+            ]
+            batched += len(chunk)
+        else:
+            memories = (run_program(program, device, config, execution).memory for program, config in zip(programs, configs))
+        for index, memory in zip(chunk, memories):
+            memory = memory or [0] * task.shots
+            for name, bits in registers:
+                arrays[name][index] = _register_bytes(memory, bits, task.shots, circuit.num_clbits)
+    data = DataBin(**{name: BitArray(arrays[name], len(bits)) for name, bits in registers}, shape=shape)
+    metadata = {
+        "shots": task.shots,
+        "circuit_metadata": circuit.metadata,
+        "simulator_metadata": _simulator_metadata(
+            device, precision, task.compiled, program_ops, int(np.prod(shape, dtype=np.int64)), time.perf_counter() - start, reason, batched
+        ),
+    }
+    return SamplerPubResult(data, metadata=metadata)
+
+
+def _register_bytes(memory: list, clbits: list[int], shots: int, num_clbits: int) -> np.ndarray:
+    """Each shot's register value (bit j from ``clbits[j]``) as big-endian bytes, as BitArray stores it."""
+    num_bytes = max(1, -(-len(clbits) // 8))
+    if num_clbits <= 62:  # every shot's clbit integer fits an int64
+        values = np.asarray(memory, dtype=np.int64)
+        register = np.zeros(shots, dtype=np.int64)
+        for j, clbit in enumerate(clbits):
+            register |= ((values >> clbit) & 1) << j
+        shifts = 8 * np.arange(num_bytes - 1, -1, -1)
+        return ((register[:, None] >> shifts[None, :]) & 0xFF).astype(np.uint8)
+    out = np.zeros((shots, num_bytes), dtype=np.uint8)
+    for shot, value in enumerate(memory):
+        register = 0
+        for j, clbit in enumerate(clbits):
+            register |= ((int(value) >> clbit) & 1) << j
+        out[shot] = np.frombuffer(register.to_bytes(num_bytes, "big"), dtype=np.uint8)
+    return out
+
+
+__all__ = ["EstimatorV2", "SamplerV2", "GPUPrimitiveJob"]

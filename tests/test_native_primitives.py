@@ -1,0 +1,396 @@
+"""gpu_provider's own EstimatorV2 and SamplerV2 against Qiskit's reference primitives and Aer.
+
+Estimator values are exact: they must equal StatevectorEstimator's (and Aer's
+exact EstimatorV2's) to rounding, with the same result shapes and metadata
+keys; with precision > 0 the noise is seeded. Sampler counts pass a chi-square
+test against exact probabilities, with one BitArray per register.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister
+from qiskit.circuit import Parameter, ParameterVector
+from qiskit.circuit.library import efficient_su2
+from qiskit.primitives import BaseEstimatorV2, BaseSamplerV2, StatevectorEstimator, StatevectorSampler
+from qiskit.primitives.base.base_primitive_job import BasePrimitiveJob
+from qiskit.primitives.containers import BitArray, ObservablesArray
+from qiskit.providers import JobError, JobStatus, JobTimeoutError
+from qiskit.quantum_info import SparseObservable, SparsePauliOp, Statevector
+
+import gpu_provider
+from gpu_provider import EstimatorV2, GPUSimulator, SamplerV2
+from gpu_provider.compiler import parameters as compiler_parameters
+from gpu_provider.errors import InvalidInputError, InvalidOptionError
+from tests.helpers import assert_counts_match, exact_distribution
+
+TOLERANCE = {"double": 1e-10, "single": 1e-4}
+
+
+def estimator(device: str, precision: str = "double", **kwargs) -> EstimatorV2:
+    return EstimatorV2(backend_options={"device": device, "precision": precision}, **kwargs)
+
+
+def sampler(device: str, **kwargs) -> SamplerV2:
+    return SamplerV2(backend_options={"device": device}, **kwargs)
+
+
+def ansatz(n: int = 4) -> QuantumCircuit:
+    qc = efficient_su2(n, reps=2, entanglement="circular")
+    qc.global_phase = Parameter("g")  # parametrized phases must not change expectation values
+    return qc
+
+
+def random_observable(rng, n: int, terms: int) -> SparsePauliOp:
+    labels = ["".join(rng.choice(list("IXYZ"), size=n)) for _ in range(terms)]
+    return SparsePauliOp(labels, rng.normal(size=terms)).simplify()
+
+
+# ---------------------------------------------------------------------------
+# Estimator
+
+
+def test_importable_from_the_package_and_subclasses_qiskit_bases():
+    assert gpu_provider.EstimatorV2 is EstimatorV2 and gpu_provider.SamplerV2 is SamplerV2
+    assert issubclass(EstimatorV2, BaseEstimatorV2) and issubclass(SamplerV2, BaseSamplerV2)
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_estimator_matches_statevector_estimator_with_broadcasting(device, precision):
+    rng = np.random.default_rng(3)
+    qc = ansatz(4)
+    observables = [[random_observable(rng, 4, 12)], [SparsePauliOp("XXYY")], ["ZIIZ"], [SparseObservable("+-0Z")]]
+    values = rng.uniform(-np.pi, np.pi, size=(1, 5, qc.num_parameters))  # (1, 5) x (4, 1) -> (4, 5)
+    pubs = [(qc, observables, values), (qc, "ZZZZ", values[0, 0]), (qc.assign_parameters(values[0, 1]), ["XXXX", "IIYY"])]
+    ours = estimator(device, precision).run(pubs).result()
+    # The reference takes no projectors: give it the same observable as Paulis.
+    observables[3] = [SparseObservable("+-0Z").as_paulis()]
+    reference = StatevectorEstimator().run(pubs).result()
+    assert len(ours) == len(reference) == 3
+    for mine, theirs in zip(ours, reference):
+        assert mine.data.evs.shape == theirs.data.evs.shape == mine.data.stds.shape
+        assert mine.data.evs.dtype == np.float64
+        np.testing.assert_allclose(mine.data.evs, theirs.data.evs, atol=TOLERANCE[precision] * 10)
+        assert np.all(mine.data.stds == 0)
+        assert mine.metadata["target_precision"] == 0.0
+        assert mine.metadata["circuit_metadata"] == theirs.metadata["circuit_metadata"]
+        simulator = mine.metadata["simulator_metadata"]
+        assert simulator["precision"] == precision and simulator["compiled_once"]
+    assert ours[0].data.evs.shape == (4, 5) and ours[0].metadata["simulator_metadata"]["num_bindings"] == 5
+    assert np.ptp(ours[0].data.evs) > 0.1  # not all zeros
+    assert ours.metadata == {"version": 2}
+
+
+def test_estimator_matches_aer_estimator():
+    aer_primitives = pytest.importorskip("qiskit_aer.primitives")
+    rng = np.random.default_rng(5)
+    qc = efficient_su2(6, reps=2)
+    obs = random_observable(rng, 6, 20)
+    values = rng.uniform(-1, 1, size=(3, qc.num_parameters))
+    ours = EstimatorV2(backend_options={"device": "CPU"}).run([(qc, obs, values)]).result()[0].data.evs
+    aer = aer_primitives.EstimatorV2().run([(qc, obs, values)]).result()[0].data.evs
+    np.testing.assert_allclose(ours, aer, atol=1e-10)
+
+
+def test_estimator_wide_circuit_with_fusion_and_terminal_measurements():
+    rng = np.random.default_rng(8)
+    qc = efficient_su2(15, reps=1)
+    values = rng.uniform(-np.pi, np.pi, qc.num_parameters)
+    measured = qc.copy()
+    measured.measure_all()  # final measurements are ignored, as Aer does
+    obs = random_observable(rng, 15, 25)
+    result = EstimatorV2(backend_options={"device": "CPU"}).run([(measured, obs, values)]).result()[0]
+    expected = Statevector(qc.assign_parameters(values)).expectation_value(obs).real
+    assert abs(result.data.evs - expected) < 1e-10
+    simulator = result.metadata["simulator_metadata"]
+    assert simulator["fusion_ops_after"] < simulator["fusion_ops_before"]
+
+
+def test_estimator_precision_adds_seeded_noise():
+    qc = ansatz(3)
+    values = np.random.default_rng(1).uniform(size=(50, qc.num_parameters))
+    pub = (qc, "ZXY", values, 0.05)
+    first = EstimatorV2(seed=42).run([pub]).result()[0]
+    again = EstimatorV2(seed=42).run([pub]).result()[0]
+    reference = StatevectorEstimator(seed=42).run([pub]).result()[0]
+    exact = EstimatorV2().run([(qc, "ZXY", values)]).result()[0].data.evs
+    np.testing.assert_array_equal(first.data.evs, again.data.evs)
+    np.testing.assert_allclose(first.data.evs, reference.data.evs, atol=1e-10)  # the same draws as Qiskit's
+    assert np.all(first.data.stds == 0.05) and first.metadata["target_precision"] == 0.05
+    noise = first.data.evs - exact
+    assert 0.03 < np.std(noise) < 0.07 and np.all(noise != 0)
+    # run-level precision and default_precision
+    assert EstimatorV2(default_precision=0.1, seed=1).run([(qc, "ZZZ", values[0])]).result()[0].data.stds == 0.1
+    assert EstimatorV2(seed=1).run([(qc, "ZZZ", values[0])], precision=0.2).result()[0].metadata["target_precision"] == 0.2
+
+
+def test_estimator_accepts_aer_style_options():
+    est = EstimatorV2(options={"default_precision": 0.01, "backend_options": {"device": "CPU"}, "run_options": {"seed_simulator": 3}})
+    assert est.default_precision == 0.01 and est.seed == 3 and est.backend.options.device == "CPU"
+    with pytest.raises(InvalidOptionError, match="unknown primitive options"):
+        EstimatorV2(options={"shots": 10})
+    with pytest.raises(InvalidOptionError, match="not an option"):
+        EstimatorV2(backend_options={"devise": "CPU"})
+
+
+def test_estimator_compiles_each_circuit_once(monkeypatch):
+    calls = []
+    original = compiler_parameters.translate_template
+
+    def counting(circuit, evaluate):
+        calls.append(circuit.name)
+        return original(circuit, evaluate)
+
+    monkeypatch.setattr(compiler_parameters, "translate_template", counting)
+    qc = ansatz(3)
+    values = np.random.default_rng(2).uniform(size=(20, qc.num_parameters))
+    result = EstimatorV2().run([(qc, ["XYZ", "ZZI"], values[:, None, :]), (qc, "III", values)]).result()
+    assert calls == [qc.name]  # one translation for 2 PUBs x 20 bindings
+    assert result[0].data.evs.shape == (20, 2)
+    np.testing.assert_allclose(result[1].data.evs, 1.0)
+
+
+def test_estimator_bad_input_then_a_good_run():
+    qc = ansatz(3)
+    est = EstimatorV2()
+    with pytest.raises(ValueError, match="PUB 0 is not valid.*inconsistent"):
+        est.run([(qc, "ZZZ", np.zeros(qc.num_parameters + 1))])
+    with pytest.raises(ValueError, match="PUB 1 is not valid.*number of values"):
+        est.run([(qc, "ZZZ", np.zeros(qc.num_parameters)), (qc, "ZZZ")])
+    with pytest.raises(ValueError, match="number of qubits"):
+        est.run([(qc, "ZZ", np.zeros(qc.num_parameters))])
+    with pytest.raises(ValueError, match="precision"):
+        est.run([(qc, "ZZZ", np.zeros(qc.num_parameters))], precision=-0.1)
+    with pytest.raises(ValueError, match="precision"):
+        EstimatorV2(default_precision=-1)
+    with pytest.raises(ValueError, match="list of PUBs"):
+        est.run(qc)
+    mid = QuantumCircuit(2, 1)
+    mid.h(0)
+    mid.measure(0, 0)
+    mid.x(0)
+    with pytest.raises(InvalidInputError, match="mid-circuit"):
+        est.run([(mid, "ZZ")])
+    good = est.run([(qc, "ZZZ", np.zeros(qc.num_parameters))]).result()[0].data.evs
+    assert abs(good - Statevector(qc.assign_parameters(np.zeros(qc.num_parameters))).expectation_value(SparsePauliOp("ZZZ")).real) < 1e-12
+
+
+def test_estimator_parameters_in_control_flow_are_bound_per_binding():
+    theta = Parameter("theta")
+    qc = QuantumCircuit(2)
+    qc.ry(theta, 0)
+    with qc.box():
+        qc.rx(theta * 2, 1)
+    result = EstimatorV2().run([(qc, ["ZI", "IZ"], [[0.4], [1.1]])]).result()[0]
+    assert result.data.evs.shape == (2,)
+    assert not result.metadata["simulator_metadata"]["compiled_once"]
+    flat = QuantumCircuit(2)
+    flat.ry(theta, 0)
+    flat.rx(theta * 2, 1)
+    for i, value in enumerate([0.4, 1.1]):
+        state = Statevector(flat.assign_parameters([value]))
+        assert abs(result.data.evs[i] - state.expectation_value(SparsePauliOp(["ZI", "IZ"][i])).real) < 1e-12
+
+
+# ---------------------------------------------------------------------------
+# Sampler
+
+
+def test_sampler_registers_shapes_and_counts(device):
+    theta = ParameterVector("t", 2)
+    qr = QuantumRegister(3)
+    a, b = ClassicalRegister(1, "a"), ClassicalRegister(2, "b")
+    qc = QuantumCircuit(qr, a, b)
+    qc.ry(theta[0], 0)
+    qc.h(1)
+    qc.cry(theta[1], 1, 2)
+    qc.measure(0, a[0])
+    qc.measure([1, 2], b)
+    values = np.array([[[0.3, 1.0]], [[2.0, -0.5]]])  # shape (2, 1)
+    shots = 3000
+    result = sampler(device, seed=7).run([(qc, values, shots)]).result()
+    reference = StatevectorSampler(seed=7).run([(qc, values, shots)]).result()
+    data, ref = result[0].data, reference[0].data
+    assert list(data.keys()) == list(ref.keys()) == ["a", "b"]
+    for name in ("a", "b"):
+        mine, theirs = data[name], ref[name]
+        assert isinstance(mine, BitArray)
+        assert mine.shape == theirs.shape == (2, 1)
+        assert mine.num_shots == theirs.num_shots == shots and mine.num_bits == theirs.num_bits
+    for i in range(2):
+        bound = qc.assign_parameters(values[i, 0])
+        probabilities = exact_distribution(bound)
+        marginal_b: dict = {}
+        marginal_a: dict = {}
+        for key, p in probabilities.items():
+            high, low = key.split(" ") if " " in key else (key[:2], key[2:])
+            marginal_b[high] = marginal_b.get(high, 0) + p
+            marginal_a[low] = marginal_a.get(low, 0) + p
+        assert_counts_match(data.b[i, 0].get_counts(), marginal_b, shots=shots)
+        assert_counts_match(data.a[i, 0].get_counts(), marginal_a, shots=shots)
+    assert result[0].metadata["shots"] == shots and result.metadata == {"version": 2}
+
+
+def test_sampler_seeded_default_shots_and_dynamic_circuits():
+    qc = QuantumCircuit(2, 2)
+    qc.h(0)
+    qc.measure(0, 0)
+    with qc.if_test((qc.clbits[0], 1)):
+        qc.x(1)
+    qc.measure(1, 1)
+    first = SamplerV2(default_shots=500, seed=11).run([qc]).result()[0].data.c
+    again = SamplerV2(default_shots=500, seed=11).run([qc]).result()[0].data.c
+    assert first.num_shots == 500 and first.num_bits == 2
+    assert first.get_bitstrings() == again.get_bitstrings()
+    assert set(first.get_counts()) == {"00", "11"}
+    assert_counts_match(first.get_counts(), {"00": 0.5, "11": 0.5}, shots=500)
+    assert SamplerV2().run([qc], shots=7).result()[0].data.c.num_shots == 7
+
+
+def test_sampler_wide_registers_and_no_registers():
+    small, wide = ClassicalRegister(2, "small"), ClassicalRegister(70, "wide")
+    qc = QuantumCircuit(QuantumRegister(3), small, wide)
+    qc.x(0)
+    qc.x(2)
+    qc.measure(0, wide[69])
+    qc.measure(1, wide[3])
+    qc.measure(2, small[1])
+    data = SamplerV2(seed=1).run([qc], shots=5).result()[0].data
+    assert data.wide.num_bits == 70 and set(data.wide.get_bitstrings()) == {"1" + "0" * 69}
+    assert data.small.num_bits == 2 and set(data.small.get_bitstrings()) == {"10"}
+    plain = QuantumCircuit(1)
+    plain.h(0)
+    assert list(SamplerV2().run([plain], shots=3).result()[0].data.keys()) == []
+
+
+def test_sampler_bad_input_then_a_good_run():
+    theta, phi = Parameter("theta"), Parameter("phi")
+    qc = QuantumCircuit(1)
+    qc.ry(theta, 0)
+    qc.rz(phi, 0)
+    qc.measure_all()
+    smp = SamplerV2(seed=3)
+    with pytest.raises(ValueError, match="PUB 0 is not valid"):
+        smp.run([(qc, [0.1, 0.2, 0.3])])
+    with pytest.raises(ValueError, match="shots"):
+        smp.run([(qc, [0.1, 0.2])], shots=-5)
+    with pytest.raises(ValueError, match="shots"):
+        smp.run([(qc, [0.1, 0.2], 0)])
+    with pytest.raises(ValueError, match="shots"):
+        SamplerV2(default_shots=0)
+    counts = smp.run([(qc, [0.3, np.pi])], shots=100).result()[0].data.meas.get_counts()
+    assert counts == {"1": 100}
+
+
+# ---------------------------------------------------------------------------
+# The job contract (AlgorithmJob = PrimitiveJob, plus GPUJob's own methods)
+
+
+def test_job_contract_methods():
+    qc = ansatz(3)
+    job = EstimatorV2().run([(qc, "XYZ", np.zeros(qc.num_parameters))])
+    assert isinstance(job, BasePrimitiveJob)
+    assert isinstance(job.job_id(), str) and job.job_id()
+    assert isinstance(job.backend(), GPUSimulator)
+    assert job.status() in (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE)
+    seen = []
+    job.wait_for_final_state(timeout=60, wait=0.01, callback=lambda job_id, status, j: seen.append((job_id, status)))
+    assert seen[-1] == (job.job_id(), JobStatus.DONE)
+    assert job.done() and not job.running() and not job.cancelled() and job.in_final_state()
+    assert job.status() is JobStatus.DONE
+    result = job.result()
+    assert result is job.result(timeout=1)  # the same result every time
+    assert job.cancel() is False  # already done
+    with pytest.raises(JobError, match="already been submitted"):
+        job.submit()
+    assert job.progress()[0] == job.progress()[1]
+
+
+def test_job_status_never_blocks_and_cancel_and_timeout():
+    qc = efficient_su2(16, reps=2)
+    values = np.random.default_rng(0).uniform(size=(40, qc.num_parameters))
+    est = EstimatorV2(backend_options={"device": "CPU"})
+    # Fill the CPU workers, so the next job waits in the queue.
+    blockers = [est.run([(qc, "Z" * 16, values)]) for _ in range(2)]
+    queued = est.run([(qc, "Z" * 16, values)])
+    start = time.perf_counter()
+    for _ in range(100):
+        queued.status()
+    assert time.perf_counter() - start < 0.5
+    with pytest.raises(JobTimeoutError):
+        queued.result(timeout=0.01)
+    assert queued.cancel() is True
+    assert queued.status() is JobStatus.CANCELLED and queued.cancelled() and queued.in_final_state()
+    with pytest.raises(JobError, match="cancelled"):
+        queued.result()
+    running = blockers[0]
+    assert running.cancel() is True or running.done()
+    assert running.in_final_state()
+    blockers[1].cancel()
+    blockers[1].wait_for_final_state(timeout=60, wait=0.01)
+
+
+def test_failed_job_reports_error():
+    qc = QuantumCircuit(2, 1)
+    qc.x(0)
+    qc.measure(0, 0)
+    with qc.while_loop((qc.clbits[0], 1)):  # never ends
+        qc.x(1)
+    job = SamplerV2(backend_options={"max_loop_iterations": 5}).run([qc], shots=2)
+    job.wait_for_final_state(timeout=30, wait=0.01)
+    assert job.status() is JobStatus.ERROR and job.in_final_state() and not job.done()
+    with pytest.raises(JobError, match="max_loop_iterations"):
+        job.result()
+    assert "max_loop_iterations" in job.error_message()
+    with pytest.raises(ValueError, match="Hermitian"):  # refused at run(), by Qiskit's validation
+        EstimatorV2().run([(qc, ObservablesArray.coerce(SparseObservable.from_list([("XX", 1j)])))])
+
+
+def test_jobs_run_from_several_threads():
+    qc = ansatz(3)
+    est = EstimatorV2()
+    out = {}
+
+    def work(i):
+        out[i] = est.run([(qc, "ZZZ", np.full(qc.num_parameters, i / 10))]).result()[0].data.evs
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(4):
+        expected = Statevector(qc.assign_parameters(np.full(qc.num_parameters, i / 10))).expectation_value(SparsePauliOp("ZZZ")).real
+        assert abs(out[i] - expected) < 1e-12
+
+
+def test_parameter_sets_run_as_batches_with_the_same_results(monkeypatch):
+    from gpu_provider import primitives
+
+    qc = ansatz(5)
+    qc.crx(Parameter("c"), 0, 3)  # a controlled parametrized gate in the batch
+    values = np.random.default_rng(6).uniform(-np.pi, np.pi, size=(7, qc.num_parameters))
+    pub = (qc, [["XXYZI"], ["ZZZZZ"]], values)
+    measured = qc.measure_all(inplace=False)
+    batched = EstimatorV2().run([pub]).result()[0]
+    sampled = SamplerV2(seed=4).run([(measured, values)], shots=300).result()[0]
+    assert batched.metadata["simulator_metadata"]["batched_bindings"] == 7
+    assert sampled.metadata["simulator_metadata"]["batched_bindings"] == 7
+    monkeypatch.setattr(primitives, "batch_size", lambda num_qubits: 1)  # one parameter set at a time
+    single = EstimatorV2().run([pub]).result()[0]
+    single_sampled = SamplerV2(seed=4).run([(measured, values)], shots=300).result()[0]
+    again = SamplerV2(seed=4).run([(measured, values)], shots=300).result()[0]
+    assert single.metadata["simulator_metadata"]["batched_bindings"] == 0
+    np.testing.assert_allclose(batched.data.evs, single.data.evs, atol=1e-12)
+    reference = StatevectorEstimator().run([pub]).result()[0].data.evs
+    np.testing.assert_allclose(batched.data.evs, reference, atol=1e-10)
+    # The same seed gives the same shots for the same batching; batched shots are equally distributed
+    # but not the same draws as one at a time (those read the state in its lazy axis order).
+    for i in range(7):
+        assert again.data.meas[i].get_bitstrings() == single_sampled.data.meas[i].get_bitstrings()
+        probabilities = exact_distribution(measured.assign_parameters(values[i]))
+        assert_counts_match(sampled.data.meas[i].get_counts(), probabilities, shots=300)
