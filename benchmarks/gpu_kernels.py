@@ -11,8 +11,10 @@ effective bandwidth is ``2 * 2^n * itemsize / time``. For each size and
 precision the run times, with CUDA events on one stream after a warm-up
 (median of ``--repeats``, random non-zero data), a device-to-device copy of the
 state (cudaMemcpyAsync) and then each kernel pass: ``apply_matrix`` for k = 1..5
-on the low targets (0..k-1) and on the high ones (n-k..n-1), with both of its
-kernels ("strided" and "tiled"; ``*`` marks the one it picks), and
+on the low targets (0..k-1), on target 0 with the k-1 highest ("split") and on
+the high ones (n-k..n-1), with each of its kernels that applies ("strided",
+"tiled", and "warp" where a target is among bits 0..4; ``*`` marks the one it
+picks), and
 ``apply_diagonal`` on two low and two high targets. It prints each pass's
 bandwidth over the copy's (1.0 = as fast as a copy) and writes
 ``gpu_kernels.json`` to ``--out``. The copy is timed before and after the
@@ -97,7 +99,7 @@ def random_unitary(rng: np.random.Generator, dim: int) -> np.ndarray:
 
 def bench_size(cupy: Any, n: int, precision: str, repeats: int, warmup: int) -> tuple[list[PassResult], dict]:
     """Copy and kernel passes at one size and precision; returns the passes and the copy's figures."""
-    from gpu_provider.engine.kernels import auto_method, kernels_for
+    from gpu_provider.engine.kernels import auto_method, kernels_for, warp_applies
     from gpu_provider.engine.statevector import StateVector
 
     dtype = np.dtype(PRECISIONS[precision])
@@ -118,10 +120,14 @@ def bench_size(cupy: Any, n: int, precision: str, repeats: int, warmup: int) -> 
         results = []
         for k in MATRIX_WIDTHS:
             matrix = cupy.asarray(random_unitary(rng, 1 << k).astype(dtype))
-            for placement, bits in (("low", list(range(k))), ("high", list(range(n - k, n)))):
+            placements = [("low", list(range(k))), ("high", list(range(n - k, n)))]
+            if k > 1:
+                placements.insert(1, ("split", [0] + list(range(n - k + 1, n))))  # one lane target, the rest high
+            for placement, bits in placements:
                 chosen = auto_method(kernels.real, bits)
-                # Both kernels are timed; the one apply_matrix picks is marked, the other shows the margin.
-                for method in ("strided", "tiled"):
+                # Every kernel that applies is timed; the one apply_matrix picks is marked, the others show the margin.
+                methods = ("strided", "tiled", "warp") if warp_applies(n, bits) else ("strided", "tiled")
+                for method in methods:
                     times = time_on_stream(
                         cupy, stream, lambda: kernels.apply_matrix(state, bits, matrix, method=method), repeats, warmup
                     )

@@ -56,7 +56,9 @@ MATRIX_BLOCK = {1: 256, 2: 256, 3: 256, 4: 128, 5: 128}
 # probability_one's grid never exceeds this, so its sum is the same on every device.
 MAX_REDUCTION_BLOCKS = 1024
 
-MatrixMethod = Literal["auto", "strided", "tiled"]
+MatrixMethod = Literal["auto", "strided", "tiled", "warp"]
+# apply_matrix_warp: a warp's 32 lanes are state bits 0..4.
+WARP_LANE_BITS = 5
 
 
 class KernelCompileError(GPUProviderError, RuntimeError):
@@ -83,6 +85,7 @@ def instances(real: str | None = None) -> list[str]:
         for k in range(1, MAX_MATRIX_QUBITS + 1):
             names.append(_matrix_name(r, k, "strided"))
             names.append(_matrix_name(r, k, "tiled"))
+            names += [_warp_name(r, lane, k - lane) for lane in range(1, k + 1)]
         names += [f"apply_diagonal<{r}>", f"probability_one<{r}>", f"collapse<{r}>"]
         names.append(f"pauli_expectation<{r}>")
     return names
@@ -91,6 +94,10 @@ def instances(real: str | None = None) -> list[str]:
 def _matrix_name(real: str, k: int, method: str) -> str:
     kernel = "apply_matrix" if method == "strided" else "apply_matrix_low"
     return f"{kernel}<{real}, {k}>"
+
+
+def _warp_name(real: str, lane_targets: int, high_targets: int) -> str:
+    return f"apply_matrix_warp<{real}, {lane_targets}, {high_targets}>"
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +270,30 @@ def matrix_launch(real: str, num_qubits: int, bits: tuple[int, ...], method: Mat
         # (low_shape<R, K>::BLOCK in the kernel, for a full tile).
         block = min(BLOCK, 1 << (plan.tile_log - k))
         return MatrixLaunch(_matrix_name(real, k, "tiled"), block, 1 << (num_qubits - plan.tile_log), scalars)
-    raise InvalidInputError(f"method must be 'auto', 'strided' or 'tiled', not {method!r}")
+    if method == "warp":
+        if not warp_applies(num_qubits, bits):
+            return matrix_launch(real, num_qubits, bits, "tiled")
+        lane = [(b, j) for j, b in enumerate(bits) if b < WARP_LANE_BITS]
+        high = sorted((b, j) for j, b in enumerate(bits) if b >= WARP_LANE_BITS)
+        units = 1 << (num_qubits - WARP_LANE_BITS - len(high))
+        scalars = (
+            np.uint64(units),
+            np.uint64(pack_bits([b for b, _ in lane])),
+            np.uint64(pack_bits([j for _, j in lane])),
+            np.uint64(pack_bits([b for b, _ in high])),
+            np.uint64(pack_bits([j for _, j in high])),
+        )
+        return MatrixLaunch(_warp_name(real, len(lane), len(high)), BLOCK, -(-(units << WARP_LANE_BITS) // BLOCK), scalars)
+    raise InvalidInputError(f"method must be 'auto', 'strided', 'tiled' or 'warp', not {method!r}")
+
+
+def warp_applies(num_qubits: int, bits: Sequence[int]) -> bool:
+    """Whether apply_matrix_warp can run: some target among bits 0..4 and a state of 32 amplitudes or more.
+
+    With no lane target the strided kernel is the same work without shuffles;
+    a smaller state has no full warp of amplitudes. Otherwise "warp" falls back to "tiled".
+    """
+    return num_qubits >= WARP_LANE_BITS and min(bits) < WARP_LANE_BITS
 
 
 # ---------------------------------------------------------------------------
@@ -302,8 +332,9 @@ class Kernels:
     def apply_matrix(self, state: Any, bits: Sequence[int], matrix: Any, *, method: MatrixMethod = "auto") -> None:
         """Apply the dense ``(2^k, 2^k)`` ``matrix`` to ``bits``; matrix index bit j is ``bits[j]``.
 
-        ``method`` forces one of the two kernels ("strided" or "tiled"); both are
-        correct for every target set, "auto" picks the faster one.
+        ``method`` forces one of the kernels: "strided" and "tiled" are correct for
+        every target set, "warp" for sets with a target among bits 0..4 on 5 or more
+        qubits (elsewhere it runs "tiled"); "auto" picks the fastest.
         """
         k = len(bits)
         if not self.can_apply(k):

@@ -276,6 +276,101 @@ __global__ void __launch_bounds__(low_shape<R, K>::BLOCK, low_shape<R, K>::MIN_B
 }
 
 // ---------------------------------------------------------------------------
+// apply_matrix_warp<R, L, H>: the same product for target sets with L targets
+// among bits 0..4 ("lane targets") and H above them, through registers and
+// warp shuffles: no shared-memory tile, no block barrier.
+//
+// A warp owns a unit of 32 x 2^H amplitudes: the 32 consecutive values of
+// bits 0..4 (lane = those bits, so every load and store is one contiguous
+// 256- or 512-byte run) times the 2^H values of the high targets (register j of
+// a lane: bit i of j is high target i, ascending). Units are the values of the
+// remaining bits (grid-stride over warps, uniform within a warp). For each of
+// the 2^L values c of the lane targets, a lane fetches the 2^H values of the
+// lane whose lane-target bits equal c (one shuffle each) and adds their
+// column's share to its own 2^H outputs; its row is its own lane-target bits
+// and register j. The matrix sits in shared memory with a padded row stride,
+// so the 2^L rows a warp reads at once fall in distinct banks.
+template <typename R>
+__device__ __forceinline__ typename complex_of<R>::type shuffle(typename complex_of<R>::type v, int lane) {
+    return make_complex<R>(__shfl_sync(0xffffffffu, v.x, lane), __shfl_sync(0xffffffffu, v.y, lane));
+}
+
+template <typename R, int L, int H>
+__global__ void __launch_bounds__(256) apply_matrix_warp(
+        typename complex_of<R>::type* __restrict__ state,
+        const typename complex_of<R>::type* __restrict__ matrix,
+        index_t units, index_t packed_lane_bits, index_t packed_lane_pos,
+        index_t packed_high_sorted, index_t packed_high_pos) {
+    typedef typename complex_of<R>::type cplx;
+    constexpr int K = L + H;
+    constexpr int D = 1 << K;
+    constexpr int DL = 1 << L;
+    constexpr int DH = 1 << H;
+    constexpr int STRIDE = D + 1;  // padded row stride of the shared matrix
+    __shared__ cplx m[D * STRIDE];
+    for (int i = threadIdx.x; i < D * D; i += blockDim.x) m[(i / D) * STRIDE + i % D] = __ldg(matrix + i);
+
+    const int lane = threadIdx.x & 31;
+    // Lane target i: its bit (0..4) and its matrix index bit.
+    int lane_bit_mask = 0;
+    int row_lane = 0;           // this lane's own row bits from its lane-target bits
+    int src_part[L > 0 ? L : 1];  // lane bit of lane target i
+    int col_part_low[L > 0 ? L : 1];
+#pragma unroll
+    for (int i = 0; i < L; ++i) {
+        const int bit = unpack6(packed_lane_bits, i);
+        const int pos = unpack6(packed_lane_pos, i);
+        src_part[i] = 1 << bit;
+        col_part_low[i] = 1 << pos;
+        lane_bit_mask |= 1 << bit;
+        if ((lane >> bit) & 1) row_lane |= 1 << pos;
+    }
+    int high_bit[H > 0 ? H : 1];
+    index_t high_offset[H > 0 ? H : 1];
+    int col_part_high[H > 0 ? H : 1];
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+        high_bit[i] = unpack6(packed_high_sorted, i);
+        high_offset[i] = 1ull << high_bit[i];
+        col_part_high[i] = 1 << unpack6(packed_high_pos, i);
+    }
+    __syncthreads();
+
+    const index_t warp = ((index_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const index_t warps = ((index_t)gridDim.x * blockDim.x) >> 5;
+    for (index_t u = warp; u < units; u += warps) {
+        index_t base = u << 5;
+#pragma unroll
+        for (int i = 0; i < H; ++i) base = insert_zero_bit(base, high_bit[i]);
+        base |= (index_t)lane;
+        cplx v[DH];
+#pragma unroll
+        for (int j = 0; j < DH; ++j) v[j] = state[base | combine<index_t, H>(j, high_offset, 0ull)];
+        R re[DH], im[DH];
+#pragma unroll
+        for (int j = 0; j < DH; ++j) re[j] = im[j] = 0;
+#pragma unroll
+        for (int c = 0; c < DL; ++c) {
+            const int src = (lane & ~lane_bit_mask) | combine<int, L>(c, src_part, 0);
+            const int col_low = combine<int, L>(c, col_part_low, 0);
+#pragma unroll
+            for (int jp = 0; jp < DH; ++jp) {
+                const cplx w = shuffle<R>(v[jp], src);
+                const int col = col_low | combine<int, H>(jp, col_part_high, 0);
+#pragma unroll
+                for (int j = 0; j < DH; ++j) {
+                    const cplx a = m[(row_lane | combine<int, H>(j, col_part_high, 0)) * STRIDE + col];
+                    re[j] = fma(a.x, w.x, fma(-a.y, w.y, re[j]));
+                    im[j] = fma(a.x, w.y, fma(a.y, w.x, im[j]));
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < DH; ++j) state[base | combine<index_t, H>(j, high_offset, 0ull)] = make_complex<R>(re[j], im[j]);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // apply_diagonal<R>: state[i] *= diagonal[sub(i)], where bit j of sub(i) is bit
 // targets[j] of i (up to 10 targets; the diagonal sits in shared memory).
 template <typename R>

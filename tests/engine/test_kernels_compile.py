@@ -205,6 +205,14 @@ double emu_lanes[1024];
 inline void __syncthreads() { emu_block_barrier.wait(); }
 template <class T> inline T __ldg(const T* p) { return *p; }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+template <class T> inline T __shfl_sync(unsigned, T value, int source) {
+    const unsigned t = threadIdx.x;
+    emu_lanes[t] = (double)value;  // float and double values both round-trip exactly
+    emu_warp_barrier[t / 32].wait();
+    const T out = (T)emu_lanes[(t / 32) * 32 + (source & 31)];
+    emu_warp_barrier[t / 32].wait();
+    return out;
+}
 inline double __shfl_down_sync(unsigned, double value, int offset) {
     const unsigned t = threadIdx.x, lane = t % 32;
     emu_lanes[t] = value;
@@ -238,6 +246,7 @@ _C_TYPES = {"u": ctypes.c_uint64, "i": ctypes.c_int32, "p": ctypes.c_void_p}
 _SIGNATURES = {
     "apply_matrix": ("ppuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
     "apply_matrix_low": ("ppuiiuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4, a5, a6, a7"),
+    "apply_matrix_warp": ("ppuuuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4, a5, a6"),
     "apply_diagonal": ("ppuiu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
     "probability_one": ("puip", "(const {c}*)a0, a1, a2, (double*)a3"),
     "collapse": ("puiiri", "({c}*)a0, a1, a2, a3, a4, a5"),
@@ -249,7 +258,7 @@ def _wrapper_source(source_path: str) -> str:
     """The emulation, the kernels, and one extern "C" launcher per instance."""
     lines = [EMULATION_HEADER, f'#include "{source_path}"']
     for name in K.instances():
-        kernel, real = re.fullmatch(r"(\w+)<(\w+)(?:, \d+)?>", name).groups()
+        kernel, real = re.fullmatch(r"(\w+)<(\w+)(?:, \d+)*>", name).groups()
         kinds, call = _SIGNATURES[kernel]
         types = {"p": "void*", "u": "index_t", "i": "int", "r": real}
         params = ", ".join(f"{types[kind]} a{i}" for i, kind in enumerate(kinds))
@@ -341,7 +350,8 @@ def emulated(request, emulated_library):
 def test_emulated_apply_matrix(emulated, k):
     precision, kernels = emulated
     n = 13  # several shared-memory tiles in both precisions
-    for placement, method in [("low", "tiled"), ("low", "strided"), ("high", "strided"), ("high", "tiled"), ("mixed", "auto")]:
+    cases = [("low", "tiled"), ("low", "strided"), ("low", "warp"), ("high", "strided"), ("high", "tiled"), ("mixed", "auto"), ("mixed", "warp")]
+    for placement, method in cases:
         seed = 100 * k + gpu_checks.PLACEMENTS.index(placement)
         bits = gpu_checks.place_targets(np.random.default_rng(seed), n, k, placement)
         gpu_checks.check_apply_matrix(np, kernels, precision, n, bits, method, seed)
@@ -350,7 +360,7 @@ def test_emulated_apply_matrix(emulated, k):
 @pytest.mark.parametrize("n,bits", [(1, [0]), (3, [2, 0, 1]), (6, [4, 0, 2, 1, 5])])
 def test_emulated_apply_matrix_small_states(emulated, n, bits):
     precision, kernels = emulated
-    for method in ("strided", "tiled"):
+    for method in ("strided", "tiled", "warp"):
         gpu_checks.check_apply_matrix(np, kernels, precision, n, bits, method, seed=n)
 
 

@@ -26,7 +26,7 @@ TOLERANCE = {"double": 1e-12, "single": 1e-5}
 # kernel meets several tiles and targets above them.
 NUM_QUBITS = 14
 PLACEMENTS = ["low", "high", "mixed"]
-METHODS = ["auto", "strided", "tiled"]
+METHODS = ["auto", "strided", "tiled", "warp"]
 
 
 # ---------------------------------------------------------------------------
