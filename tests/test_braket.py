@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("braket.devices")
+from tests.helpers import import_host  # noqa: E402
+
+import_host("braket.devices")
 
 from braket.circuits import Circuit, FreeParameter, Observable  # noqa: E402
 from braket.devices import LocalSimulator  # noqa: E402

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-pytest.importorskip("qbraid.runtime")
+from tests.helpers import import_host  # noqa: E402
+
+import_host("qbraid.runtime")
 
 from qbraid.programs import ExperimentType  # noqa: E402
 from qbraid.runtime import DeviceStatus, JobStatus, get_providers, load_provider  # noqa: E402
