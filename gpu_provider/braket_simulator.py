@@ -355,7 +355,10 @@ def _engine_ops(instructions, qubit_map: dict, num_qubits: int) -> list:
             raise ValueError(f"{kind} on qubits {op.targets} has a matrix of shape {matrix.shape} or non-finite entries")
         if not np.allclose(matrix @ matrix.conj().T, np.eye(matrix.shape[0]), atol=1e-8):
             raise ValueError(f"{kind} on qubits {op.targets} is not unitary")
-        ops.append(Unitary(targets, matrix, controls=controls, ctrl_state=ctrl_state, label=kind.lower()))
+        if not controls and np.count_nonzero(matrix - np.diag(np.diagonal(matrix))) == 0:
+            ops.append(Diagonal(targets, np.diagonal(matrix).copy(), label=kind.lower()))  # one in-place pass, fuses as such
+        else:
+            ops.append(Unitary(targets, matrix, controls=controls, ctrl_state=ctrl_state, label=kind.lower()))
     return ops
 
 

@@ -39,13 +39,26 @@ def marginal_probabilities(state: StateVector, qubits: Sequence[int]) -> np.ndar
     """
     _check_qubits(state, qubits)
     n = state.num_qubits
-    probabilities = state.probabilities().reshape((2,) * n)  # canonical: axis a holds qubit n-1-a
-    kept = sorted(n - 1 - q for q in qubits)
-    others = tuple(axis for axis in range(n) if axis not in kept)
-    marginal = probabilities.sum(axis=others, dtype=np.float64) if others else probabilities.astype(np.float64)
+    kept = sorted(n - 1 - q for q in qubits)  # canonical order: axis a holds qubit n-1-a
+    # Merge each run of summed-out axes into one dimension: a few long reductions, not many short ones.
+    shape: list[int] = []
+    summed: list[int] = []
+    run = 0
+    for axis in range(n + 1):
+        if axis < n and axis not in kept:
+            run += 1
+            continue
+        if run:
+            summed.append(len(shape))
+            shape.append(1 << run)
+            run = 0
+        if axis < n:
+            shape.append(2)
+    probabilities = state.probabilities().reshape(shape)
+    marginal = probabilities.sum(axis=tuple(summed), dtype=np.float64) if summed else probabilities.astype(np.float64)
     # Leading axis = most significant bit = qubits[-1].
     order = [kept.index(n - 1 - q) for q in reversed(qubits)]
-    return _to_host(state.xp, marginal.transpose(order).reshape(-1))
+    return _to_host(state.xp, marginal.reshape((2,) * len(kept)).transpose(order).reshape(-1))
 
 
 def amplitudes(state: StateVector, indices: Sequence[int]) -> np.ndarray:
