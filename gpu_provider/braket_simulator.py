@@ -155,6 +155,8 @@ class GPUBraketSimulator(OpenQASMSimulator):
         device, fallback_reason = resolve_device(run_options["device"], run_options["device_id"])
         if fallback_reason:
             logger.info("gpu_provider Braket simulator runs on the CPU: %s", fallback_reason)
+        # The state, its scratch buffer and, for exact result types, the probabilities: fail before running.
+        device.check_fits(num_qubits, np.dtype(PRECISIONS[run_options["precision"]]).itemsize, arrays=2 if shots else 3)
         program = Program(num_qubits, 0, tuple(ops), name="braket")
         if run_options["fusion_enable"]:
             program = fuse(program, device.kind, None, DEFAULT_FUSION_THRESHOLD)

@@ -301,6 +301,14 @@ def test_shots_out_of_range(shots):
     assert simulator.run(Program(source="OPENQASM 3.0; qubit[1] q; x q[0];"), shots=3).measurements == [[1], [1], [1]]
 
 
+def test_state_too_large_fails_before_running():
+    from gpu_provider.errors import CircuitTooLargeError
+
+    source = "OPENQASM 3.0; qubit[60] q; h q;\n#pragma braket result expectation z(q[0])"
+    with pytest.raises(CircuitTooLargeError, match="60-qubit state .*3 arrays"):
+        GPUBraketSimulator(device="CPU").run(Program(source=source), shots=0)
+
+
 def test_non_openqasm_input_is_a_type_error():
     with pytest.raises(TypeError, match="OpenQASM 3"):
         GPUBraketSimulator().run("h q[0];", shots=1)

@@ -213,6 +213,16 @@ def test_unbound_parameter_is_a_program_validation_error(cpu):
     assert cpu.run(_reference(), shots=10).result().success
 
 
+def test_unsupported_instruction_is_a_program_validation_error(cpu):
+    from qiskit.circuit import Instruction
+
+    qc = QuantumCircuit(1, 1)
+    qc.append(Instruction("mystery", 1, 0, []), [0])
+    with pytest.raises(ProgramValidationError, match="mystery"):
+        cpu.submit(qc, shots=10)
+    assert cpu.run(_reference(), shots=10).result().success
+
+
 def test_unparsable_program_raises_and_device_stays_usable(cpu):
     from qbraid.exceptions import QbraidError
 
