@@ -8,7 +8,7 @@ import sys
 CHECK = """
 import sys
 import gpu_provider.engine.executor, gpu_provider.engine.statevector, gpu_provider.engine.devices
-import gpu_provider.engine.program, gpu_provider.errors
+import gpu_provider.engine.program, gpu_provider.engine.observables, gpu_provider.errors
 import gpu_provider.engine.expectation, gpu_provider.engine.batch
 try:
     import gpu_provider.engine.kernels

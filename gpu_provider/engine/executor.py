@@ -532,3 +532,21 @@ def _sampled_clbit_values(outcomes: np.ndarray, qubits: list[int], measures, num
             value = (value & ~(1 << m.clbit)) | (((outcome >> position[m.qubit]) & 1) << m.clbit)
         result.append(value)
     return result
+
+
+def final_state(program: Program, device: Device, config: RunConfig, execution: Optional[Execution] = None) -> StateVector:
+    """Run a program of gates only on a new state and return it, still on the device.
+
+    For front ends that read exact quantities from the state (see
+    :mod:`gpu_provider.engine.observables`) or draw their own samples from it.
+
+    Raises:
+        SimulationError: the program measures, resets or branches.
+    """
+    for op in program.ops:
+        if not _is_prefix_op(op):
+            raise SimulationError(f"final_state() runs gates only; the program holds {type(op).__name__}")
+    device.check_fits(program.num_qubits, np.dtype(config.dtype).itemsize, arrays=2)
+    state = new_state(device, program.num_qubits, config.dtype)
+    run_ops(state, program.ops, _Shot(program.num_clbits, np.random.default_rng(config.seed), config, execution))
+    return state

@@ -1,0 +1,83 @@
+"""Exact observables read from a final state, against qiskit.quantum_info."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qiskit.circuit.random import random_circuit
+from qiskit.quantum_info import Operator, SparsePauliOp, Statevector, random_hermitian
+
+from gpu_provider.compiler.translate import translate
+from gpu_provider.engine.devices import resolve_device
+from gpu_provider.engine.executor import RunConfig, final_state
+from gpu_provider.engine.observables import amplitudes, marginal_probabilities, tensor_expectation
+from gpu_provider.errors import InvalidInputError, SimulationError
+
+PAULI = {"I": np.eye(2), "X": np.array([[0, 1], [1, 0]]), "Y": np.array([[0, -1j], [1j, 0]]), "Z": np.diag([1.0, -1.0])}
+
+
+@pytest.fixture(scope="module", params=["double", "single"])
+def case(request):
+    circuit = random_circuit(6, 5, seed=11)
+    device, _ = resolve_device("CPU", 0)
+    state = final_state(translate(circuit), device, RunConfig(precision=request.param))
+    tol = 1e-10 if request.param == "double" else 1e-5
+    return state, Statevector(circuit), tol
+
+
+def test_marginal_probabilities_match_statevector(case):
+    state, exact, tol = case
+    for qubits in ([0], [3, 1], [5, 0, 2], list(range(6))):
+        np.testing.assert_allclose(marginal_probabilities(state, qubits), exact.probabilities(qubits), atol=tol)
+
+
+def test_amplitudes_match_statevector(case):
+    state, exact, tol = case
+    np.testing.assert_allclose(amplitudes(state, [0, 5, 63]), exact.data[[0, 5, 63]], atol=tol)
+
+
+def test_pauli_products_match_statevector(case):
+    state, exact, tol = case
+    for label in ("ZIIIIZ", "XYZIIX", "IIIYII", "XXXXXX"):
+        factors = [((q,), PAULI[p]) for q, p in enumerate(reversed(label)) if p != "I"]
+        mean, variance = tensor_expectation(state, factors)
+        expected = exact.expectation_value(SparsePauliOp(label)).real
+        assert mean == pytest.approx(expected, abs=tol)
+        assert variance == pytest.approx(1 - expected**2, abs=10 * tol)
+
+
+def test_hermitian_factors_match_statevector(case):
+    state, exact, tol = case
+    before = state.to_host()
+    h2 = random_hermitian(4, seed=3).data
+    h1 = random_hermitian(2, seed=4).data
+    mean, variance = tensor_expectation(state, [((4, 1), h2), ((2,), h1)])
+    # Operator on qargs (4, 1, 2): matrix index bit 0 -> qubit 4, bit 1 -> qubit 1, bit 2 -> qubit 2.
+    op = Operator(np.kron(h1, h2))
+    expected = exact.expectation_value(op, [4, 1, 2]).real
+    second = exact.expectation_value(op @ op, [4, 1, 2]).real
+    assert mean == pytest.approx(expected, abs=10 * tol)
+    assert variance == pytest.approx(second - expected**2, abs=100 * tol)
+    # The state is rotated back after the measurement basis change.
+    np.testing.assert_allclose(state.to_host(), before, atol=10 * tol)
+
+
+def test_bad_observables_raise():
+    device, _ = resolve_device("CPU", 0)
+    state = final_state(translate(random_circuit(2, 2, seed=1)), device, RunConfig())
+    with pytest.raises(InvalidInputError, match="Hermitian"):
+        tensor_expectation(state, [((0,), np.array([[0, 1], [0, 0]]))])
+    with pytest.raises(InvalidInputError, match="repeat"):
+        tensor_expectation(state, [((0,), PAULI["Z"]), ((0,), PAULI["X"])])
+    with pytest.raises(InvalidInputError, match="outside"):
+        marginal_probabilities(state, [2])
+
+
+def test_evolve_refuses_measurements():
+    from qiskit import QuantumCircuit
+
+    qc = QuantumCircuit(1, 1)
+    qc.measure(0, 0)
+    device, _ = resolve_device("CPU", 0)
+    with pytest.raises(SimulationError, match="gates only"):
+        final_state(translate(qc), device, RunConfig())
