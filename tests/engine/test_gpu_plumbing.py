@@ -228,3 +228,13 @@ def test_dispatcher_per_device(fake_gpu):
     cpu, _ = devices.resolve_device("CPU", 0)
     assert executor.dispatcher_for(gpu) is executor.dispatcher_for(gpu)
     assert executor.dispatcher_for(gpu) is not executor.dispatcher_for(cpu)
+
+
+def test_chunked_sampling_is_the_same_on_both_devices(fake_gpu):
+    # 300,000 shots of 2 qubits are drawn in several chunks (sample_chunk_shots is ~87,000 here).
+    options = dict(shots=300_000, seed_simulator=12, memory=True)
+    gpu = GPUSimulator(device="GPU").run(bell(), **options).result()
+    cpu = GPUSimulator(device="CPU").run(bell(), **options).result()
+    assert gpu.get_memory() == cpu.get_memory()
+    counts = gpu.get_counts()
+    assert set(counts) == {"00", "11"} and abs(counts["00"] - 150_000) < 5 * 274
