@@ -449,3 +449,17 @@ def test_pickling_a_job_says_what_can_be_pickled(backend):
     assert result.get_counts() == job.result().get_counts()
     again = pickle.loads(pickle.dumps(backend))
     assert again.run(bell(), shots=100, seed_simulator=2).result().get_counts() == job.result().get_counts()
+
+
+# ---------------------------------------------------------------------------
+# Soak (CI size; `python -m benchmarks.soak` runs the 200-job version)
+
+
+def test_soak_near_the_memory_limit_ci_size():
+    from benchmarks.soak import soak
+
+    # Jobs of 10-21 qubits need 64-192 MiB each against 200 MiB of address space.
+    report = soak(jobs=16, threads=4, budget_mib=200, min_qubits=10, max_qubits=21, seed=3, timeout=600)
+    assert report["ok"], report
+    assert report["done_correct"] >= 8  # most sizes fit; the few above the budget are refused from run()
+    assert report["failed"] == report["wrong"] == report["hung_threads"] == 0
