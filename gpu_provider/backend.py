@@ -189,6 +189,8 @@ class GPUSimulator(BackendV2):
             return _simulate(self, job_id, device, experiments, execution, run_metadata)
 
         reserve = max(memory_needed(program, config) for _, program, config, _ in experiments)
+        if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
+            reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
         widest = max(program.num_qubits for _, program, _, _ in experiments)
         execution = Execution(device, ops_total, simulate, reserve_bytes=reserve, num_qubits=widest)
         job = GPUJob(self, job_id, execution, circuits=circuits)

@@ -344,6 +344,18 @@ def test_a_job_that_could_never_fit_is_refused_from_run(backend, monkeypatch):
     assert_backend_still_works(backend)
 
 
+def test_the_cgroup_limit_caps_the_capacity(tmp_path, monkeypatch):
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text("536870912\n")
+    usage.write_text("268435456\n")
+    monkeypatch.setattr(devices, "_CGROUP_FILES", ((str(tmp_path / "absent"), str(usage)), (str(limit), str(usage))))
+    assert devices.cgroup_room_bytes() == 256 << 20
+    assert devices.process_limit_bytes() <= 256 << 20
+    assert devices.CPUDevice().memory_capacity() <= 256 << 20
+    limit.write_text("max\n")
+    assert devices.cgroup_room_bytes() is None
+
+
 def test_process_rlimit_refuses_from_run_and_two_jobs_never_overrun_it():
     out = run_child(
         LIMITED
