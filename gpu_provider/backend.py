@@ -37,9 +37,19 @@ from qiskit.transpiler import Target
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
 from .compiler.translate import translate
-from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device
-from .engine.executor import Execution, ExperimentOutput, RunConfig, estimated_ops, run_program
-from .engine.program import is_sampling_friendly, measurements_are_terminal
+from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, too_large_error
+from .engine.executor import (
+    WORKSPACE_BYTES,
+    Execution,
+    ExperimentOutput,
+    RunConfig,
+    dispatcher_for,
+    estimated_ops,
+    memory_needed,
+    run_program,
+    state_arrays,
+)
+from .engine.program import Program, measurements_are_terminal
 from .errors import InvalidInputError, InvalidOptionError
 from .job import GPUJob
 
@@ -148,19 +158,12 @@ class GPUSimulator(BackendV2):
         experiments = []
         for index, circuit in enumerate(circuits):
             program = translate(circuit, merged["initial_statevector"])
-            sampling = is_sampling_friendly(program)
             if merged["statevector"] and not measurements_are_terminal(program):
                 raise InvalidInputError(
                     f"statevector=True needs a circuit whose measurements are all at the end, without "
                     f"control flow; circuit {circuit.name!r} measures or branches mid-circuit. Drop the option, "
                     "or save the state before the first measurement"
                 )
-            device.check_fits(program.num_qubits, itemsize, arrays=2 if sampling else 3)
-            if merged["memory"]:
-                _check_memory_output(merged["shots"], device)
-            ops_before = program.num_ops
-            if merged["fusion_enable"]:
-                program = fuse(program, device.kind, merged["fusion_max_qubits"], merged["fusion_threshold"], precision=merged["precision"])
             config = RunConfig(
                 shots=merged["shots"],
                 seed=seed + index,
@@ -169,6 +172,12 @@ class GPUSimulator(BackendV2):
                 precision=merged["precision"],
                 max_loop_iterations=merged["max_loop_iterations"],
             )
+            _check_fits(device, program, config, itemsize)
+            if merged["memory"]:
+                _check_memory_output(merged["shots"], device)
+            ops_before = program.num_ops
+            if merged["fusion_enable"]:
+                program = fuse(program, device.kind, merged["fusion_max_qubits"], merged["fusion_threshold"], precision=merged["precision"])
             experiments.append((circuit, program, config, ops_before))
         job_id = str(uuid.uuid4())
         ops_total = sum(estimated_ops(program, config) for _, program, config, _ in experiments)
@@ -179,7 +188,11 @@ class GPUSimulator(BackendV2):
         def simulate(execution: Execution) -> Result:
             return _simulate(self, job_id, device, experiments, execution, run_metadata)
 
-        execution = Execution(device, ops_total, simulate)
+        reserve = max(memory_needed(program, config) for _, program, config, _ in experiments)
+        if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
+            reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
+        widest = max(program.num_qubits for _, program, _, _ in experiments)
+        execution = Execution(device, ops_total, simulate, reserve_bytes=reserve, num_qubits=widest)
         job = GPUJob(self, job_id, execution, circuits=circuits)
         job.submit()
         return job
@@ -288,11 +301,26 @@ def _validate_options(options: dict) -> None:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
 
 
+def _check_fits(device: Device, program: Program, config: RunConfig, itemsize: int) -> None:
+    """Refuse a circuit whose run could not fit even with no other job of this process running.
+
+    The capacity is what the device has free, capped by the process's rlimits and
+    cgroup limit; while jobs run it is the capacity measured before they started,
+    so a circuit that fits after they end is accepted and waits in the queue.
+    """
+    needed = memory_needed(program, config)
+    capacity = dispatcher_for(device).capacity()
+    if needed > capacity:
+        arrays = state_arrays(program, config)
+        detail = f"{arrays} arrays of 2^{program.num_qubits} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
+        raise too_large_error(device.kind, program.num_qubits, itemsize, needed, capacity, detail)
+
+
 def _check_memory_output(shots: int, device: Device) -> None:
-    from .engine.devices import host_available_bytes
+    from .engine.devices import host_available_bytes, process_limit_bytes
 
     needed = shots * BYTES_PER_MEMORY_SHOT
-    free = host_available_bytes()
+    free = min(host_available_bytes(), process_limit_bytes())
     if needed > free:
         raise InvalidOptionError(
             f"memory=True with {shots:,} shots needs about {needed:,} bytes of host memory but {free:,} are free; "

@@ -21,12 +21,20 @@ logger = logging.getLogger(__name__)
 _VERSION_RE = re.compile(r"^\s*OPENQASM\s+(\d+)", re.MULTILINE)
 
 
-def load_qasm(text: str, source: str = "<string>"):
-    """Parse OpenQASM 2 or 3 (by its ``OPENQASM`` header) into a QuantumCircuit."""
+def load_qasm(text: str, source: str = "<string>", include_dirs: tuple = ()):
+    """Parse OpenQASM 2 or 3 (by its ``OPENQASM`` header) into a QuantumCircuit.
+
+    ``include_dirs`` are searched first for OpenQASM 2 ``include`` files (the
+    program's own folder, when it came from a file). A UTF-8 byte-order mark is
+    ignored.
+    """
     import qiskit.qasm2
     import qiskit.qasm3
 
+    text = text.removeprefix("\ufeff")
     stripped = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.DOTALL)
+    if not stripped.strip():
+        raise GPUProviderError(f"{source} is empty (or only comments); expected an OpenQASM 2 or 3 program")
     match = _VERSION_RE.search(stripped)
     version = int(match.group(1)) if match else 3
     try:
@@ -34,11 +42,33 @@ def load_qasm(text: str, source: str = "<string>"):
             return qiskit.qasm2.loads(
                 text,
                 custom_instructions=qiskit.qasm2.LEGACY_CUSTOM_INSTRUCTIONS,
-                include_path=qiskit.qasm2.LEGACY_INCLUDE_PATH,
+                include_path=tuple(str(d) for d in include_dirs) + tuple(qiskit.qasm2.LEGACY_INCLUDE_PATH),
             )
         return qiskit.qasm3.loads(text)
     except Exception as exc:  # the parsers raise several types; one clear message for the user
-        raise GPUProviderError(f"could not parse {source} as OpenQASM {version}: {exc}") from exc
+        raise GPUProviderError(f"could not parse {source} as OpenQASM {version}: {_describe_parse_error(exc, text)}") from exc
+
+
+def _describe_parse_error(exc: BaseException, text: str) -> str:
+    """The parser's message, or where it stopped and on what when it gave none."""
+    message = str(exc).strip()
+    if message:
+        return message
+    seen = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        for candidate in (cause, *(arg for arg in cause.args if isinstance(arg, BaseException))):
+            token = getattr(candidate, "offendingToken", None)
+            line = getattr(token, "line", None)
+            if token is not None and line:
+                column = getattr(token, "column", 0) + 1
+                what = "the end of the file" if token.text in (None, "<EOF>") else repr(token.text)
+                lines = text.splitlines()
+                shown = f"; the line reads: {lines[line - 1].strip()!r}" if 0 < line <= len(lines) else ""
+                return f"syntax error at line {line}, column {column}: unexpected {what}{shown}"
+        cause = cause.__cause__ or cause.__context__
+    return f"syntax error ({type(exc).__name__}, no position given)"
 
 
 def _read_circuit(spec: str):
@@ -48,7 +78,11 @@ def _read_circuit(spec: str):
         if candidate.is_file():
             return load_qasm(candidate.read_text(), f"example {spec}")
         raise GPUProviderError(f"no such file: {spec} (bundled examples: {', '.join(list_examples())})")
-    return load_qasm(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise GPUProviderError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8") from exc
+    return load_qasm(text, str(path), include_dirs=(path.resolve().parent,))
 
 
 def list_examples() -> list[str]:

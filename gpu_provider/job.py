@@ -143,5 +143,11 @@ class GPUJob(JobV1):
         error = self._execution.error
         return None if error is None else f"{type(error).__name__}: {error}"
 
+    def __reduce__(self):
+        raise TypeError(
+            f"a GPUJob cannot be pickled: it is a handle on a simulation running in this process. "
+            f"Pickle its result (job.result()) or its backend (job.backend()) instead"
+        )
+
     def __repr__(self) -> str:
         return f"<GPUJob {self.job_id()} on {self._execution.device.name}: {self.status().name}>"

@@ -65,3 +65,44 @@ def test_gpu_without_gpu_is_an_error(capsys):
         pytest.skip("a GPU is usable here")
     assert cli.main(["run", "bell", "--device", "GPU"]) == 2
     assert "no GPU is usable" in capsys.readouterr().err
+
+
+def run_error(capsys, *args: str) -> str:
+    assert cli.main(["run", *args]) == 2
+    return capsys.readouterr().err
+
+
+def test_an_empty_file_is_a_clear_error(tmp_path, capsys):
+    for text in ("", "\n  \n", "// only a comment\n"):
+        path = tmp_path / "empty.qasm"
+        path.write_text(text)
+        err = run_error(capsys, str(path))
+        assert "empty" in err and "OpenQASM" in err and "NoneType" not in err
+    assert run_json(capsys, "bell", "--shots", "100", "--device", "cpu")["counts"].keys() <= {"00", "11"}
+
+
+def test_an_openqasm3_syntax_error_names_line_column_and_text(tmp_path, capsys):
+    path = tmp_path / "broken.qasm"
+    path.write_text('OPENQASM 3.0;\ninclude "stdgates.inc";\nqubit[2] q;\nh q[0]\ncx q[0], q[1];\n')
+    err = run_error(capsys, str(path))
+    assert "as OpenQASM 3: syntax error at line 5, column 1: unexpected 'cx'" in err
+    assert "cx q[0], q[1];" in err
+    path.write_text('OPENQASM 3.0;\ninclude "stdgates.inc";\nqubit[2] q;\nh q[0];\n')
+    assert run_json(capsys, str(path), "--shots", "10", "--device", "cpu")["counts"] == {}
+
+
+def test_an_openqasm2_include_beside_the_program_works_from_any_folder(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mine.inc").write_text("gate bell a, b { h a; cx a, b; }\n")
+    program = tmp_path / "prog.qasm"
+    program.write_text('OPENQASM 2.0;\ninclude "qelib1.inc";\ninclude "mine.inc";\nqreg q[2];\ncreg c[2];\nbell q[0], q[1];\nmeasure q -> c;\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    counts = run_json(capsys, str(program), "--shots", "1000", "--seed", "4", "--device", "cpu")["counts"]
+    assert set(counts) == {"00", "11"} and 400 < counts["00"] < 600
+
+
+def test_a_byte_order_mark_is_ignored(tmp_path, capsys):
+    path = tmp_path / "bom.qasm"
+    path.write_bytes("\ufeffOPENQASM 2.0;\ninclude \"qelib1.inc\";\nqreg q[1];\ncreg c[1];\nx q[0];\nmeasure q -> c;\n".encode("utf-8"))
+    assert run_json(capsys, str(path), "--shots", "50", "--device", "cpu")["counts"] == {"1": 50}

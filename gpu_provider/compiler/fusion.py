@@ -118,6 +118,8 @@ def _fuse_ops(ops, width: int, all_qubits: frozenset, sources: Optional[dict] = 
             op = P.IfElse(op.condition, _fuse_ops(op.true_body, width, all_qubits), _fuse_ops(op.false_body, width, all_qubits))
         elif isinstance(op, P.WhileLoop):
             op = P.WhileLoop(op.condition, _fuse_ops(op.body, width, all_qubits))
+        elif isinstance(op, P.ForLoop) and isinstance(op.iterations, P.LoopBodies):
+            op = P.ForLoop(op.iterations.map(lambda body: _fuse_ops(body, width, all_qubits)))
         elif isinstance(op, P.ForLoop):
             fused: dict = {}
             op = P.ForLoop(tuple(fused.setdefault(id(body), _fuse_ops(body, width, all_qubits)) for body in op.iterations))

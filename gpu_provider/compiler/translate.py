@@ -38,6 +38,10 @@ STANDARD_GATES = frozenset(_STANDARD_TYPES)
 # Gates wider than this are expanded through their definition rather than built as a dense matrix.
 DENSE_MAX_QUBITS = 10
 UNITARY_TOLERANCE = 1e-7
+# For loops with more iterations than this build each iteration's body when it runs.
+EAGER_LOOP_ITERATIONS = 1024
+# Definitions nested deeper than this are taken as a definition that contains itself.
+MAX_DEFINITION_DEPTH = 200
 
 
 def translate(circuit: QuantumCircuit, initial_state: Optional[np.ndarray] = None) -> P.Program:
@@ -62,6 +66,16 @@ def translate(circuit: QuantumCircuit, initial_state: Optional[np.ndarray] = Non
 
 
 def _translate_with(translator: "_Translator", circuit: QuantumCircuit, initial_state) -> P.Program:
+    try:
+        return _translate(circuit, translator, initial_state)
+    except RecursionError:
+        raise InvalidInputError(
+            f"circuit {circuit.name!r} nests definitions or control flow too deeply to translate "
+            "(a definition that contains itself?); flatten it, or decompose it with qiskit.transpile first"
+        ) from None
+
+
+def _translate(circuit: QuantumCircuit, translator: "_Translator", initial_state) -> P.Program:
     prelude = []
     if initial_state is not None:
         prelude.append(P.Initialize(tuple(range(circuit.num_qubits)), _check_initial_state(initial_state, circuit)))
@@ -112,6 +126,19 @@ def _param_key(op: Instruction) -> Optional[tuple]:
     return tuple(key)
 
 
+def _definition_key(op: Instruction) -> tuple:
+    """What tells one expansion of ``op`` from another: its parameters (unbound ones by name)."""
+    key = []
+    for param in getattr(op, "params", ()):
+        if isinstance(param, ParameterExpression) and param.parameters:
+            key.append(str(param))
+        elif isinstance(param, (ParameterExpression, int, float, complex, np.number)):
+            key.append(complex(param))
+        else:
+            key.append(id(param))
+    return tuple(key)
+
+
 _STANDARD_CACHE: dict = {}
 
 
@@ -142,7 +169,13 @@ def _check_unitary(matrix: np.ndarray, name: str) -> None:
     dim = matrix.shape[0]
     if matrix.shape != (dim, dim) or dim & (dim - 1):
         raise InvalidInputError(f"instruction {name!r} has a matrix of shape {matrix.shape}; a unitary must be 2^k x 2^k")
-    error = np.max(np.abs(matrix.conj().T @ matrix - np.eye(dim)))
+    if dim > 1 << DENSE_MAX_QUBITS:
+        # U^dag U = I costs dim^3; on a few random vectors it costs dim^2 and a
+        # non-unitary matrix fails it with probability 1.
+        probe = np.random.default_rng(0).standard_normal((dim, 4)) + 0j
+        error = np.max(np.abs(matrix.conj().T @ (matrix @ probe) - probe)) / np.max(np.abs(probe))
+    else:
+        error = np.max(np.abs(matrix.conj().T @ matrix - np.eye(dim)))
     if error > UNITARY_TOLERANCE:
         raise InvalidInputError(f"instruction {name!r} has a matrix that is not unitary (|U^dag U - I| = {error:.2e}); pass a unitary matrix")
 
@@ -246,6 +279,7 @@ class _Translator:
         self.evaluate = evaluate
         self.slots: dict = {}
         self.depth = 0  # control-flow nesting
+        self.expanding: list = []  # (name, width, parameters) of the definitions being expanded
 
     def global_phase(self, value, where: str, ops: list) -> None:
         if self.evaluate is not None and isinstance(value, ParameterExpression) and value.parameters:
@@ -382,6 +416,13 @@ class _Translator:
         name = op.name
         if name in NO_OPS:
             return
+        if len(set(qargs)) != len(qargs):
+            raise InvalidInputError(
+                f"instruction {name!r} acts on qubits {list(qargs)}, which repeat a qubit; "
+                "each qubit may appear once in one instruction"
+            )
+        if len(set(cargs)) != len(cargs) and name != "measure":
+            raise InvalidInputError(f"instruction {name!r} acts on clbits {list(cargs)}, which repeat a clbit")
         if name == "measure":
             ops.append(P.Measure(qargs[0], cargs[0]))
             self._touch(qargs, top)
@@ -430,6 +471,15 @@ class _Translator:
                 n_ctrl = op.num_ctrl_qubits
                 ops.append(P.Unitary(qargs[n_ctrl:], base, controls=qargs[:n_ctrl], ctrl_state=int(op.ctrl_state), label=name))
                 return
+        if name == "unitary" and op.num_qubits > DENSE_MAX_QUBITS and isinstance(getattr(op, "params", [None])[0], np.ndarray):
+            # A wide unitary applies through the matrix it holds; its definition would be a
+            # synthesis into gates, which takes minutes from 11 qubits on.
+            matrix = np.asarray(op.params[0], dtype=np.complex128)
+            if matrix.shape != (2**op.num_qubits, 2**op.num_qubits):
+                raise InvalidInputError(f"instruction {name!r} acts on {op.num_qubits} qubits but its matrix is {matrix.shape}")
+            _check_unitary(matrix, name)
+            ops.append(P.Unitary(qargs, matrix, label=name))
+            return
         if op.num_qubits <= DENSE_MAX_QUBITS or getattr(op, "definition", None) is None:
             matrix = self._matrix(op)
             if matrix is not None:
@@ -465,18 +515,29 @@ class _Translator:
             )
         if not isinstance(definition, QuantumCircuit):
             raise UnsupportedInstructionError(f"instruction {op.name!r} has a definition of type {type(definition).__name__}")
+        key = (op.name, op.num_qubits, _definition_key(op))
+        if key in self.expanding or len(self.expanding) >= MAX_DEFINITION_DEPTH:
+            chain = " -> ".join(name for name, _, _ in self.expanding[-5:] + [key])
+            raise UnsupportedInstructionError(
+                f"the definition of instruction {op.name!r} contains itself ({chain}), so it can never be expanded; "
+                "give it a matrix or a definition in other gates"
+            )
         qmap = {bit: qargs[i] for i, bit in enumerate(definition.qubits)}
         cmap = {bit: cargs[i] for i, bit in enumerate(definition.clbits)}
-        for instruction in definition.data:
-            self.instruction(
-                instruction.operation,
-                tuple(qmap[q] for q in instruction.qubits),
-                tuple(cmap[c] for c in instruction.clbits),
-                qmap,
-                cmap,
-                ops,
-                top,
-            )
+        self.expanding.append(key)
+        try:
+            for instruction in definition.data:
+                self.instruction(
+                    instruction.operation,
+                    tuple(qmap[q] for q in instruction.qubits),
+                    tuple(cmap[c] for c in instruction.clbits),
+                    qmap,
+                    cmap,
+                    ops,
+                    top,
+                )
+        finally:
+            self.expanding.pop()
         self.global_phase(definition.global_phase, op.name, ops)
 
     def state_preparation(self, op: Instruction, qargs: tuple, ops: list, top: bool) -> None:
@@ -518,6 +579,20 @@ class _Translator:
             ops.append(P.WhileLoop(self.condition(op.condition, clbits), self._sub_block(op.blocks[0], qargs, cargs, clbits)))
         elif name == "for_loop":
             indexset, parameter, body = op.params
+            if len(indexset) > EAGER_LOOP_ITERATIONS:
+                # A wide loop: its bodies are built as the loop runs, inside the job.
+                values = indexset if isinstance(indexset, (range, tuple)) else tuple(indexset)
+                if parameter is None or not values:
+                    make = None
+                    first = self._sub_block(body, qargs, cargs, clbits)
+                else:
+
+                    def make(value, body=body, parameter=parameter):
+                        return self._sub_block(body.assign_parameters({parameter: value}, inplace=False), qargs, cargs, clbits)
+
+                    first = make(values[0])
+                ops.append(P.ForLoop(P.LoopBodies(values, make, first)))
+                return
             if parameter is None:
                 once = self._sub_block(body, qargs, cargs, clbits)
                 iterations = tuple(once for _ in indexset)

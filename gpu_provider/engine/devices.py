@@ -68,6 +68,12 @@ def probe_gpu() -> GPUProbe:
     return GPUProbe(True, "", count, tuple(names))
 
 
+def _after_fork_in_child() -> None:
+    # A lock held by a parent thread at fork time would stay held forever in the child.
+    global _DEVICES_LOCK
+    _DEVICES_LOCK = threading.Lock()
+
+
 def reset_probe() -> None:
     """Forget the cached probe (tests, or after the environment changed)."""
     probe_gpu.cache_clear()
@@ -136,19 +142,16 @@ class Device:
     def running_jobs(self) -> int:
         return self._running
 
+    def memory_capacity(self) -> int:
+        """Bytes a new allocation can take now: free memory, capped by the process's limits."""
+        return self.free_bytes()
+
     def check_fits(self, num_qubits: int, itemsize: int, arrays: int = 2) -> None:
         """Raise :class:`CircuitTooLargeError` unless ``arrays`` states of ``num_qubits`` fit."""
         needed = state_bytes(num_qubits, itemsize) * arrays
-        free = self.free_bytes()
+        free = self.memory_capacity()
         if needed > free:
-            raise CircuitTooLargeError(
-                f"a {num_qubits}-qubit state needs {needed:,} bytes on the {self.kind} "
-                f"({arrays} arrays of 2^{num_qubits} x {itemsize} bytes) but only {free:,} bytes are free; "
-                "use fewer qubits, precision='single', or another device",
-                num_qubits=num_qubits,
-                bytes_needed=needed,
-                bytes_free=free,
-            )
+            raise too_large_error(self.kind, num_qubits, itemsize, needed, free, f"{arrays} arrays of 2^{num_qubits} x {itemsize} bytes")
 
     @property
     def name(self) -> str:
@@ -157,6 +160,18 @@ class Device:
 
 def state_bytes(num_qubits: int, itemsize: int) -> int:
     return (1 << num_qubits) * itemsize
+
+
+def too_large_error(kind: str, num_qubits: int, itemsize: int, needed: int, free: int, detail: str) -> CircuitTooLargeError:
+    """The error for a state that does not fit, with advice that applies to this run."""
+    advice = "use fewer qubits, precision='single', or another device" if itemsize > 8 else "use fewer qubits or another device"
+    return CircuitTooLargeError(
+        f"a {num_qubits}-qubit state needs {needed:,} bytes on the {kind} ({detail}) "
+        f"but only {free:,} bytes are free; {advice}",
+        num_qubits=num_qubits,
+        bytes_needed=needed,
+        bytes_free=free,
+    )
 
 
 class _NullContext:
@@ -180,6 +195,9 @@ class CPUDevice(Device):
     def free_bytes(self) -> int:
         return host_available_bytes()
 
+    def memory_capacity(self) -> int:
+        return min(host_available_bytes(), process_limit_bytes())
+
     def total_bytes(self) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -200,6 +218,65 @@ def host_available_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def process_limit_bytes() -> int:
+    """What this process may still allocate under its own limits (a huge number when unlimited).
+
+    The address-space and data-segment rlimits (``ulimit -v`` / ``-d``) less what
+    the process already maps, and the cgroup memory limit (containers) less the
+    cgroup's usage, whichever is least.
+    """
+    room = [1 << 62]
+    status = _proc_status_bytes(("VmSize", "VmData"))
+    try:
+        import resource
+
+        for limit, used in ((resource.RLIMIT_AS, status.get("VmSize")), (resource.RLIMIT_DATA, status.get("VmData"))):
+            soft, _ = resource.getrlimit(limit)
+            if soft != resource.RLIM_INFINITY and used is not None:
+                room.append(max(soft - used, 0))
+    except (ImportError, OSError, ValueError):
+        pass
+    cgroup = cgroup_room_bytes()
+    if cgroup is not None:
+        room.append(cgroup)
+    return min(room)
+
+
+def _proc_status_bytes(keys) -> dict:
+    found: dict = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in keys:
+                    found[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+)
+
+
+def cgroup_room_bytes():
+    """The cgroup memory limit less its usage, or None where no limit is set."""
+    for limit_path, usage_path in _CGROUP_FILES:
+        try:
+            with open(limit_path, encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(usage_path, encoding="ascii") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:
+            return None
+        return max(int(limit) - usage, 0)
+    return None
 
 
 class GPUDevice(Device):
@@ -289,6 +366,8 @@ class _GPUStreamContext:
 
 _DEVICES: dict = {}
 _DEVICES_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def check_device_option(device, device_id) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
+import os
 import threading
 import time
 import traceback
@@ -24,8 +24,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import GPUProviderError, InvalidInputError, IterationLimitError, JobCancelledError, SimulationError
-from .devices import PRECISIONS, Device
+from ..errors import CircuitTooLargeError, GPUProviderError, InvalidInputError, IterationLimitError, JobCancelledError, SimulationError
+from .devices import PRECISIONS, Device, state_bytes
 from .program import (
     CONTROL_FLOW,
     Bits,
@@ -48,6 +48,7 @@ from .program import (
     evaluate,
     gate_arrays,
     is_sampling_friendly,
+    op_bodies,
     measurements_are_terminal,
 )
 from .statevector import StateVector
@@ -89,6 +90,10 @@ class ExperimentOutput:
     metadata: dict = field(default_factory=dict)
 
 
+# Scratch memory a job may use beside its state arrays (sampling chunks, small matrices, Python).
+WORKSPACE_BYTES = 64 << 20
+
+
 class _Break(Exception):
     pass
 
@@ -104,9 +109,14 @@ class _Continue(Exception):
 class Execution:
     """One job's life on a device, read through events; never blocks to answer."""
 
-    def __init__(self, device: Device, ops_total: int, run: Callable[["Execution"], Any]) -> None:
+    def __init__(
+        self, device: Device, ops_total: int, run: Callable[["Execution"], Any], reserve_bytes: int = 0, num_qubits: int = 0
+    ) -> None:
         self.device = device
+        self.num_qubits = num_qubits
         self.ops_total = max(int(ops_total), 1)
+        # Device memory the job may use at its peak; the dispatcher admits it only where that fits.
+        self.reserve_bytes = int(reserve_bytes)
         self._run = run
         self.start_event = None  # recorded on the job's stream before its first op
         # The end: a host event set once the results (copied back from the device) are built.
@@ -170,9 +180,22 @@ class Execution:
         checkpoints.append((self._ops_enqueued, event))
         self._ops_recorded, self._recorded_at = self._ops_enqueued, now
 
+    def refuse(self, error: BaseException) -> None:
+        """End a queued job that can never be admitted, with ``error``."""
+        with self._lock:
+            if not self.finished:
+                self.finish(error=error)
+
+    def poll_cancel(self) -> None:
+        """Stop here if the job was cancelled (a checkpoint between chunks of work that are not ops)."""
+        if self._cancel.is_set():
+            raise JobCancelledError("cancelled at a checkpoint")
+
     def finish(self, result: Any = None, error: Optional[BaseException] = None) -> None:
         self.result, self.error = result, error
         self.finished_at = time.time()
+        self._checkpoints.clear()
+        self._run = None  # the closure holds the job's programs; a finished job needs none of it
         self._finished.set()
 
     # -- read by the job -----------------------------------------------------
@@ -222,30 +245,94 @@ class Execution:
 
 
 class Dispatcher:
-    """A bounded pool of daemon worker threads for one device."""
+    """A bounded pool of daemon worker threads for one device, with admission control.
+
+    Jobs start in submission order. The head of the queue starts only when its
+    ``reserve_bytes`` fit next to the reservations of the jobs already running
+    here (against the device's capacity measured when none was running) and in
+    what the device has free now; otherwise it waits. A job that could not fit
+    even alone fails with :class:`CircuitTooLargeError` instead of running out
+    of memory mid-run.
+    """
+
+    # How often a job waiting for memory looks again (memory freed elsewhere, cancels).
+    ADMISSION_POLL_SECONDS = 0.05
 
     def __init__(self, device: Device, workers: int) -> None:
         self.device = device
-        self._queue: queue.Queue = queue.Queue()
+        self._pending: collections.deque = collections.deque()
         self._workers = workers
         self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._running = 0
+        self._reserved = 0
+        self._baseline = 0  # the device's capacity when the first running job was admitted
 
     def submit(self, execution: Execution) -> None:
-        with self._lock:
+        with self._cond:
             if len(self._threads) < self._workers:
                 thread = threading.Thread(target=self._work, name=f"gpu_provider-{self.device.name}-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
                 thread.start()
-        self._queue.put(execution)
+            self._pending.append(execution)
+            self._cond.notify()
+
+    def capacity(self) -> int:
+        """Bytes a job may reserve here at most: all that jobs of this process can share."""
+        with self._cond:
+            return self._baseline if self._running else self.device.memory_capacity()
+
+    def reserved(self) -> int:
+        """Bytes reserved by the jobs running here now."""
+        with self._cond:
+            return self._reserved
+
+    def _admit(self) -> Execution:
+        """The next queued execution once its memory fits (called holding the lock)."""
+        while True:
+            while self._pending and self._pending[0].finished:  # cancelled while queued
+                self._pending.popleft()
+            if not self._pending:
+                self._cond.wait()
+                continue
+            execution = self._pending[0]
+            need = execution.reserve_bytes
+            free = self.device.memory_capacity() if need else 0
+            if not self._running:
+                self._baseline = free
+                if need > free:
+                    self._pending.popleft()
+                    execution.refuse(
+                        CircuitTooLargeError(
+                            f"the job needs {need:,} bytes on the {self.device.kind} at its peak (its largest circuit has "
+                            f"{execution.num_qubits} qubits) but only {free:,} bytes are free with no other job of this "
+                            "process running; use fewer qubits or another device",
+                            num_qubits=execution.num_qubits,
+                            bytes_needed=need,
+                            bytes_free=free,
+                        )
+                    )
+                    continue
+            if self._reserved + need <= self._baseline and need <= free:
+                self._pending.popleft()
+                self._running += 1
+                self._reserved += need
+                return execution
+            self._cond.wait(self.ADMISSION_POLL_SECONDS)
 
     def _work(self) -> None:
         while True:
-            execution = self._queue.get()
+            with self._cond:
+                execution = self._admit()
             try:
                 run_execution(execution)
             except BaseException:  # never let a worker die: the job records the error
                 logger.exception("gpu_provider worker caught an unexpected error")
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._reserved -= execution.reserve_bytes
+                    self._cond.notify_all()
             del execution  # an idle worker must not keep the last job's memory alive
 
 
@@ -280,10 +367,21 @@ _DISPATCHERS: dict = {}
 _DISPATCHERS_LOCK = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    # The parent's worker threads do not exist in a forked child; start afresh there.
+    global _DISPATCHERS, _DISPATCHERS_LOCK
+    _DISPATCHERS = {}
+    _DISPATCHERS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def dispatcher_for(device: Device) -> Dispatcher:
     with _DISPATCHERS_LOCK:
         key = (device.kind, device.device_id)
-        if key not in _DISPATCHERS:
+        if key not in _DISPATCHERS or _DISPATCHERS[key].device is not device:  # a re-probed device starts afresh
             workers = 2 if device.kind == "CPU" else 4
             _DISPATCHERS[key] = Dispatcher(device, workers)
         return _DISPATCHERS[key]
@@ -414,30 +512,99 @@ def _is_prefix_op(op) -> bool:
     return isinstance(op, (Unitary, Diagonal, GlobalPhase, Initialize))
 
 
+def state_arrays(program: Program, config: RunConfig) -> int:
+    """How many full-size arrays a program's run holds at its peak.
+
+    The state and its scratch buffer; a snapshot of the prefix when shots run one
+    by one; a host copy for ``statevector=True``; and the temporaries of a wide
+    controlled gate applied on a slice of the state.
+    """
+    arrays = 2 if is_sampling_friendly(program) else 3
+    if config.statevector:
+        arrays += 1
+    if _has_wide_controlled(program.ops):
+        arrays += 1
+    return arrays
+
+
+def _has_wide_controlled(ops) -> bool:
+    from .statevector import DENSE_CONTROLLED_MAX
+
+    for op in ops:
+        if isinstance(op, Unitary) and op.controls and len(op.controls) + len(op.qubits) > DENSE_CONTROLLED_MAX:
+            return True
+        if isinstance(op, CONTROL_FLOW) and any(_has_wide_controlled(body) for body in op_bodies(op)):
+            return True
+    return False
+
+
+def memory_needed(program: Program, config: RunConfig) -> int:
+    """Peak bytes a program's run may use on its device: state arrays plus a fixed workspace."""
+    return state_arrays(program, config) * state_bytes(program.num_qubits, np.dtype(config.dtype).itemsize) + WORKSPACE_BYTES
+
+
+class _Tally:
+    """Outcomes as counts, and as a per-shot list only when memory=True asked for one."""
+
+    def __init__(self, keep_memory: bool) -> None:
+        self.counts: dict = {}
+        self.memory: Optional[list] = [] if keep_memory else None
+
+    def add(self, value: int) -> None:
+        self.counts[value] = self.counts.get(value, 0) + 1
+        if self.memory is not None:
+            self.memory.append(value)
+
+    def add_many(self, values) -> None:
+        if self.memory is not None:
+            self.memory.extend(values.tolist() if isinstance(values, np.ndarray) else values)
+        if isinstance(values, np.ndarray):
+            keys, numbers = np.unique(values, return_counts=True)
+            pairs = zip(keys.tolist(), numbers.tolist())
+        else:
+            pairs = collections.Counter(values).items()
+        counts = self.counts
+        for key, number in pairs:
+            counts[key] = counts.get(key, 0) + number
+
+
 def run_program(program: Program, device: Device, config: RunConfig, execution: Optional[Execution] = None) -> ExperimentOutput:
-    """Simulate ``program`` and return counts (and memory / statevector when asked)."""
+    """Simulate ``program`` and return counts (and memory / statevector when asked).
+
+    Memory beyond the state does not grow with the shots: samples are drawn in
+    chunks and tallied as counts (a per-shot list is kept only for memory=True).
+    """
     start = time.perf_counter()
     dtype = config.dtype
     rng = np.random.default_rng(config.seed)
     sampling = is_sampling_friendly(program)
-    device.check_fits(program.num_qubits, np.dtype(dtype).itemsize, arrays=2 if sampling else 3)
+    if execution is None:  # under a dispatcher, admission control has reserved the memory
+        device.check_fits(program.num_qubits, np.dtype(dtype).itemsize, arrays=state_arrays(program, config))
     state = new_state(device, program.num_qubits, dtype)
     state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
     shot = _Shot(program.num_clbits, rng, config, execution)
     measures = [op for op in program.ops if isinstance(op, Measure)]
     measured = sorted({m.qubit for m in measures})
-    memory: list[int] = []
+    tally = _Tally(config.memory)
     statevector = None
     if sampling:
-        # One simulation; every shot drawn from the final probabilities.
+        # One simulation; every shot drawn from the final probabilities, a chunk at a time.
         run_ops(state, tuple(op for op in program.ops if not isinstance(op, Measure)), shot)
         if config.statevector:
             statevector = state.to_host()
         if measures:
-            outcomes = state.sample(measured, config.shots, rng)
-            memory = _sampled_clbit_values(outcomes, measured, measures, program.num_clbits)
+            table = state.sampling_table()
+            chunk = state.sample_chunk_shots()
+            for first in range(0, config.shots, chunk):
+                if execution is not None:
+                    execution.poll_cancel()
+                outcomes = state.sample(measured, min(chunk, config.shots - first), rng, table)
+                tally.add_many(_sampled_clbit_values(outcomes, measured, measures, program.num_clbits))
+            del table
         else:
-            memory = [0] * config.shots
+            tally.counts = {0: config.shots}
+            if tally.memory is not None:
+                tally.memory = [0] * config.shots
     else:
         # Shot by shot, from a copy of the common prefix of gates.
         terminal = measurements_are_terminal(program)
@@ -449,6 +616,8 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
         prefix = state.snapshot() if config.shots > 1 else None
         rest = ops[prefix_len:]
         for index in range(config.shots):
+            if execution is not None:
+                execution.poll_cancel()
             if index:
                 state.copy_from(prefix)
             shot.clbits = [0] * program.num_clbits
@@ -457,18 +626,16 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
             if terminal and measures:
                 # Terminal measurements of a trajectory with resets: one draw from its final state.
                 outcome = state.sample(measured, 1, rng)
-                memory.extend(_sampled_clbit_values(outcome, measured, measures, program.num_clbits))
+                tally.add_many(_sampled_clbit_values(outcome, measured, measures, program.num_clbits))
             else:
-                memory.append(_clbit_value(shot.clbits))
+                tally.add(_clbit_value(shot.clbits))
         if config.statevector:
             # The last trajectory's state, its terminal measurements removed (as Aer does).
             statevector = state.to_host()
-    counts: dict[int, int] = {}
-    for value in memory:
-        counts[value] = counts.get(value, 0) + 1
+    counts, memory = tally.counts, tally.memory
     if program.num_clbits == 0:
         # Nothing is recorded without classical bits: empty counts, as Qiskit's BasicSimulator.
-        counts, memory = {}, []
+        counts, memory = {}, ([] if config.memory else None)
     return ExperimentOutput(
         counts=counts,
         memory=memory if config.memory else None,
@@ -510,10 +677,11 @@ def sample_memory(program: Program, state: StateVector, shots: int, rng: np.rand
     if not measures:
         return [0] * shots
     measured = sorted({m.qubit for m in measures})
-    return _sampled_clbit_values(state.sample(measured, shots, rng), measured, measures, program.num_clbits)
+    values = _sampled_clbit_values(state.sample(measured, shots, rng), measured, measures, program.num_clbits)
+    return values.tolist() if isinstance(values, np.ndarray) else values
 
 
-def _sampled_clbit_values(outcomes: np.ndarray, qubits: list[int], measures, num_clbits: int) -> list[int]:
+def _sampled_clbit_values(outcomes: np.ndarray, qubits: list[int], measures, num_clbits: int):
     """Clbit integers from sampled outcomes (bit j of an outcome is ``qubits[j]``).
 
     Measures are applied in program order, so the last one into a clbit wins.
@@ -524,7 +692,7 @@ def _sampled_clbit_values(outcomes: np.ndarray, qubits: list[int], measures, num
         for m in measures:
             bit = (outcomes >> position[m.qubit]) & 1
             values = (values & ~np.int64(1 << m.clbit)) | (bit << m.clbit)
-        return values.tolist()
+        return values
     result = []
     for outcome in outcomes.tolist():
         value = 0

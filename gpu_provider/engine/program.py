@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Union
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -253,11 +254,64 @@ class WhileLoop:
     body: tuple
 
 
+class LoopBodies(Sequence):
+    """The bodies of a wide ``for`` loop, one per iteration, built when first read.
+
+    ``make(value)`` builds the body of the iteration with loop value ``value``;
+    ``make`` may be None when every iteration runs the same ``first`` body.
+    ``first`` is the body of the first iteration, built up front: it stands for
+    all of them when counting ops or finding the qubits the loop touches (the
+    iterations differ only in their parameter). Memory stays that of a few bodies
+    whatever the number of iterations.
+    """
+
+    __slots__ = ("values", "make", "first", "_built")
+
+    # Bodies of the first iterations kept once built, so a loop rerun shot after shot builds them once.
+    CACHED_BODIES = 8192
+
+    def __init__(self, values: Sequence, make: Optional[Callable[[Any], tuple]], first: tuple) -> None:
+        self.values = values
+        self.make = make
+        self.first = first
+        self._built: dict = {0: first}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if self.make is None:
+            return self.first
+        body = self._built.get(index)
+        if body is None:
+            body = self.make(self.values[index])
+            if index < self.CACHED_BODIES:
+                self._built[index] = body
+        return body
+
+    def map(self, transform: Callable[[tuple], tuple]) -> "LoopBodies":
+        """The same loop with ``transform`` applied to each body as it is built."""
+        make = None if self.make is None else (lambda value, make=self.make: transform(make(value)))
+        return LoopBodies(self.values, make, transform(self.first))
+
+    def __repr__(self) -> str:
+        return f"LoopBodies({len(self)} iterations)"
+
+
 @dataclass(frozen=True)
 class ForLoop:
-    """One op tuple per iteration (the loop parameter is already bound in each)."""
+    """One op tuple per iteration (the loop parameter is already bound in each).
 
-    iterations: tuple
+    ``iterations`` is a tuple, or a :class:`LoopBodies` for wide loops.
+    """
+
+    iterations: Sequence
 
 
 @dataclass(frozen=True)
@@ -302,8 +356,15 @@ class Program:
 
 
 def count_ops(ops) -> int:
-    """Number of ops, counting nested control-flow bodies once each."""
-    return sum(1 + sum(count_ops(body) for body in _bodies(op)) for op in ops)
+    """Number of ops, counting nested control-flow bodies once each (every iteration of a for loop)."""
+    total = 0
+    for op in ops:
+        total += 1
+        if isinstance(op, ForLoop) and isinstance(op.iterations, LoopBodies):
+            total += len(op.iterations) * count_ops(op.iterations.first)
+        else:
+            total += sum(count_ops(body) for body in op_bodies(op))
+    return total
 
 
 def op_qubits(op) -> tuple[int, ...]:
@@ -314,7 +375,7 @@ def op_qubits(op) -> tuple[int, ...]:
         return op.qubits
     if isinstance(op, (Measure, Reset)):
         return (op.qubit,)
-    return tuple(sorted({q for body in _bodies(op) for inner in body for q in op_qubits(inner)}))
+    return tuple(sorted({q for body in op_bodies(op) for inner in body for q in op_qubits(inner)}))
 
 
 def gate_arrays(ops):
@@ -326,12 +387,15 @@ def gate_arrays(ops):
             yield op.diagonal
 
 
-def _bodies(op):
+def op_bodies(op):
+    """The op tuples nested in a control-flow op (a wide for loop: its first body stands for all)."""
     if isinstance(op, IfElse):
         return (op.true_body, op.false_body)
     if isinstance(op, WhileLoop):
         return (op.body,)
     if isinstance(op, ForLoop):
+        if isinstance(op.iterations, LoopBodies):
+            return (op.iterations.first,)
         return op.iterations
     if isinstance(op, SwitchCase):
         return tuple(body for _, body in op.cases)

@@ -34,6 +34,9 @@ DENSE_CONTROLLED_MAX = 6
 SMALL_STATE_QUBITS = 12
 # Diagonals and sampling work on the state as rows of 2^this amplitudes.
 ROW_QUBITS = 10
+# Scratch memory one chunk of samples may use, and the most shots drawn in one chunk.
+SAMPLE_WORKSPACE_BYTES = 32 << 20
+SAMPLE_CHUNK_MAX = 1 << 17
 # A diagonal's broadcast factors hold at most 2^this values.
 DIAGONAL_FACTORS_MAX_QUBITS = 14
 # StateVector.preload takes arrays of at most this many entries, this many bytes in all.
@@ -404,22 +407,43 @@ class StateVector:
         xp.square(out, out=out)
         return out
 
-    def sample(self, qubits: Sequence[int], shots: int, rng: np.random.Generator) -> np.ndarray:
+    def sampling_table(self):
+        """Per-row probabilities of the state (rows of 2^ROW_QUBITS amplitudes) and their cumulative sum.
+
+        One pass over the state; every chunk of samples drawn afterwards reuses it.
+        """
+        xp = self.xp
+        real = np.float64 if self.dtype == np.complex128 else np.float32
+        width = min(self.num_qubits, ROW_QUBITS)
+        rows = self.data.view(real).reshape(-1, 2 << width)
+        row_probs = xp.einsum("ij,ij->i", rows, rows).astype(np.float64)
+        return row_probs, xp.cumsum(row_probs)
+
+    def sample_chunk_shots(self) -> int:
+        """Shots per chunk so one chunk's scratch stays within SAMPLE_WORKSPACE_BYTES.
+
+        Each distinct row a chunk hits costs about 56 bytes per amplitude of the row,
+        each shot about 160 bytes of per-shot arrays.
+        """
+        width = min(self.num_qubits, ROW_QUBITS)
+        per_shot = 56 * (1 << width) + 160
+        return max(1, min(SAMPLE_CHUNK_MAX, SAMPLE_WORKSPACE_BYTES // per_shot))
+
+    def sample(self, qubits: Sequence[int], shots: int, rng: np.random.Generator, table=None) -> np.ndarray:
         """Draw ``shots`` outcomes of measuring distinct ``qubits``; bit j of each is ``qubits[j]``.
 
         The uniform samples come from the host generator, so a seed gives the same
-        draws on every device. Sampling reads the state in its current axis order
-        (no transpose): one pass sums |amplitude|^2 over rows of 2^ROW_QUBITS, a
-        uniform picks a row from their cumulative sum, then an amplitude inside
-        it; the bits of the drawn index are then re-labelled to ``qubits``.
+        draws on every device, and drawing in chunks (passing the same ``table``
+        from :meth:`sampling_table`) gives the same draws as one call. Sampling
+        reads the state in its current axis order (no transpose): a uniform picks a
+        row from the rows' cumulative probabilities, then an amplitude inside it;
+        the bits of the drawn index are then re-labelled to ``qubits``. Scratch
+        memory grows with ``shots`` (up to 56 bytes per amplitude of each distinct
+        row hit), so callers draw large counts in chunks of :meth:`sample_chunk_shots`.
         """
         xp = self.xp
-        n = self.num_qubits
-        real = np.float64 if self.dtype == np.complex128 else np.float32
-        width = min(n, ROW_QUBITS)
-        rows = self.data.view(real).reshape(-1, 2 << width)
-        row_probs = xp.einsum("ij,ij->i", rows, rows).astype(np.float64)
-        row_cdf = xp.cumsum(row_probs)
+        width = min(self.num_qubits, ROW_QUBITS)
+        row_probs, row_cdf = self.sampling_table() if table is None else table
         total = float(row_cdf[-1])
         uniforms = xp.asarray(rng.random(shots) * total)
         row = xp.minimum(xp.searchsorted(row_cdf, uniforms, side="right"), row_cdf.shape[0] - 1)
@@ -427,9 +451,11 @@ class StateVector:
         before = xp.where(row > 0, row_cdf[xp.maximum(row - 1, 0)], 0.0)
         weight = row_probs[row]
         fraction = xp.where(weight > 0, (uniforms - before) / xp.where(weight > 0, weight, 1.0), 0.0)
+        del uniforms, before, weight
         hit, inverse = xp.unique(row, return_inverse=True)
         chosen = self.data.reshape(-1, 1 << width)[hit]
         inner = xp.cumsum(chosen.real.astype(np.float64) ** 2 + chosen.imag.astype(np.float64) ** 2, axis=1)
+        del chosen
         inner_total = inner[:, -1:]
         # Clamp to the row's last non-zero amplitude, so rounding never draws a zero.
         last = xp.argmax(inner >= inner_total, axis=1)
@@ -438,6 +464,7 @@ class StateVector:
         inner += xp.arange(hit.shape[0], dtype=np.float64)[:, None]
         target = inverse + xp.clip(fraction, 0.0, 1.0)
         position = xp.searchsorted(inner.reshape(-1), target, side="right") - inverse * (1 << width)
+        del inner, target
         position = xp.clip(position, 0, last[inverse])
         physical = row.astype(np.int64) * (1 << width) + position.astype(np.int64)
         physical = np.asarray(physical.get() if xp is not np else physical, dtype=np.int64)

@@ -321,3 +321,12 @@ def test_primitives_on_the_gpu_path(fake_gpu):
     cpu = SamplerV2(seed=3, backend_options={"device": "CPU"}).run([(measured, values[0])], shots=200).result()[0]
     assert gpu.data.meas.get_bitstrings() == cpu.data.meas.get_bitstrings()  # the same seed, the same samples
 
+
+def test_chunked_sampling_is_the_same_on_both_devices(fake_gpu):
+    # 300,000 shots of 2 qubits are drawn in several chunks (sample_chunk_shots is ~87,000 here).
+    options = dict(shots=300_000, seed_simulator=12, memory=True)
+    gpu = GPUSimulator(device="GPU").run(bell(), **options).result()
+    cpu = GPUSimulator(device="CPU").run(bell(), **options).result()
+    assert gpu.get_memory() == cpu.get_memory()
+    counts = gpu.get_counts()
+    assert set(counts) == {"00", "11"} and abs(counts["00"] - 150_000) < 5 * 274

@@ -1,0 +1,478 @@
+"""Robustness, second round: admission control, bounded memory, cancellable phases, fork safety.
+
+Each case of issue 13 is a test here: the error type and its key words, or the
+numbers against an oracle, and a correct job right after. Tests that set a
+memory limit do so in a child process (``run_child``) so they never endanger
+the machine running the suite.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from qiskit import QuantumCircuit
+from qiskit.circuit import CircuitInstruction, Gate, Parameter
+from qiskit.circuit.library import CXGate, UnitaryGate
+from qiskit.providers import JobStatus
+from qiskit.quantum_info import Statevector
+
+from gpu_provider import GPUSimulator
+from gpu_provider.compiler import translate as translate_module
+from gpu_provider.engine import devices, executor
+from gpu_provider.engine.statevector import StateVector
+from gpu_provider.errors import CircuitTooLargeError, InvalidInputError, UnsupportedInstructionError
+from tests.helpers import bell
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def backend():
+    return GPUSimulator(device="CPU")
+
+
+def assert_backend_still_works(backend: GPUSimulator) -> None:
+    counts = backend.run(bell(), shots=400, seed_simulator=9).result(timeout=60).get_counts()
+    assert set(counts) == {"00", "11"} and sum(counts.values()) == 400
+    assert 120 < counts["00"] < 280
+
+
+def run_child(script: str, timeout: float = 120) -> dict:
+    """Run ``script`` in a fresh Python; it prints one JSON object as its last line."""
+    process = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "GPU_PROVIDER_DISABLE_GPU": "1"},
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+# A child's preamble: the limit is set after the imports and a warm-up job, as
+# room beyond what the process already maps.
+LIMITED = """
+import json, resource, time
+from gpu_provider import GPUSimulator
+from gpu_provider.engine import devices
+from qiskit import QuantumCircuit
+
+def ghz(n):
+    qc = QuantumCircuit(n, n)
+    qc.h(0)
+    for q in range(n - 1):
+        qc.cx(q, q + 1)
+    qc.measure(range(n), range(n))
+    return qc
+
+backend = GPUSimulator(device="CPU")
+# Two jobs at once start both worker threads (their stacks and malloc arenas count in VmSize).
+for job in [backend.run(ghz(3), shots=10) for _ in range(2)]:
+    job.result()
+
+def limit_room(room):
+    used = devices._proc_status_bytes(("VmSize",))["VmSize"]
+    resource.setrlimit(resource.RLIMIT_AS, (used + room, resource.RLIM_INFINITY))
+"""
+
+
+# ---------------------------------------------------------------------------
+# Hangs
+
+
+def test_a_forked_child_runs_jobs():
+    out = run_child(
+        """
+        import json, os
+        from gpu_provider import GPUSimulator
+        from tests.helpers import bell
+        backend = GPUSimulator(device="CPU")
+        parent = backend.run(bell(), shots=100, seed_simulator=1).result().get_counts()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                counts = GPUSimulator(device="CPU").run(bell(), shots=300, seed_simulator=3).result(timeout=30).get_counts()
+                os._exit(0 if set(counts) == {"00", "11"} and sum(counts.values()) == 300 else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        after = backend.run(bell(), shots=100, seed_simulator=1).result(timeout=30).get_counts()
+        print(json.dumps({"child": os.waitstatus_to_exitcode(status), "same": parent == after}))
+        """
+    )
+    assert out == {"child": 0, "same": True}
+
+
+def test_an_11_qubit_unitary_applies_through_its_matrix(backend):
+    # A dense unitary that is cheap to build: the normalised DFT matrix times random phases.
+    dim = 2**11
+    phases = np.exp(2j * np.pi * np.random.default_rng(5).random(dim))
+    unitary = np.exp(2j * np.pi * np.outer(np.arange(dim), np.arange(dim)) / dim) / math.sqrt(dim) * phases
+    qc = QuantumCircuit(12)
+    qc.h(11)
+    qc.append(UnitaryGate(unitary), list(range(11)))
+    start = time.perf_counter()
+    job = backend.run(qc, shots=1, statevector=True)
+    assert time.perf_counter() - start < 5  # was more than 10 minutes (Qiskit's synthesis)
+    state = job.result(timeout=60).get_statevector()
+    expected = Statevector(qc).data
+    assert np.allclose(state, expected, atol=1e-10)
+    assert_backend_still_works(backend)
+
+
+def test_cancel_during_sampling_returns_quickly(backend):
+    qc = QuantumCircuit(1, 1)
+    qc.h(0)
+    qc.measure(0, 0)
+    job = backend.run(qc, shots=20_000_000, seed_simulator=1)
+    deadline = time.monotonic() + 30
+    while job.status() is not JobStatus.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert job.status() is JobStatus.RUNNING
+    start = time.perf_counter()
+    assert job.cancel() is True
+    assert time.perf_counter() - start < 2  # was 9-15 s, then False and DONE
+    assert job.status() is JobStatus.CANCELLED
+    assert_backend_still_works(backend)
+
+
+def _wide_loop(iterations: int, total_angle: float) -> QuantumCircuit:
+    theta = Parameter("theta")
+    qc = QuantumCircuit(2, 2)
+    scale = total_angle / (iterations * (iterations - 1) / 2)
+    with qc.for_loop(range(iterations), theta):
+        qc.rx(theta * scale, 0)
+        qc.cx(0, 1)
+        qc.cx(0, 1)
+    qc.measure([0, 1], [0, 1])
+    return qc
+
+
+def test_a_billion_iteration_loop_returns_from_run_at_once_and_cancels(backend):
+    start = time.perf_counter()
+    job = backend.run(_wide_loop(10**9, math.pi), shots=1)
+    assert time.perf_counter() - start < 1  # was 28-49 s, then a bare MemoryError
+    done, total = job.progress()
+    assert total >= 3 * 10**9
+    deadline = time.monotonic() + 30
+    while job.progress()[0] < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job.status() is JobStatus.RUNNING
+    assert job.cancel() is True and job.status() is JobStatus.CANCELLED
+    assert_backend_still_works(backend)
+
+
+@pytest.mark.parametrize("total_angle", [math.pi, math.pi / 3])
+def test_wide_loops_run_lazily_and_match_the_oracle(backend, monkeypatch, total_angle):
+    qc = _wide_loop(1500, total_angle)  # above EAGER_LOOP_ITERATIONS: built as it runs
+    lazy = backend.run(qc, shots=100, seed_simulator=6, memory=True).result(timeout=120)
+    oracle = QuantumCircuit(2)
+    oracle.rx(total_angle, 0)
+    p1 = Statevector(oracle).probabilities()[1]
+    counts = lazy.get_counts()
+    assert set(counts) <= {"00", "01"}
+    assert abs(counts.get("01", 0) / 100 - p1) < 5 * math.sqrt(p1 * (1 - p1) / 100) + 1e-9
+    # The same draws as the loop unrolled up front.
+    monkeypatch.setattr(translate_module, "EAGER_LOOP_ITERATIONS", 10**6)
+    eager = backend.run(qc, shots=100, seed_simulator=6, memory=True).result(timeout=120)
+    assert eager.get_memory() == lazy.get_memory()
+
+
+# ---------------------------------------------------------------------------
+# Memory
+
+
+def _peak_bytes(run) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_sampling_memory_does_not_grow_with_shots(backend):
+    qc = QuantumCircuit(1, 1)
+    qc.h(0)
+    qc.measure(0, 0)
+    results = {}
+
+    def run(shots):
+        results[shots] = backend.run(qc, shots=shots, seed_simulator=3).result(timeout=120).get_counts()
+
+    small = _peak_bytes(lambda: run(10_000))
+    large = _peak_bytes(lambda: run(2_000_000))
+    assert large < small + 48 * 2**20  # was ~95 MB per 10^6 shots (954 MB at 10^7)
+    counts = results[2_000_000]
+    assert sum(counts.values()) == 2_000_000 and abs(counts["0"] - 1_000_000) < 5 * math.sqrt(500_000)
+
+
+def test_chunked_sampling_draws_the_same_as_one_call():
+    rng = np.random.default_rng(11)
+    vector = rng.standard_normal(2**13) + 1j * rng.standard_normal(2**13)
+    vector /= np.linalg.norm(vector)
+    state = StateVector(np, 13, np.complex128)
+    state.data[:] = vector
+    qubits = [0, 3, 12, 7]
+    whole = state.sample(qubits, 5000, np.random.default_rng(2))
+    table = state.sampling_table()
+    draws = np.random.default_rng(2)
+    chunks = np.concatenate([state.sample(qubits, size, draws, table) for size in (1, 999, 3000, 1000)])
+    assert np.array_equal(whole, chunks)
+    # And the draws follow the distribution: chi-square against the exact marginal.
+    probs = np.abs(vector.reshape((2,) * 13)) ** 2
+    marginal = np.zeros(16)
+    for index, p in enumerate(np.abs(vector) ** 2):
+        marginal[sum(((index >> q) & 1) << j for j, q in enumerate(qubits))] += p
+    observed = np.bincount(whole, minlength=16)
+    chi2 = np.sum((observed - 5000 * marginal) ** 2 / (5000 * marginal))
+    assert chi2 < 50  # 15 degrees of freedom: p < 1e-5 of failing by chance
+    assert probs.sum() == pytest.approx(1.0)
+
+
+def test_sample_chunks_bound_the_scratch_for_wide_states():
+    state = StateVector(np, 12, np.complex128)
+    # 56 bytes per amplitude of each of up to `chunk` distinct rows of 2^10 amplitudes.
+    assert state.sample_chunk_shots() * (56 * 1024 + 160) <= 32 << 20
+    assert 100_000 < StateVector(np, 1, np.complex128).sample_chunk_shots() <= 1 << 17
+
+
+def _retained_bytes(make_job) -> tuple[int, object]:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        job = make_job()
+        job.result(timeout=300)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before, job
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_finished_job_holds_memory_independent_of_shots_and_ops(backend):
+    qc = QuantumCircuit(2, 2)
+    qc.h(0)
+    qc.measure(0, 0)
+    qc.reset(0)  # shot by shot: a progress record per op per shot before
+    qc.h(0)
+    qc.cx(0, 1)
+    qc.measure([0, 1], [0, 1])
+    few, job_few = _retained_bytes(lambda: backend.run(qc, shots=200, seed_simulator=1))
+    many, job_many = _retained_bytes(lambda: backend.run(qc, shots=10_000, seed_simulator=1))
+    assert sum(job_many.result().get_counts().values()) == 10_000
+    assert many < few + 256 * 1024  # was 78 MiB for 2e5 shots
+    looped = QuantumCircuit(1, 1)
+    with looped.for_loop(range(50_001)):
+        looped.x(0)
+    looped.measure(0, 0)
+    loop, job_loop = _retained_bytes(lambda: backend.run(looped, shots=2, seed_simulator=1))
+    assert job_loop.result().get_counts() == {"1": 2}
+    assert loop < few + 256 * 1024  # was 1.5 GB for 1e7 loop ops
+    assert job_loop.progress() == (job_loop.progress()[1],) * 2
+
+
+def test_pending_checkpoints_are_bounded():
+    class NeverDone:
+        done = False
+
+        def record(self, stream=None):
+            pass
+
+    class SlowDevice(devices.CPUDevice):
+        def new_event(self):
+            return NeverDone()
+
+    execution = executor.Execution(SlowDevice(), 100_000, lambda e: None)
+    for _ in range(100_000):
+        execution.checkpoint()
+    assert len(execution._checkpoints) <= executor.CHECKPOINT_RING
+    assert execution.progress() == (0, 100_000)
+    for _, event in execution._checkpoints:  # a stream reaches its events in order
+        event.done = True
+    done, total = execution.progress()
+    assert total == 100_000 and 100_000 - executor.CHECKPOINT_OPS < done <= 100_000
+
+
+def test_admission_runs_jobs_that_do_not_fit_together_one_after_the_other(backend, monkeypatch):
+    n = 16
+    need = 2 * (2**n * 16) + executor.WORKSPACE_BYTES
+    # Room for one such job at a time, not two.
+    monkeypatch.setattr(devices.CPUDevice, "memory_capacity", lambda self: int(need * 1.5))
+    qc = QuantumCircuit(n, n)
+    qc.h(0)
+    for q in range(n - 1):
+        qc.cx(q, q + 1)
+    for q in range(n):  # some work, so the two would overlap without admission control
+        qc.rx(0.0, q)
+    qc.measure(range(n), range(n))
+    jobs = [backend.run(qc, shots=1000, seed_simulator=s) for s in range(3)]
+    for job in jobs:
+        counts = job.result(timeout=120).get_counts()
+        assert set(counts) == {"0" * n, "1" * n} and sum(counts.values()) == 1000
+    spans = sorted((job._execution.started_at, job._execution.finished_at) for job in jobs)
+    for (_, first_end), (second_start, _) in zip(spans, spans[1:]):
+        assert second_start >= first_end
+    # Small jobs still run side by side.
+    assert_backend_still_works(backend)
+
+
+def test_a_job_that_could_never_fit_is_refused_from_run(backend, monkeypatch):
+    monkeypatch.setattr(devices.CPUDevice, "memory_capacity", lambda self: 80 << 20)
+    qc = QuantumCircuit(20, 1)
+    qc.h(19)
+    qc.measure(19, 0)
+    with pytest.raises(CircuitTooLargeError) as info:
+        backend.run(qc)
+    message = str(info.value)
+    assert "20-qubit" in message and "bytes" in message and "free" in message
+    assert info.value.bytes_needed > info.value.bytes_free == 80 << 20
+    monkeypatch.undo()
+    assert_backend_still_works(backend)
+
+
+def test_the_cgroup_limit_caps_the_capacity(tmp_path, monkeypatch):
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text("536870912\n")
+    usage.write_text("268435456\n")
+    monkeypatch.setattr(devices, "_CGROUP_FILES", ((str(tmp_path / "absent"), str(usage)), (str(limit), str(usage))))
+    assert devices.cgroup_room_bytes() == 256 << 20
+    assert devices.process_limit_bytes() <= 256 << 20
+    assert devices.CPUDevice().memory_capacity() <= 256 << 20
+    limit.write_text("max\n")
+    assert devices.cgroup_room_bytes() is None
+
+
+def test_process_rlimit_refuses_from_run_and_two_jobs_never_overrun_it():
+    out = run_child(
+        LIMITED
+        + """
+from gpu_provider.errors import CircuitTooLargeError
+from gpu_provider.engine.executor import WORKSPACE_BYTES
+n = 22
+need = 2 * (16 << n) + WORKSPACE_BYTES
+# One job fits, two (each touching its 128 MiB and sampling scratch) do not. The slack is
+# for what a finished job leaves mapped (malloc's heaps): admission measures it too.
+limit_room(need + (96 << 20))
+room = devices.process_limit_bytes()
+try:
+    backend.run(ghz(24), shots=10)
+    refused = ""
+except CircuitTooLargeError as exc:
+    refused = str(exc)
+jobs = [backend.run(ghz(n), shots=2000, seed_simulator=s) for s in range(3)]
+results = []
+for job in jobs:
+    try:
+        counts = job.result(timeout=120).get_counts()
+        results.append(sorted(counts) == ["0" * n, "1" * n] and sum(counts.values()) == 2000)
+    except Exception as exc:
+        results.append(repr(exc))
+spans = sorted((job._execution.started_at, job._execution.finished_at) for job in jobs)
+serial = all(b[0] >= a[1] for a, b in zip(spans, spans[1:]))
+print(json.dumps({"room": room, "need": need, "refused": refused, "results": results, "serial": serial}))
+"""
+    )
+    assert out["need"] <= out["room"] < 2 * out["need"]
+    assert "24-qubit" in out["refused"] and "free" in out["refused"]
+    assert out["results"] == [True, True, True]
+    assert out["serial"]
+
+
+def test_memory_output_for_too_many_shots_is_refused_under_a_limit():
+    out = run_child(
+        LIMITED
+        + """
+from gpu_provider.errors import InvalidOptionError
+limit_room(200 << 20)
+try:
+    backend.run(ghz(1), shots=2 * 10**6, memory=True)  # 240 MB of output: fits the host, not the limit
+    message = ""
+except InvalidOptionError as exc:
+    message = str(exc)
+counts = backend.run(ghz(2), shots=10**6, seed_simulator=1).result(timeout=60).get_counts()
+print(json.dumps({"message": message, "total": sum(counts.values()), "keys": sorted(counts)}))
+"""
+    )
+    assert "memory=True" in out["message"] and "bytes" in out["message"]
+    assert out["total"] == 10**6 and out["keys"] == ["00", "11"]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+class Ouroboros(Gate):
+    def __init__(self):
+        super().__init__("ouroboros", 1, [])
+
+    def _define(self):
+        qc = QuantumCircuit(1)
+        qc.h(0)
+        qc.append(Ouroboros(), [0])
+        self.definition = qc
+
+
+def test_a_definition_that_contains_itself_is_a_typed_error(backend):
+    qc = QuantumCircuit(1)
+    qc.append(Ouroboros(), [0])
+    with pytest.raises(UnsupportedInstructionError, match="ouroboros.*contains itself"):
+        backend.run(qc)
+    assert_backend_still_works(backend)
+
+
+def test_duplicated_qubits_are_refused_from_run(backend):
+    qc = QuantumCircuit(2, 2)
+    qc._append(CircuitInstruction(CXGate(), (qc.qubits[0], qc.qubits[0]), ()))
+    with pytest.raises(InvalidInputError, match=r"'cx' acts on qubits \[0, 0\].*repeat"):
+        backend.run(qc)
+    assert_backend_still_works(backend)
+
+
+def test_too_large_in_single_precision_does_not_advise_single(backend):
+    qc = QuantumCircuit(40)
+    qc.h(0)
+    with pytest.raises(CircuitTooLargeError) as info:
+        backend.run(qc, precision="single")
+    assert "single" not in str(info.value) and "40-qubit" in str(info.value)
+    with pytest.raises(CircuitTooLargeError, match="precision='single'"):
+        backend.run(qc, precision="double")
+    assert_backend_still_works(backend)
+
+
+def test_pickling_a_job_says_what_can_be_pickled(backend):
+    job = backend.run(bell(), shots=100, seed_simulator=2)
+    with pytest.raises(TypeError, match=r"GPUJob cannot be pickled.*job\.result\(\).*job\.backend\(\)"):
+        pickle.dumps(job)
+    result = pickle.loads(pickle.dumps(job.result()))
+    assert result.get_counts() == job.result().get_counts()
+    again = pickle.loads(pickle.dumps(backend))
+    assert again.run(bell(), shots=100, seed_simulator=2).result().get_counts() == job.result().get_counts()
+
+
+# ---------------------------------------------------------------------------
+# Soak (CI size; `python -m benchmarks.soak` runs the 200-job version)
+
+
+def test_soak_near_the_memory_limit_ci_size():
+    from benchmarks.soak import soak
+
+    # Jobs of 10-21 qubits need 64-192 MiB each against 200 MiB of address space.
+    report = soak(jobs=16, threads=4, budget_mib=200, min_qubits=10, max_qubits=21, seed=3, timeout=600)
+    assert report["ok"], report
+    assert report["done_correct"] >= 8  # most sizes fit; the few above the budget are refused from run()
+    assert report["failed"] == report["wrong"] == report["hung_threads"] == 0
