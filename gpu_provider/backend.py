@@ -39,8 +39,8 @@ from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
 from .compiler.translate import translate
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device
 from .engine.executor import Execution, ExperimentOutput, RunConfig, estimated_ops, run_program
-from .engine.program import is_sampling_friendly, measurements_are_terminal
-from .errors import InvalidInputError, InvalidOptionError
+from .engine.program import Program, compact, is_sampling_friendly, measurements_are_terminal
+from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError
 from .job import GPUJob
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ class GPUSimulator(BackendV2):
         itemsize = np.dtype(PRECISIONS[merged["precision"]]).itemsize
         experiments = []
         for index, circuit in enumerate(circuits):
-            program = translate(circuit, merged["initial_statevector"])
+            # Simulate only the qubits some op touches: a layout-transpiled circuit is as wide as the Target.
+            program = compact(translate(circuit, merged["initial_statevector"]))
             sampling = is_sampling_friendly(program)
             if merged["statevector"] and not measurements_are_terminal(program):
                 raise InvalidInputError(
@@ -156,6 +157,8 @@ class GPUSimulator(BackendV2):
                     "or save the state before the first measurement"
                 )
             device.check_fits(program.num_qubits, itemsize, arrays=2 if sampling else 3)
+            if merged["statevector"]:
+                _check_statevector_output(program, circuit.name, itemsize)
             if merged["memory"]:
                 _check_memory_output(merged["shots"], device)
             ops_before = program.num_ops
@@ -286,6 +289,25 @@ def _validate_options(options: dict) -> None:
     cap = options["max_loop_iterations"]
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
+
+
+def _check_statevector_output(program: Program, name: str, itemsize: int) -> None:
+    """statevector=True returns the circuit's full width, idle qubits included: it must fit on the host."""
+    from .engine.devices import host_available_bytes, state_bytes
+
+    if program.layout is None:
+        return  # the simulated state is the returned one, already checked against the device
+    needed = state_bytes(program.width, itemsize) + state_bytes(program.num_qubits, itemsize + 8)
+    free = host_available_bytes()
+    if needed > free:
+        raise CircuitTooLargeError(
+            f"statevector=True returns all {program.width} qubits of circuit {name!r} "
+            f"({program.num_qubits} of them are used), which needs {needed:,} bytes of host memory but "
+            f"{free:,} are free; drop statevector=True (counts need only the used qubits) or remove the idle qubits",
+            num_qubits=program.width,
+            bytes_needed=needed,
+            bytes_free=free,
+        )
 
 
 def _check_memory_output(shots: int, device: Device) -> None:

@@ -44,6 +44,7 @@ from .program import (
     WhileLoop,
     count_ops,
     evaluate,
+    expand_state,
     is_sampling_friendly,
     measurements_are_terminal,
 )
@@ -432,6 +433,8 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
     counts: dict[int, int] = {}
     for value in memory:
         counts[value] = counts.get(value, 0) + 1
+    if statevector is not None and program.layout is not None:
+        statevector = expand_state(statevector, program.layout, program.width)
     if program.num_clbits == 0:
         # Nothing is recorded without classical bits: empty counts, as Qiskit's BasicSimulator.
         counts, memory = {}, []
@@ -444,7 +447,9 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
             "device": device.name,
             "precision": config.precision,
             "measure_sampling": sampling,
-            "num_qubits": program.num_qubits,
+            "num_qubits": program.width,
+            "active_qubits": list(program.active_qubits),
+            "simulated_qubits": program.num_qubits,
             "time_taken": time.perf_counter() - start,
         },
     )

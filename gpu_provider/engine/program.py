@@ -285,13 +285,21 @@ CONTROL_FLOW = (IfElse, WhileLoop, ForLoop, SwitchCase)
 
 @dataclass(frozen=True)
 class Program:
-    """A whole circuit: ``ops`` act on ``num_qubits`` qubits and ``num_clbits`` clbits."""
+    """A whole circuit: ``ops`` act on ``num_qubits`` qubits and ``num_clbits`` clbits.
+
+    After :func:`compact`, ``num_qubits`` is the width of the state really
+    simulated and ``layout[i]`` is the circuit qubit that state qubit ``i``
+    stands for, out of ``circuit_qubits``; ``layout`` is ``None`` when every
+    circuit qubit is simulated.
+    """
 
     num_qubits: int
     num_clbits: int
     ops: tuple
     name: str = ""
     metadata: dict = field(default_factory=dict, compare=False)
+    layout: tuple[int, ...] | None = None
+    circuit_qubits: int | None = None
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)
@@ -299,6 +307,16 @@ class Program:
     @property
     def num_ops(self) -> int:
         return count_ops(self.ops)
+
+    @property
+    def width(self) -> int:
+        """Qubits of the circuit this program came from (idle ones included)."""
+        return self.num_qubits if self.circuit_qubits is None else self.circuit_qubits
+
+    @property
+    def active_qubits(self) -> tuple[int, ...]:
+        """The circuit qubits that are simulated, in state order."""
+        return tuple(range(self.num_qubits)) if self.layout is None else self.layout
 
 
 def count_ops(ops) -> int:
@@ -315,6 +333,73 @@ def op_qubits(op) -> tuple[int, ...]:
     if isinstance(op, (Measure, Reset)):
         return (op.qubit,)
     return tuple(sorted({q for body in _bodies(op) for inner in body for q in op_qubits(inner)}))
+
+
+def used_qubits(ops) -> tuple[int, ...]:
+    """Sorted qubits that some op in ``ops`` (or in a control-flow body) touches."""
+    used: set[int] = set()
+    for op in ops:
+        used.update(op_qubits(op))
+    return tuple(sorted(used))
+
+
+def compact(program: Program) -> Program:
+    """``program`` on only the qubits its ops touch, renumbered in their order.
+
+    An idle qubit stays in |0> and is never measured, so dropping it changes no
+    outcome; it only halves the state per qubit dropped. The relabelling keeps
+    the qubits' relative order, so the state's index order is unchanged for the
+    qubits that remain. :func:`expand_state` puts idle qubits back.
+    """
+    if program.layout is not None:
+        return program
+    active = used_qubits(program.ops)
+    if len(active) == program.num_qubits:
+        return program
+    mapping = {qubit: index for index, qubit in enumerate(active)}
+    return program.replace(
+        num_qubits=len(active),
+        ops=_relabel(program.ops, mapping),
+        layout=active,
+        circuit_qubits=program.num_qubits,
+    )
+
+
+def _relabel(ops, mapping: dict) -> tuple:
+    return tuple(_relabel_op(op, mapping) for op in ops)
+
+
+def _relabel_op(op, mapping: dict):
+    if isinstance(op, Unitary):
+        return dataclasses.replace(op, qubits=tuple(mapping[q] for q in op.qubits), controls=tuple(mapping[q] for q in op.controls))
+    if isinstance(op, (Diagonal, Initialize)):
+        return dataclasses.replace(op, qubits=tuple(mapping[q] for q in op.qubits))
+    if isinstance(op, (Measure, Reset)):
+        return dataclasses.replace(op, qubit=mapping[op.qubit])
+    if isinstance(op, IfElse):
+        return IfElse(op.condition, _relabel(op.true_body, mapping), _relabel(op.false_body, mapping))
+    if isinstance(op, WhileLoop):
+        return WhileLoop(op.condition, _relabel(op.body, mapping))
+    if isinstance(op, ForLoop):
+        done: dict = {}  # iterations often share one body: relabel it once
+        for body in op.iterations:
+            if id(body) not in done:
+                done[id(body)] = _relabel(body, mapping)
+        return ForLoop(tuple(done[id(body)] for body in op.iterations))
+    if isinstance(op, SwitchCase):
+        return SwitchCase(op.target, tuple((values, _relabel(body, mapping)) for values, body in op.cases))
+    return op  # GlobalPhase, Store, BreakLoop, ContinueLoop: no qubits
+
+
+def expand_state(vector: np.ndarray, layout: tuple[int, ...], width: int) -> np.ndarray:
+    """The ``width``-qubit state with ``vector`` on ``layout`` and every other qubit in |0>."""
+    index = np.zeros(1 << len(layout), dtype=np.int64)
+    positions = np.arange(1 << len(layout), dtype=np.int64)
+    for bit, qubit in enumerate(layout):
+        index |= ((positions >> bit) & 1) << qubit
+    full = np.zeros(1 << width, dtype=vector.dtype)
+    full[index] = vector
+    return full
 
 
 def _bodies(op):
