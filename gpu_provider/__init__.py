@@ -20,6 +20,7 @@ from .errors import (  # noqa: E402
     IterationLimitError,
     SimulationError,
     UnboundParameterError,
+    UnknownOptionError,
     UnsupportedInstructionError,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidOptionError",
     "UnboundParameterError",
+    "UnknownOptionError",
     "UnsupportedInstructionError",
     "CircuitTooLargeError",
     "DeviceUnavailableError",

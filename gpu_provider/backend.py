@@ -40,8 +40,9 @@ from .compiler.translate import translate
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device
 from .engine.executor import Execution, ExperimentOutput, RunConfig, estimated_ops, run_program
 from .engine.program import Program, compact, is_sampling_friendly, measurements_are_terminal
-from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError
+from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError, UnknownOptionError
 from .job import GPUJob
+from .qiskit_errors import raises_qiskit_errors
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +97,12 @@ class GPUSimulator(BackendV2):
             initial_statevector=None,
         )
 
+    @raises_qiskit_errors
     def set_options(self, **fields: Any) -> None:
+        """Update options; an unknown field raises ``AttributeError`` (as BackendV2 specifies), a bad value ``InvalidOptionError``."""
         known = {key: value for key, value in fields.items() if key in self.options}
-        for key in fields.keys() - known.keys():
-            raise InvalidOptionError(f"{key!r} is not an option of {self.name}; its options are {sorted(self.options)}")
+        for key in sorted(fields.keys() - known.keys()):
+            raise UnknownOptionError(f"{key!r} is not an option of {self.name}; its options are {sorted(self.options)}")
         _validate_options({**self.options.__dict__, **known})
         super().set_options(**known)
         self._target_cache.clear()
@@ -107,6 +110,7 @@ class GPUSimulator(BackendV2):
     # -- target ---------------------------------------------------------------
 
     @property
+    @raises_qiskit_errors
     def target(self) -> Target:
         device, _ = resolve_device(self.options.device, self.options.device_id)
         key = (device.name, self.options.precision)
@@ -123,8 +127,14 @@ class GPUSimulator(BackendV2):
 
     # -- run ------------------------------------------------------------------
 
+    @raises_qiskit_errors
     def run(self, run_input, **options: Any) -> GPUJob:
         """Simulate one circuit or a list of circuits; returns a submitted :class:`GPUJob`.
+
+        Run options that Qiskit's tools pass to every backend and that an ideal
+        simulator fulfils anyway (``meas_level=2``, ``meas_return``,
+        ``init_qubits=True``, ``rep_delay``, ``rep_time``) are accepted silently;
+        any other unknown option warns. Every error below is also a ``QiskitError``.
 
         Raises:
             InvalidInputError: for input that is not circuits, an empty list, bad
@@ -136,8 +146,10 @@ class GPUSimulator(BackendV2):
         for key, value in options.items():
             if key in merged:
                 merged[key] = value
+            elif key in IDEAL_RUN_OPTIONS:
+                IDEAL_RUN_OPTIONS[key](value)
             else:
-                warnings.warn(f"Option {key} is not used by this backend", UserWarning, stacklevel=2)
+                warnings.warn(f"Option {key} is not used by this backend", UserWarning, stacklevel=3)
         _validate_options(merged)
         circuits = _as_circuit_list(run_input)
         device, fallback_reason = resolve_device(merged["device"], merged["device_id"])
@@ -289,6 +301,49 @@ def _validate_options(options: dict) -> None:
     cap = options["max_loop_iterations"]
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
+
+
+def _check_meas_level(value) -> None:
+    if _is_int(value) and int(value) == 2:  # MeasLevel.CLASSIFIED is an IntEnum
+        return
+    raise InvalidOptionError(
+        f"meas_level={value!r} asks for pulse-level data (0: raw, 1: kerneled), which a statevector "
+        "simulator does not have; use meas_level=2 (classified bits), the default"
+    )
+
+
+def _check_meas_return(value) -> None:
+    if getattr(value, "value", value) not in ("single", "avg"):
+        raise InvalidOptionError(f"meas_return must be 'single' or 'avg', not {value!r}")
+
+
+def _check_init_qubits(value) -> None:
+    if value is not True and value != 1:
+        raise InvalidOptionError(
+            f"init_qubits={value!r} asks to keep qubit states between shots; every shot of this "
+            "simulator starts from |0...0>, so only init_qubits=True is possible"
+        )
+
+
+def _check_duration(name: str):
+    def check(value) -> None:
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0):
+            raise InvalidOptionError(f"{name} must be a non-negative number or None, not {value!r}")
+
+    return check
+
+
+# Run options Qiskit's own tools (qiskit-experiments, the primitives) pass to every
+# backend. An ideal simulator already does what their accepted values ask (bits
+# classified, qubits reset before each shot, no repetition timing), so they are
+# checked and then need nothing more; a value asking for more is an error.
+IDEAL_RUN_OPTIONS = {
+    "meas_level": _check_meas_level,
+    "meas_return": _check_meas_return,
+    "init_qubits": _check_init_qubits,
+    "rep_delay": _check_duration("rep_delay"),
+    "rep_time": _check_duration("rep_time"),
+}
 
 
 def _check_statevector_output(program: Program, name: str, itemsize: int) -> None:
