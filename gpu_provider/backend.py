@@ -39,7 +39,7 @@ from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
 from .compiler.translate import translate
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device
 from .engine.executor import Execution, ExperimentOutput, RunConfig, estimated_ops, run_program
-from .engine.program import Program, compact, is_sampling_friendly, measurements_are_terminal
+from .engine.program import Program, compact, is_sampling_friendly, measurements_are_terminal, scratch_states
 from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError, UnknownOptionError
 from .job import GPUJob
 from .qiskit_errors import raises_qiskit_errors
@@ -168,7 +168,7 @@ class GPUSimulator(BackendV2):
                     f"control flow; circuit {circuit.name!r} measures or branches mid-circuit. Drop the option, "
                     "or save the state before the first measurement"
                 )
-            device.check_fits(program.num_qubits, itemsize, arrays=2 if sampling else 3)
+            device.check_fits(program.num_qubits, itemsize, arrays=scratch_states(program, sampling))
             if merged["statevector"]:
                 _check_statevector_output(program, circuit.name, itemsize)
             if merged["memory"]:

@@ -73,7 +73,7 @@ def _as_fusable(op):
 
 
 def _touches(op, all_qubits: frozenset) -> frozenset:
-    if isinstance(op, (P.Unitary, P.Diagonal, P.Initialize, P.Measure, P.Reset)):
+    if isinstance(op, (P.Unitary, P.Diagonal, P.Initialize, P.PauliEvolution, P.Measure, P.Reset)):
         return frozenset(P.op_qubits(op))
     if isinstance(op, P.GlobalPhase):
         return frozenset()

@@ -35,6 +35,7 @@ from .program import (
     IfElse,
     Initialize,
     Measure,
+    PauliEvolution,
     Program,
     Reset,
     Store,
@@ -47,6 +48,7 @@ from .program import (
     expand_state,
     is_sampling_friendly,
     measurements_are_terminal,
+    scratch_states,
 )
 from .statevector import StateVector
 
@@ -327,6 +329,8 @@ def run_ops(state: StateVector, ops, shot: _Shot) -> None:
             state.apply_phase(op.phase)
         elif kind is Initialize:
             state.initialize(op.qubits, op.vector)
+        elif kind is PauliEvolution:
+            state.apply_pauli_evolution(op.qubits, op.x_masks, op.z_masks, op.angles)
         elif kind is IfElse:
             body = op.true_body if evaluate(op.condition, shot.clbits, shot.variables) else op.false_body
             run_ops(state, body, shot)
@@ -379,7 +383,7 @@ def _clbit_value(clbits) -> int:
 
 def _is_prefix_op(op) -> bool:
     """Ops that act the same in every shot: run them once before the shot loop."""
-    return isinstance(op, (Unitary, Diagonal, GlobalPhase, Initialize))
+    return isinstance(op, (Unitary, Diagonal, GlobalPhase, Initialize, PauliEvolution))
 
 
 def run_program(program: Program, device: Device, config: RunConfig, execution: Optional[Execution] = None) -> ExperimentOutput:
@@ -388,7 +392,7 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
     dtype = config.dtype
     rng = np.random.default_rng(config.seed)
     sampling = is_sampling_friendly(program)
-    device.check_fits(program.num_qubits, np.dtype(dtype).itemsize, arrays=2 if sampling else 3)
+    device.check_fits(program.num_qubits, np.dtype(dtype).itemsize, arrays=scratch_states(program, sampling))
     state = new_state(device, program.num_qubits, dtype)
     shot = _Shot(program.num_clbits, rng, config, execution)
     measures = [op for op in program.ops if isinstance(op, Measure)]

@@ -216,6 +216,20 @@ class Initialize:
     vector: np.ndarray
 
 
+@dataclass(frozen=True, eq=False)
+class PauliEvolution:
+    """Apply exp(-i sum_j angles[j] P_j) to ``qubits``, exactly; the terms need not commute.
+
+    Term j is the Pauli whose X part is ``x_masks[j]`` and Z part ``z_masks[j]``
+    (bit i for ``qubits[i]``; X and Z both set is Y), ``angles`` are real.
+    """
+
+    qubits: tuple[int, ...]
+    x_masks: tuple[int, ...]
+    z_masks: tuple[int, ...]
+    angles: tuple[float, ...]
+
+
 @dataclass(frozen=True)
 class GlobalPhase:
     phase: float
@@ -279,7 +293,7 @@ class ContinueLoop:
 
 
 GateOp = Union[Unitary, Diagonal]
-Op = Union[Unitary, Diagonal, Initialize, GlobalPhase, Measure, Reset, Store, IfElse, WhileLoop, ForLoop, SwitchCase, BreakLoop, ContinueLoop]
+Op = Union[Unitary, Diagonal, Initialize, PauliEvolution, GlobalPhase, Measure, Reset, Store, IfElse, WhileLoop, ForLoop, SwitchCase, BreakLoop, ContinueLoop]
 CONTROL_FLOW = (IfElse, WhileLoop, ForLoop, SwitchCase)
 
 
@@ -328,11 +342,23 @@ def op_qubits(op) -> tuple[int, ...]:
     """Every qubit an op may touch (control-flow ops: all qubits of their bodies)."""
     if isinstance(op, Unitary):
         return op.controls + op.qubits
-    if isinstance(op, (Diagonal, Initialize)):
+    if isinstance(op, (Diagonal, Initialize, PauliEvolution)):
         return op.qubits
     if isinstance(op, (Measure, Reset)):
         return (op.qubit,)
     return tuple(sorted({q for body in _bodies(op) for inner in body for q in op_qubits(inner)}))
+
+
+def scratch_states(program: Program, sampling: bool) -> int:
+    """How many full-size arrays a run holds: state and buffer, a shot-prefix copy, evolution workspace."""
+    arrays = 2 if sampling else 3
+    if _any_op(program.ops, PauliEvolution):
+        arrays += 3
+    return arrays
+
+
+def _any_op(ops, kind) -> bool:
+    return any(isinstance(op, kind) or any(_any_op(body, kind) for body in _bodies(op)) for op in ops)
 
 
 def used_qubits(ops) -> tuple[int, ...]:
@@ -372,7 +398,7 @@ def _relabel(ops, mapping: dict) -> tuple:
 def _relabel_op(op, mapping: dict):
     if isinstance(op, Unitary):
         return dataclasses.replace(op, qubits=tuple(mapping[q] for q in op.qubits), controls=tuple(mapping[q] for q in op.controls))
-    if isinstance(op, (Diagonal, Initialize)):
+    if isinstance(op, (Diagonal, Initialize, PauliEvolution)):
         return dataclasses.replace(op, qubits=tuple(mapping[q] for q in op.qubits))
     if isinstance(op, (Measure, Reset)):
         return dataclasses.replace(op, qubit=mapping[op.qubit])

@@ -249,6 +249,58 @@ class StateVector:
         state = self.data.reshape((2,) * (n - tail) + (1 << tail,))
         self.xp.multiply(state, factors, out=state)
 
+    def apply_pauli_evolution(self, qubits: Sequence[int], x_masks: Sequence[int], z_masks: Sequence[int], angles: Sequence[float]) -> None:
+        """exp(-i A) for A = sum_j angles[j] P_j, applied to the state exactly (to rounding); terms need not commute.
+
+        A Chebyshev expansion on the state itself, no 2^k x 2^k matrix: with
+        L = sum |angles| >= ||A||, exp(-i A) = J_0(L) + 2 sum_k (-i)^k J_k(L) T_k(A / L),
+        and T_k(A / L) v follows a three-term recurrence, so about L + 20
+        applications of A reach double precision. Terms that share an X part are
+        applied together: one broadcast multiply by their summed Z signs, then
+        one flip of the X qubits' axes (a view). Needs three state-sized arrays.
+        """
+        xp = self.xp
+        n = self.num_qubits
+        scale = float(sum(abs(a) for a in angles))
+        if scale == 0.0:
+            return
+        groups: dict[int, np.ndarray] = {}
+        for x, z, angle in zip(x_masks, z_masks, angles):
+            # P = i^{#Y} X^x Z^z (Y = iXZ): the Z part is a sign per axis, the X part a flip.
+            factor = np.full((1,) * n, (angle / scale) * (1j ** bin(x & z).count("1")), dtype=np.complex128)
+            for i, q in enumerate(qubits):
+                if (z >> i) & 1:
+                    shape = [1] * n
+                    shape[self.axis(q)] = 2
+                    factor = factor * np.array([1.0, -1.0]).reshape(shape)
+            groups[x] = factor if x not in groups else groups[x] + factor
+        terms = []
+        for x, factor in groups.items():
+            flips = tuple(self.axis(q) for i, q in enumerate(qubits) if (x >> i) & 1)
+            factor = factor.astype(self.dtype)
+            terms.append((flips, factor if xp is np else xp.asarray(factor)))
+
+        def apply_scaled(source, out) -> None:  # out = (A / L) source
+            out[...] = 0
+            for flips, factor in terms:
+                part = source * factor
+                out += xp.flip(part, axis=flips) if flips else part
+
+        coefficients = _chebyshev_exp_coefficients(scale, 1e-16 if self.dtype == np.complex128 else 1e-8)
+        state = self._tensor()
+        previous = state.copy()  # T_0 v
+        current = xp.empty_like(state)
+        following = xp.empty_like(state)
+        apply_scaled(previous, current)  # T_1 v
+        state *= self.dtype.type(coefficients[0])
+        state += self.dtype.type(coefficients[1]) * current
+        for coefficient in coefficients[2:]:
+            apply_scaled(current, following)
+            following *= 2
+            following -= previous  # T_{k+1} v = 2 (A/L) T_k v - T_{k-1} v
+            state += self.dtype.type(coefficient) * following
+            previous, current, following = current, following, previous
+
     def apply_phase(self, phase: float) -> None:
         if phase:
             self.data *= self.dtype.type(complex(math.cos(phase), math.sin(phase)))
@@ -369,6 +421,22 @@ class StateVector:
         if self.xp is np:
             return self.data.copy()
         return self.data.get()
+
+
+@functools.lru_cache(maxsize=256)
+def _chebyshev_exp_coefficients(scale: float, tolerance: float) -> tuple[complex, ...]:
+    """c_k with exp(-i scale x) = sum_k c_k T_k(x) on [-1, 1], up to where |c_k| < tolerance."""
+    from scipy.special import jv  # host-side, a few numbers
+
+    count = int(scale + 10 * max(scale, 1.0) ** (1 / 3) + 20)
+    while True:
+        orders = np.arange(count + 1)
+        values = jv(orders, scale) * (-1j) ** orders
+        values[1:] *= 2
+        if abs(values[-1]) < tolerance and abs(values[-2]) < tolerance:
+            last = int(np.max(np.flatnonzero(np.abs(values) >= tolerance), initial=1))
+            return tuple(complex(v) for v in values[: max(last, 1) + 1])
+        count *= 2
 
 
 @functools.lru_cache(maxsize=1024)
