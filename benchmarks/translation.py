@@ -1,6 +1,6 @@
 """Untranspiled library circuits against their transpiled versions, and idle qubits.
 
-    python -m benchmarks.translation [--qubits 10] [--repeats 5] [--out DIR]
+    python -m benchmarks.translation [--qubits 10] [--repeats 100] [--out DIR]
 
 For each library circuit (``QAOAAnsatz`` of a ZZ ring with reps=2, a
 ``PauliEvolutionGate`` of a random 20-term ``SparsePauliOp``, ``EfficientSU2``
@@ -109,7 +109,7 @@ def measure(qubits: int, repeats: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qubits", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     emit(measure(args.qubits, args.repeats), args.out, "translation.json")
