@@ -425,18 +425,33 @@ class StateVector:
 
 @functools.lru_cache(maxsize=256)
 def _chebyshev_exp_coefficients(scale: float, tolerance: float) -> tuple[complex, ...]:
-    """c_k with exp(-i scale x) = sum_k c_k T_k(x) on [-1, 1], up to where |c_k| < tolerance."""
-    from scipy.special import jv  # host-side, a few numbers
+    """c_k with exp(-i scale x) = sum_k c_k T_k(x) on [-1, 1], up to where |c_k| < tolerance.
 
-    count = int(scale + 10 * max(scale, 1.0) ** (1 / 3) + 20)
-    while True:
-        orders = np.arange(count + 1)
-        values = jv(orders, scale) * (-1j) ** orders
-        values[1:] *= 2
-        if abs(values[-1]) < tolerance and abs(values[-2]) < tolerance:
-            last = int(np.max(np.flatnonzero(np.abs(values) >= tolerance), initial=1))
-            return tuple(complex(v) for v in values[: max(last, 1) + 1])
-        count *= 2
+    c_0 = J_0(scale), c_k = 2 (-i)^k J_k(scale).
+    """
+    bessel = _bessel_j(scale, int(scale + 10 * max(scale, 1.0) ** (1 / 3) + 30))
+    coefficients = bessel * (-1j) ** np.arange(len(bessel))
+    coefficients[1:] *= 2
+    significant = np.flatnonzero(np.abs(coefficients) >= tolerance)
+    last = max(int(significant[-1]) if len(significant) else 0, 1)
+    return tuple(complex(c) for c in coefficients[: last + 1])
+
+
+def _bessel_j(x: float, count: int) -> np.ndarray:
+    """J_0(x) .. J_{count-1}(x) for x > 0 by Miller's backward recurrence (stable; NumPy only).
+
+    J_{k-1} = (2k / x) J_k - J_{k+1} from far above ``count``, normalized by
+    J_0 + 2 (J_2 + J_4 + ...) = 1.
+    """
+    start = count + int(x) + 40
+    values = np.zeros(start + 2)
+    values[start] = 1e-300
+    for k in range(start, 0, -1):
+        values[k - 1] = (2 * k / x) * values[k] - values[k + 1]
+        if abs(values[k - 1]) > 1e250:  # rescale before overflow; only ratios matter until normalizing
+            values[k - 1 :] *= 1e-250
+    norm = values[0] + 2 * values[2::2].sum()
+    return values[:count] / norm
 
 
 @functools.lru_cache(maxsize=1024)

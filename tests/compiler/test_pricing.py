@@ -154,3 +154,13 @@ def test_evolution_on_idle_padded_register_is_relabelled():
     result = GPUSimulator(device="CPU").run(qc, shots=1, statevector=True).result()
     assert result.results[0].metadata["active_qubits"] == [1, 2, 3, 4, 5, 6, 7]
     assert_state_matches(result.get_statevector(), _reference(qc))
+
+
+@pytest.mark.parametrize("x", [1e-3, 0.5, 4.8, 40.0, 300.0])
+def test_engine_bessel_coefficients_match_scipy(x):
+    from scipy.special import jv
+
+    from gpu_provider.engine.statevector import _bessel_j
+
+    count = int(x + 40)
+    np.testing.assert_allclose(_bessel_j(x, count), jv(np.arange(count), x), atol=1e-14, rtol=0)
