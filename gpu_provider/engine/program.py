@@ -353,7 +353,7 @@ def scratch_states(program: Program, sampling: bool) -> int:
     """How many full-size arrays a run holds: state and buffer, a shot-prefix copy, evolution workspace."""
     arrays = 2 if sampling else 3
     if _any_op(program.ops, PauliEvolution):
-        arrays += 3
+        arrays += 4  # three recurrence terms and one product temporary
     return arrays
 
 

@@ -257,7 +257,8 @@ class StateVector:
         and T_k(A / L) v follows a three-term recurrence, so about L + 20
         applications of A reach double precision. Terms that share an X part are
         applied together: one broadcast multiply by their summed Z signs, then
-        one flip of the X qubits' axes (a view). Needs three state-sized arrays.
+        one flip of the X qubits' axes (a view). Needs four state-sized arrays
+        (three terms of the recurrence and one product temporary).
         """
         xp = self.xp
         n = self.num_qubits

@@ -164,3 +164,10 @@ def test_engine_bessel_coefficients_match_scipy(x):
 
     count = int(x + 40)
     np.testing.assert_allclose(_bessel_j(x, count), jv(np.arange(count), x), atol=1e-14, rtol=0)
+
+
+def test_memory_check_counts_the_evolution_workspace():
+    qc = _evolution(6, *_random_terms(6, 10, 5))
+    program = translate(qc)
+    assert P.scratch_states(program, sampling=True) == 2 + 4
+    assert P.scratch_states(translate(QuantumCircuit(2)), sampling=False) == 3
