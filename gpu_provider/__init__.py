@@ -22,6 +22,7 @@ from .errors import (  # noqa: E402
     IterationLimitError,
     SimulationError,
     UnboundParameterError,
+    UnknownOptionError,
     UnsupportedInstructionError,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidOptionError",
     "UnboundParameterError",
+    "UnknownOptionError",
     "UnsupportedInstructionError",
     "CircuitTooLargeError",
     "DeviceUnavailableError",

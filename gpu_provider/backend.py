@@ -49,9 +49,10 @@ from .engine.executor import (
     run_program,
     state_arrays,
 )
-from .engine.program import Program, measurements_are_terminal
-from .errors import InvalidInputError, InvalidOptionError
+from .engine.program import Program, compact, measurements_are_terminal
+from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError, UnknownOptionError
 from .job import GPUJob
+from .qiskit_errors import raises_qiskit_errors
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +107,12 @@ class GPUSimulator(BackendV2):
             initial_statevector=None,
         )
 
+    @raises_qiskit_errors
     def set_options(self, **fields: Any) -> None:
+        """Update options; an unknown field raises ``AttributeError`` (as BackendV2 specifies), a bad value ``InvalidOptionError``."""
         known = {key: value for key, value in fields.items() if key in self.options}
-        for key in fields.keys() - known.keys():
-            raise InvalidOptionError(f"{key!r} is not an option of {self.name}; its options are {sorted(self.options)}")
+        for key in sorted(fields.keys() - known.keys()):
+            raise UnknownOptionError(f"{key!r} is not an option of {self.name}; its options are {sorted(self.options)}")
         _validate_options({**self.options.__dict__, **known})
         super().set_options(**known)
         self._target_cache.clear()
@@ -117,6 +120,7 @@ class GPUSimulator(BackendV2):
     # -- target ---------------------------------------------------------------
 
     @property
+    @raises_qiskit_errors
     def target(self) -> Target:
         device, _ = resolve_device(self.options.device, self.options.device_id)
         key = (device.name, self.options.precision)
@@ -133,8 +137,14 @@ class GPUSimulator(BackendV2):
 
     # -- run ------------------------------------------------------------------
 
+    @raises_qiskit_errors
     def run(self, run_input, **options: Any) -> GPUJob:
         """Simulate one circuit or a list of circuits; returns a submitted :class:`GPUJob`.
+
+        Run options that Qiskit's tools pass to every backend and that an ideal
+        simulator fulfils anyway (``meas_level=2``, ``meas_return``,
+        ``init_qubits=True``, ``rep_delay``, ``rep_time``) are accepted silently;
+        any other unknown option warns. Every error below is also a ``QiskitError``.
 
         Raises:
             InvalidInputError: for input that is not circuits, an empty list, bad
@@ -146,8 +156,10 @@ class GPUSimulator(BackendV2):
         for key, value in options.items():
             if key in merged:
                 merged[key] = value
+            elif key in IDEAL_RUN_OPTIONS:
+                IDEAL_RUN_OPTIONS[key](value)
             else:
-                warnings.warn(f"Option {key} is not used by this backend", UserWarning, stacklevel=2)
+                warnings.warn(f"Option {key} is not used by this backend", UserWarning, stacklevel=3)
         _validate_options(merged)
         circuits = _as_circuit_list(run_input)
         device, fallback_reason = resolve_device(merged["device"], merged["device_id"])
@@ -157,7 +169,8 @@ class GPUSimulator(BackendV2):
         itemsize = np.dtype(PRECISIONS[merged["precision"]]).itemsize
         experiments = []
         for index, circuit in enumerate(circuits):
-            program = translate(circuit, merged["initial_statevector"])
+            # Simulate only the qubits some op touches: a layout-transpiled circuit is as wide as the Target.
+            program = compact(translate(circuit, merged["initial_statevector"]))
             if merged["statevector"] and not measurements_are_terminal(program):
                 raise InvalidInputError(
                     f"statevector=True needs a circuit whose measurements are all at the end, without "
@@ -172,6 +185,8 @@ class GPUSimulator(BackendV2):
                 precision=merged["precision"],
                 max_loop_iterations=merged["max_loop_iterations"],
             )
+            if merged["statevector"]:  # the full-width vector returned, idle qubits included
+                _check_statevector_output(program, circuit.name, itemsize)
             _check_fits(device, program, config, itemsize)
             if merged["memory"]:
                 _check_memory_output(merged["shots"], device)
@@ -314,6 +329,68 @@ def _check_fits(device: Device, program: Program, config: RunConfig, itemsize: i
         arrays = state_arrays(program, config)
         detail = f"{arrays} arrays of 2^{program.num_qubits} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
         raise too_large_error(device.kind, program.num_qubits, itemsize, needed, capacity, detail)
+
+
+def _check_meas_level(value) -> None:
+    if _is_int(value) and int(value) == 2:  # MeasLevel.CLASSIFIED is an IntEnum
+        return
+    raise InvalidOptionError(
+        f"meas_level={value!r} asks for pulse-level data (0: raw, 1: kerneled), which a statevector "
+        "simulator does not have; use meas_level=2 (classified bits), the default"
+    )
+
+
+def _check_meas_return(value) -> None:
+    if getattr(value, "value", value) not in ("single", "avg"):
+        raise InvalidOptionError(f"meas_return must be 'single' or 'avg', not {value!r}")
+
+
+def _check_init_qubits(value) -> None:
+    if value is not True and value != 1:
+        raise InvalidOptionError(
+            f"init_qubits={value!r} asks to keep qubit states between shots; every shot of this "
+            "simulator starts from |0...0>, so only init_qubits=True is possible"
+        )
+
+
+def _check_duration(name: str):
+    def check(value) -> None:
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0):
+            raise InvalidOptionError(f"{name} must be a non-negative number or None, not {value!r}")
+
+    return check
+
+
+# Run options Qiskit's own tools (qiskit-experiments, the primitives) pass to every
+# backend. An ideal simulator already does what their accepted values ask (bits
+# classified, qubits reset before each shot, no repetition timing), so they are
+# checked and then need nothing more; a value asking for more is an error.
+IDEAL_RUN_OPTIONS = {
+    "meas_level": _check_meas_level,
+    "meas_return": _check_meas_return,
+    "init_qubits": _check_init_qubits,
+    "rep_delay": _check_duration("rep_delay"),
+    "rep_time": _check_duration("rep_time"),
+}
+
+
+def _check_statevector_output(program: Program, name: str, itemsize: int) -> None:
+    """statevector=True returns the circuit's full width, idle qubits included: it must fit on the host."""
+    from .engine.devices import host_available_bytes, state_bytes
+
+    if program.layout is None:
+        return  # the simulated state is the returned one, already checked against the device
+    needed = state_bytes(program.width, itemsize) + state_bytes(program.num_qubits, itemsize + 8)
+    free = host_available_bytes()
+    if needed > free:
+        raise CircuitTooLargeError(
+            f"statevector=True returns all {program.width} qubits of circuit {name!r} "
+            f"({program.num_qubits} of them are used), which needs {needed:,} bytes of host memory but "
+            f"{free:,} are free; drop statevector=True (counts need only the used qubits) or remove the idle qubits",
+            num_qubits=program.width,
+            bytes_needed=needed,
+            bytes_free=free,
+        )
 
 
 def _check_memory_output(shots: int, device: Device) -> None:

@@ -21,6 +21,10 @@ class InvalidOptionError(InvalidInputError):
     """A run or backend option has a value the simulator does not accept."""
 
 
+class UnknownOptionError(GPUProviderError, AttributeError):
+    """``set_options`` was given a field that is not an option (``AttributeError``, as BackendV2 specifies)."""
+
+
 class UnboundParameterError(InvalidInputError):
     """The circuit still holds unbound Parameters."""
 

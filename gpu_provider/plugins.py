@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from importlib import metadata
 
+from .qiskit_errors import raises_qiskit_errors
+
 NEKO_GROUP = "qiskit_neko.backend_plugins"
 _SELECTIONS = {None: "auto", "": "auto", "auto": "auto", "cpu": "CPU", "gpu": "GPU"}
 
@@ -19,6 +21,7 @@ class NekoBackendPlugin:
     (also ``"gpu_simulator"`` or ``"gpu_simulator:cpu"``).
     """
 
+    @raises_qiskit_errors
     def get_backend(self, backend_selection: str | None = None):
         from .errors import InvalidOptionError
         from .provider import GPUProvider

@@ -334,7 +334,7 @@ def test_admission_runs_jobs_that_do_not_fit_together_one_after_the_other(backen
 def test_a_job_that_could_never_fit_is_refused_from_run(backend, monkeypatch):
     monkeypatch.setattr(devices.CPUDevice, "memory_capacity", lambda self: 80 << 20)
     qc = QuantumCircuit(20, 1)
-    qc.h(19)
+    qc.h(range(20))  # every qubit used: idle ones would not be simulated
     qc.measure(19, 0)
     with pytest.raises(CircuitTooLargeError) as info:
         backend.run(qc)
@@ -445,7 +445,7 @@ def test_duplicated_qubits_are_refused_from_run(backend):
 
 def test_too_large_in_single_precision_does_not_advise_single(backend):
     qc = QuantumCircuit(40)
-    qc.h(0)
+    qc.h(range(40))  # every qubit used: idle ones would not be simulated
     with pytest.raises(CircuitTooLargeError) as info:
         backend.run(qc, precision="single")
     assert "single" not in str(info.value) and "40-qubit" in str(info.value)

@@ -99,7 +99,7 @@ def unsupported():
 
 def too_large():
     qc = QuantumCircuit(36)
-    qc.h(0)
+    qc.h(range(36))  # every qubit used: idle ones are not simulated
     return qc
 
 
@@ -167,7 +167,7 @@ def test_bad_option_in_set_options_leaves_backend_unchanged(backend):
     with pytest.raises(InvalidOptionError, match="precision"):
         backend.set_options(precision="quad")
     assert backend.options.precision == "double"
-    with pytest.raises(InvalidOptionError, match="not an option"):
+    with pytest.raises(AttributeError, match="not an option"):
         backend.set_options(colour="blue")
     assert_backend_still_works(backend)
 

@@ -77,9 +77,14 @@ def fuse(
     multiplies (in their fusable form, program order), so a caller can rebuild
     the block with :func:`merge_block` when some of those gates change. Global
     phases are then left as ops (they may depend on parameters), not folded.
+
+    Below ``threshold`` qubits only runs of one-qubit gates on the same qubit are
+    merged (one linear pass: a 2x2 product per gate saves a pass over the state),
+    so an untranspiled circuit costs about what its transpiled twin does; with
+    ``sources`` nothing is merged there (parametrized gates stay rebindable).
     """
     if program.num_qubits < threshold:
-        return program
+        return program if sources is not None else program.replace(ops=_merge_single_qubit_runs(program.ops))
     width = max_qubits if max_qubits is not None else default_width(device_kind, precision)
     all_qubits = frozenset(range(program.num_qubits))
     return program.replace(ops=_fuse_ops(program.ops, width, all_qubits, sources))
@@ -104,7 +109,7 @@ def _as_fusable(op):
 
 
 def _touches(op, all_qubits: frozenset) -> frozenset:
-    if isinstance(op, (P.Unitary, P.Diagonal, P.Initialize, P.Measure, P.Reset)):
+    if isinstance(op, (P.Unitary, P.Diagonal, P.Initialize, P.PauliEvolution, P.Measure, P.Reset)):
         return frozenset(P.op_qubits(op))
     if isinstance(op, P.GlobalPhase):
         return frozenset()
@@ -161,6 +166,44 @@ def _fold_global_phases(ops: tuple) -> tuple:
     if len(phases) == 1:
         return ops
     return (P.GlobalPhase(total),) + tuple(rest)
+
+
+def _merge_single_qubit_runs(ops) -> tuple:
+    out: list = []
+    open_on: dict = {}  # qubit -> index in out of a 1-qubit gate nothing has touched since
+    for op in ops:
+        if isinstance(op, P.IfElse):
+            op = P.IfElse(op.condition, _merge_single_qubit_runs(op.true_body), _merge_single_qubit_runs(op.false_body))
+        elif isinstance(op, P.WhileLoop):
+            op = P.WhileLoop(op.condition, _merge_single_qubit_runs(op.body))
+        elif isinstance(op, P.ForLoop) and isinstance(op.iterations, P.LoopBodies):
+            op = P.ForLoop(op.iterations.map(_merge_single_qubit_runs))
+        elif isinstance(op, P.ForLoop):
+            done: dict = {}
+            for body in op.iterations:
+                if id(body) not in done:
+                    done[id(body)] = _merge_single_qubit_runs(body)
+            op = P.ForLoop(tuple(done[id(body)] for body in op.iterations))
+        elif isinstance(op, P.SwitchCase):
+            op = P.SwitchCase(op.target, tuple((values, _merge_single_qubit_runs(body)) for values, body in op.cases))
+        single = isinstance(op, P.Diagonal) or (isinstance(op, P.Unitary) and not op.controls)
+        if single and len(op.qubits) == 1:
+            qubit = op.qubits[0]
+            index = open_on.get(qubit)
+            if index is not None:
+                out[index] = _merge([out[index], op], isinstance(out[index], P.Diagonal) and isinstance(op, P.Diagonal))
+                continue
+            open_on[qubit] = len(out)
+            out.append(op)
+            continue
+        if isinstance(op, P.GlobalPhase):
+            out.append(op)
+            continue
+        touched = P.op_qubits(op) if isinstance(op, (P.Unitary, P.Diagonal, P.Initialize, P.PauliEvolution, P.Measure, P.Reset)) else tuple(open_on)
+        for qubit in touched:
+            open_on.pop(qubit, None)
+        out.append(op)
+    return tuple(out)
 
 
 def _greedy(items: list, width: int, all_qubits: frozenset, sources: Optional[dict] = None) -> list:

@@ -28,6 +28,7 @@ from qiskit.circuit.classical import expr, types
 from qiskit.circuit.library import get_standard_gate_name_mapping
 
 from ..engine import program as P
+from . import pricing
 from ..errors import InvalidInputError, UnboundParameterError, UnsupportedInstructionError
 
 logger = logging.getLogger(__name__)
@@ -479,6 +480,13 @@ class _Translator:
                 raise InvalidInputError(f"instruction {name!r} acts on {op.num_qubits} qubits but its matrix is {matrix.shape}")
             _check_unitary(matrix, name)
             ops.append(P.Unitary(qargs, matrix, label=name))
+            return
+        priced = pricing.price(op, qargs)
+        if priced == pricing.EXPAND:
+            self.expand(op, qargs, cargs, qubits, clbits, ops, top)
+            return
+        if priced is not None:
+            ops.extend(priced)
             return
         if op.num_qubits <= DENSE_MAX_QUBITS or getattr(op, "definition", None) is None:
             matrix = self._matrix(op)

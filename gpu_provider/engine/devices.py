@@ -396,7 +396,7 @@ def resolve_device(device: str = "auto", device_id: int = 0) -> tuple[Device, st
                 "Use device='CPU' or device='auto' to run on the CPU.",
                 reason=probe.reason,
             )
-        logger.info("gpu_provider runs on the CPU: %s", probe.reason)
+        _log_fallback(probe.reason)
         return _cached("CPU", 0, CPUDevice), probe.reason
     if device_id >= probe.device_count:
         raise InvalidOptionError(
@@ -404,6 +404,18 @@ def resolve_device(device: str = "auto", device_id: int = 0) -> tuple[Device, st
             f"({', '.join(probe.names)}); use 0..{probe.device_count - 1}"
         )
     return _cached("GPU", int(device_id), lambda: GPUDevice(int(device_id))), ""
+
+
+_LOGGED_REASONS: set = set()
+
+
+def _log_fallback(reason: str) -> None:
+    """Log why auto chose the CPU once per process (each result's metadata carries it anyway)."""
+    with _DEVICES_LOCK:
+        if reason in _LOGGED_REASONS:
+            return
+        _LOGGED_REASONS.add(reason)
+    logger.info("gpu_provider runs on the CPU: %s", reason)
 
 
 def _cached(kind: str, device_id: int, factory) -> Device:

@@ -37,6 +37,7 @@ from .program import (
     IfElse,
     Initialize,
     Measure,
+    PauliEvolution,
     Program,
     Reset,
     Store,
@@ -44,8 +45,10 @@ from .program import (
     Unitary,
     Var,
     WhileLoop,
+    any_op,
     count_ops,
     evaluate,
+    expand_state,
     gate_arrays,
     is_sampling_friendly,
     op_bodies,
@@ -457,6 +460,8 @@ def run_ops(state: StateVector, ops, shot: _Shot) -> None:
             state.apply_phase(op.phase)
         elif kind is Initialize:
             state.initialize(op.qubits, op.vector)
+        elif kind is PauliEvolution:
+            state.apply_pauli_evolution(op.qubits, op.x_masks, op.z_masks, op.angles)
         elif kind is IfElse:
             body = op.true_body if evaluate(op.condition, shot.clbits, shot.variables) else op.false_body
             run_ops(state, body, shot)
@@ -509,7 +514,7 @@ def _clbit_value(clbits) -> int:
 
 def _is_prefix_op(op) -> bool:
     """Ops that act the same in every shot: run them once before the shot loop."""
-    return isinstance(op, (Unitary, Diagonal, GlobalPhase, Initialize))
+    return isinstance(op, (Unitary, Diagonal, GlobalPhase, Initialize, PauliEvolution))
 
 
 def state_arrays(program: Program, config: RunConfig) -> int:
@@ -520,6 +525,8 @@ def state_arrays(program: Program, config: RunConfig) -> int:
     controlled gate applied on a slice of the state.
     """
     arrays = 2 if is_sampling_friendly(program) else 3
+    if any_op(program.ops, PauliEvolution):
+        arrays += 4  # its Chebyshev recurrence: three terms and one product temporary
     if config.statevector:
         arrays += 1
     if _has_wide_controlled(program.ops):
@@ -633,6 +640,8 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
             # The last trajectory's state, its terminal measurements removed (as Aer does).
             statevector = state.to_host()
     counts, memory = tally.counts, tally.memory
+    if statevector is not None and program.layout is not None:
+        statevector = expand_state(statevector, program.layout, program.width)
     if program.num_clbits == 0:
         # Nothing is recorded without classical bits: empty counts, as Qiskit's BasicSimulator.
         counts, memory = {}, ([] if config.memory else None)
@@ -645,7 +654,9 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
             "device": device.name,
             "precision": config.precision,
             "measure_sampling": sampling,
-            "num_qubits": program.num_qubits,
+            "num_qubits": program.width,
+            "active_qubits": list(program.active_qubits),
+            "simulated_qubits": program.num_qubits,
             "time_taken": time.perf_counter() - start,
         },
     )

@@ -217,6 +217,20 @@ class Initialize:
     vector: np.ndarray
 
 
+@dataclass(frozen=True, eq=False)
+class PauliEvolution:
+    """Apply exp(-i sum_j angles[j] P_j) to ``qubits``, exactly; the terms need not commute.
+
+    Term j is the Pauli whose X part is ``x_masks[j]`` and Z part ``z_masks[j]``
+    (bit i for ``qubits[i]``; X and Z both set is Y), ``angles`` are real.
+    """
+
+    qubits: tuple[int, ...]
+    x_masks: tuple[int, ...]
+    z_masks: tuple[int, ...]
+    angles: tuple[float, ...]
+
+
 @dataclass(frozen=True)
 class GlobalPhase:
     phase: float
@@ -333,19 +347,27 @@ class ContinueLoop:
 
 
 GateOp = Union[Unitary, Diagonal]
-Op = Union[Unitary, Diagonal, Initialize, GlobalPhase, Measure, Reset, Store, IfElse, WhileLoop, ForLoop, SwitchCase, BreakLoop, ContinueLoop]
+Op = Union[Unitary, Diagonal, Initialize, PauliEvolution, GlobalPhase, Measure, Reset, Store, IfElse, WhileLoop, ForLoop, SwitchCase, BreakLoop, ContinueLoop]
 CONTROL_FLOW = (IfElse, WhileLoop, ForLoop, SwitchCase)
 
 
 @dataclass(frozen=True)
 class Program:
-    """A whole circuit: ``ops`` act on ``num_qubits`` qubits and ``num_clbits`` clbits."""
+    """A whole circuit: ``ops`` act on ``num_qubits`` qubits and ``num_clbits`` clbits.
+
+    After :func:`compact`, ``num_qubits`` is the width of the state really
+    simulated and ``layout[i]`` is the circuit qubit that state qubit ``i``
+    stands for, out of ``circuit_qubits``; ``layout`` is ``None`` when every
+    circuit qubit is simulated.
+    """
 
     num_qubits: int
     num_clbits: int
     ops: tuple
     name: str = ""
     metadata: dict = field(default_factory=dict, compare=False)
+    layout: tuple[int, ...] | None = None
+    circuit_qubits: int | None = None
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)
@@ -353,6 +375,16 @@ class Program:
     @property
     def num_ops(self) -> int:
         return count_ops(self.ops)
+
+    @property
+    def width(self) -> int:
+        """Qubits of the circuit this program came from (idle ones included)."""
+        return self.num_qubits if self.circuit_qubits is None else self.circuit_qubits
+
+    @property
+    def active_qubits(self) -> tuple[int, ...]:
+        """The circuit qubits that are simulated, in state order."""
+        return tuple(range(self.num_qubits)) if self.layout is None else self.layout
 
 
 def count_ops(ops) -> int:
@@ -371,7 +403,7 @@ def op_qubits(op) -> tuple[int, ...]:
     """Every qubit an op may touch (control-flow ops: all qubits of their bodies)."""
     if isinstance(op, Unitary):
         return op.controls + op.qubits
-    if isinstance(op, (Diagonal, Initialize)):
+    if isinstance(op, (Diagonal, Initialize, PauliEvolution)):
         return op.qubits
     if isinstance(op, (Measure, Reset)):
         return (op.qubit,)
@@ -385,6 +417,78 @@ def gate_arrays(ops):
             yield op.matrix
         elif isinstance(op, Diagonal):
             yield op.diagonal
+
+
+def any_op(ops, kind) -> bool:
+    """Whether an op of type ``kind`` is in ``ops`` or in a control-flow body."""
+    return any(isinstance(op, kind) or any(any_op(body, kind) for body in op_bodies(op)) for op in ops)
+
+
+def used_qubits(ops) -> tuple[int, ...]:
+    """Sorted qubits that some op in ``ops`` (or in a control-flow body) touches."""
+    used: set[int] = set()
+    for op in ops:
+        used.update(op_qubits(op))
+    return tuple(sorted(used))
+
+
+def compact(program: Program) -> Program:
+    """``program`` on only the qubits its ops touch, renumbered in their order.
+
+    An idle qubit stays in |0> and is never measured, so dropping it changes no
+    outcome; it only halves the state per qubit dropped. The relabelling keeps
+    the qubits' relative order, so the state's index order is unchanged for the
+    qubits that remain. :func:`expand_state` puts idle qubits back.
+    """
+    if program.layout is not None:
+        return program
+    active = used_qubits(program.ops)
+    if len(active) == program.num_qubits:
+        return program
+    mapping = {qubit: index for index, qubit in enumerate(active)}
+    return program.replace(
+        num_qubits=len(active),
+        ops=_relabel(program.ops, mapping),
+        layout=active,
+        circuit_qubits=program.num_qubits,
+    )
+
+
+def _relabel(ops, mapping: dict) -> tuple:
+    return tuple(_relabel_op(op, mapping) for op in ops)
+
+
+def _relabel_op(op, mapping: dict):
+    if isinstance(op, Unitary):
+        return dataclasses.replace(op, qubits=tuple(mapping[q] for q in op.qubits), controls=tuple(mapping[q] for q in op.controls))
+    if isinstance(op, (Diagonal, Initialize, PauliEvolution)):
+        return dataclasses.replace(op, qubits=tuple(mapping[q] for q in op.qubits))
+    if isinstance(op, (Measure, Reset)):
+        return dataclasses.replace(op, qubit=mapping[op.qubit])
+    if isinstance(op, IfElse):
+        return IfElse(op.condition, _relabel(op.true_body, mapping), _relabel(op.false_body, mapping))
+    if isinstance(op, WhileLoop):
+        return WhileLoop(op.condition, _relabel(op.body, mapping))
+    if isinstance(op, ForLoop):
+        done: dict = {}  # iterations often share one body: relabel it once
+        for body in op.iterations:
+            if id(body) not in done:
+                done[id(body)] = _relabel(body, mapping)
+        return ForLoop(tuple(done[id(body)] for body in op.iterations))
+    if isinstance(op, SwitchCase):
+        return SwitchCase(op.target, tuple((values, _relabel(body, mapping)) for values, body in op.cases))
+    return op  # GlobalPhase, Store, BreakLoop, ContinueLoop: no qubits
+
+
+def expand_state(vector: np.ndarray, layout: tuple[int, ...], width: int) -> np.ndarray:
+    """The ``width``-qubit state with ``vector`` on ``layout`` and every other qubit in |0>."""
+    index = np.zeros(1 << len(layout), dtype=np.int64)
+    positions = np.arange(1 << len(layout), dtype=np.int64)
+    for bit, qubit in enumerate(layout):
+        index |= ((positions >> bit) & 1) << qubit
+    full = np.zeros(1 << width, dtype=vector.dtype)
+    full[index] = vector
+    return full
 
 
 def op_bodies(op):

@@ -334,6 +334,59 @@ class StateVector:
         state = self.data.reshape((2,) * (n - tail) + (1 << tail,))
         self.xp.multiply(state, factors, out=state)
 
+    def apply_pauli_evolution(self, qubits: Sequence[int], x_masks: Sequence[int], z_masks: Sequence[int], angles: Sequence[float]) -> None:
+        """exp(-i A) for A = sum_j angles[j] P_j, applied to the state exactly (to rounding); terms need not commute.
+
+        A Chebyshev expansion on the state itself, no 2^k x 2^k matrix: with
+        L = sum |angles| >= ||A||, exp(-i A) = J_0(L) + 2 sum_k (-i)^k J_k(L) T_k(A / L),
+        and T_k(A / L) v follows a three-term recurrence, so about L + 20
+        applications of A reach double precision. Terms that share an X part are
+        applied together: one broadcast multiply by their summed Z signs, then
+        one flip of the X qubits' axes (a view). Needs four state-sized arrays
+        (three terms of the recurrence and one product temporary).
+        """
+        xp = self.xp
+        n = self.num_qubits
+        scale = float(sum(abs(a) for a in angles))
+        if scale == 0.0:
+            return
+        groups: dict[int, np.ndarray] = {}
+        for x, z, angle in zip(x_masks, z_masks, angles):
+            # P = i^{#Y} X^x Z^z (Y = iXZ): the Z part is a sign per axis, the X part a flip.
+            factor = np.full((1,) * n, (angle / scale) * (1j ** bin(x & z).count("1")), dtype=np.complex128)
+            for i, q in enumerate(qubits):
+                if (z >> i) & 1:
+                    shape = [1] * n
+                    shape[self.axis(q)] = 2
+                    factor = factor * np.array([1.0, -1.0]).reshape(shape)
+            groups[x] = factor if x not in groups else groups[x] + factor
+        terms = []
+        for x, factor in groups.items():
+            flips = tuple(self.axis(q) for i, q in enumerate(qubits) if (x >> i) & 1)
+            factor = factor.astype(self.dtype)
+            terms.append((flips, factor if xp is np else xp.asarray(factor)))
+
+        def apply_scaled(source, out) -> None:  # out = (A / L) source
+            out[...] = 0
+            for flips, factor in terms:
+                part = source * factor
+                out += xp.flip(part, axis=flips) if flips else part
+
+        coefficients = _chebyshev_exp_coefficients(scale, 1e-16 if self.dtype == np.complex128 else 1e-8)
+        state = self._tensor()
+        previous = state.copy()  # T_0 v
+        current = xp.empty_like(state)
+        following = xp.empty_like(state)
+        apply_scaled(previous, current)  # T_1 v
+        state *= self.dtype.type(coefficients[0])
+        state += self.dtype.type(coefficients[1]) * current
+        for coefficient in coefficients[2:]:
+            apply_scaled(current, following)
+            following *= 2
+            following -= previous  # T_{k+1} v = 2 (A/L) T_k v - T_{k-1} v
+            state += self.dtype.type(coefficient) * following
+            previous, current, following = current, following, previous
+
     def apply_phase(self, phase: float) -> None:
         if phase:
             self.data *= self.dtype.type(complex(math.cos(phase), math.sin(phase)))
@@ -498,6 +551,37 @@ class StateVector:
         self.data.fill(0)
         self.data[0] = 1
         self.order = list(range(self.num_qubits - 1, -1, -1))
+
+
+@functools.lru_cache(maxsize=256)
+def _chebyshev_exp_coefficients(scale: float, tolerance: float) -> tuple[complex, ...]:
+    """c_k with exp(-i scale x) = sum_k c_k T_k(x) on [-1, 1], up to where |c_k| < tolerance.
+
+    c_0 = J_0(scale), c_k = 2 (-i)^k J_k(scale).
+    """
+    bessel = _bessel_j(scale, int(scale + 10 * max(scale, 1.0) ** (1 / 3) + 30))
+    coefficients = bessel * (-1j) ** np.arange(len(bessel))
+    coefficients[1:] *= 2
+    significant = np.flatnonzero(np.abs(coefficients) >= tolerance)
+    last = max(int(significant[-1]) if len(significant) else 0, 1)
+    return tuple(complex(c) for c in coefficients[: last + 1])
+
+
+def _bessel_j(x: float, count: int) -> np.ndarray:
+    """J_0(x) .. J_{count-1}(x) for x > 0 by Miller's backward recurrence (stable; NumPy only).
+
+    J_{k-1} = (2k / x) J_k - J_{k+1} from far above ``count``, normalized by
+    J_0 + 2 (J_2 + J_4 + ...) = 1.
+    """
+    start = count + int(x) + 40
+    values = np.zeros(start + 2)
+    values[start] = 1e-300
+    for k in range(start, 0, -1):
+        values[k - 1] = (2 * k / x) * values[k] - values[k + 1]
+        if abs(values[k - 1]) > 1e250:  # rescale before overflow; only ratios matter until normalizing
+            values[k - 1 :] *= 1e-250
+    norm = values[0] + 2 * values[2::2].sum()
+    return values[:count] / norm
 
 
 @functools.lru_cache(maxsize=1024)

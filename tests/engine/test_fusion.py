@@ -102,9 +102,23 @@ def test_diagonal_only_runs(device, width):
     np.testing.assert_allclose(engine_statevector(fused, device), expected, atol=ATOL, rtol=0)
 
 
-def test_fusion_below_threshold_is_identity():
-    program = translate(random_gate_circuit(5, depth=10, seed=1))
-    assert fuse(program, "CPU", max_qubits=5, threshold=6) is program
+def test_below_threshold_only_single_qubit_runs_merge():
+    circuit = random_gate_circuit(5, depth=60, seed=1)
+    circuit.measure_all(add_bits=True)
+    circuit.rx(0.4, 0)  # after its measure: must stay after it
+    circuit.ry(0.2, 1)
+    program = translate(circuit)
+    merged = fuse(program, "CPU", max_qubits=5, threshold=6)
+    assert merged.num_ops < program.num_ops
+    gates = lambda prog: [op for op in prog.ops if isinstance(op, (P.Unitary, P.Diagonal))]  # noqa: E731
+    assert sorted(len(op.qubits) for op in gates(merged) if len(op.qubits) > 1) == sorted(
+        len(op.qubits) for op in gates(program) if len(op.qubits) > 1
+    )
+    kinds = [type(op).__name__ for op in merged.ops]
+    assert kinds[-2:] == ["Unitary", "Unitary"] and kinds.count("Measure") == 5
+    gates_only = random_gate_circuit(5, depth=60, seed=1)
+    fused = fuse(translate(gates_only), "CPU", threshold=6)
+    np.testing.assert_allclose(reference_evolve(fused), Statevector(gates_only).data, atol=ATOL, rtol=0)
 
 
 def test_fusion_keeps_non_gates_in_place():
@@ -148,8 +162,12 @@ def test_backend_fusion_on_and_off_agree(device, width):
 def test_default_threshold_fuses_only_large_circuits(device):
     backend = make_backend(device)
     small = random_gate_circuit(6, depth=30, seed=1)
-    metadata = backend.run(small, shots=1).result().results[0].metadata
-    assert metadata["fusion_ops_after"] == metadata["fusion_ops_before"]
+    result = backend.run(small, shots=1, statevector=True).result()
+    metadata = result.results[0].metadata
+    multi = sum(1 for instruction in small.data if instruction.operation.num_qubits > 1)
+    # Below the threshold only runs of one-qubit gates merge: every wider gate stays.
+    assert multi <= metadata["fusion_ops_after"] < metadata["fusion_ops_before"]
+    np.testing.assert_allclose(result.get_statevector(0), Statevector(small).data, atol=ATOL, rtol=0)
     large = random_gate_circuit(14, depth=40, seed=2)
     result = backend.run(large, shots=1, statevector=True).result()
     metadata = result.results[0].metadata
