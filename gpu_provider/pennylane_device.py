@@ -58,7 +58,7 @@ from .engine.adjoint import AdjointStep, adjoint_jacobian, apply_gate
 from .engine.devices import PRECISIONS, check_device_option, resolve_device
 from .engine.executor import RunConfig, evolve, new_state
 from .engine.expectation import pauli_sum
-from .engine.observables import DENSE_MAX_QUBITS, DenseTerm, Observable, apply_observable, expectations, marginal_probabilities
+from .engine.observables import DENSE_MAX_QUBITS, DenseTerm, Observable, apply_observable, expectations, inner, marginal_probabilities
 from .errors import InvalidOptionError
 
 logger = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ def _variance(state, obs, layout: "_Layout") -> float:
         square = expectations(state, [layout.pauli_observable(rep @ rep)])[0].real
     else:
         applied = apply_observable(state, observable)
-        square = float(np.real(state.xp.vdot(applied.data, applied.data)))
+        square = inner(applied, applied).real
     return float(square - mean * mean)
 
 
@@ -469,14 +469,18 @@ class _Layout:
             gate = self.engine_op(op)
             if gate is None:
                 continue
-            derivatives = ()
+            derivatives = generators = ()
             if columns:
                 if num != 1 or not op.has_generator:
                     raise DeviceError(f"adjoint differentiation cannot differentiate {op.name}: it needs one parameter with a generator")
-                derivative = np.asarray(operation_derivative(op), dtype=np.complex128)
-                qubits = tuple(self.qubits_big_endian(op.wires))
-                derivatives = ((columns[0], _matrix_op(qubits, derivative, op.name + "'")),)
-            steps.append(AdjointStep(gate, _inverse(gate), derivatives))
+                sentence = _generator_sentence(op)
+                if sentence is not None:  # dU/dtheta = i G U with G a Pauli sum: one pass, no copy
+                    generators = ((columns[0], self.pauli_observable(sentence).pauli),)
+                else:
+                    derivative = np.asarray(operation_derivative(op), dtype=np.complex128)
+                    qubits = tuple(self.qubits_big_endian(op.wires))
+                    derivatives = ((columns[0], _matrix_op(qubits, derivative, op.name + "'")),)
+            steps.append(AdjointStep(gate, _inverse(gate), derivatives, generators))
         return steps
 
     # -- observables --
@@ -522,6 +526,30 @@ class _Layout:
             zs.append(z)
             coeffs.append(complex(coeff))
         return Observable(self.num_qubits, pauli_sum(self.num_qubits, xs, zs, coeffs))
+
+
+def _generator_sentence(op):
+    """The generator ``G`` of ``op`` (``U = exp(i theta G)``) as a Pauli sentence, or None."""
+    try:
+        generator = op.generator()
+        sentence = generator.pauli_rep
+        if sentence is not None:
+            return sentence
+        # e.g. projector-controlled generators (PhaseShift, CRX): decompose their small matrix once
+        matrix = np.asarray(qml.matrix(generator, wire_order=op.wires), dtype=np.complex128)
+        if matrix.shape[0] > 1 << 4:
+            return None
+        key = (matrix.tobytes(), tuple(op.wires))
+        if key not in _GENERATOR_CACHE:
+            if len(_GENERATOR_CACHE) > 4096:
+                _GENERATOR_CACHE.clear()
+            _GENERATOR_CACHE[key] = qml.pauli_decompose(matrix, wire_order=op.wires, pauli=True)
+        return _GENERATOR_CACHE[key]
+    except Exception:  # no Pauli form: the dense derivative is used instead
+        return None
+
+
+_GENERATOR_CACHE: dict = {}
 
 
 def _matrix_op(qubits: tuple, matrix: np.ndarray, label: str):

@@ -22,6 +22,7 @@ from pennylane.exceptions import DeviceError, QuantumFunctionError, WireError  #
 
 from gpu_provider.engine.devices import probe_gpu  # noqa: E402
 from gpu_provider.pennylane_device import GPUQubitDevice  # noqa: E402
+from tests.engine.test_gpu_plumbing import fake_gpu  # noqa: E402,F401  (a fixture)
 
 DEVICE = "gpu_provider.qubit"
 DEVICES = [pytest.param("CPU", id="CPU"), pytest.param("GPU", id="GPU", marks=pytest.mark.gpu)]
@@ -253,6 +254,27 @@ def test_strongly_entangling_adjoint_gradient():
     got = qml.grad(qml.QNode(circuit, qml.device(DEVICE, wires=n), diff_method="adjoint"))(weights)
     expected = qml.grad(qml.QNode(circuit, qml.device("default.qubit", wires=n), diff_method="adjoint"))(weights)
     np.testing.assert_allclose(got, expected, atol=1e-8)
+
+
+def test_the_gpu_device_path_through_a_numpy_backed_cupy_stand_in(fake_gpu):
+    """The device's GPU path (device arrays, .get() copies, the engine's xp code) without a GPU."""
+    x = np.array([0.31, -0.72, 1.13])
+    dev = qml.device(DEVICE, wires=4, device="GPU")
+    assert dev.engine_device == "GPU:0"
+    got = run(DEVICE, x, device="GPU")
+    expected = run("default.qubit", x)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-10)
+    w = pnp.array([0.31, -0.72, 1.13, 0.4], requires_grad=True)
+    adjoint = qml.jacobian(lambda v: qml.math.stack(qml.QNode(gradient_circuit, dev, diff_method="adjoint")(v)))(w)
+    reference = qml.jacobian(lambda v: qml.math.stack(qml.QNode(gradient_circuit, qml.device("default.qubit", wires=4), diff_method="adjoint")(v)))(w)
+    np.testing.assert_allclose(adjoint, reference, atol=1e-8)
+    def coin():
+        qml.Hadamard(0)
+        return qml.counts(wires=[0])
+
+    sampled = qml.set_shots(qml.QNode(coin, qml.device(DEVICE, wires=1, device="GPU", seed=1)), 400)()
+    assert set(sampled) == {"0", "1"} and sum(sampled.values()) == 400
 
 
 # ---------------------------------------------------------------------------

@@ -4,9 +4,10 @@ With ``psi_k = U_k ... U_1 |0>`` and ``lambda = O psi_N``, the derivative of
 ``<psi_N|O|psi_N>`` with respect to a parameter of ``U_k`` is
 ``2 Re <lambda_k| dU_k |psi_{k-1}>``, where ``lambda_k = U_{k+1}^dag ... U_N^dag lambda``.
 So the sweep walks the gates backwards once, un-applying each gate from ``psi``
-and from every ``lambda`` and, at a parametrized gate, applying its derivative
-matrix to a copy of ``psi_{k-1}`` and taking one inner product per observable
-(Jones and Gacon, arXiv:2009.02823). No circuit is re-simulated per parameter;
+and from every ``lambda``; at a parametrized gate whose generator is a Pauli sum
+(``U = exp(i theta G)``) the term is ``-2 Im <lambda_k|G|psi_k>``, one pass over
+the two states; any other gate gets its derivative matrix applied to a copy of
+``psi_{k-1}`` and one inner product per observable (Jones and Gacon, arXiv:2009.02823). No circuit is re-simulated per parameter;
 memory is ``2 + len(observables)`` states.
 
 Written once against ``xp`` through :class:`StateVector`, so it runs where the
@@ -24,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InvalidInputError
+from .expectation import transition_expectation
 from .observables import Observable, apply_observable, inner
 from .program import Diagonal, GlobalPhase, Unitary
 from .statevector import StateVector
@@ -34,14 +36,20 @@ class AdjointStep:
     """One gate of the sweep.
 
     ``gate`` is what the forward run applied and ``inverse`` undoes it (both
-    :class:`Unitary`, :class:`Diagonal` or :class:`GlobalPhase`); ``derivatives``
-    pairs a Jacobian column with ``dU/dtheta`` for that parameter, given as a
-    :class:`Unitary` (any matrix, not unitary) or :class:`Diagonal` on the gate's qubits.
+    :class:`Unitary`, :class:`Diagonal` or :class:`GlobalPhase`). A differentiated
+    parameter is given one of two ways, each pairing a Jacobian column with:
+
+    - ``generators``: a :class:`PauliSum` ``G`` with ``dU/dtheta = i G U``; then
+      ``<lambda_k|dU|psi_{k-1}> = i <lambda_k|G|psi_k>``, one pass over the two
+      states (:func:`transition_expectation`), no copy;
+    - ``derivatives``: ``dU/dtheta`` as a :class:`Unitary` (any matrix) or
+      :class:`Diagonal` on the gate's qubits, applied to a copy of ``psi_{k-1}``.
     """
 
     gate: object
     inverse: object
     derivatives: tuple = ()
+    generators: tuple = ()
 
 
 def apply_gate(state: StateVector, op) -> None:
@@ -57,6 +65,11 @@ def apply_gate(state: StateVector, op) -> None:
         state.apply_phase(op.phase)
     else:
         raise InvalidInputError(f"adjoint differentiation takes gates only, not {op!r}")
+
+
+def _check_column(column: int, num_columns: int) -> None:
+    if not 0 <= column < num_columns:
+        raise InvalidInputError(f"a derivative adds to column {column}, outside 0..{num_columns - 1}")
 
 
 def adjoint_jacobian(state: StateVector, steps: Sequence[AdjointStep], observables: Sequence[Observable], num_columns: int) -> np.ndarray:
@@ -75,13 +88,17 @@ def adjoint_jacobian(state: StateVector, steps: Sequence[AdjointStep], observabl
             raise InvalidInputError(f"an observable acts on {observable.num_qubits} qubits but the state has {state.num_qubits}")
     bras = [apply_observable(state, observable) for observable in observables]
     # Only the steps up to the first differentiated one (from the start) need un-applying.
-    first = next((k for k, step in enumerate(steps) if step.derivatives), len(steps))
+    first = next((k for k, step in enumerate(steps) if step.derivatives or step.generators), len(steps))
     scratch = None
     for step in reversed(steps[first:]):
+        for column, generator in step.generators:
+            _check_column(column, num_columns)
+            for i, bra in enumerate(bras):
+                # 2 Re(i <lambda|G|psi>) = -2 Im <lambda|G|psi>
+                jacobian[i, column] -= 2.0 * transition_expectation(bra, state, generator).imag
         apply_gate(state, step.inverse)
         for column, derivative in step.derivatives:
-            if not 0 <= column < num_columns:
-                raise InvalidInputError(f"a derivative adds to column {column}, outside 0..{num_columns - 1}")
+            _check_column(column, num_columns)
             if scratch is None:
                 scratch = state.snapshot()
             else:

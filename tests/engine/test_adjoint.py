@@ -8,7 +8,7 @@ import pytest
 from scipy.linalg import expm
 
 from gpu_provider.engine.adjoint import AdjointStep, adjoint_jacobian, apply_gate
-from gpu_provider.engine.expectation import pauli_sum
+from gpu_provider.engine.expectation import pauli_sum, transition_expectation
 from gpu_provider.engine.observables import DenseTerm, Observable, apply_observable, expectations, marginal_probabilities
 from gpu_provider.engine.program import Diagonal, GlobalPhase, Unitary
 from gpu_provider.engine.statevector import StateVector
@@ -103,8 +103,24 @@ def test_bad_observables_are_refused():
 # the adjoint sweep
 
 
+PAULI_OF = {id(X): "X", id(Y): "Y", id(Z): "Z"}
+MODE = {"derivative": True}
+
+
+def generator_sum(n: int, qubits, generator: np.ndarray):
+    """-G/2 as a PauliSum (U = exp(-i theta G/2) = exp(i theta (-G/2))), for G = X, Y, Z or Z (x) Z."""
+    x = z = 0
+    letters = [PAULI_OF[id(generator)]] if generator.shape == (2, 2) else ["Z", "Z"]
+    for q, letter in zip(qubits, letters):
+        if letter in "XY":
+            x |= 1 << q
+        if letter in "YZ":
+            z |= 1 << q
+    return pauli_sum(n, [x], [z], [-0.5])
+
+
 def rotation_step(n: int, qubits, generator: np.ndarray, theta: float, column: int | None):
-    """exp(-i theta/2 G) on ``qubits`` as a step; derivative -i/2 G U."""
+    """exp(-i theta/2 G) on ``qubits`` as a step; derivative -i/2 G U (a matrix, or the generator)."""
     u = expm(-0.5j * theta * generator)
     du = -0.5j * generator @ u
     diagonal = np.count_nonzero(generator - np.diag(np.diag(generator))) == 0
@@ -112,7 +128,11 @@ def rotation_step(n: int, qubits, generator: np.ndarray, theta: float, column: i
         gate, inverse, derivative = Diagonal(qubits, np.diag(u).copy()), Diagonal(qubits, np.diag(u).conj().copy()), Diagonal(qubits, np.diag(du).copy())
     else:
         gate, inverse, derivative = Unitary(qubits, u), Unitary(qubits, u.conj().T.copy()), Unitary(qubits, du)
-    return AdjointStep(gate, inverse, ((column, derivative),) if column is not None else ())
+    if column is None:
+        return AdjointStep(gate, inverse)
+    if MODE["derivative"]:
+        return AdjointStep(gate, inverse, ((column, derivative),))
+    return AdjointStep(gate, inverse, generators=((column, generator_sum(n, qubits, generator)),))
 
 
 def build_circuit(n: int, thetas, rng):
@@ -142,8 +162,10 @@ def forward(n: int, steps, dtype=np.complex128) -> StateVector:
     return state
 
 
+@pytest.mark.parametrize("mode", ["derivative", "generator"])
 @pytest.mark.parametrize("n", [3, 5])
-def test_adjoint_jacobian_matches_central_differences(n):
+def test_adjoint_jacobian_matches_central_differences(n, mode, monkeypatch):
+    monkeypatch.setitem(MODE, "derivative", mode == "derivative")
     rng = np.random.default_rng(10 + n)
     num = 2 * (n + n - 1)
     thetas = rng.uniform(-np.pi, np.pi, size=num)
@@ -176,6 +198,20 @@ def test_adjoint_in_single_precision_and_on_a_reordered_state():
     state._reorder([1, 3, 0, 2])
     single = adjoint_jacobian(state, steps, observables, num)
     np.testing.assert_allclose(single, exact, atol=2e-4)
+
+
+def test_transition_expectation_matches_dense():
+    rng = np.random.default_rng(4)
+    n = 5
+    bra_psi, ket_psi = random_state(rng, n), random_state(rng, n)
+    labels = ["".join(rng.choice(list("IXYZ"), size=n)) for _ in range(12)]
+    coeffs = rng.normal(size=12) + 1j * rng.normal(size=12)
+    xz = [masks(label) for label in labels]
+    observable = pauli_sum(n, [a for a, _ in xz], [b for _, b in xz], coeffs)
+    full = sum(c * dense(label) for label, c in zip(labels, coeffs))
+    bra, ket = state_from(bra_psi), state_from(ket_psi)
+    ket._reorder([3, 1, 4, 0, 2])  # the bra is moved to the ket's order
+    assert abs(transition_expectation(bra, ket, observable) - np.vdot(bra_psi, full @ ket_psi)) < 1e-10
 
 
 def test_adjoint_refuses_non_gates_and_bad_columns():
