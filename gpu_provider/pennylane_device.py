@@ -145,6 +145,8 @@ class GPUQubitDevice(Device):
             raise DeviceError(f"{self.name} runs mid-circuit measurements with mcm_method in {MCM_METHODS}, not {method!r}")
         elif method == "one-shot" and circuit is not None and not shots_present:
             raise DeviceError("mcm_method='one-shot' samples each shot: it needs shots (use 'deferred' for exact results)")
+        if method == "one-shot" and mcm.postselect_mode == "fill-shots":
+            raise DeviceError("postselect_mode='fill-shots' is supported with mcm_method='deferred' only, as on default.qubit")
         updates["mcm_config"] = replace(mcm, mcm_method=method)
         return replace(config, **updates)
 
@@ -301,21 +303,24 @@ class GPUQubitDevice(Device):
         conditionals decided from them; returns one result per shot, as PennyLane's
         ``dynamic_one_shot`` expects (the mid-circuit values appended last)."""
         state = self._new_state(layout.num_qubits)
-        ops = tape.operations
+        # Each operation's engine ops, built once for all shots.
+        plan = []
+        for index, op in enumerate(tape.operations):
+            if isinstance(op, MidMeasure):
+                plan.append((op, layout.qubit(op.wires[0])))
+            elif isinstance(op, Conditional):
+                plan.append((op, layout.engine_ops([op.base], first=False)))
+            else:
+                plan.append((None, layout.engine_ops([op], first=index == 0)))
         results = []
         for _ in range(tape.shots.total_shots):
             state.reset_to_zero()
             mid: dict = {}
-            for index, op in enumerate(ops):
+            for op, action in plan:
                 if isinstance(op, MidMeasure):
-                    qubit = layout.qubit(op.wires[0])
-                    mid[op] = int(state.measure(qubit, self._rng.random(), reset=bool(op.reset)))
-                elif isinstance(op, Conditional):
-                    if op.meas_val.concretize(mid):
-                        for engine_op in layout.engine_ops([op.base]):
-                            _apply_any(state, engine_op)
-                else:
-                    for engine_op in layout.engine_ops([op], first=index == 0):
+                    mid[op] = int(state.measure(action, self._rng.random(), reset=bool(op.reset)))
+                elif op is None or op.meas_val.concretize(mid):
+                    for engine_op in action:
                         _apply_any(state, engine_op)
             terminal = tape.measurements[: len(tape.measurements) - len(mid)] if mid else tape.measurements
             shot = tuple(self._measure_shots(mp, state, layout, 1) for mp in terminal) + tuple(mid.values())

@@ -191,6 +191,21 @@ def test_mid_circuit_measurements_one_shot_and_deferred():
         np.testing.assert_allclose(g, e, atol=0.05)
 
 
+def test_postselection_one_shot_matches_deferred():
+    def circuit():
+        qml.RY(1.0, 0)
+        qml.RY(0.4, 1)
+        m0 = qml.measure(0, postselect=1)
+        qml.cond(m0, qml.RX)(0.9, 1)
+        return qml.expval(qml.Z(1))
+
+    exact = qml.QNode(circuit, qml.device("default.qubit", wires=3), mcm_method="deferred")()
+    sampled = qml.set_shots(qml.QNode(circuit, qml.device(DEVICE, wires=2, seed=4), mcm_method="one-shot", postselect_mode="hw-like"), 6000)()
+    assert abs(sampled - exact) < 0.08  # about 1400 shots survive the postselection
+    with pytest.raises(DeviceError, match="fill-shots"):
+        qml.set_shots(qml.QNode(circuit, qml.device(DEVICE, wires=2), mcm_method="one-shot", postselect_mode="fill-shots"), 10)()
+
+
 # ---------------------------------------------------------------------------
 # gradients
 
