@@ -91,7 +91,7 @@ class GPUQubitDevice(Device):
 
     name = "gpu_provider.qubit"
     short_name = "gpu_provider.qubit"
-    pennylane_requires = ">=0.40"
+    pennylane_requires = ">=0.45"
     config_filepath = CONFIG_FILE
 
     def __init__(self, wires=None, shots=None, *, device: str = "auto", device_id: int = 0, precision: str = "double", seed="global", fusion: bool = True) -> None:
