@@ -1,0 +1,572 @@
+"""The PennyLane device ``gpu_provider.qubit``: PennyLane tapes on the same engine as the backend.
+
+``qml.device("gpu_provider.qubit", wires=4, shots=None, device="auto", precision="double")``
+finds this class through the ``pennylane.plugins`` entry point. It is a thin front end:
+
+- capabilities come from ``pennylane_qubit.toml`` (PennyLane's schema 3), so PennyLane's
+  own preprocessing decomposes whatever is not listed and validates wires, observables
+  and measurements before a tape gets here;
+- each operation becomes one engine op from its matrix: device wire i is engine qubit
+  ``n - 1 - i``, so PennyLane's big-endian order is the engine's canonical index and a
+  gate's matrix goes in with its wires reversed; diagonal matrices become ``Diagonal``;
+- the forward run is fused (``compiler.fusion.fuse``) and evolved by ``executor.evolve``;
+  expectation values of Pauli words, sums and Hamiltonians go through the engine's
+  grouped Pauli pass, other observables through its dense terms (``engine.observables``);
+  shots are drawn from the state on its device;
+- ``diff_method="adjoint"`` runs ``engine.adjoint.adjoint_jacobian``: one forward run,
+  one backward sweep; parameter-shift and the other PennyLane methods work as usual;
+- mid-circuit measurements run natively per shot ("one-shot") or deferred by PennyLane.
+
+PennyLane is imported only here (install the ``pennylane`` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pennylane as qml
+from pennylane.devices import Device, ExecutionConfig
+from pennylane.devices.modifiers import simulator_tracking, single_tape_support
+from pennylane.devices.preprocess import (
+    decompose,
+    no_sampling,
+    validate_adjoint_trainable_params,
+    validate_measurements,
+    validate_observables,
+)
+from pennylane.exceptions import DeviceError
+from pennylane.measurements import (
+    CountsMP,
+    ExpectationMP,
+    ProbabilityMP,
+    SampleMeasurement,
+    StateMeasurement,
+    VarianceMP,
+)
+from pennylane.operation import StatePrepBase, operation_derivative
+from pennylane.ops import Conditional, MidMeasure
+from pennylane.tape import QuantumScript
+from pennylane.wires import Wires
+
+from .compiler.fusion import fuse
+from .engine import program as P
+from .engine.adjoint import AdjointStep, adjoint_jacobian, apply_gate
+from .engine.devices import PRECISIONS, check_device_option, resolve_device
+from .engine.executor import RunConfig, evolve, new_state
+from .engine.expectation import pauli_sum
+from .engine.observables import DENSE_MAX_QUBITS, DenseTerm, Observable, apply_observable, expectations, inner, marginal_probabilities
+from .errors import InvalidOptionError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = Path(__file__).parent / "pennylane_qubit.toml"
+# How mid-circuit measurements may run (the capability file says the same).
+MCM_METHODS = ("one-shot", "deferred")
+
+
+@simulator_tracking
+@single_tape_support
+class GPUQubitDevice(Device):
+    """An exact state-vector PennyLane device on an NVIDIA GPU (CuPy) or the CPU (NumPy).
+
+    Args:
+        wires: number of wires or their labels (``None``: the circuit's wires).
+        shots: ``None`` for exact results, or a number (or shot vector) of samples.
+        device: ``"auto"`` (a usable GPU, else the CPU, with the reason logged),
+            ``"GPU"`` (an error with the reason where none is usable) or ``"CPU"``.
+        device_id: which GPU.
+        precision: ``"double"`` (complex128) or ``"single"`` (complex64).
+        seed: seed of the sampler and of mid-circuit measurements (``"global"``: drawn
+            from NumPy's global generator, as ``default.qubit`` does; ``None``: fresh entropy).
+        fusion: fuse gates for the forward run as the Qiskit backend does.
+
+    Raises:
+        DeviceError: a bad ``device``, ``device_id`` or ``precision``, or ``device="GPU"``
+            where no GPU is usable (the message gives the reason).
+    """
+
+    name = "gpu_provider.qubit"
+    short_name = "gpu_provider.qubit"
+    pennylane_requires = ">=0.45"
+    config_filepath = CONFIG_FILE
+
+    def __init__(self, wires=None, shots=None, *, device: str = "auto", device_id: int = 0, precision: str = "double", seed="global", fusion: bool = True) -> None:
+        super().__init__(wires=wires, shots=shots)
+        try:
+            check_device_option(device, device_id)
+            if precision not in PRECISIONS:
+                raise InvalidOptionError(f"precision must be one of {tuple(PRECISIONS)}, not {precision!r}")
+            self._device, self.fallback_reason = resolve_device(device, device_id)
+        except Exception as exc:  # the backend's typed errors, in PennyLane's type
+            raise DeviceError(str(exc)) from exc
+        self._precision = precision
+        self._fusion = bool(fusion)
+        if isinstance(seed, str) and seed == "global":
+            seed = np.random.randint(0, 2**31)
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def engine_device(self) -> str:
+        """Where the engine runs: ``"CPU"`` or ``"GPU:<id>"``."""
+        return self._device.name
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    def __repr__(self) -> str:
+        wires = len(self.wires) if self.wires is not None else None
+        return f"<GPUQubitDevice wires={wires} shots={self.shots} on {self.engine_device} in {self._precision}>"
+
+    # -- configuration ---------------------------------------------------------
+
+    def setup_execution_config(self, config: Optional[ExecutionConfig] = None, circuit: Optional[QuantumScript] = None) -> ExecutionConfig:
+        config = config or ExecutionConfig()
+        updates = {}
+        if config.gradient_method == "best":
+            updates["gradient_method"] = "adjoint"
+        method = updates.get("gradient_method", config.gradient_method)
+        if config.use_device_gradient is None:
+            updates["use_device_gradient"] = method == "adjoint"
+        if config.use_device_jacobian_product is None:
+            updates["use_device_jacobian_product"] = False
+        if updates.get("use_device_gradient", config.use_device_gradient) and config.grad_on_execution is None:
+            updates["grad_on_execution"] = True
+        shots_present = bool(circuit is not None and circuit.shots)
+        mcm = config.mcm_config
+        method = mcm.mcm_method
+        if method is None:
+            method = "one-shot" if shots_present else "deferred"
+        elif method not in MCM_METHODS:
+            raise DeviceError(f"{self.name} runs mid-circuit measurements with mcm_method in {MCM_METHODS}, not {method!r}")
+        elif method == "one-shot" and circuit is not None and not shots_present:
+            raise DeviceError("mcm_method='one-shot' samples each shot: it needs shots (use 'deferred' for exact results)")
+        if method == "one-shot" and mcm.postselect_mode == "fill-shots":
+            raise DeviceError("postselect_mode='fill-shots' is supported with mcm_method='deferred' only, as on default.qubit")
+        updates["mcm_config"] = replace(mcm, mcm_method=method)
+        return replace(config, **updates)
+
+    def preprocess_transforms(self, execution_config: Optional[ExecutionConfig] = None):
+        config = execution_config or ExecutionConfig()
+        program = super().preprocess_transforms(config)
+        # The capability file lists measurements by name; like default.qubit, also accept any
+        # state measurement without shots (computed from the state) and any sample
+        # measurement with shots (from the device's samples), custom subclasses included.
+        for bound in list(program):
+            if getattr(getattr(bound, "tape_transform", None), "__name__", "") == "validate_measurements":
+                program.remove(bound)
+        program.add_transform(validate_measurements, analytic_measurements=_exact_measurement, sample_measurements=_sample_measurement, name=self.name)
+        if config.gradient_method == "adjoint":
+            _add_adjoint_transforms(program, self.name)
+        return program
+
+    def supports_derivatives(self, execution_config: Optional[ExecutionConfig] = None, circuit: Optional[QuantumScript] = None) -> bool:
+        if execution_config is None:
+            return True
+        if execution_config.gradient_method not in ("adjoint", "best") or execution_config.derivative_order > 1:
+            return False
+        if circuit is None:
+            return True
+        program = qml.CompilePipeline() if hasattr(qml, "CompilePipeline") else qml.transforms.core.TransformProgram()
+        _add_adjoint_transforms(program, self.name)
+        try:
+            program((circuit,))
+        except Exception:  # any reason adjoint cannot take it: PennyLane then picks another method
+            return False
+        return True
+
+    # -- execution -------------------------------------------------------------
+
+    def execute(self, circuits, execution_config: Optional[ExecutionConfig] = None):
+        single = isinstance(circuits, QuantumScript)
+        batch = (circuits,) if single else circuits
+        results = tuple(self._run_tape(tape) for tape in batch)
+        return results[0] if single else results
+
+    def compute_derivatives(self, circuits, execution_config: Optional[ExecutionConfig] = None):
+        single = isinstance(circuits, QuantumScript)
+        batch = (circuits,) if single else circuits
+        jacobians = tuple(self._adjoint(tape)[1] for tape in batch)
+        return jacobians[0] if single else jacobians
+
+    def execute_and_compute_derivatives(self, circuits, execution_config: Optional[ExecutionConfig] = None):
+        single = isinstance(circuits, QuantumScript)
+        batch = (circuits,) if single else circuits
+        pairs = [self._adjoint(tape) for tape in batch]
+        results = tuple(p[0] for p in pairs)
+        jacobians = tuple(p[1] for p in pairs)
+        return (results[0], jacobians[0]) if single else (results, jacobians)
+
+    # -- internals -------------------------------------------------------------
+
+    def _layout(self, tape: QuantumScript) -> "_Layout":
+        wires = self.wires if self.wires is not None else tape.wires
+        return _Layout(Wires(wires))
+
+    def _new_state(self, num_qubits: int):
+        itemsize = np.dtype(PRECISIONS[self._precision]).itemsize
+        self._device.check_fits(num_qubits, itemsize, arrays=2)
+        return new_state(self._device, num_qubits, PRECISIONS[self._precision])
+
+    def _forward(self, tape: QuantumScript, layout: "_Layout"):
+        """The final state of ``tape`` (no mid-circuit measurements), fused, on the engine's device."""
+        ops = layout.engine_ops(tape.operations)
+        program = P.Program(layout.num_qubits, 0, tuple(ops), name="pennylane")
+        if self._fusion:
+            program = fuse(program, self._device.kind, precision=self._precision)
+        state = self._new_state(layout.num_qubits)
+        return evolve(program, state, RunConfig(shots=1, precision=self._precision))
+
+    def _run_tape(self, tape: QuantumScript):
+        layout = self._layout(tape)
+        if any(isinstance(op, MidMeasure) for op in tape.operations):
+            if not tape.shots:
+                raise DeviceError(f"{self.name} runs mid-circuit measurements natively only with shots; use mcm_method='deferred' for exact results")
+            return self._run_one_shot(tape, layout)
+        state = self._forward(tape, layout)
+        if not tape.shots:
+            results = tuple(self._measure_exact(mp, state, layout) for mp in tape.measurements)
+            return results[0] if len(results) == 1 else results
+        per_partition = []
+        for shots in tape.shots:
+            results = tuple(self._measure_shots(mp, state, layout, shots) for mp in tape.measurements)
+            per_partition.append(results[0] if len(results) == 1 else results)
+        return tuple(per_partition) if tape.shots.has_partitioned_shots else per_partition[0]
+
+    def _measure_exact(self, mp, state, layout: "_Layout"):
+        if isinstance(mp, (ExpectationMP, VarianceMP)) and mp.obs is None:
+            # A function of measured wires (e.g. a deferred mid-circuit measurement's value).
+            probs = marginal_probabilities(state, layout.qubits_big_endian(mp.wires))
+            eigvals = np.asarray(mp.eigvals(), dtype=np.float64)
+            mean = float(probs @ eigvals)
+            return np.float64(mean if isinstance(mp, ExpectationMP) else float(probs @ eigvals**2) - mean * mean)
+        if isinstance(mp, ExpectationMP):
+            return np.float64(expectations(state, [layout.observable(mp.obs)])[0].real)
+        if isinstance(mp, VarianceMP):
+            return np.float64(_variance(state, mp.obs, layout))
+        if isinstance(mp, ProbabilityMP):
+            target = state
+            if mp.obs is not None:
+                target = state.snapshot()
+                for op in layout.engine_ops(mp.obs.diagonalizing_gates()):
+                    apply_gate(target, op)
+            wires = mp.wires if len(mp.wires) else layout.wires
+            return marginal_probabilities(target, layout.qubits_big_endian(wires))
+        if isinstance(mp, StateMeasurement):
+            dtype = PRECISIONS[self._precision]
+            return mp.process_state(state.to_host().astype(dtype, copy=False), wire_order=layout.wires)
+        raise DeviceError(f"{self.name} cannot compute the measurement {mp} without shots")
+
+    def _sample_bits(self, state, layout: "_Layout", shots: int) -> np.ndarray:
+        """(shots, num_wires) 0/1 samples, column i being device wire i."""
+        n = layout.num_qubits
+        if n == 0:
+            return np.zeros((shots, 0), dtype=np.int64)
+        outcomes = state.sample(layout.qubits_in_wire_order(), shots, self._rng)
+        return ((outcomes[:, None] >> np.arange(n)[None, :]) & 1).astype(np.int64)
+
+    def _rotated(self, state, layout: "_Layout", gates):
+        if not gates:
+            return state
+        rotated = state.snapshot()
+        for op in layout.engine_ops(gates):
+            apply_gate(rotated, op)
+        return rotated
+
+    def _measure_shots(self, mp, state, layout: "_Layout", shots: int):
+        if not isinstance(mp, SampleMeasurement):
+            raise DeviceError(f"{self.name} cannot measure {mp} with shots")
+        obs = mp.obs
+        if isinstance(mp, ExpectationMP) and obs is not None and _is_sum(obs):
+            # Term by term, each in its own basis, as PennyLane's default device estimates sums.
+            coeffs, terms = obs.terms()
+            total = 0.0
+            for coeff, term in zip(coeffs, terms):
+                if isinstance(term, qml.Identity) or len(term.wires) == 0:
+                    total += float(np.real(coeff))
+                    continue
+                rotated = self._rotated(state, layout, term.diagonalizing_gates())
+                samples = self._sample_bits(rotated, layout, shots)
+                total += float(np.real(coeff)) * float(qml.expval(term).process_samples(samples, wire_order=layout.wires))
+            return np.float64(total)
+        gates = obs.diagonalizing_gates() if obs is not None else []
+        rotated = self._rotated(state, layout, gates)
+        samples = self._sample_bits(rotated, layout, shots)
+        return mp.process_samples(samples, wire_order=layout.wires)
+
+    def _run_one_shot(self, tape: QuantumScript, layout: "_Layout"):
+        """Each shot on the engine: mid-circuit measurements sampled and collapsed there,
+        conditionals decided from them; returns one result per shot, as PennyLane's
+        ``dynamic_one_shot`` expects (the mid-circuit values appended last)."""
+        state = self._new_state(layout.num_qubits)
+        # Each operation's engine ops, built once for all shots.
+        plan = []
+        for index, op in enumerate(tape.operations):
+            if isinstance(op, MidMeasure):
+                plan.append((op, layout.qubit(op.wires[0])))
+            elif isinstance(op, Conditional):
+                plan.append((op, layout.engine_ops([op.base], first=False)))
+            else:
+                plan.append((None, layout.engine_ops([op], first=index == 0)))
+        results = []
+        for _ in range(tape.shots.total_shots):
+            state.reset_to_zero()
+            mid: dict = {}
+            for op, action in plan:
+                if isinstance(op, MidMeasure):
+                    mid[op] = int(state.measure(action, self._rng.random(), reset=bool(op.reset)))
+                elif op is None or op.meas_val.concretize(mid):
+                    for engine_op in action:
+                        _apply_any(state, engine_op)
+            terminal = tape.measurements[: len(tape.measurements) - len(mid)] if mid else tape.measurements
+            shot = tuple(self._measure_shots(mp, state, layout, 1) for mp in terminal) + tuple(mid.values())
+            results.append(shot[0] if len(tape.measurements) == 1 else shot)
+        return tuple(results)
+
+    def _adjoint(self, tape: QuantumScript):
+        """(results, jacobian) of a tape of expectation values: one forward run, one backward sweep."""
+        if tape.shots:
+            raise DeviceError("adjoint differentiation needs exact expectation values: run with shots=None")
+        if not all(isinstance(mp, ExpectationMP) for mp in tape.measurements):
+            raise DeviceError("adjoint differentiation on gpu_provider.qubit supports expectation values only")
+        layout = self._layout(tape)
+        state = self._forward(tape, layout)
+        observables = [layout.observable(mp.obs) for mp in tape.measurements]
+        values = tuple(np.float64(v.real) for v in expectations(state, observables))
+        steps = layout.adjoint_steps(tape)
+        jac = adjoint_jacobian(state, steps, observables, len(tape.trainable_params))
+        results = values[0] if len(values) == 1 else values
+        return results, _jacobian_shape(jac)
+
+
+def _jacobian_shape(jac: np.ndarray):
+    """PennyLane's layout of a Jacobian: (observables, parameters) with unit axes squeezed."""
+    jac = np.squeeze(jac)
+    if jac.ndim == 0:
+        return np.array(jac)
+    if jac.ndim == 1:
+        return tuple(np.array(j) for j in jac)
+    return tuple(tuple(np.array(j_) for j_ in j) for j in jac)
+
+
+def _apply_any(state, op) -> None:
+    if isinstance(op, P.Initialize):
+        state.initialize(op.qubits, op.vector)
+    else:
+        apply_gate(state, op)
+
+
+def _is_sum(obs) -> bool:
+    return isinstance(obs, (qml.ops.Sum, qml.ops.LinearCombination)) or (isinstance(obs, qml.ops.SProd) and _is_sum(obs.base))
+
+
+def _variance(state, obs, layout: "_Layout") -> float:
+    observable = layout.observable(obs)
+    mean = expectations(state, [observable])[0].real
+    rep = obs.pauli_rep
+    if rep is not None:
+        square = expectations(state, [layout.pauli_observable(rep @ rep)])[0].real
+    else:
+        applied = apply_observable(state, observable)
+        square = inner(applied, applied).real
+    return float(square - mean * mean)
+
+
+def _exact_measurement(mp) -> bool:
+    return isinstance(mp, StateMeasurement)
+
+
+def _sample_measurement(mp) -> bool:
+    return isinstance(mp, SampleMeasurement)
+
+
+def _adjoint_ops(op) -> bool:
+    """Operations the adjoint sweep differentiates directly (others are decomposed)."""
+    return not isinstance(op, (Conditional, MidMeasure)) and (
+        op.num_params == 0 or not any(qml.math.requires_grad(d) for d in op.data) or (op.num_params == 1 and op.has_generator)
+    )
+
+
+def _adjoint_measurements(mp) -> bool:
+    return isinstance(mp, ExpectationMP)
+
+
+def _add_adjoint_transforms(program, name: str) -> None:
+    label = f"adjoint + {name}"
+    program.add_transform(no_sampling, name=label)
+    program.add_transform(decompose, stopping_condition=_adjoint_ops, name=label, skip_initial_state_prep=True)
+    program.add_transform(validate_observables, lambda obs: obs.has_matrix or obs.pauli_rep is not None, name=label)
+    program.add_transform(validate_measurements, analytic_measurements=_adjoint_measurements, name=label)
+    program.add_transform(validate_adjoint_trainable_params)
+
+
+class _Layout:
+    """Device wires to engine qubits (wire i is qubit n - 1 - i) and PennyLane objects to engine ones."""
+
+    def __init__(self, wires: Wires) -> None:
+        self.wires = wires
+        self.num_qubits = len(wires)
+        self._index = {w: i for i, w in enumerate(wires)}
+
+    def qubit(self, wire) -> int:
+        try:
+            return self.num_qubits - 1 - self._index[wire]
+        except KeyError:
+            raise qml.wires.WireError(f"wire {wire!r} is not one of the device's wires {self.wires.tolist()}") from None
+
+    def qubits_big_endian(self, wires) -> list[int]:
+        """Engine qubits for an index whose first wire is its most significant bit (bit j = result[j])."""
+        return [self.qubit(w) for w in reversed(list(wires))]
+
+    def qubits_in_wire_order(self) -> list[int]:
+        return [self.qubit(w) for w in self.wires]
+
+    # -- operations --
+
+    def engine_ops(self, ops, first: bool = True) -> list:
+        out = []
+        for index, op in enumerate(ops):
+            if not op.has_matrix and op.has_decomposition and not isinstance(op, (StatePrepBase, qml.GlobalPhase)):
+                # e.g. the body of a Conditional that PennyLane left whole
+                out.extend(self.engine_ops(op.decomposition(), first=False))
+                continue
+            engine_op = self.engine_op(op, initial=first and index == 0)
+            if engine_op is not None:
+                out.append(engine_op)
+        return out
+
+    def engine_op(self, op, initial: bool = False):
+        if isinstance(op, (qml.Identity, qml.Barrier, qml.Snapshot)) or op.name in ("Identity", "Barrier", "Snapshot"):
+            return None
+        if isinstance(op, StatePrepBase):
+            if not initial:
+                raise DeviceError(f"{op.name} is supported only as the first operation of a circuit")
+            vector = np.asarray(qml.math.toarray(op.state_vector(wire_order=op.wires)), dtype=np.complex128).reshape(-1)
+            return P.Initialize(tuple(self.qubits_big_endian(op.wires)), vector)
+        if isinstance(op, qml.GlobalPhase) and not op.control_wires:
+            return P.GlobalPhase(-float(np.real(op.data[0])))
+        if len(op.wires) == 0:
+            matrix = np.asarray(qml.matrix(op), dtype=np.complex128)
+            return P.GlobalPhase(float(np.angle(matrix.reshape(-1)[0])))
+        try:
+            matrix = np.asarray(qml.matrix(op, wire_order=op.wires), dtype=np.complex128)
+        except Exception as exc:
+            raise DeviceError(f"{op.name} on wires {op.wires.tolist()} has no matrix that {GPUQubitDevice.name} can apply") from exc
+        return _matrix_op(tuple(self.qubits_big_endian(op.wires)), matrix, op.name)
+
+    def adjoint_steps(self, tape: QuantumScript) -> list[AdjointStep]:
+        """Each operation as a gate, its inverse and, if trainable, its derivative matrix."""
+        trainable = {param: column for column, param in enumerate(tape.trainable_params)}
+        steps = []
+        param = 0
+        for index, op in enumerate(tape.operations):
+            num = op.num_params
+            columns = [trainable[p] for p in range(param, param + num) if p in trainable]
+            param += num
+            if isinstance(op, StatePrepBase) and index == 0:
+                if columns:
+                    raise DeviceError("adjoint differentiation cannot differentiate a state preparation's parameters")
+                continue
+            gate = self.engine_op(op)
+            if gate is None:
+                continue
+            derivatives = generators = ()
+            if columns:
+                if num != 1 or not op.has_generator:
+                    raise DeviceError(f"adjoint differentiation cannot differentiate {op.name}: it needs one parameter with a generator")
+                sentence = _generator_sentence(op)
+                if sentence is not None:  # dU/dtheta = i G U with G a Pauli sum: one pass, no copy
+                    generators = ((columns[0], self.pauli_observable(sentence).pauli),)
+                else:
+                    derivative = np.asarray(operation_derivative(op), dtype=np.complex128)
+                    qubits = tuple(self.qubits_big_endian(op.wires))
+                    derivatives = ((columns[0], _matrix_op(qubits, derivative, op.name + "'")),)
+            steps.append(AdjointStep(gate, _inverse(gate), derivatives, generators))
+        return steps
+
+    # -- observables --
+
+    def observable(self, obs) -> Observable:
+        rep = obs.pauli_rep
+        if rep is not None:
+            return self.pauli_observable(rep)
+        try:
+            coeffs, terms = obs.terms()
+        except Exception:
+            coeffs, terms = [1.0], [obs]
+        paulis = []
+        dense = []
+        for coeff, term in zip(coeffs, terms):
+            term_rep = term.pauli_rep
+            if term_rep is not None:
+                paulis.append(complex(coeff) * term_rep)
+                continue
+            if len(term.wires) > DENSE_MAX_QUBITS:
+                raise DeviceError(f"{term.name} on {len(term.wires)} wires is wider than the {DENSE_MAX_QUBITS} wires a dense observable may have")
+            matrix = np.asarray(qml.matrix(term, wire_order=term.wires), dtype=np.complex128)
+            dense.append(DenseTerm(tuple(self.qubits_big_endian(term.wires)), matrix, complex(coeff)))
+        pauli = None
+        if paulis:
+            total = paulis[0]
+            for extra in paulis[1:]:
+                total = total + extra
+            pauli = self.pauli_observable(total).pauli
+        return Observable(self.num_qubits, pauli, tuple(dense))
+
+    def pauli_observable(self, sentence) -> Observable:
+        xs, zs, coeffs = [], [], []
+        for word, coeff in sentence.items():
+            x = z = 0
+            for wire, letter in word.items():
+                bit = 1 << self.qubit(wire)
+                if letter in ("X", "Y"):
+                    x |= bit
+                if letter in ("Z", "Y"):
+                    z |= bit
+            xs.append(x)
+            zs.append(z)
+            coeffs.append(complex(coeff))
+        return Observable(self.num_qubits, pauli_sum(self.num_qubits, xs, zs, coeffs))
+
+
+def _generator_sentence(op):
+    """The generator ``G`` of ``op`` (``U = exp(i theta G)``) as a Pauli sentence, or None."""
+    try:
+        generator = op.generator()
+        sentence = generator.pauli_rep
+        if sentence is not None:
+            return sentence
+        # e.g. projector-controlled generators (PhaseShift, CRX): decompose their small matrix once
+        matrix = np.asarray(qml.matrix(generator, wire_order=op.wires), dtype=np.complex128)
+        if matrix.shape[0] > 1 << 4:
+            return None
+        key = (matrix.tobytes(), tuple(op.wires))
+        if key not in _GENERATOR_CACHE:
+            if len(_GENERATOR_CACHE) > 4096:
+                _GENERATOR_CACHE.clear()
+            _GENERATOR_CACHE[key] = qml.pauli_decompose(matrix, wire_order=op.wires, pauli=True)
+        return _GENERATOR_CACHE[key]
+    except Exception:  # no Pauli form: the dense derivative is used instead
+        return None
+
+
+_GENERATOR_CACHE: dict = {}
+
+
+def _matrix_op(qubits: tuple, matrix: np.ndarray, label: str):
+    diagonal = np.diagonal(matrix)
+    if np.count_nonzero(matrix - np.diag(diagonal)) == 0:
+        return P.Diagonal(qubits, np.ascontiguousarray(diagonal), label=label)
+    return P.Unitary(qubits, matrix, label=label)
+
+
+def _inverse(op):
+    if isinstance(op, P.Diagonal):
+        return P.Diagonal(op.qubits, np.conj(op.diagonal), label=op.label + "^-1")
+    if isinstance(op, P.GlobalPhase):
+        return P.GlobalPhase(-op.phase)
+    return P.Unitary(op.qubits, np.ascontiguousarray(op.matrix.conj().T), label=op.label + "^-1")
