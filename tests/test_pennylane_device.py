@@ -16,7 +16,9 @@ from importlib import metadata
 import numpy as np
 import pytest
 
-qml = pytest.importorskip("pennylane")
+from tests.helpers import import_host  # noqa: E402
+
+qml = import_host("pennylane")  # CI installs the pennylane extra and fails without it
 from pennylane import numpy as pnp  # noqa: E402
 from pennylane.exceptions import DeviceError, QuantumFunctionError, WireError  # noqa: E402
 
@@ -343,8 +345,8 @@ def test_asking_for_a_gpu_where_none_is_usable_says_why():
 
 def _suite(device: str, shots: str, tmp_path) -> dict:
     """Outcome of each case of ``pennylane.devices.tests`` run against ``device``."""
-    pytest.importorskip("pytest_mock")
-    pytest.importorskip("flaky")
+    import_host("pytest_mock")
+    import_host("flaky")
     report = tmp_path / f"{device}-{shots}.xml"
     import pennylane.devices.tests as suite
 
