@@ -206,33 +206,40 @@ def strided_is_coalesced(bits: Sequence[int], itemsize: int) -> bool:
     return (1 << min(bits)) * itemsize >= LINE_BYTES
 
 
-# The kernel "auto" runs where the strided one would not read whole lines
-# (low targets), per real type and width: the faster of the two in
-# ``benchmarks.gpu_kernels`` on targets 0..k-1 (NVIDIA H200, n = 28 and 30,
-# 2026-11-27; figures in docs/benchmarks.md). A strided thread whose lowest
-# target still leaves runs of two or more amplitudes shares lines with its
-# neighbours through L1, which is why it wins the k = 1 single-precision row;
-# at double k = 2 and 5 the two are within 2% of each other.
-LOW_TARGET_METHOD: dict[tuple[str, int], str] = {
-    ("float", 1): "strided",
-    ("float", 2): "tiled",
-    ("float", 3): "tiled",
-    ("float", 4): "tiled",
-    ("float", 5): "tiled",
-    ("double", 1): "tiled",
-    ("double", 2): "tiled",
-    ("double", 3): "tiled",
-    ("double", 4): "tiled",
-    ("double", 5): "tiled",
+# The kernel "auto" runs where the strided one would not read whole lines, per
+# real type and width: (with at most half the targets among bits 0..4, with
+# more), from ``benchmarks.gpu_kernels`` on an NVIDIA H200 (2026-11-27, n = 28
+# and 30; docs/benchmarks.md), which times every kernel on targets 0..k-1 (all
+# k among bits 0..4) and on target 0 plus the k-1 highest (one among them).
+# Warp shuffles win wherever few targets are lane bits and up to k = 4 in
+# complex64 (0.90-0.92 of copy bandwidth for k <= 2, 0.74-0.90 at k = 3); with
+# four or five lane targets the shuffles cost more than the shared-memory tile,
+# and five-qubit gates with one lane target are fastest strided (0.51-0.55).
+LOW_TARGET_METHOD: dict[tuple[str, int], tuple[str, str]] = {
+    ("float", 1): ("strided", "strided"),
+    ("float", 2): ("warp", "warp"),
+    ("float", 3): ("warp", "warp"),
+    ("float", 4): ("warp", "warp"),
+    ("float", 5): ("strided", "tiled"),
+    ("double", 1): ("warp", "warp"),
+    ("double", 2): ("warp", "warp"),
+    ("double", 3): ("warp", "tiled"),
+    ("double", 4): ("strided", "tiled"),
+    ("double", 5): ("strided", "tiled"),
 }
 
 
 def auto_method(real: str, bits: Sequence[int]) -> str:
-    """The kernel ``method="auto"`` picks: strided where it reads whole lines, else the measured table."""
+    """The kernel ``method="auto"`` picks: strided where it reads whole lines, else the measured table.
+
+    "warp" needs 32 amplitudes; on a smaller state :func:`matrix_launch` runs "tiled" instead.
+    """
     itemsize = 8 if real == "float" else 16
     if strided_is_coalesced(bits, itemsize):
         return "strided"
-    return LOW_TARGET_METHOD[(real, len(bits))]
+    lane_targets = sum(1 for b in bits if b < WARP_LANE_BITS)
+    few, many = LOW_TARGET_METHOD[(real, len(bits))]
+    return few if 2 * lane_targets <= len(bits) else many
 
 
 @dataclass(frozen=True)

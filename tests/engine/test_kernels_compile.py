@@ -143,7 +143,7 @@ def test_matrix_launch_plans():
     assert strided.blocks_needed * strided.block >= 1 << 18
     assert [type(v) for v in strided.scalars] == [np.uint64] * 3
     assert int(strided.scalars[1]) == K.pack_bits([19, 3]) and int(strided.scalars[2]) == K.pack_bits([3, 19])
-    tiled = K.matrix_launch("float", 20, (0, 19, 7))
+    tiled = K.matrix_launch("float", 20, (0, 19, 7), "tiled")
     assert tiled.name == "apply_matrix_low<float, 3>"
     assert tiled.blocks_needed == 1 << (20 - K.TILE_LOG["float"])  # one tile per block
     assert tiled.block == 256
@@ -151,6 +151,36 @@ def test_matrix_launch_plans():
     assert K.matrix_launch("double", 20, (0, 19), "strided").name == "apply_matrix<double, 2>"
     with pytest.raises(ValueError):
         K.matrix_launch("double", 20, (0, 19), "fastest")
+    # Warp: one lane target (bit 0) and two high ones, a warp per 32 x 4 amplitudes.
+    warp = K.matrix_launch("float", 20, (0, 19, 7))
+    assert warp.name == "apply_matrix_warp<float, 1, 2>"
+    assert [type(v) for v in warp.scalars] == [np.uint64] * 5
+    units = int(warp.scalars[0])
+    assert units == 1 << (20 - 5 - 2) and warp.blocks_needed * warp.block == units * 32
+    assert int(warp.scalars[1]) == K.pack_bits([0]) and int(warp.scalars[2]) == K.pack_bits([0])
+    assert int(warp.scalars[3]) == K.pack_bits([7, 19]) and int(warp.scalars[4]) == K.pack_bits([2, 1])
+    # Below 32 amplitudes there is no full warp: "warp" runs the tiled kernel.
+    assert K.matrix_launch("double", 4, (0, 2), "warp").name == "apply_matrix_low<double, 2>"
+
+
+@pytest.mark.parametrize(
+    "real, bits, method",
+    [
+        ("float", (9, 20), "strided"),  # whole lines: always strided
+        ("double", (3, 20), "strided"),
+        ("float", (0,), "strided"),
+        ("double", (0,), "warp"),
+        ("float", (0, 1, 2, 3), "warp"),
+        ("double", (0, 1, 2, 3), "tiled"),  # four lane targets: the tile beats the shuffles
+        ("double", (0, 17, 18, 19), "strided"),  # one lane target in four
+        ("float", (1, 2, 3, 4, 5), "tiled"),
+        ("float", (2, 16, 17, 18, 19), "strided"),
+        ("double", (0, 1, 19), "tiled"),  # two lane targets of three: "many"
+        ("double", (2, 18, 19), "warp"),
+    ],
+)
+def test_auto_method_follows_the_measured_table(real, bits, method):
+    assert K.auto_method(real, bits) == method
 
 
 # ---------------------------------------------------------------------------
