@@ -37,7 +37,7 @@ from qiskit.transpiler import Target
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
 from .compiler.translate import translate
-from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, too_large_error
+from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes, too_large_error
 from .engine.executor import (
     WORKSPACE_BYTES,
     Execution,
@@ -45,8 +45,10 @@ from .engine.executor import (
     RunConfig,
     dispatcher_for,
     estimated_ops,
+    kernels_cover,
     memory_needed,
     run_program,
+    sampling_table_bytes,
     state_arrays,
 )
 from .engine.program import Program, compact, measurements_are_terminal
@@ -203,7 +205,7 @@ class GPUSimulator(BackendV2):
         def simulate(execution: Execution) -> Result:
             return _simulate(self, job_id, device, experiments, execution, run_metadata)
 
-        reserve = max(memory_needed(program, config) for _, program, config, _ in experiments)
+        reserve = max(memory_needed(program, config, device) for _, program, config, _ in experiments)
         if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
             reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
         widest = max(program.num_qubits for _, program, _, _ in experiments)
@@ -323,10 +325,10 @@ def _check_fits(device: Device, program: Program, config: RunConfig, itemsize: i
     cgroup limit; while jobs run it is the capacity measured before they started,
     so a circuit that fits after they end is accepted and waits in the queue.
     """
-    needed = memory_needed(program, config)
+    needed = memory_needed(program, config, device)
     capacity = dispatcher_for(device).capacity()
     if needed > capacity:
-        arrays = state_arrays(program, config)
+        arrays = state_arrays(program, config, kernels_cover(program, device, config.dtype))
         detail = f"{arrays} arrays of 2^{program.num_qubits} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
         raise too_large_error(device.kind, program.num_qubits, itemsize, needed, capacity, detail)
 
@@ -376,7 +378,7 @@ IDEAL_RUN_OPTIONS = {
 
 def _check_statevector_output(program: Program, name: str, itemsize: int) -> None:
     """statevector=True returns the circuit's full width, idle qubits included: it must fit on the host."""
-    from .engine.devices import host_available_bytes, state_bytes
+    from .engine.devices import host_available_bytes
 
     if program.layout is None:
         return  # the simulated state is the returned one, already checked against the device
@@ -410,10 +412,19 @@ def _check_memory_output(shots: int, device: Device) -> None:
 
 
 def max_qubits_for(device: Device, itemsize: int) -> int:
-    """The largest state (plus one scratch buffer) the device's memory holds."""
+    """The widest circuit of gates and final measurements the device's memory holds.
+
+    On a GPU the kernels work in place: the state, its sampling table and the
+    workspace (so an H200's 141 GB hold 34 qubits in complex64, 33 in
+    complex128); on the CPU the state and one scratch buffer. A circuit that
+    needs more (shot by shot, ``initialize``, wide gates) is checked by ``run()``.
+    """
     total = device.total_bytes()
-    n = int(math.floor(math.log2(max(total, 1) / (2 * itemsize))))
-    return max(1, min(n, MAX_QUBITS_CAP))
+    arrays = 1 if device.kind == "GPU" else 2
+    n = 1
+    while n < MAX_QUBITS_CAP and arrays * state_bytes(n + 1, itemsize) + sampling_table_bytes(n + 1) + WORKSPACE_BYTES <= total:
+        n += 1
+    return n
 
 
 def _build_target(num_qubits: int, description: str) -> Target:

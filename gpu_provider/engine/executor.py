@@ -517,13 +517,18 @@ def _is_prefix_op(op) -> bool:
     return isinstance(op, (Unitary, Diagonal, GlobalPhase, Initialize, PauliEvolution))
 
 
-def state_arrays(program: Program, config: RunConfig) -> int:
+def state_arrays(program: Program, config: RunConfig, in_place: bool = False) -> int:
     """How many full-size arrays a program's run holds at its peak.
 
-    The state and its scratch buffer; a snapshot of the prefix when shots run one
-    by one; a host copy for ``statevector=True``; and the temporaries of a wide
-    controlled gate applied on a slice of the state.
+    With ``in_place`` (the GPU kernels apply every op of the program, see
+    :func:`kernels_cover`): the state alone, plus a snapshot of the prefix when
+    shots run one by one (the state vector asked for is copied to the host, not
+    on the device). Otherwise the state and its scratch buffer; a snapshot of the
+    prefix when shots run one by one; a host copy for ``statevector=True``; and
+    the temporaries of a wide controlled gate applied on a slice of the state.
     """
+    if in_place:
+        return 1 if is_sampling_friendly(program) else 2
     arrays = 2 if is_sampling_friendly(program) else 3
     if any_op(program.ops, PauliEvolution):
         arrays += 4  # its Chebyshev recurrence: three terms and one product temporary
@@ -545,9 +550,50 @@ def _has_wide_controlled(ops) -> bool:
     return False
 
 
-def memory_needed(program: Program, config: RunConfig) -> int:
-    """Peak bytes a program's run may use on its device: state arrays plus a fixed workspace."""
-    return state_arrays(program, config) * state_bytes(program.num_qubits, np.dtype(config.dtype).itemsize) + WORKSPACE_BYTES
+def kernels_cover(program: Program, device: Device, dtype) -> bool:
+    """Whether every op of ``program`` runs in place through ``device``'s GPU kernels.
+
+    Dense gates of up to MAX_MATRIX_QUBITS qubits (controls included), diagonals
+    of up to MAX_DIAGONAL_QUBITS, measure, reset, global phase and classical ops:
+    none of them needs the scratch buffer. Initialize and wider gates do.
+    """
+    kernels = device_kernels(device, dtype)
+    if kernels is None:
+        return False
+    return _covered(program.ops, kernels)
+
+
+def _covered(ops, kernels) -> bool:
+    for op in ops:
+        if isinstance(op, Unitary):
+            if not kernels.can_apply(len(op.qubits) + len(op.controls)):
+                return False
+        elif isinstance(op, Diagonal):
+            if not kernels.can_apply_diagonal(len(op.qubits)):
+                return False
+        elif isinstance(op, (Initialize, PauliEvolution)):
+            return False
+        elif isinstance(op, CONTROL_FLOW) and not all(_covered(body, kernels) for body in op_bodies(op)):
+            return False
+    return True
+
+
+def sampling_table_bytes(num_qubits: int) -> int:
+    """The per-row probabilities and their cumulative sum that sampling keeps (float64 each)."""
+    from .statevector import ROW_QUBITS
+
+    return 2 * 8 * (1 << max(num_qubits - ROW_QUBITS, 0))
+
+
+def memory_needed(program: Program, config: RunConfig, device: Optional[Device] = None) -> int:
+    """Peak bytes a program's run may use on its device: state arrays, the sampling table, a fixed workspace.
+
+    With ``device`` given, a GPU program that its kernels cover counts its state
+    once (the kernels work in place); without it, the general count holds.
+    """
+    in_place = device is not None and kernels_cover(program, device, config.dtype)
+    arrays = state_arrays(program, config, in_place)
+    return arrays * state_bytes(program.num_qubits, np.dtype(config.dtype).itemsize) + sampling_table_bytes(program.num_qubits) + WORKSPACE_BYTES
 
 
 class _Tally:
@@ -586,7 +632,9 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
     rng = np.random.default_rng(config.seed)
     sampling = is_sampling_friendly(program)
     if execution is None:  # under a dispatcher, admission control has reserved the memory
-        device.check_fits(program.num_qubits, np.dtype(dtype).itemsize, arrays=state_arrays(program, config))
+        device.check_fits(
+            program.num_qubits, np.dtype(dtype).itemsize, arrays=state_arrays(program, config, kernels_cover(program, device, dtype))
+        )
     state = new_state(device, program.num_qubits, dtype)
     state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
     shot = _Shot(program.num_clbits, rng, config, execution)

@@ -32,6 +32,8 @@ DENSE_CONTROLLED_MAX = 6
 # States of at most this many qubits apply dense gates through a cached
 # gather index (StateVector._apply_small) instead of axis bookkeeping.
 SMALL_STATE_QUBITS = 12
+# The sampling table is summed over blocks of at most this many amplitudes.
+TABLE_BLOCK_AMPLITUDES = 1 << 22
 # Diagonals and sampling work on the state as rows of 2^this amplitudes.
 ROW_QUBITS = 10
 # Scratch memory one chunk of samples may use, and the most shots drawn in one chunk.
@@ -469,7 +471,14 @@ class StateVector:
         real = np.float64 if self.dtype == np.complex128 else np.float32
         width = min(self.num_qubits, ROW_QUBITS)
         rows = self.data.view(real).reshape(-1, 2 << width)
-        row_probs = xp.einsum("ij,ij->i", rows, rows).astype(np.float64)
+        # In blocks of rows, so a temporary of the reduction (CuPy may form the
+        # product before summing) stays within TABLE_BLOCK_AMPLITUDES, never the
+        # size of the state: the GPU kernels path keeps one state array only.
+        block = max(1, TABLE_BLOCK_AMPLITUDES >> width)
+        row_probs = xp.empty(rows.shape[0], dtype=np.float64)
+        for start in range(0, rows.shape[0], block):
+            part = rows[start : start + block]
+            row_probs[start : start + block] = xp.einsum("ij,ij->i", part, part)
         return row_probs, xp.cumsum(row_probs)
 
     def sample_chunk_shots(self) -> int:

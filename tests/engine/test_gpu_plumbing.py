@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from qiskit import QuantumCircuit
 from qiskit.providers import JobStatus
-from qiskit.quantum_info import Statevector
+from qiskit.quantum_info import Statevector, random_unitary
 
 from gpu_provider import GPUSimulator
 from gpu_provider.engine import devices, executor
@@ -330,3 +330,56 @@ def test_chunked_sampling_is_the_same_on_both_devices(fake_gpu):
     assert gpu.get_memory() == cpu.get_memory()
     counts = gpu.get_counts()
     assert set(counts) == {"00", "11"} and abs(counts["00"] - 150_000) < 5 * 274
+
+
+class _SizedGPU(devices.Device):
+    """Only what the capacity arithmetic reads: a GPU of a given memory size."""
+
+    kind = "GPU"
+
+    def __init__(self, total: int) -> None:
+        super().__init__()
+        self._total = total
+
+    def total_bytes(self) -> int:
+        return self._total
+
+
+@pytest.mark.parametrize(
+    "mib, single, double",
+    [(143771, 34, 33), (81559, 33, 32)],  # an H200 and an H100, as nvidia-smi reports them
+)
+def test_target_width_counts_one_state_on_a_gpu(mib, single, double):
+    from gpu_provider.backend import max_qubits_for
+
+    gpu = _SizedGPU(mib << 20)
+    assert max_qubits_for(gpu, 8) == single and max_qubits_for(gpu, 16) == double
+
+
+def test_kernel_programs_reserve_one_state_others_two():
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine.executor import RunConfig, kernels_cover, memory_needed, state_arrays
+
+    gpu = _SizedGPU(1 << 40)
+    cpu, _ = devices.resolve_device("CPU", 0)
+    qc = random_circuit(12, 3)
+    qc.measure_all()
+    program = translate(qc)
+    config = RunConfig(precision="single")
+    assert kernels_cover(program, gpu, config.dtype) and not kernels_cover(program, cpu, config.dtype)
+    state = devices.state_bytes(12, 8)
+    assert memory_needed(program, config, gpu) - memory_needed(program, config, cpu) == -state
+    assert state_arrays(program, config, in_place=True) == 1
+    # Initialize and a 7-qubit dense gate need the scratch buffer: counted as before.
+    wide = QuantumCircuit(12)
+    wide.initialize(np.ones(4) / 2, [0, 1])
+    assert not kernels_cover(translate(wide), gpu, config.dtype)
+    seven = QuantumCircuit(12)
+    seven.unitary(random_unitary(1 << 7, seed=1).data, range(7))
+    assert not kernels_cover(translate(seven), gpu, config.dtype)
+    # Mid-circuit measurement: the state and the prefix snapshot.
+    mid = QuantumCircuit(3, 1)
+    mid.h(0)
+    mid.measure(0, 0)
+    mid.x(0)  # a gate on a measured qubit: shot by shot
+    assert state_arrays(translate(mid), config, in_place=True) == 2
