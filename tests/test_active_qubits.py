@@ -160,3 +160,17 @@ def test_expand_state_places_qubits_by_layout():
     expected = np.zeros(16, dtype=complex)
     expected[0], expected[0b1010] = 0.6, 0.8j
     np.testing.assert_array_equal(full, expected)
+
+
+def test_wide_for_loop_with_an_idle_qubit_stays_lazy():
+    from qiskit.circuit import Parameter
+
+    p = Parameter("p")
+    qc = QuantumCircuit(3, 1)  # qubit 1 idle: the program is compacted
+    scale = np.pi / sum(range(9000))  # the rotations add up to pi: |1> for sure
+    with qc.for_loop(range(9000), p):
+        qc.rx(p * scale, 0)
+    qc.measure(0, 0)
+    result = GPUSimulator(device="CPU").run(qc, shots=3, seed_simulator=3).result()
+    assert result.get_counts() == {"1": 3}
+    assert result.results[0].metadata["simulated_qubits"] == 1

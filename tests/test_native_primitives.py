@@ -26,7 +26,7 @@ import gpu_provider
 from gpu_provider import EstimatorV2, GPUSimulator, SamplerV2
 from gpu_provider.compiler import parameters as compiler_parameters
 from gpu_provider.errors import InvalidInputError, InvalidOptionError, UnknownOptionError
-from tests.helpers import assert_counts_match, exact_distribution
+from tests.helpers import assert_counts_match, bell, exact_distribution
 
 TOLERANCE = {"double": 1e-10, "single": 1e-4}
 
@@ -394,3 +394,39 @@ def test_parameter_sets_run_as_batches_with_the_same_results(monkeypatch):
         assert again.data.meas[i].get_bitstrings() == single_sampled.data.meas[i].get_bitstrings()
         probabilities = exact_distribution(measured.assign_parameters(values[i]))
         assert_counts_match(sampled.data.meas[i].get_counts(), probabilities, shots=300)
+
+
+def test_parametrized_pauli_evolution_is_exact():
+    from qiskit.circuit import Parameter
+    from qiskit.circuit.library import PauliEvolutionGate
+
+    t = Parameter("t")
+    hamiltonian = SparsePauliOp.from_list([("XX", 1.0), ("ZI", 0.7), ("IY", 0.4)])  # terms that do not commute
+    qc = QuantumCircuit(2)
+    qc.append(PauliEvolutionGate(hamiltonian, time=t), [0, 1])
+    values = np.array([[0.4], [1.3]])
+    evs = EstimatorV2().run([(qc, SparsePauliOp("ZZ"), values)]).result()[0].data.evs
+    exact = [Statevector(qc.assign_parameters(v)).expectation_value(SparsePauliOp("ZZ")).real for v in values]
+    np.testing.assert_allclose(evs, exact, atol=1e-10)
+
+
+def test_backend_runs_while_a_primitive_job_holds_the_device():
+    import threading
+
+    from gpu_provider.engine import devices, executor
+
+    cpu, _ = devices.resolve_device("CPU", 0)
+    release = threading.Event()
+    blocker = executor.Execution(cpu, 1, lambda e: release.wait(30))  # reserves nothing, as a primitive job
+    executor.dispatcher_for(cpu).submit(blocker)
+    try:
+        deadline = time.monotonic() + 30
+        while not blocker.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert blocker.started
+        assert executor.dispatcher_for(cpu).capacity() > 0
+        counts = GPUSimulator(device="CPU").run(bell(), shots=100, seed_simulator=1).result().get_counts()
+        assert set(counts) == {"00", "11"}
+    finally:
+        release.set()
+    assert blocker.wait(30)

@@ -126,8 +126,11 @@ def _fuse_ops(ops, width: int, all_qubits: frozenset, sources: Optional[dict] = 
         elif isinstance(op, P.ForLoop) and isinstance(op.iterations, P.LoopBodies):
             op = P.ForLoop(op.iterations.map(lambda body: _fuse_ops(body, width, all_qubits)))
         elif isinstance(op, P.ForLoop):
-            fused: dict = {}
-            op = P.ForLoop(tuple(fused.setdefault(id(body), _fuse_ops(body, width, all_qubits)) for body in op.iterations))
+            fused: dict = {}  # iterations often share one body: fuse it once
+            for body in op.iterations:
+                if id(body) not in fused:
+                    fused[id(body)] = _fuse_ops(body, width, all_qubits)
+            op = P.ForLoop(tuple(fused[id(body)] for body in op.iterations))
         elif isinstance(op, P.SwitchCase):
             op = P.SwitchCase(op.target, tuple((values, _fuse_ops(body, width, all_qubits)) for values, body in op.cases))
         gate = _as_fusable(op)

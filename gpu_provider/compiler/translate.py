@@ -25,7 +25,7 @@ from qiskit.circuit import (
     QuantumCircuit,
 )
 from qiskit.circuit.classical import expr, types
-from qiskit.circuit.library import get_standard_gate_name_mapping
+from qiskit.circuit.library import PauliEvolutionGate, get_standard_gate_name_mapping
 
 from ..engine import program as P
 from . import pricing
@@ -311,6 +311,10 @@ class _Translator:
             return
         if getattr(op, "definition", None) is None:
             raise NeedsBinding(f"instruction {op.name!r} depends on parameters and has no definition")
+        if isinstance(op, PauliEvolutionGate):
+            # Its definition is a product formula (approximate for non-commuting terms);
+            # bound, compiler/pricing.py synthesizes it exactly, so bind per parameter set.
+            raise NeedsBinding(f"instruction {op.name!r} depends on parameters and is synthesized exactly once bound")
         self.expand(op, qargs, cargs, qubits, clbits, ops, top)
 
     # -- classical ----------------------------------------------------------

@@ -300,7 +300,9 @@ class Dispatcher:
                 continue
             execution = self._pending[0]
             need = execution.reserve_bytes
-            free = self.device.memory_capacity() if need else 0
+            # Measured even for a job that reserves nothing: it becomes the
+            # baseline against which run() checks the jobs submitted meanwhile.
+            free = self.device.memory_capacity()
             if not self._running:
                 self._baseline = free
                 if need > free:

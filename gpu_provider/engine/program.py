@@ -469,6 +469,8 @@ def _relabel_op(op, mapping: dict):
         return IfElse(op.condition, _relabel(op.true_body, mapping), _relabel(op.false_body, mapping))
     if isinstance(op, WhileLoop):
         return WhileLoop(op.condition, _relabel(op.body, mapping))
+    if isinstance(op, ForLoop) and isinstance(op.iterations, LoopBodies):  # a wide loop stays lazy
+        return ForLoop(op.iterations.map(lambda body: _relabel(body, mapping)))
     if isinstance(op, ForLoop):
         done: dict = {}  # iterations often share one body: relabel it once
         for body in op.iterations:

@@ -560,6 +560,8 @@ class StateVector:
         self.data.fill(0)
         self.data[0] = 1
         self.order = list(range(self.num_qubits - 1, -1, -1))
+        # The next binding brings its own matrices: keep no device copies of this one's.
+        self._device_arrays.clear()
 
 
 @functools.lru_cache(maxsize=256)

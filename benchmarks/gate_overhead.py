@@ -1,0 +1,76 @@
+"""Host time per dense gate on small states, the gather path against the general one.
+
+    python -m benchmarks.gate_overhead [--sizes 8,10,12,13,14] [--precision single]
+                                       [--gates 1000] [--repeats 5]
+
+Applies the same random one- and two-qubit gates (alternating) to a
+``StateVector`` on the CPU, once with the small-state gather path disabled
+(``SMALL_STATE_QUBITS = 0``: axis bookkeeping, transposes, products) and once
+with it forced on, and prints the process CPU time per gate (minimum over
+``--repeats`` rounds, the two paths taking turns) and the largest amplitude
+difference between the two results. CPU time, not wall time, so other
+processes on the machine weigh less; run with ``OPENBLAS_NUM_THREADS=1`` to
+keep BLAS threads out of it. Information only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from qiskit.quantum_info import random_unitary
+
+from gpu_provider.engine import statevector as S
+
+PRECISIONS = {"single": np.complex64, "double": np.complex128}
+
+
+def _gates(n: int, count: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    gates = []
+    for i in range(count):
+        k = 1 if i % 2 else 2
+        qubits = tuple(int(q) for q in rng.choice(n, k, replace=False))
+        gates.append((qubits, random_unitary(2**k, seed=seed + i).data))
+    return gates
+
+
+def _run(n: int, dtype, gates: list, small_limit: int) -> tuple[float, np.ndarray]:
+    saved = S.SMALL_STATE_QUBITS
+    S.SMALL_STATE_QUBITS = small_limit
+    try:
+        state = S.StateVector(np, n, dtype)
+        start = time.process_time()
+        for qubits, matrix in gates:
+            state.apply_unitary(qubits, matrix)
+        state.to_canonical()
+        return (time.process_time() - start) / len(gates), state.data.copy()
+    finally:
+        S.SMALL_STATE_QUBITS = saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="8,10,12,13,14")
+    parser.add_argument("--precision", default="single", choices=sorted(PRECISIONS))
+    parser.add_argument("--gates", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    dtype = PRECISIONS[args.precision]
+    print(f"# CPU time per 1-/2-qubit gate, {args.precision}; the default path is gather up to {S.SMALL_STATE_QUBITS} qubits")
+    print(f"{'n':>3} {'general us':>11} {'gather us':>10} {'max diff':>9}")
+    for n in (int(s) for s in args.sizes.split(",")):
+        gates = _gates(n, args.gates, seed=n)
+        general, gather = [], []
+        for _ in range(args.repeats):
+            t, a = _run(n, dtype, gates, 0)
+            general.append(t)
+            t, b = _run(n, dtype, gates, 64)
+            gather.append(t)
+        print(f"{n:>3} {1e6 * min(general):>11.1f} {1e6 * min(gather):>10.1f} {float(np.max(np.abs(a - b))):>9.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
