@@ -47,8 +47,8 @@ from .engine.executor import (
     estimated_ops,
     kernels_cover,
     memory_needed,
+    max_qubits_for,
     run_program,
-    sampling_table_bytes,
     state_arrays,
 )
 from .engine.program import Program, compact, measurements_are_terminal
@@ -58,7 +58,6 @@ from .qiskit_errors import raises_qiskit_errors
 
 logger = logging.getLogger(__name__)
 
-MAX_QUBITS_CAP = 40
 MAX_SHOTS = 10**9
 # Memory for one shot of memory=True output, a conservative Python-side estimate.
 BYTES_PER_MEMORY_SHOT = 120
@@ -409,22 +408,6 @@ def _check_memory_output(shots: int, device: Device) -> None:
 
 # ---------------------------------------------------------------------------
 # target
-
-
-def max_qubits_for(device: Device, itemsize: int) -> int:
-    """The widest circuit of gates and final measurements the device's memory holds.
-
-    On a GPU the kernels work in place: the state, its sampling table and the
-    workspace (so an H200's 141 GB hold 34 qubits in complex64, 33 in
-    complex128); on the CPU the state and one scratch buffer. A circuit that
-    needs more (shot by shot, ``initialize``, wide gates) is checked by ``run()``.
-    """
-    total = device.total_bytes()
-    arrays = 1 if device.kind == "GPU" else 2
-    n = 1
-    while n < MAX_QUBITS_CAP and arrays * state_bytes(n + 1, itemsize) + sampling_table_bytes(n + 1) + WORKSPACE_BYTES <= total:
-        n += 1
-    return n
 
 
 def _build_target(num_qubits: int, description: str) -> Target:

@@ -39,7 +39,7 @@ from braket.task_result import AdditionalMetadata, GateModelTaskResult, ResultTy
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse
 from .engine.devices import PRECISIONS, check_device_option, resolve_device
-from .engine.executor import Execution, RunConfig, final_state, run_execution
+from .engine.executor import Execution, RunConfig, final_state, max_qubits_for, run_execution, sample_outcomes
 from .engine.observables import amplitudes, marginal_probabilities, tensor_expectation
 from .engine.program import Diagonal, GlobalPhase, Program, Unitary
 from .errors import GPUProviderError
@@ -171,7 +171,7 @@ class GPUBraketSimulator(OpenQASMSimulator):
             state = final_state(program, device, config, execution)
             if shots:
                 engine_qubits = [num_qubits - 1 - b for b in columns]
-                outcomes = state.sample(engine_qubits, shots, np.random.default_rng(seed))
+                outcomes = np.concatenate(list(sample_outcomes(state, engine_qubits, shots, np.random.default_rng(seed), execution)))
                 values = ((outcomes[:, None] >> np.arange(len(columns))) & 1).astype(int)
             else:
                 values = [ResultTypeValue.construct(type=rt, value=_exact_value(state, rt, num_qubits)) for rt in circuit.results]
@@ -208,7 +208,6 @@ class GPUBraketSimulator(OpenQASMSimulator):
     @property
     def properties(self) -> GateModelSimulatorDeviceCapabilities:
         """Supported operations, modifiers, result types and the qubit count of the device."""
-        from .backend import max_qubits_for
 
         try:
             device, _ = resolve_device(self._options["device"], self._options["device_id"])

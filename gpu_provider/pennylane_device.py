@@ -56,7 +56,7 @@ from .compiler.fusion import fuse
 from .engine import program as P
 from .engine.adjoint import AdjointStep, adjoint_jacobian, apply_gate
 from .engine.devices import PRECISIONS, check_device_option, resolve_device
-from .engine.executor import RunConfig, evolve, new_state
+from .engine.executor import RunConfig, evolve, new_state, sample_outcomes
 from .engine.expectation import pauli_sum
 from .engine.observables import DENSE_MAX_QUBITS, DenseTerm, Observable, apply_observable, expectations, inner, marginal_probabilities
 from .errors import InvalidOptionError
@@ -266,7 +266,7 @@ class GPUQubitDevice(Device):
         n = layout.num_qubits
         if n == 0:
             return np.zeros((shots, 0), dtype=np.int64)
-        outcomes = state.sample(layout.qubits_in_wire_order(), shots, self._rng)
+        outcomes = np.concatenate(list(sample_outcomes(state, layout.qubits_in_wire_order(), shots, self._rng)))
         return ((outcomes[:, None] >> np.arange(n)[None, :]) & 1).astype(np.int64)
 
     def _rotated(self, state, layout: "_Layout", gates):

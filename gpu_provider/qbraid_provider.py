@@ -34,14 +34,14 @@ from qiskit import QuantumCircuit
 from qiskit.providers import JobError, JobTimeoutError
 from qiskit.providers import JobStatus as QiskitJobStatus
 
-from .backend import GPUSimulator, max_qubits_for
+from .backend import GPUSimulator
+from .engine.executor import max_qubits_for
 from .engine.devices import PRECISIONS, probe_gpu, resolve_device
 from .errors import GPUProviderError, InvalidInputError, InvalidOptionError
 from .job import GPUJob
 
 logger = logging.getLogger(__name__)
 
-QBRAID_GROUP = "qbraid.providers"
 PROVIDER_NAME = "gpu_provider"
 DEVICE_KINDS = {"gpu_provider_gpu": "GPU", "gpu_provider_cpu": "CPU"}
 

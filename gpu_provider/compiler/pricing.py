@@ -9,7 +9,7 @@ and says what to do instead:
 - Pauli evolutions are synthesized exactly, never approximated: terms that
   all commute become one small rotation each (a diagonal, or a basis change
   around one); terms that do not become one engine
-  :class:`~gpu_provider.engine.program.PauliEvolution` (a Taylor series on the
+  :class:`~gpu_provider.engine.program.PauliEvolution` (a Chebyshev expansion on the
   state), unless the gate is narrow enough that its dense exponential is cheap.
 - Any other gate with a definition is expanded when applying its definition
   costs less than applying its dense matrix would.

@@ -93,6 +93,8 @@ class ExperimentOutput:
     metadata: dict = field(default_factory=dict)
 
 
+# The widest state any device is asked to hold (2^40 amplitudes is 8 TiB in complex64).
+MAX_STATE_QUBITS = 40
 # Scratch memory a job may use beside its state arrays (sampling chunks, small matrices, Python).
 WORKSPACE_BYTES = 64 << 20
 
@@ -281,14 +283,15 @@ class Dispatcher:
             self._cond.notify()
 
     def capacity(self) -> int:
-        """Bytes a job may reserve here at most: all that jobs of this process can share."""
-        with self._cond:
-            return self._baseline if self._running else self.device.memory_capacity()
+        """Bytes a job may reserve here at most: all that jobs of this process can share.
 
-    def reserved(self) -> int:
-        """Bytes reserved by the jobs running here now."""
+        With jobs running: what was free when the first of them started, but never
+        more than what is free now plus what they hold (the process's limits may
+        have shrunk since, or a finished job may not have been counted out yet).
+        """
         with self._cond:
-            return self._reserved
+            free = self.device.memory_capacity()
+            return min(self._baseline, self._reserved + free) if self._running else free
 
     def _admit(self) -> Execution:
         """The next queued execution once its memory fits (called holding the lock)."""
@@ -598,6 +601,22 @@ def memory_needed(program: Program, config: RunConfig, device: Optional[Device] 
     return arrays * state_bytes(program.num_qubits, np.dtype(config.dtype).itemsize) + sampling_table_bytes(program.num_qubits) + WORKSPACE_BYTES
 
 
+def max_qubits_for(device: Device, itemsize: int) -> int:
+    """The widest circuit of gates and final measurements the device's memory holds.
+
+    On a GPU the kernels work in place: the state, its sampling table and the
+    workspace (so an H200's 141 GB hold 34 qubits in complex64, 33 in
+    complex128); on the CPU the state and one scratch buffer. A circuit that
+    needs more (shot by shot, ``initialize``, wide gates) is checked by ``run()``.
+    """
+    total = device.total_bytes()
+    arrays = 1 if device.kind == "GPU" else 2
+    n = 1
+    while n < MAX_STATE_QUBITS and arrays * state_bytes(n + 1, itemsize) + sampling_table_bytes(n + 1) + WORKSPACE_BYTES <= total:
+        n += 1
+    return n
+
+
 class _Tally:
     """Outcomes as counts, and as a per-shot list only when memory=True asked for one."""
 
@@ -650,14 +669,8 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
         if config.statevector:
             statevector = state.to_host()
         if measures:
-            table = state.sampling_table()
-            chunk = state.sample_chunk_shots()
-            for first in range(0, config.shots, chunk):
-                if execution is not None:
-                    execution.poll_cancel()
-                outcomes = state.sample(measured, min(chunk, config.shots - first), rng, table)
+            for outcomes in sample_outcomes(state, measured, config.shots, rng, execution):
                 tally.add_many(_sampled_clbit_values(outcomes, measured, measures, program.num_clbits))
-            del table
         else:
             tally.counts = {0: config.shots}
             if tally.memory is not None:
@@ -731,6 +744,22 @@ def evolve(program: Program, state: StateVector, config: RunConfig, execution: O
     return state
 
 
+def sample_outcomes(state: StateVector, qubits, shots: int, rng: np.random.Generator, execution: Optional[Execution] = None):
+    """Draw ``shots`` outcomes of measuring ``qubits`` from ``state``, yielded a chunk at a time.
+
+    Bit j of an outcome is ``qubits[j]``. Scratch memory is bounded by the chunk
+    (:meth:`StateVector.sample_chunk_shots`), not by ``shots``; the draws are the
+    same as one call of :meth:`StateVector.sample` with the same generator.
+    Cancellation is checked between chunks. Every front end samples through this.
+    """
+    table = state.sampling_table()
+    chunk = state.sample_chunk_shots()
+    for first in range(0, shots, chunk):
+        if execution is not None:
+            execution.poll_cancel()
+        yield state.sample(qubits, min(chunk, shots - first), rng, table)
+
+
 def sample_memory(program: Program, state: StateVector, shots: int, rng: np.random.Generator) -> list[int]:
     """Each shot's clbit integer, drawn from ``state``, the final state of the sampling-friendly
     ``program`` (as :func:`run_program` draws them: the same generator gives the same shots)."""
@@ -738,8 +767,11 @@ def sample_memory(program: Program, state: StateVector, shots: int, rng: np.rand
     if not measures:
         return [0] * shots
     measured = sorted({m.qubit for m in measures})
-    values = _sampled_clbit_values(state.sample(measured, shots, rng), measured, measures, program.num_clbits)
-    return values.tolist() if isinstance(values, np.ndarray) else values
+    memory: list[int] = []
+    for outcomes in sample_outcomes(state, measured, shots, rng):
+        values = _sampled_clbit_values(outcomes, measured, measures, program.num_clbits)
+        memory.extend(values.tolist() if isinstance(values, np.ndarray) else values)
+    return memory
 
 
 def _sampled_clbit_values(outcomes: np.ndarray, qubits: list[int], measures, num_clbits: int):

@@ -350,7 +350,7 @@ class _SizedGPU(devices.Device):
     [(143771, 34, 33), (81559, 33, 32)],  # an H200 and an H100, as nvidia-smi reports them
 )
 def test_target_width_counts_one_state_on_a_gpu(mib, single, double):
-    from gpu_provider.backend import max_qubits_for
+    from gpu_provider.engine.executor import max_qubits_for
 
     gpu = _SizedGPU(mib << 20)
     assert max_qubits_for(gpu, 8) == single and max_qubits_for(gpu, 16) == double
