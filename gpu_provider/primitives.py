@@ -38,9 +38,9 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub
 
 from .backend import GPUSimulator
 from .compiler.parameters import CompiledCircuit, FusionOptions, compile_circuit
-from .engine.devices import PRECISIONS, Device, resolve_device
-from .engine.batch import batch_size, batchable, evolve_batch, evolve_columns
-from .engine.executor import Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory
+from .engine.devices import PRECISIONS, Device, resolve_device, state_bytes
+from .engine.batch import BATCH_MAX_AMPLITUDES, batch_size, batchable, evolve_batch, evolve_columns
+from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory
 from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
 from .engine.program import is_sampling_friendly
 from .errors import InvalidInputError, InvalidOptionError
@@ -122,7 +122,13 @@ class _Primitive:
         return cache[key][1]
 
     def _submit(self, device: Device, ops_total: int, work, circuits) -> GPUPrimitiveJob:
-        execution = Execution(device, ops_total, work)
+        # Reserve what _compile checked for the widest circuit (a state and its
+        # scratch buffer), plus a batch of small states and the workspace, so the
+        # dispatcher's admission control counts this job beside the backend's.
+        itemsize = np.dtype(PRECISIONS[self._backend.options.precision]).itemsize
+        widest = max(circuit.num_qubits for circuit in circuits)
+        reserve = 2 * state_bytes(widest, itemsize) + BATCH_MAX_AMPLITUDES * itemsize + WORKSPACE_BYTES
+        execution = Execution(device, ops_total, work, reserve_bytes=reserve, num_qubits=widest)
         job = GPUPrimitiveJob(self._backend, str(uuid.uuid4()), execution, circuits=circuits)
         job.submit()
         return job
