@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 NO_OPS = frozenset({"barrier", "delay", "id", "i", "snapshot"})
 _STANDARD_TYPES = {name: type(op) for name, op in get_standard_gate_name_mapping().items() if isinstance(op, Gate)}
 STANDARD_GATES = frozenset(_STANDARD_TYPES)
+# Standard gates the general path treats specially: no-ops and the global phase.
+_FAST_EXCLUDED = NO_OPS | {"global_phase"}
 # Gates wider than this are expanded through their definition rather than built as a dense matrix.
 DENSE_MAX_QUBITS = 10
 UNITARY_TOLERANCE = 1e-7
@@ -400,9 +402,46 @@ class _Translator:
         ops: list = []
         for instruction in circuit.data:
             qargs = tuple(qubits[q] for q in instruction.qubits)
+            if self._standard_fast(instruction, qargs, ops, top):
+                continue
             cargs = tuple(clbits[c] for c in instruction.clbits)
             self.instruction(instruction.operation, qargs, cargs, qubits, clbits, ops, top)
         return ops
+
+    def _standard_fast(self, instruction, qargs: tuple, ops: list, top: bool) -> bool:
+        """A standard gate with numeric parameters, read without building its Python gate object.
+
+        Qiskit stores such gates natively and gives their matrix directly; this is
+        most of a transpiled circuit, and the general path spends most of its time
+        making gate objects. Anything else (parameters still symbolic, a
+        non-finite value, a gate the general path treats specially) returns False
+        and goes through :meth:`instruction`, which also reports the errors.
+        """
+        if not instruction.is_standard_gate() or instruction.is_parameterized():
+            return False
+        name = instruction.name
+        if name in _FAST_EXCLUDED or len(set(qargs)) != len(qargs):
+            return False
+        try:
+            params = tuple(float(p) for p in instruction.params)
+        except (TypeError, ValueError):
+            return False
+        if not all(math.isfinite(p) for p in params):
+            return False
+        key = (name, params, "standard")
+        cached = _STANDARD_CACHE.get(key)
+        if cached is None:
+            matrix = instruction.matrix
+            if matrix is None:
+                return False
+            cached = _classify(np.asarray(matrix, dtype=np.complex128))
+            if len(_STANDARD_CACHE) > 65536:
+                _STANDARD_CACHE.clear()
+            _STANDARD_CACHE[key] = cached
+        self._touch(qargs, top)
+        is_diag, data = cached
+        ops.append(P.Diagonal(qargs, data, name) if is_diag else P.Unitary(qargs, data, label=name))
+        return True
 
     def _touch(self, qargs, top: bool) -> None:
         self.fresh.difference_update(qargs)
