@@ -38,8 +38,8 @@ from braket.task_result import AdditionalMetadata, GateModelTaskResult, ResultTy
 
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse
-from .engine.devices import PRECISIONS, check_device_option, resolve_device
-from .engine.executor import Execution, RunConfig, final_state, max_qubits_for, run_execution, sample_outcomes
+from .engine.devices import PRECISIONS, check_device_option, resolve_device, state_bytes
+from .engine.executor import Execution, RunConfig, dispatcher_for, final_state, max_qubits_for, memory_needed, sample_outcomes
 from .engine.observables import amplitudes, marginal_probabilities, tensor_expectation
 from .engine.program import Diagonal, GlobalPhase, Program, Unitary
 from .errors import GPUProviderError
@@ -159,7 +159,7 @@ class GPUBraketSimulator(OpenQASMSimulator):
         device.check_fits(num_qubits, np.dtype(PRECISIONS[run_options["precision"]]).itemsize, arrays=2 if shots else 3)
         program = Program(num_qubits, 0, tuple(ops), name="braket")
         if run_options["fusion_enable"]:
-            program = fuse(program, device.kind, None, DEFAULT_FUSION_THRESHOLD)
+            program = fuse(program, device.kind, None, DEFAULT_FUSION_THRESHOLD, precision=run_options["precision"])
         seed = run_options["seed"]
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
@@ -177,8 +177,13 @@ class GPUBraketSimulator(OpenQASMSimulator):
                 values = [ResultTypeValue.construct(type=rt, value=_exact_value(state, rt, num_qubits)) for rt in circuit.results]
             return values, time.perf_counter() - start
 
-        execution = Execution(device, max(program.num_ops, 1), simulate)
-        run_execution(execution)  # synchronous, on the device's stream; memory released after
+        # Through the device's dispatcher, so admission control counts this run beside
+        # the backend's jobs (exact result types also hold a probabilities array).
+        itemsize = np.dtype(PRECISIONS[run_options["precision"]]).itemsize
+        reserve = memory_needed(program, config, device) + (0 if shots else state_bytes(num_qubits, itemsize))
+        execution = Execution(device, max(program.num_ops, 1), simulate, reserve_bytes=reserve, num_qubits=num_qubits)
+        dispatcher_for(device).submit(execution)
+        execution.wait()  # Braket's local run is synchronous
         if execution.error is not None:
             raise execution.error
         values, seconds = execution.result
