@@ -9,7 +9,6 @@ on the backend: one backend object serves many threads.
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import time
 import uuid

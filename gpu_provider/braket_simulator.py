@@ -31,7 +31,6 @@ import numpy as np
 from braket.default_simulator.openqasm.program_context import ProgramContext
 from braket.default_simulator.operation import GateOperation
 from braket.default_simulator.simulator import OpenQASMSimulator
-from braket.device_schema import DeviceActionType
 from braket.device_schema.simulators import GateModelSimulatorDeviceCapabilities, GateModelSimulatorDeviceParameters
 from braket.ir.openqasm import Program as OpenQASMProgram
 from braket.task_result import AdditionalMetadata, GateModelTaskResult, ResultTypeValue, TaskMetadata

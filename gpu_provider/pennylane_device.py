@@ -40,7 +40,6 @@ from pennylane.devices.preprocess import (
 )
 from pennylane.exceptions import DeviceError
 from pennylane.measurements import (
-    CountsMP,
     ExpectationMP,
     ProbabilityMP,
     SampleMeasurement,

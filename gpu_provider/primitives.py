@@ -134,6 +134,18 @@ class _Primitive:
         return job
 
 
+def _parameter_values(pub, compiled: CompiledCircuit) -> np.ndarray:
+    """The PUB's parameter sets as an array in the compiled circuit's parameter order (shape + (P,))."""
+    if compiled.parameters:
+        return pub.parameter_values.as_array(compiled.parameters)
+    return np.zeros(pub.parameter_values.shape + (0,))
+
+
+def _ops_estimate(pub, compiled: CompiledCircuit) -> int:
+    """Ops a PUB runs, for progress: the compiled circuit's, once per parameter set."""
+    return max(compiled.ops_before, 1) * max(int(np.prod(pub.parameter_values.shape, dtype=np.int64)), 1)
+
+
 def _seed_of(seed) -> Optional[int]:
     if seed is None or isinstance(seed, np.random.Generator):
         return None
@@ -253,7 +265,7 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
             observables = np.empty(pub.observables.shape, dtype=object)
             for index, observable in np.ndenumerate(pub.observables.sparse_observables_array()):
                 observables[index] = _as_pauli_sum(observable, n)
-            values = pub.parameter_values.as_array(compiled.parameters) if compiled.parameters else np.zeros(pub.parameter_values.shape + (0,))
+            values = _parameter_values(pub, compiled)
             if not compiled.per_binding_translation and not is_sampling_friendly(compiled.template):
                 raise InvalidInputError(
                     f"circuit {pub.circuit.name!r} measures mid-circuit, resets or uses control flow, so it has no single "
@@ -261,7 +273,7 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
                 )
             shape = np.broadcast_shapes(pub.parameter_values.shape, pub.observables.shape)
             tasks.append(_EstimatorTask(pub, compiled, values, observables, shape))
-            ops_total += max(compiled.ops_before, 1) * max(int(np.prod(pub.parameter_values.shape, dtype=np.int64)), 1)
+            ops_total += _ops_estimate(pub, compiled)
         seed = self._seed
         config = RunConfig(shots=1, seed=0, precision=dtype_name)
 
@@ -439,9 +451,9 @@ class SamplerV2(_Primitive, BaseSamplerV2):
         ops_total = 0
         for pub in coerced:
             compiled = self._compile(pub.circuit, device, cache)
-            values = pub.parameter_values.as_array(compiled.parameters) if compiled.parameters else np.zeros(pub.parameter_values.shape + (0,))
+            values = _parameter_values(pub, compiled)
             tasks.append(_SamplerTask(pub, compiled, values, int(pub.shots)))
-            ops_total += max(compiled.ops_before, 1) * max(int(np.prod(pub.parameter_values.shape, dtype=np.int64)), 1)
+            ops_total += _ops_estimate(pub, compiled)
         seed = self._seed if self._seed is not None else int(np.random.default_rng().integers(0, 2**62))
 
         def work(execution: Execution) -> PrimitiveResult:

@@ -9,6 +9,7 @@ answer (a branch not taken, a wrong bit order) gives p-values near zero.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -310,3 +311,13 @@ def import_host(module: str):
     if os.environ.get("GPU_PROVIDER_REQUIRE_HOSTS") == "1":
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return False

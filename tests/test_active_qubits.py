@@ -8,7 +8,6 @@ program, so every sample must be identical. Statevectors are checked against
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ from qiskit.providers import JobError, JobStatus, JobTimeoutError
 from qiskit.quantum_info import Statevector
 
 from benchmarks.status_latency import long_circuit
-from tests.helpers import bell
+from tests.helpers import bell, wait_for
 from gpu_provider import GPUSimulator
 from gpu_provider.job import GPUJob
 
@@ -21,15 +21,6 @@ FINAL = {JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED}
 
 
 LONG_OPTIONS = {"fusion_enable": False, "shots": 10}
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.002)
-    return False
 
 
 def assert_consistent(job: GPUJob) -> None:

@@ -26,7 +26,7 @@ import gpu_provider
 from gpu_provider import EstimatorV2, GPUSimulator, SamplerV2
 from gpu_provider.compiler import parameters as compiler_parameters
 from gpu_provider.errors import InvalidInputError, InvalidOptionError, UnknownOptionError
-from tests.helpers import assert_counts_match, bell, exact_distribution
+from tests.helpers import assert_counts_match, bell, exact_distribution, wait_for
 
 TOLERANCE = {"double": 1e-10, "single": 1e-4}
 
@@ -420,10 +420,7 @@ def test_backend_runs_while_a_primitive_job_holds_the_device():
     blocker = executor.Execution(cpu, 1, lambda e: release.wait(30))  # reserves nothing, as a primitive job
     executor.dispatcher_for(cpu).submit(blocker)
     try:
-        deadline = time.monotonic() + 30
-        while not blocker.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert blocker.started
+        assert wait_for(lambda: blocker.started)
         assert executor.dispatcher_for(cpu).capacity() > 0
         counts = GPUSimulator(device="CPU").run(bell(), shots=100, seed_simulator=1).result().get_counts()
         assert set(counts) == {"00", "11"}

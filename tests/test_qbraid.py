@@ -22,7 +22,7 @@ from qiskit.circuit import Parameter  # noqa: E402
 from benchmarks.status_latency import long_circuit  # noqa: E402
 from gpu_provider.engine.devices import probe_gpu  # noqa: E402
 from gpu_provider.qbraid_provider import GPUQbraidDevice, GPUQbraidJob, GPUQbraidProvider  # noqa: E402
-from tests.helpers import assert_counts_match, exact_distribution  # noqa: E402
+from tests.helpers import assert_counts_match, exact_distribution, wait_for  # noqa: E402
 
 LONG_OPTIONS = {"fusion_enable": False, "shots": 10}
 
@@ -56,15 +56,6 @@ def _reference() -> QuantumCircuit:
     qc.ry(0.7, 2)
     qc.measure(range(3), range(3))
     return qc
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.002)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import CircuitTooLargeError, GPUProviderError, InvalidInputError, IterationLimitError, JobCancelledError, SimulationError
+from ..errors import CircuitTooLargeError, InvalidInputError, IterationLimitError, JobCancelledError, SimulationError
 from .devices import PRECISIONS, Device, state_bytes
 from .program import (
     CONTROL_FLOW,
-    Bits,
     BreakLoop,
     ContinueLoop,
     Diagonal,
