@@ -8,6 +8,7 @@ on the backend: one backend object serves many threads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import time
@@ -34,7 +35,7 @@ from qiskit.result import Result
 from qiskit.transpiler import Target
 
 from . import __version__
-from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
+from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, default_width, fuse, fusion_limits
 from .compiler.translate import translate
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes, too_large_error
 from .engine.executor import (
@@ -49,6 +50,18 @@ from .engine.executor import (
     max_qubits_for,
     run_program,
     state_arrays,
+)
+from .engine.distributed import (
+    EXCHANGE_BYTES,
+    RankGroup,
+    agree_on_job,
+    global_qubits_for,
+    job_digest,
+    local_qubits_needed,
+    mpi_communicator,
+    mpi_device_id,
+    node_local_rank,
+    run_on_ranks,
 )
 from .engine.program import Program, compact, measurements_are_terminal
 from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError, UnknownOptionError
@@ -77,6 +90,12 @@ class GPUSimulator(BackendV2):
         fusion_enable, fusion_max_qubits, fusion_threshold: gate fusion.
         max_loop_iterations (int): cap on ``while_loop`` iterations.
         initial_statevector (array | None): start from this state instead of |0...0>.
+        mpi (bool | mpi4py communicator): split each circuit's state over the
+            2^k ranks of ``MPI.COMM_WORLD`` (True) or of the given communicator
+            (False). Every rank calls ``run()`` with the same circuits and
+            options and gets the same result; each rank uses its own GPU.
+            Circuits too narrow to split run whole on every rank. Needs the
+            ``mpi`` extra and ``mpiexec -n 2^k``.
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
@@ -105,6 +124,7 @@ class GPUSimulator(BackendV2):
             fusion_threshold=DEFAULT_FUSION_THRESHOLD,
             max_loop_iterations=100_000,
             initial_statevector=None,
+            mpi=False,
         )
 
     @raises_qiskit_errors
@@ -160,14 +180,39 @@ class GPUSimulator(BackendV2):
                 IDEAL_RUN_OPTIONS[key](value)
             else:
                 warnings.warn(f"Option {key} is not used by this backend", UserWarning, stacklevel=3)
+        _check_mpi_option(merged["mpi"])
+        comm = mpi_communicator(merged["mpi"])
+        if comm is None:
+            return self._submit(self._prepare(run_input, merged))
+        # Under MPI every rank prepares, then all agree (same circuits, options and seed) before any
+        # waits on another: a rank whose preparation failed still takes part, so all raise together.
+        node_rank = node_local_rank(comm)
+        prepared, error = None, None
+        try:
+            prepared = self._prepare(run_input, merged, comm=comm, node_rank=node_rank)
+        except Exception as exc:
+            error = exc
+        seed = agree_on_job(comm, prepared.digest() if prepared else "", prepared.seed if prepared else 0, error)
+        prepared.reseed(seed)
+        group = RankGroup(comm)
+        return self._submit(prepared, group)
+
+    def _prepare(self, run_input, merged: dict, comm=None, node_rank: int = 0) -> "_Prepared":
+        """Validate, translate, check and fuse every circuit (all of run()'s work before the job)."""
         _validate_options(merged)
         circuits = _as_circuit_list(run_input)
-        device, fallback_reason = resolve_device(merged["device"], merged["device_id"])
+        device_id = merged["device_id"]
+        global_qubits = 0
+        if comm is not None:
+            global_qubits = global_qubits_for(comm.Get_size())
+            device_id = mpi_device_id(merged["device"], device_id, node_rank)
+        device, fallback_reason = resolve_device(merged["device"], device_id)
         seed = merged["seed_simulator"]
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         itemsize = np.dtype(PRECISIONS[merged["precision"]]).itemsize
         experiments = []
+        distributed = []
         for index, circuit in enumerate(circuits):
             # Simulate only the qubits some op touches: a layout-transpiled circuit is as wide as the Target.
             program = compact(translate(circuit, merged["initial_statevector"]))
@@ -187,37 +232,107 @@ class GPUSimulator(BackendV2):
             )
             if merged["statevector"]:  # the full-width vector returned, idle qubits included
                 _check_statevector_output(program, circuit.name, itemsize)
-            _check_fits(device, program, config, itemsize)
+            # Under MPI with 2^k > 1 ranks the state is split: each rank keeps n - k qubits, at least as
+            # many as the widest gate targets.
+            local_qubits = program.num_qubits - global_qubits
+            split = global_qubits > 0
+            if split and local_qubits < local_qubits_needed(program.ops):
+                raise InvalidInputError(
+                    f"circuit {circuit.name!r} simulates {program.num_qubits} qubits; split over {1 << global_qubits} ranks "
+                    f"each rank holds {max(local_qubits, 0)} of them, but its widest gate acts on "
+                    f"{local_qubits_needed(program.ops)} at once, which must sit on one rank; use at most "
+                    f"{1 << max(program.num_qubits - local_qubits_needed(program.ops), 0)} ranks"
+                )
+            _check_fits(device, program, config, itemsize, num_qubits=local_qubits if split else None)
             if merged["memory"]:
                 _check_memory_output(merged["shots"], device)
             ops_before = program.num_ops
             if merged["fusion_enable"]:
-                program = fuse(program, device.kind, merged["fusion_max_qubits"], merged["fusion_threshold"], precision=merged["precision"])
+                width = merged["fusion_max_qubits"]
+                if split:  # a fused gate's targets must fit on one rank
+                    width = min(width or default_width(device.kind, merged["precision"]), local_qubits)
+                if width is None or width >= fusion_limits()[0]:
+                    program = fuse(program, device.kind, width, merged["fusion_threshold"], precision=merged["precision"])
             experiments.append((circuit, program, config, ops_before))
+            distributed.append(split)
+        return _Prepared(self, circuits, device, fallback_reason, seed, merged, experiments, distributed, global_qubits)
+
+    def _submit(self, prepared: "_Prepared", group=None) -> GPUJob:
+        device, experiments, merged = prepared.device, prepared.experiments, prepared.merged
         job_id = str(uuid.uuid4())
         ops_total = sum(estimated_ops(program, config) for _, program, config, _ in experiments)
         run_metadata = {"device": device.name, "precision": merged["precision"]}
-        if fallback_reason:
-            run_metadata["gpu_unavailable_reason"] = fallback_reason
+        if prepared.fallback_reason:
+            run_metadata["gpu_unavailable_reason"] = prepared.fallback_reason
+        splits = prepared.distributed
+        if group is not None:
+            run_metadata["mpi_ranks"] = group.size
 
         def simulate(execution: Execution) -> Result:
-            return _simulate(self, job_id, device, experiments, execution, run_metadata)
+            if group is None:
+                return _simulate(self, job_id, device, experiments, execution, run_metadata)
+            return run_on_ranks(group, execution, lambda: _simulate(self, job_id, device, experiments, execution, run_metadata, group, splits))
 
-        reserve = max(memory_needed(program, config, device) for _, program, config, _ in experiments)
+        k = prepared.global_qubits
+        reserve = max(
+            memory_needed(program, config, device, num_qubits=program.num_qubits - k if split else None)
+            + (EXCHANGE_BYTES if split else 0)
+            for (_, program, config, _), split in zip(experiments, prepared.distributed)
+        )
         if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
             reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
         widest = max(program.num_qubits for _, program, _, _ in experiments)
         execution = Execution(device, ops_total, simulate, reserve_bytes=reserve, num_qubits=widest)
-        job = GPUJob(self, job_id, execution, circuits=circuits)
+        if group is not None:
+            execution.on_abandon = group.notify  # cancelled while queued, or refused: the other ranks stop too
+        job = GPUJob(self, job_id, execution, circuits=prepared.circuits)
         job.submit()
         return job
 
 
-def _simulate(backend: GPUSimulator, job_id: str, device: Device, experiments, execution: Execution, run_metadata: dict) -> Result:
+class _Prepared:
+    """What run() prepared for one job: device, seed, and per circuit (circuit, program, config, ops before fusion)."""
+
+    def __init__(self, backend, circuits, device, fallback_reason, seed, merged, experiments, distributed, global_qubits):
+        self.backend = backend
+        self.circuits = circuits
+        self.device = device
+        self.fallback_reason = fallback_reason
+        self.seed = seed
+        self.merged = merged
+        self.experiments = experiments
+        self.distributed = distributed
+        self.global_qubits = global_qubits
+
+    def digest(self) -> str:
+        """The same on every rank given the same circuits and options (the seed aside: rank 0's is taken)."""
+        options = {key: value for key, value in self.merged.items() if key not in ("seed_simulator", "mpi", "device_id")}
+        options["initial_statevector"] = None if options["initial_statevector"] is None else np.asarray(options["initial_statevector"])
+        parts = [(program, config.shots, config.memory, config.statevector, config.precision) for _, program, config, _ in self.experiments]
+        return job_digest(parts, sorted((k, repr(v) if not isinstance(v, np.ndarray) else v) for k, v in options.items()))
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self.experiments = [
+            (circuit, program, dataclasses.replace(config, seed=seed + index), ops_before)
+            for index, (circuit, program, config, ops_before) in enumerate(self.experiments)
+        ]
+
+
+def _simulate(
+    backend: GPUSimulator, job_id: str, device: Device, experiments, execution: Execution, run_metadata: dict, group=None, splits=()
+) -> Result:
+    """Run the experiments; with an MPI ``group``, those marked in ``splits`` are split over its
+    ranks and the others run whole on every rank (checking the ranks' control channel for cancels)."""
     start = time.time()
     results = []
-    for circuit, program, config, ops_before in experiments:
-        output = run_program(program, device, config, execution)
+    for index, (circuit, program, config, ops_before) in enumerate(experiments):
+        if group is None:
+            output = run_program(program, device, config, execution)
+        elif splits[index]:
+            output = run_program(program, device, config, execution, group=group)
+        else:
+            output = run_program(program, device, config, group)
         output.metadata.update(fusion_ops_before=ops_before, fusion_ops_after=program.num_ops)
         if "gpu_unavailable_reason" in run_metadata:
             output.metadata["gpu_unavailable_reason"] = run_metadata["gpu_unavailable_reason"]
@@ -311,24 +426,34 @@ def _validate_options(options: dict) -> None:
     threshold = options["fusion_threshold"]
     if not _is_int(threshold) or threshold < 0:
         raise InvalidOptionError(f"fusion_threshold must be a non-negative integer, not {threshold!r}")
+    _check_mpi_option(options["mpi"])
     cap = options["max_loop_iterations"]
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
 
 
-def _check_fits(device: Device, program: Program, config: RunConfig, itemsize: int) -> None:
+def _check_mpi_option(mpi) -> None:
+    if not isinstance(mpi, (bool, np.bool_)) and not (hasattr(mpi, "Get_size") and hasattr(mpi, "Dup")):
+        raise InvalidOptionError(f"mpi must be True, False or an mpi4py communicator, not {mpi!r}")
+
+
+def _check_fits(device: Device, program: Program, config: RunConfig, itemsize: int, num_qubits=None) -> None:
     """Refuse a circuit whose run could not fit even with no other job of this process running.
 
     The capacity is what the device has free, capped by the process's rlimits and
     cgroup limit; while jobs run it is the capacity measured before they started,
     so a circuit that fits after they end is accepted and waits in the queue.
+    ``num_qubits``: the width one rank holds when the state is split over MPI ranks.
     """
-    needed = memory_needed(program, config, device)
+    n = program.num_qubits if num_qubits is None else num_qubits
+    needed = memory_needed(program, config, device, num_qubits=n) + (EXCHANGE_BYTES if num_qubits is not None else 0)
     capacity = dispatcher_for(device).capacity()
     if needed > capacity:
         arrays = state_arrays(program, config, kernels_cover(program, device, config.dtype))
-        detail = f"{arrays} arrays of 2^{program.num_qubits} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
-        raise too_large_error(device.kind, program.num_qubits, itemsize, needed, capacity, detail)
+        detail = f"{arrays} arrays of 2^{n} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
+        if num_qubits is not None:
+            detail += f" on each rank ({program.num_qubits - n} qubits are spread over the ranks); use more ranks"
+        raise too_large_error(device.kind, n, itemsize, needed, capacity, detail)
 
 
 def _check_meas_level(value) -> None:

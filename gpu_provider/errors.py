@@ -61,3 +61,11 @@ class IterationLimitError(SimulationError):
 
 class JobCancelledError(GPUProviderError):
     """Raised inside an execution when its job was cancelled (internal signal)."""
+
+
+class DistributedError(SimulationError):
+    """A rank of a distributed (MPI) job failed or disagreed, so every rank stopped; ``rank`` says which."""
+
+    def __init__(self, message: str, *, rank: int = -1):
+        super().__init__(message)
+        self.rank = rank

@@ -136,6 +136,9 @@ class Execution:
         self.cancelled = False
         self.started_at: Optional[float] = None
         self.finished_at: Optional[float] = None
+        # Called with (kind, message) when the job ends without running ("cancel" while queued,
+        # "error" when refused): a distributed job tells its other ranks so none waits for this one.
+        self.on_abandon: Optional[Callable[[str, str], None]] = None
         self._lock = threading.Lock()
 
     # -- called by the worker ------------------------------------------------
@@ -159,11 +162,16 @@ class Execution:
                 return False
             self.cancelled = True
             self.finish()
-            return True
+        self._abandon("cancel", "cancelled while queued")
+        return True
 
-    def checkpoint(self, ops: int = 1) -> None:
-        """Count ``ops`` more enqueued, recording an event every few; stop here if cancelled."""
-        if self._cancel.is_set():
+    def checkpoint(self, ops: int = 1, poll: bool = True) -> None:
+        """Count ``ops`` more enqueued, recording an event every few; stop here if cancelled.
+
+        With ``poll=False`` only progress is recorded: a distributed run checks
+        cancellation itself, on every rank at once (see ``distributed.RankGroup``).
+        """
+        if poll and self._cancel.is_set():
             raise JobCancelledError("cancelled at a checkpoint")
         self._ops_enqueued += ops
         now = time.perf_counter()
@@ -187,8 +195,18 @@ class Execution:
     def refuse(self, error: BaseException) -> None:
         """End a queued job that can never be admitted, with ``error``."""
         with self._lock:
-            if not self.finished:
-                self.finish(error=error)
+            if self.finished:
+                return
+            self.finish(error=error)
+        self._abandon("error", f"{type(error).__name__}: {error}")
+
+    def _abandon(self, kind: str, message: str) -> None:
+        callback, self.on_abandon = self.on_abandon, None
+        if callback is not None:
+            try:
+                callback(kind, message)
+            except Exception:  # telling other ranks must never break this job's own ending
+                logger.debug("on_abandon callback failed", exc_info=True)
 
     def poll_cancel(self) -> None:
         """Stop here if the job was cancelled (a checkpoint between chunks of work that are not ops)."""
@@ -589,15 +607,17 @@ def sampling_table_bytes(num_qubits: int) -> int:
     return 2 * 8 * (1 << max(num_qubits - ROW_QUBITS, 0))
 
 
-def memory_needed(program: Program, config: RunConfig, device: Optional[Device] = None) -> int:
+def memory_needed(program: Program, config: RunConfig, device: Optional[Device] = None, num_qubits: Optional[int] = None) -> int:
     """Peak bytes a program's run may use on its device: state arrays, the sampling table, a fixed workspace.
 
     With ``device`` given, a GPU program that its kernels cover counts its state
     once (the kernels work in place); without it, the general count holds.
+    ``num_qubits`` overrides the state's width (one rank's part of a distributed state).
     """
+    n = program.num_qubits if num_qubits is None else num_qubits
     in_place = device is not None and kernels_cover(program, device, config.dtype)
     arrays = state_arrays(program, config, in_place)
-    return arrays * state_bytes(program.num_qubits, np.dtype(config.dtype).itemsize) + sampling_table_bytes(program.num_qubits) + WORKSPACE_BYTES
+    return arrays * state_bytes(n, np.dtype(config.dtype).itemsize) + sampling_table_bytes(n) + WORKSPACE_BYTES
 
 
 def max_qubits_for(device: Device, itemsize: int) -> int:
@@ -641,21 +661,33 @@ class _Tally:
             counts[key] = counts.get(key, 0) + number
 
 
-def run_program(program: Program, device: Device, config: RunConfig, execution: Optional[Execution] = None) -> ExperimentOutput:
+def run_program(
+    program: Program, device: Device, config: RunConfig, execution: Optional[Execution] = None, group: Any = None
+) -> ExperimentOutput:
     """Simulate ``program`` and return counts (and memory / statevector when asked).
 
     Memory beyond the state does not grow with the shots: samples are drawn in
     chunks and tallied as counts (a per-shot list is kept only for memory=True).
+    With ``group`` (a :class:`~gpu_provider.engine.distributed.RankGroup`) the
+    state is split over its MPI ranks and every rank returns the same output;
+    the same interpreter runs, the state type is all that changes.
     """
     start = time.perf_counter()
     dtype = config.dtype
     rng = np.random.default_rng(config.seed)
     sampling = is_sampling_friendly(program)
-    if execution is None:  # under a dispatcher, admission control has reserved the memory
+    if execution is None and group is None:  # under a dispatcher, admission control has reserved the memory
         device.check_fits(
             program.num_qubits, np.dtype(dtype).itemsize, arrays=state_arrays(program, config, kernels_cover(program, device, dtype))
         )
-    state = new_state(device, program.num_qubits, dtype)
+    if group is not None:
+        from .distributed import DistributedStateVector
+
+        group.execution = execution
+        execution = group  # checkpoints and cancel checks go through the ranks' control channel
+        state = DistributedStateVector(device.xp, program.num_qubits, dtype, device_kernels(device, dtype), group, program.ops)
+    else:
+        state = new_state(device, program.num_qubits, dtype)
     state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
     shot = _Shot(program.num_clbits, rng, config, execution)
     measures = [op for op in program.ops if isinstance(op, Measure)]
@@ -702,6 +734,9 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
             # The last trajectory's state, its terminal measurements removed (as Aer does).
             statevector = state.to_host()
     counts, memory = tally.counts, tally.memory
+    extra = {}
+    if group is not None:
+        extra["mpi"] = state.metadata()
     if statevector is not None and program.layout is not None:
         statevector = expand_state(statevector, program.layout, program.width)
     if program.num_clbits == 0:
@@ -720,6 +755,7 @@ def run_program(program: Program, device: Device, config: RunConfig, execution: 
             "active_qubits": list(program.active_qubits),
             "simulated_qubits": program.num_qubits,
             "time_taken": time.perf_counter() - start,
+            **extra,
         },
     )
 

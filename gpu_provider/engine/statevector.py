@@ -465,8 +465,13 @@ class StateVector:
     def sampling_table(self):
         """Per-row probabilities of the state (rows of 2^ROW_QUBITS amplitudes) and their cumulative sum.
 
-        One pass over the state; every chunk of samples drawn afterwards reuses it.
+        The state is put in canonical order first (a no-op on the GPU kernels
+        path, which never reorders), so a uniform draws the same outcome whatever
+        order the gates left the axes in, and a state split over ranks
+        (``engine.distributed``) draws what one process draws. One pass over the
+        state; every chunk of samples drawn afterwards reuses it.
         """
+        self.to_canonical()
         xp = self.xp
         real = np.float64 if self.dtype == np.complex128 else np.float32
         width = min(self.num_qubits, ROW_QUBITS)
@@ -496,18 +501,33 @@ class StateVector:
 
         The uniform samples come from the host generator, so a seed gives the same
         draws on every device, and drawing in chunks (passing the same ``table``
-        from :meth:`sampling_table`) gives the same draws as one call. Sampling
-        reads the state in its current axis order (no transpose): a uniform picks a
-        row from the rows' cumulative probabilities, then an amplitude inside it;
-        the bits of the drawn index are then re-labelled to ``qubits``. Scratch
-        memory grows with ``shots`` (up to 56 bytes per amplitude of each distinct
-        row hit), so callers draw large counts in chunks of :meth:`sample_chunk_shots`.
+        from :meth:`sampling_table`) gives the same draws as one call. A uniform
+        picks a row from the rows' cumulative probabilities, then an amplitude
+        inside it (:meth:`sample_indices`). Scratch memory grows with ``shots``
+        (up to 56 bytes per amplitude of each distinct row hit), so callers draw
+        large counts in chunks of :meth:`sample_chunk_shots`.
+        """
+        row_probs, row_cdf = self.sampling_table() if table is None else table
+        total = float(row_cdf[-1])
+        index = self.sample_indices(rng.random(shots) * total, (row_probs, row_cdf))
+        out = np.zeros(shots, dtype=np.int64)
+        for j, q in enumerate(qubits):
+            out |= ((index >> self.bit(q)) & 1) << j
+        return out
+
+    def sample_indices(self, uniforms: np.ndarray, table) -> np.ndarray:
+        """The flat index drawn by each of ``uniforms`` (host floats in [0, total)), on the host as int64.
+
+        The inverse of the state's cumulative distribution in its physical order
+        (canonical after :meth:`sampling_table`).
         """
         xp = self.xp
         width = min(self.num_qubits, ROW_QUBITS)
-        row_probs, row_cdf = self.sampling_table() if table is None else table
-        total = float(row_cdf[-1])
-        uniforms = xp.asarray(rng.random(shots) * total)
+        row_probs, row_cdf = table
+        shots = uniforms.shape[0]
+        if shots == 0:
+            return np.zeros(0, dtype=np.int64)
+        uniforms = xp.asarray(uniforms)
         row = xp.minimum(xp.searchsorted(row_cdf, uniforms, side="right"), row_cdf.shape[0] - 1)
         # Where inside its row each draw falls, as a fraction of the row's weight.
         before = xp.where(row > 0, row_cdf[xp.maximum(row - 1, 0)], 0.0)
@@ -529,11 +549,7 @@ class StateVector:
         del inner, target
         position = xp.clip(position, 0, last[inverse])
         physical = row.astype(np.int64) * (1 << width) + position.astype(np.int64)
-        physical = np.asarray(physical.get() if xp is not np else physical, dtype=np.int64)
-        out = np.zeros(shots, dtype=np.int64)
-        for j, q in enumerate(qubits):
-            out |= ((physical >> self.bit(q)) & 1) << j
-        return out
+        return np.asarray(physical.get() if xp is not np else physical, dtype=np.int64)
 
     def to_host(self) -> np.ndarray:
         self.to_canonical()

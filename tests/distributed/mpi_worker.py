@@ -1,0 +1,222 @@
+"""Run under ``mpiexec -n N python mpi_worker.py SCENARIO OUTDIR``: each rank writes what it got.
+
+The tests in ``test_mpi.py`` start it with a timeout and compare the ranks'
+files with each other, across rank counts, and with oracles. Every rank
+writes ``OUTDIR/rank<r>.pkl``: a dict of results, or of errors as
+``(type name, message)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister
+from qiskit.circuit import Parameter
+from qiskit.circuit.random import random_circuit
+
+from gpu_provider import GPUSimulator
+
+COMM = MPI.COMM_WORLD
+RANK = COMM.Get_rank()
+
+
+def circuits_with_global_gates() -> list[QuantumCircuit]:
+    """Random 10-16 qubit circuits; gates on the top qubits (the rank bits at first) included."""
+    out = []
+    for n, seed in ((10, 1), (13, 2), (16, 3)):
+        qc = random_circuit(n, 6, max_operands=3, seed=seed)
+        for q in range(n - 3, n):  # dense gates on the qubits the ranks start with
+            qc.h(q)
+            qc.cx(q, q - n + 3)
+        qc.rzz(0.3, n - 1, 0)
+        qc.name = f"random{n}"
+        out.append(qc)
+    return out
+
+
+def dynamic_circuit(n: int = 12) -> QuantumCircuit:
+    """Mid-circuit measurement, reset and a branch, on the top (global) qubits too."""
+    q = QuantumRegister(n, "q")
+    c = ClassicalRegister(n, "c")
+    qc = QuantumCircuit(q, c, name="dynamic")
+    qc.h(range(n))
+    qc.cx(n - 1, 0)
+    qc.ry(0.7, n - 2)
+    qc.measure(n - 1, 0)  # a global qubit, mid-circuit
+    qc.reset(n - 1)
+    qc.measure(n - 2, 1)
+    with qc.if_test((c[0], 1)):
+        qc.x(n - 1)
+        qc.cx(n - 1, 3)
+    qc.rx(0.4, n - 1)
+    qc.reset(2)
+    qc.crx(1.1, 2, n - 3)
+    qc.measure(range(n), range(n))
+    return qc
+
+
+def scenario_results(backend: GPUSimulator) -> dict:
+    out = {}
+    for qc in circuits_with_global_gates():
+        sv = backend.run(qc, statevector=True, shots=1, seed_simulator=7).result()
+        out[f"{qc.name}/statevector"] = np.asarray(sv.get_statevector(0))
+        out[f"{qc.name}/mpi"] = sv.results[0].metadata.get("mpi")
+        measured = qc.measure_all(inplace=False)
+        result = backend.run(measured, shots=4000, memory=True, seed_simulator=11).result()
+        out[f"{qc.name}/counts"] = result.get_counts(0)
+        out[f"{qc.name}/memory"] = result.get_memory(0)
+    dynamic = dynamic_circuit()
+    result = backend.run(dynamic, shots=300, seed_simulator=5).result()
+    out["dynamic/counts"] = result.get_counts(0)
+    # Several circuits in one job, one narrow enough for every rank count here.
+    batch = [qc.measure_all(inplace=False) for qc in circuits_with_global_gates()[:2]]
+    result = backend.run(batch, shots=1000, seed_simulator=21).result()
+    out["batch/counts"] = [result.get_counts(i) for i in range(len(batch))]
+    return out
+
+
+def scenario_circuits(outdir: str) -> dict:
+    return scenario_results(GPUSimulator(device="CPU", mpi=True))
+
+
+def scenario_expectation(outdir: str) -> dict:
+    """Pauli expectation values on a split state, from the engine (X and Z on global qubits)."""
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine.devices import resolve_device
+    from gpu_provider.engine.distributed import DistributedStateVector, RankGroup
+    from gpu_provider.engine.executor import RunConfig, evolve
+    from gpu_provider.engine.expectation import expectation_values, pauli_sum
+
+    n = 12
+    qc = random_circuit(n, 5, max_operands=2, seed=4)
+    for q in range(n - 2, n):
+        qc.h(q)
+        qc.cx(q, 1)
+    program = translate(qc)
+    device, _ = resolve_device("CPU")
+    group = RankGroup(COMM)
+    state = DistributedStateVector(np, n, np.complex128, None, group, program.ops)
+    evolve(program, state, RunConfig())
+    rng = np.random.default_rng(9)
+    terms = rng.integers(0, 4, size=(6, n))  # 0 I, 1 X, 2 Y, 3 Z per qubit
+    terms[0, :] = 0
+    terms[0, n - 1] = 1  # X on the top qubit
+    terms[1, :] = 0
+    terms[1, n - 1], terms[1, 0] = 3, 2  # Z on the top qubit, Y on qubit 0
+    x = [sum(1 << q for q in range(n) if t[q] in (1, 2)) for t in terms]
+    z = [sum(1 << q for q in range(n) if t[q] in (2, 3)) for t in terms]
+    coeffs = [0.5, -1.25, 0.75, 1.0, 2.0, -0.3]
+    labels = ["".join("IXYZ"[t[q]] for q in reversed(range(n))) for t in terms]
+    observables = [pauli_sum(n, x[:3], z[:3], coeffs[:3]), pauli_sum(n, x[3:], z[3:], coeffs[3:])]
+    values = expectation_values(state, observables)
+    # Sampling and the full state from the same split state, after the expectation's swaps.
+    full = state.to_host()
+    return {"values": values, "labels": labels, "coeffs": coeffs, "state": full, "swaps": group.swaps}
+
+
+def scenario_errors(outdir: str) -> dict:
+    """Bad input: each must raise on every rank, and the next good job must still run."""
+    out = {}
+    backend = GPUSimulator(device="CPU", mpi=True, seed_simulator=3)
+
+    def attempt(key, fn):
+        try:
+            fn()
+            out[key] = ("no error", "")
+        except Exception as exc:
+            out[key] = (type(exc).__name__, str(exc))
+
+    # Ranks disagree on the circuit.
+    other = QuantumCircuit(6)
+    other.h(0)
+    if RANK == 1:
+        other.x(5)
+    other.measure_all()
+    attempt("disagree", lambda: backend.run(other).result())
+    # One rank's preparation fails (an unbound parameter there only).
+    bad = QuantumCircuit(6)
+    bad.h(0)
+    if RANK == COMM.Get_size() - 1:
+        bad.rx(Parameter("theta"), 5)
+    bad.measure_all()
+    attempt("one_rank_fails", lambda: backend.run(bad).result())
+    # Too many ranks for the circuit: its widest gate needs more qubits than a rank holds.
+    narrow = QuantumCircuit(3)
+    narrow.rxx(0.3, 0, 2)
+    narrow.measure_all()
+    attempt("too_many_ranks", lambda: backend.run(narrow, fusion_enable=False).result())
+    # A rank that fails while the job runs: the others must stop too.
+    from gpu_provider.engine import distributed
+
+    original = distributed.DistributedStateVector.apply_unitary
+    calls = {"n": 0}
+
+    def failing(self, qubits, matrix):
+        calls["n"] += 1
+        if RANK == 1 and calls["n"] == 5:
+            raise MemoryError("injected failure on rank 1")
+        return original(self, qubits, matrix)
+
+    distributed.DistributedStateVector.apply_unitary = failing
+    try:
+        qc = random_circuit(10, 8, max_operands=2, seed=8)
+        qc.measure_all()
+        job = backend.run(qc, fusion_enable=False)
+        attempt("fails_midway", lambda: job.result(timeout=60))
+        out["fails_midway/status"] = job.status().name
+    finally:
+        distributed.DistributedStateVector.apply_unitary = original
+    # Everything still usable: a good job after all of that.
+    good = random_circuit(10, 4, max_operands=2, seed=2)
+    good.measure_all()
+    out["after"] = backend.run(good, shots=500).result().get_counts()
+    return out
+
+
+def scenario_cancel(outdir: str) -> dict:
+    """Rank 0 cancels a long split job; every rank's job must end cancelled, and the next job run."""
+    backend = GPUSimulator(device="CPU", mpi=True, seed_simulator=1, fusion_enable=False)
+    qc = QuantumCircuit(18)
+    for layer in range(400):
+        for q in range(18):
+            qc.rx(0.1 * (layer + 1), q)
+        for q in range(0, 17, 2):
+            qc.cx(q, q + 1)
+    qc.measure_all()
+    job = backend.run(qc, shots=10)
+    out = {}
+    deadline = time.monotonic() + 60
+    while job.progress()[0] == 0 and time.monotonic() < deadline:  # this rank's job has run some ops
+        time.sleep(0.01)
+    out["progress_running"] = job.progress()
+    out["status_running"] = job.status().name
+    COMM.Barrier()  # every rank's job is running (it has thousands of ops to go)
+    if RANK == 0:
+        out["cancel_returned"] = job.cancel()
+    job.wait_for_final_state(timeout=60, wait=0.05)
+    out["status"] = job.status().name
+    good = QuantumCircuit(10)
+    good.h(range(10))
+    good.cx(9, 0)
+    good.measure_all()
+    out["after"] = backend.run(good, shots=500).result().get_counts()
+    return out
+
+
+def main() -> None:
+    scenario, outdir = sys.argv[1], sys.argv[2]
+    try:
+        result = globals()[f"scenario_{scenario}"](outdir)
+    except Exception as exc:  # reported, so the test shows which rank failed and how
+        result = {"__error__": (type(exc).__name__, str(exc))}
+    with open(os.path.join(outdir, f"rank{RANK}.pkl"), "wb") as handle:
+        pickle.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main()
