@@ -62,6 +62,7 @@ from .engine.distributed import (
     mpi_device_id,
     node_local_rank,
     run_on_ranks,
+    share_cores,
 )
 from .engine.program import Program, compact, measurements_are_terminal
 from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError, UnknownOptionError
@@ -186,10 +187,12 @@ class GPUSimulator(BackendV2):
             return self._submit(self._prepare(run_input, merged))
         # Under MPI every rank prepares, then all agree (same circuits, options and seed) before any
         # waits on another: a rank whose preparation failed still takes part, so all raise together.
-        node_rank = node_local_rank(comm)
+        node_rank, node_ranks = node_local_rank(comm)
         prepared, error = None, None
         try:
             prepared = self._prepare(run_input, merged, comm=comm, node_rank=node_rank)
+            if prepared.device.kind == "CPU":
+                share_cores(node_ranks)
         except Exception as exc:
             error = exc
         seed = agree_on_job(comm, prepared.digest() if prepared else "", prepared.seed if prepared else 0, error)
@@ -244,6 +247,8 @@ class GPUSimulator(BackendV2):
                     f"{1 << max(program.num_qubits - local_qubits_needed(program.ops), 0)} ranks"
                 )
             _check_fits(device, program, config, itemsize, num_qubits=local_qubits if split else None)
+            if split and merged["statevector"]:
+                _check_gathered_state(program, circuit.name, itemsize)
             if merged["memory"]:
                 _check_memory_output(merged["shots"], device)
             ops_before = program.num_ops
@@ -512,6 +517,23 @@ def _check_statevector_output(program: Program, name: str, itemsize: int) -> Non
             f"statevector=True returns all {program.width} qubits of circuit {name!r} "
             f"({program.num_qubits} of them are used), which needs {needed:,} bytes of host memory but "
             f"{free:,} are free; drop statevector=True (counts need only the used qubits) or remove the idle qubits",
+            num_qubits=program.width,
+            bytes_needed=needed,
+            bytes_free=free,
+        )
+
+
+def _check_gathered_state(program: Program, name: str, itemsize: int) -> None:
+    """statevector=True on a split state gathers all of it on every rank's host."""
+    from .engine.devices import host_available_bytes
+
+    needed = state_bytes(program.width, itemsize) + state_bytes(program.num_qubits, itemsize)
+    free = host_available_bytes()
+    if needed > free:
+        raise CircuitTooLargeError(
+            f"statevector=True gathers the whole {program.width}-qubit state of circuit {name!r} on every rank, "
+            f"which needs {needed:,} bytes of host memory but {free:,} are free; drop statevector=True "
+            "(counts and expectation values are reduced over the ranks without it)",
             num_qubits=program.width,
             bytes_needed=needed,
             bytes_free=free,

@@ -208,6 +208,47 @@ def scenario_cancel(outdir: str) -> dict:
     return out
 
 
+def scenario_fake_gpu(outdir: str) -> dict:
+    """The GPU path's plumbing on a NumPy-backed stand-in for CuPy: host-staged and CUDA-aware exchanges."""
+    import types
+
+    from tests.engine.test_gpu_plumbing import DeviceArray, make_fake_cupy
+
+    def get(self, stream=None, order="C", out=None):
+        if out is None:
+            return np.array(self)
+        np.copyto(out, self)
+        return out
+
+    def set_(self, array, stream=None):
+        np.copyto(self, array)
+
+    DeviceArray.get = get
+    DeviceArray.set = set_
+    fake = make_fake_cupy()
+    fake.cuda.get_current_stream = lambda: types.SimpleNamespace(synchronize=lambda: None)
+    cupyx = types.ModuleType("cupyx")
+    cupyx.empty_pinned = lambda shape, dtype=np.float64: np.empty(shape, dtype=dtype)
+    sys.modules["cupy"] = fake
+    sys.modules["cupyx"] = cupyx
+    from gpu_provider.engine import devices, distributed, kernels
+
+    kernels.kernels_for = lambda dtype: None  # the array-module path (no compiled kernels on a stand-in)
+    devices.reset_probe()
+    out = {}
+    for aware in (False, True):
+        distributed._cuda_aware = lambda MPI, aware=aware: aware
+        backend = GPUSimulator(device="GPU", mpi=True)
+        for qc in circuits_with_global_gates()[:2]:
+            result = backend.run(qc, statevector=True, shots=1, seed_simulator=7).result()
+            out[f"{aware}/{qc.name}/statevector"] = np.asarray(result.get_statevector(0))
+            out[f"{aware}/{qc.name}/device"] = result.results[0].metadata["device"]
+            out[f"{aware}/{qc.name}/mpi"] = result.results[0].metadata["mpi"]
+            measured = qc.measure_all(inplace=False)
+            out[f"{aware}/{qc.name}/counts"] = backend.run(measured, shots=2000, seed_simulator=11).result().get_counts()
+    return out
+
+
 def main() -> None:
     scenario, outdir = sys.argv[1], sys.argv[2]
     try:

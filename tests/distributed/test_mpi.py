@@ -41,8 +41,6 @@ def run_ranks(ranks: int, scenario: str, tmp_path) -> list[dict]:
     outdir.mkdir()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     command = [_mpiexec(), "-n", str(ranks), sys.executable, WORKER, scenario, str(outdir)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
@@ -134,6 +132,22 @@ def test_expectation_values_reduce_over_ranks(tmp_path):
             # The state, read back after the swaps the X terms on global qubits needed.
             assert np.max(np.abs(result["state"] - exact.data)) < 1e-12
         assert first["swaps"] > 0
+
+
+def test_gpu_path_plumbing_on_a_cupy_stand_in(tmp_path):
+    """Exchanges through pinned host buffers and straight from device buffers (CUDA-aware MPI)."""
+    worker = _worker_module()
+    results = run_ranks(2, "fake_gpu", tmp_path)
+    local = GPUSimulator(device="CPU")
+    for qc in worker.circuits_with_global_gates()[:2]:
+        exact = Statevector(qc).data
+        counts = local.run(qc.measure_all(inplace=False), shots=2000, seed_simulator=11).result().get_counts()
+        for result in results:
+            for aware in (False, True):
+                assert result[f"{aware}/{qc.name}/device"] == "GPU:0"
+                assert result[f"{aware}/{qc.name}/mpi"]["swaps"] > 0
+                assert np.max(np.abs(result[f"{aware}/{qc.name}/statevector"] - exact)) < 1e-12
+                assert result[f"{aware}/{qc.name}/counts"] == counts
 
 
 def test_bad_input_and_faults_raise_on_every_rank(tmp_path):
