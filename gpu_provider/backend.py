@@ -35,7 +35,7 @@ from qiskit.transpiler import Target
 
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse, fusion_limits
-from .compiler.translate import translate
+from .compiler.translate import EAGER_LOOP_ITERATIONS, translate
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes, too_large_error
 from .engine.executor import (
     WORKSPACE_BYTES,
@@ -50,8 +50,9 @@ from .engine.executor import (
     run_program,
     state_arrays,
 )
-from .engine.program import Program, compact, measurements_are_terminal
+from .engine.program import Program, compact, lazy_loop, measurements_are_terminal
 from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError, UnknownOptionError
+from .executors import check_executor_options, run_chunks
 from .job import GPUJob
 from .qiskit_errors import raises_qiskit_errors
 
@@ -77,6 +78,17 @@ class GPUSimulator(BackendV2):
         fusion_enable, fusion_max_qubits, fusion_threshold: gate fusion.
         max_loop_iterations (int): cap on ``while_loop`` iterations.
         initial_statevector (array | None): start from this state instead of |0...0>.
+        executor (concurrent.futures.Executor | dask.distributed.Client | None):
+            run the job's circuits in chunks on this executor's workers, as
+            Aer's option of the same name; ``None`` (default) runs them here.
+            Every circuit is still compiled by ``run()``; each worker resolves
+            ``device`` itself and each experiment's metadata names the device
+            and worker that ran it. The job's status, progress, cancel and
+            result timeout cover the whole batch; a worker that dies fails the
+            job with ``ExecutorError``.
+        max_job_size (int | None): circuits per chunk on the executor; ``None``
+            spreads them over the executor's workers, a few chunks each.
+            Ignored without an executor.
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
@@ -105,6 +117,8 @@ class GPUSimulator(BackendV2):
             fusion_threshold=DEFAULT_FUSION_THRESHOLD,
             max_loop_iterations=100_000,
             initial_statevector=None,
+            executor=None,
+            max_job_size=None,
         )
 
     @raises_qiskit_errors
@@ -193,6 +207,8 @@ class GPUSimulator(BackendV2):
             ops_before = program.num_ops
             if merged["fusion_enable"]:
                 program = fuse(program, device.kind, merged["fusion_max_qubits"], merged["fusion_threshold"], precision=merged["precision"])
+            if merged["executor"] is not None:
+                _check_portable(program, circuit.name)
             experiments.append((circuit, program, config, ops_before))
         job_id = str(uuid.uuid4())
         ops_total = sum(estimated_ops(program, config) for _, program, config, _ in experiments)
@@ -200,12 +216,21 @@ class GPUSimulator(BackendV2):
         if fallback_reason:
             run_metadata["gpu_unavailable_reason"] = fallback_reason
 
-        def simulate(execution: Execution) -> Result:
-            return _simulate(self, job_id, device, experiments, execution, run_metadata)
+        if merged["executor"] is None:
 
-        reserve = max(memory_needed(program, config, device) for _, program, config, _ in experiments)
-        if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
-            reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
+            def simulate(execution: Execution) -> Result:
+                return _simulate(self, job_id, device, experiments, execution, run_metadata)
+
+            reserve = max(memory_needed(program, config, device) for _, program, config, _ in experiments)
+            if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
+                reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
+        else:
+            executor, where = merged["executor"], (merged["device"], merged["device_id"], merged["max_job_size"])
+
+            def simulate(execution: Execution) -> Result:
+                return _simulate_on_executor(self, job_id, executor, where, experiments, execution, run_metadata)
+
+            reserve = 0  # the states live on the executor's workers; this job only waits for them here
         widest = max(program.num_qubits for _, program, _, _ in experiments)
         execution = Execution(device, ops_total, simulate, reserve_bytes=reserve, num_qubits=widest)
         job = GPUJob(self, job_id, execution, circuits=circuits)
@@ -232,6 +257,35 @@ def _simulate(backend: GPUSimulator, job_id: str, device: Device, experiments, e
             "success": True,
             "time_taken": time.time() - start,
             "metadata": dict(run_metadata),
+        }
+    )
+
+
+def _simulate_on_executor(backend: GPUSimulator, job_id: str, executor, where, experiments, execution: Execution, run_metadata: dict) -> Result:
+    """The job's circuits in chunks on ``executor``'s workers; the Result as :func:`_simulate` builds it."""
+    start = time.time()
+    device_option, device_id, max_job_size = where
+    work = [(program, config, estimated_ops(program, config)) for _, program, config, _ in experiments]
+    outputs = run_chunks(executor, work, execution, device_option, device_id, max_job_size, job_id)
+    results = []
+    for (circuit, program, config, ops_before), output in zip(experiments, outputs):
+        output.metadata.update(fusion_ops_before=ops_before, fusion_ops_after=program.num_ops)
+        results.append(experiment_result(circuit, output, config))
+    metadata = {
+        "device": ",".join(sorted({output.metadata["device"] for output in outputs})),
+        "precision": run_metadata["precision"],
+        "executor": type(executor).__name__,
+    }
+    return Result.from_dict(
+        {
+            "backend_name": backend.name,
+            "backend_version": backend.backend_version,
+            "job_id": job_id,
+            "results": results,
+            "status": "COMPLETED",
+            "success": True,
+            "time_taken": time.time() - start,
+            "metadata": metadata,
         }
     )
 
@@ -314,6 +368,18 @@ def _validate_options(options: dict) -> None:
     cap = options["max_loop_iterations"]
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
+    check_executor_options(options["executor"], options["max_job_size"])
+
+
+def _check_portable(program: Program, name: str) -> None:
+    """A program sent to an executor's workers must pickle: refuse one holding a loop built on demand."""
+    loop = lazy_loop(program.ops)
+    if loop is not None:
+        raise InvalidInputError(
+            f"circuit {name!r} has a for_loop over {len(loop.iterations)} values, whose bodies are built on demand "
+            "from the circuit and cannot be sent to an executor's workers; run it without executor=, or loop over "
+            f"at most {EAGER_LOOP_ITERATIONS} values"
+        )
 
 
 def _check_fits(device: Device, program: Program, config: RunConfig, itemsize: int) -> None:

@@ -184,6 +184,24 @@ class Execution:
         checkpoints.append((self._ops_enqueued, event))
         self._ops_recorded, self._recorded_at = self._ops_enqueued, now
 
+    def advance(self, ops: int) -> None:
+        """Count ``ops`` done elsewhere (a chunk an executor's worker finished) and record a checkpoint now."""
+        if self._cancel.is_set():
+            raise JobCancelledError("cancelled at a checkpoint")
+        self._ops_enqueued += ops
+        checkpoints = self._checkpoints
+        event = None
+        if len(checkpoints) >= CHECKPOINT_RING:
+            try:
+                _, event = checkpoints.popleft()
+            except IndexError:
+                event = None
+        if event is None:
+            event = self.device.new_event()
+        event.record()
+        checkpoints.append((self._ops_enqueued, event))
+        self._ops_recorded, self._recorded_at = self._ops_enqueued, time.perf_counter()
+
     def refuse(self, error: BaseException) -> None:
         """End a queued job that can never be admitted, with ``error``."""
         with self._lock:
