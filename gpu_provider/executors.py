@@ -45,7 +45,10 @@ WAIT_POLL_SECONDS = 0.05
 
 def check_executor_options(executor: Any, max_job_size: Any) -> None:
     """Raise :class:`InvalidOptionError` unless ``executor`` and ``max_job_size`` are usable."""
-    if executor is not None and not isinstance(executor, concurrent.futures.Executor) and not callable(getattr(executor, "submit", None)):
+    usable = isinstance(executor, concurrent.futures.Executor) or (
+        not isinstance(executor, type) and callable(getattr(executor, "submit", None))
+    )
+    if executor is not None and not usable:
         raise InvalidOptionError(
             f"executor must be None, a concurrent.futures.Executor (ThreadPoolExecutor, ProcessPoolExecutor, ...) "
             f"or an object whose submit(fn, *args) returns futures, such as a dask.distributed.Client; "
