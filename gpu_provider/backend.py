@@ -51,7 +51,7 @@ from .engine.executor import (
     state_arrays,
 )
 from .engine.program import Program, compact, lazy_loop, measurements_are_terminal
-from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError, UnknownOptionError
+from .errors import CircuitTooLargeError, DeviceUnavailableError, InvalidInputError, InvalidOptionError, UnknownOptionError
 from .executors import check_executor_options, run_chunks
 from .job import GPUJob
 from .qiskit_errors import raises_qiskit_errors
@@ -163,7 +163,8 @@ class GPUSimulator(BackendV2):
         Raises:
             InvalidInputError: for input that is not circuits, an empty list, bad
                 option values, unbound parameters or unsupported instructions.
-            DeviceUnavailableError: ``device="GPU"`` where no GPU is usable.
+            DeviceUnavailableError: ``device="GPU"`` where no GPU is usable (with an
+                ``executor``, each worker checks for its own GPU instead).
             CircuitTooLargeError: a circuit whose state does not fit in memory.
         """
         merged = dict(self.options.__dict__)
@@ -176,7 +177,17 @@ class GPUSimulator(BackendV2):
                 warnings.warn(f"Option {key} is not used by this backend", UserWarning, stacklevel=3)
         _validate_options(merged)
         circuits = _as_circuit_list(run_input)
-        device, fallback_reason = resolve_device(merged["device"], merged["device_id"])
+        executor = merged["executor"]
+        planning_kind = None  # the device kind fusion plans for when it is not the local device's
+        try:
+            device, fallback_reason = resolve_device(merged["device"], merged["device_id"])
+        except DeviceUnavailableError:
+            if executor is None:
+                raise
+            # device="GPU" on a machine without one: the executor's workers resolve it (a job
+            # submitted from a login node to GPU nodes). Plan for a GPU; check memory there.
+            device, fallback_reason = resolve_device("CPU")
+            planning_kind = "GPU"
         seed = merged["seed_simulator"]
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
@@ -201,13 +212,16 @@ class GPUSimulator(BackendV2):
             )
             if merged["statevector"]:  # the full-width vector returned, idle qubits included
                 _check_statevector_output(program, circuit.name, itemsize)
-            _check_fits(device, program, config, itemsize)
+            if planning_kind is None:
+                _check_fits(device, program, config, itemsize)
             if merged["memory"]:
                 _check_memory_output(merged["shots"], device)
             ops_before = program.num_ops
             if merged["fusion_enable"]:
-                program = fuse(program, device.kind, merged["fusion_max_qubits"], merged["fusion_threshold"], precision=merged["precision"])
-            if merged["executor"] is not None:
+                program = fuse(
+                    program, planning_kind or device.kind, merged["fusion_max_qubits"], merged["fusion_threshold"], precision=merged["precision"]
+                )
+            if executor is not None:
                 _check_portable(program, circuit.name)
             experiments.append((circuit, program, config, ops_before))
         job_id = str(uuid.uuid4())
@@ -216,7 +230,7 @@ class GPUSimulator(BackendV2):
         if fallback_reason:
             run_metadata["gpu_unavailable_reason"] = fallback_reason
 
-        if merged["executor"] is None:
+        if executor is None:
 
             def simulate(execution: Execution) -> Result:
                 return _simulate(self, job_id, device, experiments, execution, run_metadata)
@@ -225,7 +239,7 @@ class GPUSimulator(BackendV2):
             if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
                 reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
         else:
-            executor, where = merged["executor"], (merged["device"], merged["device_id"], merged["max_job_size"])
+            where = (merged["device"], merged["device_id"], merged["max_job_size"])
 
             def simulate(execution: Execution) -> Result:
                 return _simulate_on_executor(self, job_id, executor, where, experiments, execution, run_metadata)

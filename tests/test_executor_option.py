@@ -391,3 +391,23 @@ def test_typed_errors_pickle_with_their_attributes():
     assert (error.num_qubits, error.bytes_needed, error.bytes_free) == (40, 2, 1)
     error = pickle.loads(pickle.dumps(DeviceUnavailableError("no GPU", reason="none")))
     assert type(error) is DeviceUnavailableError and error.reason == "none" and str(error) == "no GPU"
+
+
+def test_device_gpu_is_resolved_on_the_workers():
+    from gpu_provider.engine.devices import probe_gpu
+    from gpu_provider.errors import DeviceUnavailableError
+
+    if probe_gpu().usable:
+        pytest.skip("this machine has a usable GPU: device='GPU' resolves here too")
+    backend = GPUSimulator(device="GPU")
+    with pytest.raises(DeviceUnavailableError):
+        backend.run(bell_circuit())  # without an executor: refused at run(), as before
+    with ThreadPoolExecutor(1) as pool:
+        job = backend.run(bell_circuit(), executor=pool)  # the workers may have a GPU: they decide
+        with pytest.raises(JobError) as info:
+            job.result(timeout=30)
+    error = info.value.__cause__
+    assert type(error) is DeviceUnavailableError and error.reason == probe_gpu().reason
+    with ThreadPoolExecutor(1) as pool:
+        counts = GPUSimulator(device="auto").run(bell_circuit(), executor=pool, shots=100).result().get_counts()
+    assert set(counts) <= {"00", "11"} and sum(counts.values()) == 100
