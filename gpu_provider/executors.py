@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import numbers
 import sys
 import threading
 import time
@@ -54,7 +55,7 @@ def check_executor_options(executor: Any, max_job_size: Any) -> None:
             f"or an object whose submit(fn, *args) returns futures, such as a dask.distributed.Client; "
             f"not {type(executor).__name__} {executor!r}"
         )
-    if max_job_size is not None and (isinstance(max_job_size, bool) or not isinstance(max_job_size, int) or max_job_size < 1):
+    if max_job_size is not None and (isinstance(max_job_size, bool) or not isinstance(max_job_size, numbers.Integral) or max_job_size < 1):
         raise InvalidOptionError(f"max_job_size must be a positive integer (circuits per chunk) or None, not {max_job_size!r}")
 
 
@@ -82,7 +83,7 @@ def split_chunks(count: int, slots: int, max_job_size: Optional[int]) -> list[li
     Indices are dealt round robin (chunk j holds j, j + k, ...), so circuits that
     grow along the list spread over the chunks; results are put back in order.
     """
-    size = max_job_size if max_job_size is not None else math.ceil(count / max(slots * CHUNKS_PER_SLOT, 1))
+    size = int(max_job_size) if max_job_size is not None else math.ceil(count / max(slots * CHUNKS_PER_SLOT, 1))
     chunks = math.ceil(count / max(size, 1))
     return [list(range(j, count, chunks)) for j in range(chunks)]
 

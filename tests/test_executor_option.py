@@ -142,6 +142,8 @@ def test_split_chunks_deals_every_index_once():
     assert split_chunks(10, 2, 3) == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
     assert split_chunks(3, 8, None) == [[0], [1], [2]]
     assert split_chunks(5, 1, 10) == [[0, 1, 2, 3, 4]]
+    assert split_chunks(4, 1, np.int64(2)) == [[0, 2], [1, 3]]
+    GPUSimulator(device="CPU").set_options(max_job_size=np.int64(2))  # NumPy integers are integers
 
 
 # ---------------------------------------------------------------------------
