@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: E402
     CircuitTooLargeError,
     DeviceUnavailableError,
+    ExecutorError,
     GPUProviderError,
     InvalidInputError,
     InvalidOptionError,
@@ -63,6 +64,7 @@ __all__ = [
     "UnsupportedInstructionError",
     "CircuitTooLargeError",
     "DeviceUnavailableError",
+    "ExecutorError",
     "SimulationError",
     "IterationLimitError",
     "__version__",

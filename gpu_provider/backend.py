@@ -36,7 +36,7 @@ from qiskit.transpiler import Target
 
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, default_width, fuse, fusion_limits
-from .compiler.translate import translate
+from .compiler.translate import EAGER_LOOP_ITERATIONS, translate
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes, too_large_error
 from .engine.executor import (
     WORKSPACE_BYTES,
@@ -64,8 +64,9 @@ from .engine.distributed import (
     run_on_ranks,
     share_cores,
 )
-from .engine.program import Program, compact, measurements_are_terminal
-from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError, UnknownOptionError
+from .engine.program import Program, compact, lazy_loop, measurements_are_terminal
+from .errors import CircuitTooLargeError, DeviceUnavailableError, InvalidInputError, InvalidOptionError, UnknownOptionError
+from .executors import check_executor_options, run_chunks
 from .job import GPUJob
 from .qiskit_errors import raises_qiskit_errors
 
@@ -92,11 +93,22 @@ class GPUSimulator(BackendV2):
         max_loop_iterations (int): cap on ``while_loop`` iterations.
         initial_statevector (array | None): start from this state instead of |0...0>.
         mpi (bool | mpi4py communicator): split each circuit's state over the
-            2^k ranks of ``MPI.COMM_WORLD`` (True) or of the given communicator
-            (False). Every rank calls ``run()`` with the same circuits and
-            options and gets the same result; each rank uses its own GPU.
-            Circuits too narrow to split run whole on every rank. Needs the
-            ``mpi`` extra and ``mpiexec -n 2^k``.
+            2^k ranks of ``MPI.COMM_WORLD`` (True) or of the given communicator.
+            Every rank calls ``run()`` with the same circuits and options and
+            gets the same result; each rank uses its own GPU. A rank must hold
+            at least as many qubits as the widest gate acts on. Needs the
+            ``mpi`` extra and ``mpiexec -n 2^k``; see docs/getting-started.md.
+        executor (concurrent.futures.Executor | dask.distributed.Client | None):
+            run the job's circuits in chunks on this executor's workers, as
+            Aer's option of the same name; ``None`` (default) runs them here.
+            Every circuit is still compiled by ``run()``; each worker resolves
+            ``device`` itself and each experiment's metadata names the device
+            and worker that ran it. The job's status, progress, cancel and
+            result timeout cover the whole batch; a worker that dies fails the
+            job with ``ExecutorError``.
+        max_job_size (int | None): circuits per chunk on the executor; ``None``
+            spreads them over the executor's workers, a few chunks each.
+            Ignored without an executor.
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
@@ -126,6 +138,8 @@ class GPUSimulator(BackendV2):
             max_loop_iterations=100_000,
             initial_statevector=None,
             mpi=False,
+            executor=None,
+            max_job_size=None,
         )
 
     @raises_qiskit_errors
@@ -170,7 +184,8 @@ class GPUSimulator(BackendV2):
         Raises:
             InvalidInputError: for input that is not circuits, an empty list, bad
                 option values, unbound parameters or unsupported instructions.
-            DeviceUnavailableError: ``device="GPU"`` where no GPU is usable.
+            DeviceUnavailableError: ``device="GPU"`` where no GPU is usable (with an
+                ``executor``, each worker checks for its own GPU instead).
             CircuitTooLargeError: a circuit whose state does not fit in memory.
         """
         merged = dict(self.options.__dict__)
@@ -204,12 +219,27 @@ class GPUSimulator(BackendV2):
         """Validate, translate, check and fuse every circuit (all of run()'s work before the job)."""
         _validate_options(merged)
         circuits = _as_circuit_list(run_input)
+        executor = merged["executor"]
         device_id = merged["device_id"]
         global_qubits = 0
         if comm is not None:
+            if executor is not None:
+                raise InvalidOptionError(
+                    "mpi and executor cannot be combined: mpi splits one state over the ranks, executor spreads "
+                    "circuits over workers; choose one"
+                )
             global_qubits = global_qubits_for(comm.Get_size())
             device_id = mpi_device_id(merged["device"], device_id, node_rank)
-        device, fallback_reason = resolve_device(merged["device"], device_id)
+        planning_kind = None  # the device kind fusion plans for when it is not the local device's
+        try:
+            device, fallback_reason = resolve_device(merged["device"], device_id)
+        except DeviceUnavailableError:
+            if executor is None:
+                raise
+            # device="GPU" on a machine without one: the executor's workers resolve it (a job
+            # submitted from a login node to GPU nodes). Plan for a GPU; check memory there.
+            device, fallback_reason = resolve_device("CPU")
+            planning_kind = "GPU"
         seed = merged["seed_simulator"]
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
@@ -246,7 +276,8 @@ class GPUSimulator(BackendV2):
                     f"{local_qubits_needed(program.ops)} at once, which must sit on one rank; use at most "
                     f"{1 << max(program.num_qubits - local_qubits_needed(program.ops), 0)} ranks"
                 )
-            _check_fits(device, program, config, itemsize, num_qubits=local_qubits if split else None)
+            if planning_kind is None:
+                _check_fits(device, program, config, itemsize, num_qubits=local_qubits if split else None)
             if split and merged["statevector"]:
                 _check_gathered_state(program, circuit.name, itemsize)
             if merged["memory"]:
@@ -257,7 +288,9 @@ class GPUSimulator(BackendV2):
                 if split:  # a fused gate's targets must fit on one rank
                     width = min(width or default_width(device.kind, merged["precision"]), local_qubits)
                 if width is None or width >= fusion_limits()[0]:
-                    program = fuse(program, device.kind, width, merged["fusion_threshold"], precision=merged["precision"])
+                    program = fuse(program, planning_kind or device.kind, width, merged["fusion_threshold"], precision=merged["precision"])
+            if executor is not None:
+                _check_portable(program, circuit.name)
             experiments.append((circuit, program, config, ops_before))
             distributed.append(split)
         return _Prepared(self, circuits, device, fallback_reason, seed, merged, experiments, distributed, global_qubits)
@@ -273,19 +306,29 @@ class GPUSimulator(BackendV2):
         if group is not None:
             run_metadata["mpi_ranks"] = group.size
 
-        def simulate(execution: Execution) -> Result:
-            if group is None:
-                return _simulate(self, job_id, device, experiments, execution, run_metadata)
-            return run_on_ranks(group, execution, lambda: _simulate(self, job_id, device, experiments, execution, run_metadata, group, splits))
+        executor = merged["executor"]
+        if executor is not None:
+            where = (merged["device"], merged["device_id"], merged["max_job_size"])
 
-        k = prepared.global_qubits
-        reserve = max(
-            memory_needed(program, config, device, num_qubits=program.num_qubits - k if split else None)
-            + (EXCHANGE_BYTES if split else 0)
-            for (_, program, config, _), split in zip(experiments, prepared.distributed)
-        )
-        if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
-            reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
+            def simulate(execution: Execution) -> Result:
+                return _simulate_on_executor(self, job_id, executor, where, experiments, execution, run_metadata)
+
+            reserve = 0  # the states live on the executor's workers; this job only waits for them here
+        else:
+
+            def simulate(execution: Execution) -> Result:
+                if group is None:
+                    return _simulate(self, job_id, device, experiments, execution, run_metadata)
+                return run_on_ranks(group, execution, lambda: _simulate(self, job_id, device, experiments, execution, run_metadata, group, splits))
+
+            k = prepared.global_qubits
+            reserve = max(
+                memory_needed(program, config, device, num_qubits=program.num_qubits - k if split else None)
+                + (EXCHANGE_BYTES if split else 0)
+                for (_, program, config, _), split in zip(experiments, prepared.distributed)
+            )
+            if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
+                reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
         widest = max(program.num_qubits for _, program, _, _ in experiments)
         execution = Execution(device, ops_total, simulate, reserve_bytes=reserve, num_qubits=widest)
         if group is not None:
@@ -352,6 +395,35 @@ def _simulate(
             "success": True,
             "time_taken": time.time() - start,
             "metadata": dict(run_metadata),
+        }
+    )
+
+
+def _simulate_on_executor(backend: GPUSimulator, job_id: str, executor, where, experiments, execution: Execution, run_metadata: dict) -> Result:
+    """The job's circuits in chunks on ``executor``'s workers; the Result as :func:`_simulate` builds it."""
+    start = time.time()
+    device_option, device_id, max_job_size = where
+    work = [(program, config, estimated_ops(program, config)) for _, program, config, _ in experiments]
+    outputs = run_chunks(executor, work, execution, device_option, device_id, max_job_size, job_id)
+    results = []
+    for (circuit, program, config, ops_before), output in zip(experiments, outputs):
+        output.metadata.update(fusion_ops_before=ops_before, fusion_ops_after=program.num_ops)
+        results.append(experiment_result(circuit, output, config))
+    metadata = {
+        "device": ",".join(sorted({output.metadata["device"] for output in outputs})),
+        "precision": run_metadata["precision"],
+        "executor": type(executor).__name__,
+    }
+    return Result.from_dict(
+        {
+            "backend_name": backend.name,
+            "backend_version": backend.backend_version,
+            "job_id": job_id,
+            "results": results,
+            "status": "COMPLETED",
+            "success": True,
+            "time_taken": time.time() - start,
+            "metadata": metadata,
         }
     )
 
@@ -435,6 +507,18 @@ def _validate_options(options: dict) -> None:
     cap = options["max_loop_iterations"]
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
+    check_executor_options(options["executor"], options["max_job_size"])
+
+
+def _check_portable(program: Program, name: str) -> None:
+    """A program sent to an executor's workers must pickle: refuse one holding a loop built on demand."""
+    loop = lazy_loop(program.ops)
+    if loop is not None:
+        raise InvalidInputError(
+            f"circuit {name!r} has a for_loop over {len(loop.iterations)} values, whose bodies are built on demand "
+            "from the circuit and cannot be sent to an executor's workers; run it without executor=, or loop over "
+            f"at most {EAGER_LOOP_ITERATIONS} values"
+        )
 
 
 def _check_mpi_option(mpi) -> None:

@@ -9,8 +9,21 @@ was wrong and what to do about it.
 from __future__ import annotations
 
 
+def _rebuild(cls, args: tuple, state: dict):
+    """Unpickle an error whose ``__init__`` takes keyword-only arguments (sent back by an executor's worker)."""
+    error = BaseException.__new__(cls, *args)  # MemoryError's own __new__ refuses subclasses here
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class GPUProviderError(Exception):
     """Base class of every error raised by gpu_provider."""
+
+    def __reduce__(self):
+        # The default reduction calls ``cls(*args)``, which loses (or fails on) keyword-only
+        # attributes; a job run on an executor gets its workers' errors back through pickle.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class InvalidInputError(GPUProviderError, ValueError):
@@ -57,6 +70,11 @@ class SimulationError(GPUProviderError, RuntimeError):
 
 class IterationLimitError(SimulationError):
     """A classical loop ran more iterations than ``max_loop_iterations`` allows."""
+
+
+class ExecutorError(GPUProviderError, RuntimeError):
+    """A job run on an executor (``executor=`` option) lost its workers: one died, was
+    cancelled from outside, or the executor was shut down or disconnected. The cause is chained."""
 
 
 class JobCancelledError(GPUProviderError):

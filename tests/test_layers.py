@@ -10,7 +10,7 @@ import sys
 import gpu_provider.engine.executor, gpu_provider.engine.statevector, gpu_provider.engine.devices
 import gpu_provider.engine.program, gpu_provider.engine.observables, gpu_provider.errors
 import gpu_provider.engine.expectation, gpu_provider.engine.batch
-import gpu_provider.engine.observables, gpu_provider.engine.adjoint
+import gpu_provider.engine.observables, gpu_provider.engine.adjoint, gpu_provider.engine.remote
 try:
     import gpu_provider.engine.kernels
 except ImportError:
@@ -19,6 +19,7 @@ leaked = sorted(name for name in sys.modules if name == "qiskit" or name.startsw
 print("QISKIT:" + ",".join(leaked))
 print("PENNYLANE:" + ",".join(sorted(name for name in sys.modules if name == "pennylane" or name.startswith("pennylane."))))
 print("CUPY:" + ",".join(sorted(name for name in sys.modules if name == "cupy" or name.startswith("cupy."))))
+print("DASK:" + ",".join(sorted(name for name in sys.modules if name.split(".")[0] in ("dask", "distributed"))))
 """
 
 
@@ -28,6 +29,7 @@ def test_engine_imports_no_qiskit_and_no_cupy():
     assert lines["QISKIT"] == ""
     assert lines["PENNYLANE"] == ""
     assert lines["CUPY"] == ""
+    assert lines["DASK"] == ""
 
 
 def test_importing_the_package_does_not_probe_the_gpu():

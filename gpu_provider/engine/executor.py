@@ -177,6 +177,17 @@ class Execution:
         now = time.perf_counter()
         if self._ops_enqueued - self._ops_recorded < CHECKPOINT_OPS and now - self._recorded_at < CHECKPOINT_SECONDS:
             return
+        self._record(now)
+
+    def advance(self, ops: int) -> None:
+        """Count ``ops`` done elsewhere (a chunk an executor's worker finished) and record a checkpoint now."""
+        if self._cancel.is_set():
+            raise JobCancelledError("cancelled at a checkpoint")
+        self._ops_enqueued += ops
+        self._record(time.perf_counter())
+
+    def _record(self, now: float) -> None:
+        """Record a checkpoint event for the ops enqueued so far, reusing the ring's oldest."""
         checkpoints = self._checkpoints
         event = None
         if len(checkpoints) >= CHECKPOINT_RING:

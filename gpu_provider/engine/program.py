@@ -317,6 +317,29 @@ class LoopBodies(Sequence):
     def __repr__(self) -> str:
         return f"LoopBodies({len(self)} iterations)"
 
+    def __reduce__(self):
+        # Bodies built on demand come from a closure over the front end's circuit: they
+        # cannot travel to another process (an executor's worker). run() refuses such a
+        # program first (see :func:`lazy_loop`); this is the backstop with the same reason.
+        if self.make is not None:
+            raise TypeError(
+                f"a for_loop over {len(self)} values builds its bodies on demand and cannot be sent to another "
+                "process; run the circuit without executor=, or loop over fewer values"
+            )
+        return (LoopBodies, (self.values, None, self.first))
+
+
+def lazy_loop(ops) -> Optional["ForLoop"]:
+    """The first ``for`` loop in ``ops`` (nested bodies included) whose bodies are built on demand, or None."""
+    for op in ops:
+        if isinstance(op, ForLoop) and isinstance(op.iterations, LoopBodies) and op.iterations.make is not None:
+            return op
+        for body in op_bodies(op):
+            found = lazy_loop(body)
+            if found is not None:
+                return found
+    return None
+
 
 @dataclass(frozen=True)
 class ForLoop:
