@@ -150,6 +150,11 @@ def scenario_errors(outdir: str) -> dict:
     narrow.rxx(0.3, 0, 2)
     narrow.measure_all()
     attempt("too_many_ranks", lambda: backend.run(narrow, fusion_enable=False).result())
+    # Two ways of scaling out at once.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        attempt("mpi_and_executor", lambda: backend.run(other, executor=pool).result())
     # A rank that fails while the job runs: the others must stop too.
     from gpu_provider.engine import distributed
 

@@ -162,6 +162,8 @@ def test_bad_input_and_faults_raise_on_every_rank(tmp_path):
             assert kind == "DistributedError" and "rank 3 refused" in message, (rank, message)
         kind, message = result["too_many_ranks"]
         assert kind == "InvalidInputError" and "use at most 2 ranks" in message, (rank, message)
+        kind, message = result["mpi_and_executor"]
+        assert kind == "InvalidOptionError" and "cannot be combined" in message, (rank, kind, message)
         kind, message = result["fails_midway"]
         assert result["fails_midway/status"] == "ERROR"
         assert kind == "JobError", (rank, kind, message)
