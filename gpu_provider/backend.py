@@ -54,10 +54,11 @@ from .engine.executor import (
 from .engine.distributed import (
     EXCHANGE_BYTES,
     RankGroup,
+    abandon_on_ranks,
     agree_on_job,
+    check_split,
     global_qubits_for,
     job_digest,
-    local_qubits_needed,
     mpi_communicator,
     mpi_device_id,
     node_local_rank,
@@ -269,13 +270,8 @@ class GPUSimulator(BackendV2):
             # many as the widest gate targets.
             local_qubits = program.num_qubits - global_qubits
             split = global_qubits > 0
-            if split and local_qubits < local_qubits_needed(program.ops):
-                raise InvalidInputError(
-                    f"circuit {circuit.name!r} simulates {program.num_qubits} qubits; split over {1 << global_qubits} ranks "
-                    f"each rank holds {max(local_qubits, 0)} of them, but its widest gate acts on "
-                    f"{local_qubits_needed(program.ops)} at once, which must sit on one rank; use at most "
-                    f"{1 << max(program.num_qubits - local_qubits_needed(program.ops), 0)} ranks"
-                )
+            if split:
+                check_split(circuit.name, program.num_qubits, global_qubits, program.ops)
             if planning_kind is None:
                 _check_fits(device, program, config, itemsize, num_qubits=local_qubits if split else None)
             if split and merged["statevector"]:
@@ -332,7 +328,8 @@ class GPUSimulator(BackendV2):
         widest = max(program.num_qubits for _, program, _, _ in experiments)
         execution = Execution(device, ops_total, simulate, reserve_bytes=reserve, num_qubits=widest)
         if group is not None:
-            execution.on_abandon = group.notify  # cancelled while queued, or refused: the other ranks stop too
+            # Cancelled while queued, or refused: this rank still joins the first sync point, so the others stop too.
+            execution.on_abandon = lambda kind, message: abandon_on_ranks(group, kind, message)
         job = GPUJob(self, job_id, execution, circuits=prepared.circuits)
         job.submit()
         return job

@@ -37,9 +37,25 @@ from qiskit.primitives.containers.estimator_pub import EstimatorPub
 from qiskit.primitives.containers.sampler_pub import SamplerPub
 
 from .backend import GPUSimulator
+from .compiler.fusion import default_width
 from .compiler.parameters import CompiledCircuit, FusionOptions, compile_circuit
 from .engine.devices import PRECISIONS, Device, resolve_device, state_bytes
 from .engine.batch import BATCH_MAX_AMPLITUDES, batch_size, batchable, evolve_batch, evolve_columns
+from .engine.distributed import (
+    EXCHANGE_BYTES,
+    DistributedStateVector,
+    RankGroup,
+    abandon_on_ranks,
+    agree_on_job,
+    check_split,
+    global_qubits_for,
+    job_digest,
+    mpi_communicator,
+    mpi_device_id,
+    node_local_rank,
+    run_on_ranks,
+    share_cores,
+)
 from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory
 from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
 from .engine.program import is_sampling_friendly
@@ -104,34 +120,100 @@ class _Primitive:
         """The :class:`~gpu_provider.GPUSimulator` whose options (device, precision, fusion) this primitive uses."""
         return self._backend
 
-    def _device(self) -> tuple[Device, str, str]:
+    def _ranks(self) -> Optional["_Ranks"]:
+        """The MPI ranks when the backend's ``mpi`` option is on (each circuit's state is split over them)."""
+        comm = mpi_communicator(self._backend.options.mpi)
+        if comm is None:
+            return None
+        node_rank, node_ranks = node_local_rank(comm)
+        return _Ranks(comm, node_rank, node_ranks, global_qubits_for(comm.Get_size()))
+
+    def _device(self, ranks: Optional["_Ranks"] = None) -> tuple[Device, str, str]:
         options = self._backend.options
-        device, reason = resolve_device(options.device, options.device_id)
+        device_id = options.device_id if ranks is None else mpi_device_id(options.device, options.device_id, ranks.node_rank)
+        device, reason = resolve_device(options.device, device_id)
+        if ranks is not None and device.kind == "CPU":
+            share_cores(ranks.node_ranks)
         return device, options.precision, reason
 
-    def _compile(self, circuit: QuantumCircuit, device: Device, cache: dict) -> CompiledCircuit:
+    def _compile(self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0) -> CompiledCircuit:
         key = id(circuit)
         if key not in cache:
             options = self._backend.options
-            fusion = FusionOptions(
-                options.fusion_enable, device.kind, options.fusion_max_qubits, options.fusion_threshold, options.precision
-            )
+            width = options.fusion_max_qubits
+            local = circuit.num_qubits - global_qubits
+            if global_qubits:  # a fused gate's targets must fit on one rank
+                width = min(width or default_width(device.kind, options.precision), max(local, 1))
+            fusion = FusionOptions(options.fusion_enable, device.kind, width, options.fusion_threshold, options.precision)
             itemsize = np.dtype(PRECISIONS[options.precision]).itemsize
-            device.check_fits(circuit.num_qubits, itemsize, arrays=2)
-            cache[key] = (circuit, compile_circuit(circuit, fusion))  # keep the circuit alive: ids stay unique
+            device.check_fits(local, itemsize, arrays=2)
+            compiled = compile_circuit(circuit, fusion)
+            if global_qubits and compiled.template is not None:
+                check_split(circuit.name, circuit.num_qubits, global_qubits, compiled.template.ops)
+            cache[key] = (circuit, compiled)  # keep the circuit alive: ids stay unique
         return cache[key][1]
 
-    def _submit(self, device: Device, ops_total: int, work, circuits) -> GPUPrimitiveJob:
+    @staticmethod
+    def _agreed(ranks: Optional["_Ranks"], prepare):
+        """``prepare()`` (a dict with "digest" and "seed"); under MPI every rank prepares, then all
+        agree on the job (same PUBs, rank 0's seed) or all raise. Returns it with the job's RankGroup."""
+        if ranks is None:
+            return prepare(), None
+        prepared, error = None, None
+        try:
+            prepared = prepare()
+        except Exception as exc:
+            error = exc
+        seed = agree_on_job(ranks.comm, prepared["digest"] if prepared else "", prepared["seed"] if prepared else 0, error)
+        prepared["seed"] = seed
+        return prepared, RankGroup(ranks.comm)
+
+    def _submit(self, device: Device, ops_total: int, work, circuits, group: Optional[RankGroup] = None) -> GPUPrimitiveJob:
         # Reserve what _compile checked for the widest circuit (a state and its
         # scratch buffer), plus a batch of small states and the workspace, so the
         # dispatcher's admission control counts this job beside the backend's.
         itemsize = np.dtype(PRECISIONS[self._backend.options.precision]).itemsize
         widest = max(circuit.num_qubits for circuit in circuits)
-        reserve = 2 * state_bytes(widest, itemsize) + BATCH_MAX_AMPLITUDES * itemsize + WORKSPACE_BYTES
-        execution = Execution(device, ops_total, work, reserve_bytes=reserve, num_qubits=widest)
+        local = widest - (group.global_qubits if group is not None else 0)
+        reserve = 2 * state_bytes(local, itemsize) + BATCH_MAX_AMPLITUDES * itemsize + WORKSPACE_BYTES
+        run = work
+        if group is not None:
+            reserve += EXCHANGE_BYTES
+
+            def run(execution: Execution):
+                return run_on_ranks(group, execution, lambda: work(execution))
+
+        execution = Execution(device, ops_total, run, reserve_bytes=reserve, num_qubits=widest)
+        if group is not None:
+            execution.on_abandon = lambda kind, message: abandon_on_ranks(group, kind, message)
         job = GPUPrimitiveJob(self._backend, str(uuid.uuid4()), execution, circuits=circuits)
         job.submit()
         return job
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    comm: object
+    node_rank: int
+    node_ranks: int
+    global_qubits: int
+
+
+def _circuit_parts(circuit: QuantumCircuit) -> list:
+    """A circuit as plain values for :func:`job_digest` (parameters by name, so every rank agrees)."""
+    parts: list = [circuit.num_qubits, circuit.num_clbits, str(circuit.global_phase)]
+    for instruction in circuit.data:
+        operation = instruction.operation
+        params = [p if isinstance(p, np.ndarray) else (_circuit_parts(p) if isinstance(p, QuantumCircuit) else str(p)) for p in operation.params]
+        parts.append(
+            (
+                operation.name,
+                tuple(circuit.find_bit(q).index for q in instruction.qubits),
+                tuple(circuit.find_bit(c).index for c in instruction.clbits),
+                params,
+            )
+        )
+    return parts
 
 
 def _parameter_values(pub, compiled: CompiledCircuit) -> np.ndarray:
@@ -254,13 +336,30 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
         if precision is None:
             precision = self._default_precision
         _check_precision(precision)
+        ranks = self._ranks()
+        prepared, group = self._agreed(ranks, lambda: self._prepare(pubs, precision, ranks))
+        tasks, device, dtype_name, reason = prepared["tasks"], prepared["device"], prepared["dtype"], prepared["reason"]
+        seed = prepared["seed"] if ranks is not None else self._seed
+        config = RunConfig(shots=1, seed=0, precision=dtype_name)
+
+        def work(execution: Execution) -> PrimitiveResult:
+            results = []
+            for task in tasks:
+                results.append(_estimate(task, device, config, execution, seed, reason, group))
+            return PrimitiveResult(results, metadata={"version": 2})
+
+        return self._submit(device, prepared["ops_total"], work, [task.pub.circuit for task in tasks], group)
+
+    def _prepare(self, pubs, precision, ranks) -> dict:
+        """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
         coerced = [_coerce(EstimatorPub, pub, precision, i) for i, pub in enumerate(_pub_list(pubs))]
-        device, dtype_name, reason = self._device()
+        device, dtype_name, reason = self._device(ranks)
+        k = ranks.global_qubits if ranks is not None else 0
         cache: dict = {}
         tasks = []
         ops_total = 0
         for pub in coerced:
-            compiled = self._compile(pub.circuit, device, cache)
+            compiled = self._compile(pub.circuit, device, cache, k)
             n = pub.circuit.num_qubits
             observables = np.empty(pub.observables.shape, dtype=object)
             for index, observable in np.ndenumerate(pub.observables.sparse_observables_array()):
@@ -274,16 +373,20 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
             shape = np.broadcast_shapes(pub.parameter_values.shape, pub.observables.shape)
             tasks.append(_EstimatorTask(pub, compiled, values, observables, shape))
             ops_total += _ops_estimate(pub, compiled)
-        seed = self._seed
-        config = RunConfig(shots=1, seed=0, precision=dtype_name)
-
-        def work(execution: Execution) -> PrimitiveResult:
-            results = []
-            for task in tasks:
-                results.append(_estimate(task, device, config, execution, seed, reason))
-            return PrimitiveResult(results, metadata={"version": 2})
-
-        return self._submit(device, ops_total, work, [task.pub.circuit for task in tasks])
+        prepared = {"tasks": tasks, "device": device, "dtype": dtype_name, "reason": reason, "ops_total": ops_total}
+        if ranks is not None:
+            seed = self._seed
+            if seed is None or isinstance(seed, np.random.Generator):  # every rank adopts rank 0's draw
+                seed = int((seed if seed is not None else np.random.default_rng()).integers(0, 2**62))
+            prepared["seed"] = seed
+            prepared["digest"] = job_digest(
+                [
+                    (_circuit_parts(t.pub.circuit), t.values, float(t.pub.precision), [(o.x, o.z, o.coeffs) for o in t.observables.flat])
+                    for t in tasks
+                ],
+                dtype_name,
+            )
+        return prepared
 
 
 def _check_precision(precision) -> float:
@@ -306,7 +409,9 @@ def _pub_list(pubs) -> list:
     return list(pubs)
 
 
-def _estimate(task: _EstimatorTask, device: Device, config: RunConfig, execution: Execution, seed, reason: str) -> PubResult:
+def _estimate(
+    task: _EstimatorTask, device: Device, config: RunConfig, execution: Execution, seed, reason: str, group: Optional[RankGroup] = None
+) -> PubResult:
     start = time.perf_counter()
     pub = task.pub
     precision = float(pub.precision)
@@ -325,7 +430,18 @@ def _estimate(task: _EstimatorTask, device: Device, config: RunConfig, execution
     batched = 0
     compiled = task.compiled
     n = pub.circuit.num_qubits
-    for chunk in _chunks(list(by_binding.items()), n):
+    if group is not None and group.global_qubits:
+        # Split over the MPI ranks: one binding at a time on one DistributedStateVector;
+        # expectation_values reduces over the ranks, so every rank gets every value.
+        for binding, positions in by_binding.items():
+            program = compiled.bind(task.values[binding])
+            program_ops = program.num_ops
+            if state is None:
+                state = DistributedStateVector(device.xp, n, config.dtype, device_kernels(device, config.dtype), group, program.ops)
+            final = evolve(program, state, config, group)
+            _store(positions, expectation_values(final, [bc_obs[p] for p in positions]), bc_obs, evs)
+    chunks = [] if group is not None and group.global_qubits else _chunks(list(by_binding.items()), n)
+    for chunk in chunks:
         kernels = device_kernels(device, config.dtype)
         if len(chunk) > 1 and compiled.can_batch:
             columns = compiled.bind_columns(np.stack([task.values[binding] for binding, _ in chunk]))
@@ -444,24 +560,35 @@ class SamplerV2(_Primitive, BaseSamplerV2):
         if shots is None:
             shots = self._default_shots
         _check_shots(shots)
+        ranks = self._ranks()
+        prepared, group = self._agreed(ranks, lambda: self._prepare(pubs, shots, ranks))
+        tasks, device, dtype_name, reason, seed = (prepared[key] for key in ("tasks", "device", "dtype", "reason", "seed"))
+
+        def work(execution: Execution) -> PrimitiveResult:
+            seeds = np.random.default_rng(seed)
+            results = [_sample(task, device, dtype_name, execution, seeds, reason, group) for task in tasks]
+            return PrimitiveResult(results, metadata={"version": 2})
+
+        return self._submit(device, prepared["ops_total"], work, [task.pub.circuit for task in tasks], group)
+
+    def _prepare(self, pubs, shots, ranks) -> dict:
+        """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
         coerced = [_coerce(SamplerPub, pub, shots, i) for i, pub in enumerate(_pub_list(pubs))]
-        device, dtype_name, reason = self._device()
+        device, dtype_name, reason = self._device(ranks)
+        k = ranks.global_qubits if ranks is not None else 0
         cache: dict = {}
         tasks = []
         ops_total = 0
         for pub in coerced:
-            compiled = self._compile(pub.circuit, device, cache)
+            compiled = self._compile(pub.circuit, device, cache, k)
             values = _parameter_values(pub, compiled)
             tasks.append(_SamplerTask(pub, compiled, values, int(pub.shots)))
             ops_total += _ops_estimate(pub, compiled)
         seed = self._seed if self._seed is not None else int(np.random.default_rng().integers(0, 2**62))
-
-        def work(execution: Execution) -> PrimitiveResult:
-            seeds = np.random.default_rng(seed)
-            results = [_sample(task, device, dtype_name, execution, seeds, reason) for task in tasks]
-            return PrimitiveResult(results, metadata={"version": 2})
-
-        return self._submit(device, ops_total, work, [task.pub.circuit for task in tasks])
+        prepared = {"tasks": tasks, "device": device, "dtype": dtype_name, "reason": reason, "ops_total": ops_total, "seed": seed}
+        if ranks is not None:
+            prepared["digest"] = job_digest([(_circuit_parts(t.pub.circuit), t.values, t.shots) for t in tasks], dtype_name)
+        return prepared
 
 
 def _check_shots(shots) -> int:
@@ -470,7 +597,9 @@ def _check_shots(shots) -> int:
     return int(shots)
 
 
-def _sample(task: _SamplerTask, device: Device, precision: str, execution: Execution, seeds: np.random.Generator, reason: str) -> SamplerPubResult:
+def _sample(
+    task: _SamplerTask, device: Device, precision: str, execution: Execution, seeds: np.random.Generator, reason: str, group=None
+) -> SamplerPubResult:
     start = time.perf_counter()
     pub = task.pub
     circuit = pub.circuit
@@ -480,10 +609,13 @@ def _sample(task: _SamplerTask, device: Device, precision: str, execution: Execu
     program_ops = 0
     batched = 0
     compiled = task.compiled
-    for chunk in _chunks(list(np.ndindex(*shape)), circuit.num_qubits):
+    split = group is not None and group.global_qubits > 0
+    # Split over MPI ranks: one parameter set at a time, each run split (run_program with the group).
+    chunks = [[index] for index in np.ndindex(*shape)] if split else _chunks(list(np.ndindex(*shape)), circuit.num_qubits)
+    for chunk in chunks:
         configs = [RunConfig(shots=task.shots, seed=int(seeds.integers(0, 2**62)), memory=True, precision=precision) for _ in chunk]
         kernels = device_kernels(device, configs[0].dtype)
-        if len(chunk) > 1 and compiled.can_batch:
+        if not split and len(chunk) > 1 and compiled.can_batch:
             columns = compiled.bind_columns(np.stack([task.values[index] for index in chunk]))
             batch = evolve_columns(columns, circuit.num_qubits, len(chunk), device.xp, configs[0].dtype, kernels, execution)
             program = compiled.template  # measurements are the same in every binding
@@ -498,7 +630,9 @@ def _sample(task: _SamplerTask, device: Device, precision: str, execution: Execu
             continue
         programs = [compiled.bind(task.values[index]) for index in chunk]
         program_ops = programs[0].num_ops
-        if batchable(programs):
+        if split:
+            memories = (run_program(program, device, config, execution, group=group).memory for program, config in zip(programs, configs))
+        elif batchable(programs):
             batch = evolve_batch(programs, device.xp, configs[0].dtype, kernels, execution)
             memories = [
                 sample_memory(program, batch.state(row), task.shots, np.random.default_rng(config.seed))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -59,11 +60,13 @@ from .statevector import StateVector, TABLE_BLOCK_AMPLITUDES
 CHUNK_QUBITS = 20
 # How long a wait on another rank sleeps between polls once it has spun a while.
 POLL_SECONDS = 50e-6
-_SPINS_BEFORE_SLEEP = 200
+_SPINS_BEFORE_SLEEP = 1000
 # Bytes of exchange buffers a rank holds beside its state (send, receive, and a device staging buffer).
 EXCHANGE_BYTES = 3 * (16 << CHUNK_QUBITS)
 # Tag of control-channel messages (cancel / error notices).
 _CONTROL_TAG = 7
+# A sync point (where every rank learns whether another stopped) at least every this many ops.
+SYNC_OPS = 64
 # How far ahead the swap planner looks for a slot's next use.
 PLAN_HORIZON = 512
 
@@ -163,6 +166,18 @@ def job_digest(*values) -> str:
     return digest.hexdigest()
 
 
+def check_split(name: str, num_qubits: int, global_qubits: int, ops) -> None:
+    """Refuse a circuit that 2^global_qubits ranks cannot split: each rank must hold its widest gate."""
+    need = local_qubits_needed(ops)
+    local = num_qubits - global_qubits
+    if local < need:
+        raise InvalidInputError(
+            f"circuit {name!r} simulates {num_qubits} qubits; split over {1 << global_qubits} ranks each rank holds "
+            f"{max(local, 0)} of them, but its widest gate acts on {need} at once, which must sit on one rank; "
+            f"use at most {1 << max(num_qubits - need, 0)} ranks"
+        )
+
+
 def mpi_communicator(option):
     """The communicator the ``mpi`` option asks for (None when off): True means ``MPI.COMM_WORLD``.
 
@@ -224,6 +239,13 @@ def node_local_rank(comm) -> tuple[int, int]:
     return _NODE_RANKS[key]
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def share_cores(ranks_on_node: int) -> Optional[int]:
     """Limit this process's BLAS threads to its share of the node's cores (once; returns the limit).
 
@@ -233,7 +255,6 @@ def share_cores(ranks_on_node: int) -> Optional[int]:
     or where threadpoolctl (in the mpi extra) is missing.
     """
     import logging
-    import os
 
     if _THREADS_LIMITED:
         return _THREADS_LIMITED[0]
@@ -243,11 +264,7 @@ def share_cores(ranks_on_node: int) -> Optional[int]:
         from threadpoolctl import threadpool_limits
     except ImportError:
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    limit = max(1, cores // max(1, ranks_on_node))
+    limit = max(1, _cores() // max(1, ranks_on_node))
     threadpool_limits(limits=limit, user_api="blas")
     _THREADS_LIMITED.append(limit)
     logging.getLogger(__name__).info("%d MPI ranks share this node: BLAS limited to %d thread(s) per rank", ranks_on_node, limit)
@@ -307,31 +324,56 @@ def agree_on_job(comm, digest: str, seed: int, error: Optional[BaseException]) -
 
 
 def run_on_ranks(group: "RankGroup", execution, work):
-    """Run ``work()`` as one rank of ``group``'s job: tell the other ranks if it stops early, and
-    return only once every rank has finished (then free the job's communicators)."""
+    """Run ``work()`` as one rank of ``group``'s job; every rank ends it the same way.
+
+    A rank whose work raised (or was cancelled) takes part in the next sync
+    point with its stop flag, so every rank stops there together; the job ends
+    with a final sync, after which the job's communicators are freed.
+    """
     group.execution = execution
     if execution is not None:
         execution.on_abandon = None
     try:
         result = work()
-        group.agree()
+        group.sync()
     except BaseException as exc:
-        kind = "cancel" if isinstance(exc, JobCancelledError) else "error"
-        group.notify(kind, f"{type(exc).__name__}: {exc}")
+        group.stop_with(exc)
         raise
     group.close()
     return result
+
+
+def abandon_on_ranks(group: "RankGroup", kind: str, message: str) -> None:
+    """A job that ends on this rank without running (cancelled while queued, refused):
+    join the job's first sync point with that stop, on a thread of its own, so the
+    other ranks stop there instead of waiting for this one."""
+    import threading
+
+    error = None if kind == "cancel" else DistributedError(message, rank=group.rank)
+
+    def stop() -> None:
+        group.request_stop(kind, error)
+        try:
+            group.sync()
+        except BaseException:
+            pass
+
+    threading.Thread(target=stop, name="gpu_provider-mpi-abandon", daemon=True).start()
 
 
 class RankGroup:
     """One job's view of the ranks: its own data and control communicators.
 
     Made collectively (every rank, in the same order) from the user's
-    communicator. Waits are non-blocking and poll the control channel, where a
-    rank that was cancelled or failed posts a notice; every other rank then
-    raises at its next wait or checkpoint instead of blocking. It also stands in
-    for the job's :class:`~gpu_provider.engine.executor.Execution` inside the
-    run (``checkpoint``, ``poll_cancel``), so a cancel on any rank stops all.
+    communicator. Ranks stop only at sync points, all together: before every
+    exchange of amplitudes and every reduction, every ``SYNC_OPS`` ops, at each
+    shot and sampling chunk, and at the end, one small all-reduce of stop flags
+    (go, cancel, error) decides for all. A rank that is cancelled or fails sets
+    its flag (and posts its reason on the control channel) and stops at the
+    next sync; no rank ever leaves an exchange half done, and no wait can block
+    on a rank that left. It also stands in for the job's
+    :class:`~gpu_provider.engine.executor.Execution` inside the run
+    (``checkpoint``, ``poll_cancel``), so a cancel on any rank stops all.
     """
 
     def __init__(self, comm) -> None:
@@ -343,80 +385,134 @@ class RankGroup:
         self.data = comm.Dup()
         self.control = comm.Dup()
         self.execution = None  # the local Execution, when the run has one
-        self.remote: Optional[tuple] = None  # the first notice another rank sent: (kind, rank, message)
-        self._notified = False
+        self._stop: Optional[tuple] = None  # this rank's (kind, exception or None) once it stops
+        self._stopped_together = False  # a sync point has ended the job on every rank
         self._sends: list = []
+        self._ops = 0
+        self.syncs = 0
         self.swaps = 0
         self.exchanged_bytes = 0
         self.exchange_seconds = 0.0
         self.cuda_aware = _cuda_aware(MPI)
+        node = _NODE_RANKS.get(comm.py2f())
+        self._oversubscribed = node is not None and node[1] > _cores()
 
-    # -- control channel ------------------------------------------------------
+    # -- stopping together ------------------------------------------------------
 
-    def notify(self, kind: str, message: str) -> None:
-        """Tell every other rank that this one stops (``kind`` "cancel" or "error")."""
-        if self._notified or self.remote is not None:
+    def request_stop(self, kind: str, error: Optional[BaseException] = None) -> None:
+        """Stop this rank at the next sync point ("cancel" or "error"); tell the others why."""
+        if self._stop is not None:
             return
-        self._notified = True
+        self._stop = (kind, error)
+        message = "cancel() was called" if error is None else f"{type(error).__name__}: {error}"
         for other in range(self.size):
             if other != self.rank:
                 self._sends.append(self.control.isend((kind, self.rank, message), dest=other, tag=_CONTROL_TAG))
 
-    def check(self, local_cancel: bool = True) -> None:
-        """Raise if another rank stopped, or (``local_cancel``) if this rank's job was cancelled."""
-        MPI = self.MPI
-        while self.control.iprobe(source=MPI.ANY_SOURCE, tag=_CONTROL_TAG):
-            notice = self.control.recv(source=MPI.ANY_SOURCE, tag=_CONTROL_TAG)
-            if self.remote is None:
-                self.remote = notice
-        if self.remote is not None:
-            kind, rank, message = self.remote
-            if kind == "cancel":
-                if self.execution is not None:
-                    self.execution.request_cancel()
-                raise JobCancelledError(f"cancelled on rank {rank}")
-            raise DistributedError(f"rank {rank} of the job failed, so every rank stops: {message}", rank=rank)
-        if local_cancel and self.execution is not None and self.execution.cancel_requested:
-            self.notify("cancel", "cancel() was called")
-            raise JobCancelledError("cancelled at a checkpoint")
+    def stop_with(self, error: BaseException) -> None:
+        """This rank's run raised ``error``: unless a sync point already stopped every rank, join the
+        next one with it, so the other ranks stop there too."""
+        if self._stopped_together:
+            return
+        self.request_stop("cancel" if isinstance(error, JobCancelledError) else "error", error)
+        try:
+            self.sync()
+        except BaseException:
+            pass
 
-    def wait(self, *requests, local_cancel: bool = True) -> None:
-        """Wait for MPI requests while watching the control channel."""
+    def _watch_cancel(self) -> None:
+        if self._stop is None and self.execution is not None and self.execution.cancel_requested:
+            self.request_stop("cancel")
+
+    def sync(self) -> None:
+        """A sync point: every rank's stop flag, all-reduced; raises on every rank if any stopped."""
+        self._reduce(np.zeros(0))
+
+    def _reduce(self, values: np.ndarray) -> np.ndarray:
+        """Sum ``values`` over the ranks together with every rank's stop flag, in one all-reduce."""
+        self._watch_cancel()
+        values = np.ascontiguousarray(values).reshape(-1)
+        send = np.zeros(values.size + self.size, dtype=values.dtype if values.size else np.int64)
+        send[: values.size] = values
+        if self._stop is not None:
+            send[values.size + self.rank] = 1 if self._stop[0] == "cancel" else 2
+        out = np.empty_like(send)
+        self._wait(self.data.Iallreduce(send, out, op=self.MPI.SUM))
+        self.syncs += 1
+        flags = out[values.size :]
+        if flags.any():
+            self._stopped(flags)
+        return out[: values.size]
+
+    def _stopped(self, flags: np.ndarray) -> None:
+        self._stopped_together = True
+        if self._stop is not None:
+            kind, error = self._stop
+            if error is not None:
+                raise error
+            raise JobCancelledError("cancelled at a checkpoint")
+        errors = np.nonzero(flags == 2)[0]
+        if errors.size:
+            rank = int(errors[0])
+            raise DistributedError(f"rank {rank} of the job failed, so every rank stops: {self._reason(rank)}", rank=rank)
+        rank = int(np.nonzero(flags)[0][0])
+        if self.execution is not None:
+            self.execution.request_cancel()
+        raise JobCancelledError(f"cancelled on rank {rank}")
+
+    def _reason(self, rank: int) -> str:
+        """The reason ``rank`` posted before it joined the sync that stopped the job."""
+        MPI = self.MPI
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            status = MPI.Status()
+            if self.control.iprobe(source=rank, tag=_CONTROL_TAG, status=status):
+                _, _, message = self.control.recv(source=rank, tag=_CONTROL_TAG)
+                return message
+            time.sleep(POLL_SECONDS)
+        return "(no reason received)"
+
+    def _wait(self, *requests) -> None:
+        """Wait for MPI requests to complete (they always do: every rank posts its part after a sync).
+
+        Spins a while, then sleeps between polls; where the node has more ranks
+        than cores it yields the core at every poll instead, since a spinning
+        rank would hold up the one it waits for.
+        """
         spins = 0
         pending = list(requests)
         while pending:
             pending = [r for r in pending if not r.Test()]
-            if not pending:
-                return
-            self.check(local_cancel)
-            spins += 1
-            if spins > _SPINS_BEFORE_SLEEP:
-                time.sleep(POLL_SECONDS)
+            if pending:
+                spins += 1
+                if self._oversubscribed:
+                    os.sched_yield()
+                elif spins > _SPINS_BEFORE_SLEEP:
+                    time.sleep(POLL_SECONDS)
 
     # -- the Execution surface the interpreter calls -----------------------------
 
     def checkpoint(self, ops: int = 1) -> None:
-        self.check()
+        self._watch_cancel()
         if self.execution is not None:
             self.execution.checkpoint(ops, poll=False)
+        self._ops += 1
+        if self._ops % SYNC_OPS == 0:
+            self.sync()
 
     def poll_cancel(self) -> None:
-        self.check()
+        self.sync()
 
     # -- collectives ------------------------------------------------------------
 
-    def allreduce(self, values: np.ndarray, op: str = "sum", local_cancel: bool = True) -> np.ndarray:
-        """Element-wise sum (or max) of ``values`` over the ranks, on every rank."""
-        MPI = self.MPI
-        send = np.ascontiguousarray(values)
-        recv = np.empty_like(send)
-        request = self.data.Iallreduce(send, recv, op=MPI.SUM if op == "sum" else MPI.MAX)
-        self.wait(request, local_cancel=local_cancel)
-        return recv
+    def allreduce(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum of ``values`` over the ranks, on every rank; also a sync point."""
+        return self._reduce(np.asarray(values)).reshape(np.shape(values))
 
-    def agree(self) -> None:
-        """The end of a run: returns once every rank got here, raises if any stopped."""
-        self.allreduce(np.zeros(1), local_cancel=False)
+    def allgather(self, part: np.ndarray, full: np.ndarray) -> None:
+        """Every rank's ``part`` into ``full``, in rank order (a sync point first)."""
+        self.sync()
+        self._wait(self.data.Iallgather(part, full))
 
     def close(self) -> None:
         """Free the communicators after a run every rank finished."""
@@ -431,32 +527,43 @@ class RankGroup:
     def exchange(self, views, dest: int, source: int, xp) -> None:
         """Send each view in ``views`` to ``dest`` and overwrite it with ``source``'s matching view.
 
-        Chunk by chunk through contiguous buffers: device buffers straight to a
-        CUDA-aware MPI, otherwise through host buffers (pinned on a GPU).
+        A sync point first; then chunk by chunk through contiguous buffers:
+        device buffers straight to a CUDA-aware MPI, otherwise through host
+        buffers (pinned on a GPU). Once started it always completes on every
+        rank: a local failure is recorded (the job stops at the next sync) and
+        the chunk is still sent and received.
         """
+        self.sync()
         start = time.perf_counter()
-        MPI = self.MPI
         buffers = None
         for view in views:
-            if buffers is None or buffers[0].size != view.size:
-                buffers = _exchange_buffers(xp, view.size, view.dtype, self.cuda_aware)
-            send, recv, dev = buffers
-            if xp is np:
-                np.copyto(send.reshape(view.shape), view)
-            elif self.cuda_aware:
-                xp.copyto(send.reshape(view.shape), view)
-                xp.cuda.get_current_stream().synchronize()
-            else:
-                xp.copyto(dev.reshape(view.shape), view)
-                dev.get(out=send)
-            rreq = self.data.Irecv(recv, source=source, tag=1)
-            sreq = self.data.Isend(send, dest=dest, tag=1)
-            self.wait(rreq, sreq)
-            if xp is np or self.cuda_aware:
-                xp.copyto(view, recv.reshape(view.shape))
-            else:
-                dev.set(recv)
-                xp.copyto(view, dev.reshape(view.shape))
+            try:
+                if buffers is None or buffers[0].size != view.size:
+                    buffers = _exchange_buffers(xp, view.size, view.dtype, self.cuda_aware)
+                send, recv, dev = buffers
+                if xp is np:
+                    np.copyto(send.reshape(view.shape), view)
+                elif self.cuda_aware:
+                    xp.copyto(send.reshape(view.shape), view)
+                    xp.cuda.get_current_stream().synchronize()
+                else:
+                    xp.copyto(dev.reshape(view.shape), view)
+                    dev.get(out=send)
+            except Exception as exc:  # still take part in the exchange, then stop at the next sync
+                self.request_stop("error", exc)
+                send = recv = np.zeros(view.size, dtype=view.dtype)
+                buffers = None
+            self._wait(self.data.Irecv(recv, source=source, tag=1), self.data.Isend(send, dest=dest, tag=1))
+            try:
+                if buffers is None:
+                    continue
+                if xp is np or self.cuda_aware:
+                    xp.copyto(view, recv.reshape(view.shape))
+                else:
+                    dev.set(recv)
+                    xp.copyto(view, dev.reshape(view.shape))
+            except Exception as exc:
+                self.request_stop("error", exc)
             self.exchanged_bytes += send.nbytes
         self.exchange_seconds += time.perf_counter() - start
 
@@ -681,7 +788,6 @@ class DistributedStateVector:
         index = [slice(None)] * self.num_local
         index[local.axis(slot)] = 1 - b
         half = local._tensor()[tuple(index)]
-        group.check()
         group.exchange(list(_chunk_views(half, 1 << CHUNK_QUBITS)), partner, partner, self.xp)
         group.swaps += 1
 
@@ -792,7 +898,6 @@ class DistributedStateVector:
                 if sum((((r >> (p - nl)) & 1) << (self.holder[p] - nl)) for p in range(nl, n)) == self.group.rank
             )
             views = list(_chunk_views(self.local._tensor(), 1 << CHUNK_QUBITS))
-            self.group.check()
             self.group.exchange(views, dest, source, self.xp)
             for p in range(nl, n):
                 self.holder[p] = p
@@ -847,8 +952,7 @@ class DistributedStateVector:
         self.canonicalize()
         part = self.local.to_host()
         full = np.empty(part.size * self.group.size, dtype=part.dtype)
-        request = self.group.data.Iallgather(part, full)
-        self.group.wait(request)
+        self.group.allgather(part, full)
         return full
 
     # -- copies ------------------------------------------------------------------------

@@ -119,6 +119,46 @@ def scenario_expectation(outdir: str) -> dict:
     return {"values": values, "labels": labels, "coeffs": coeffs, "state": full, "swaps": group.swaps}
 
 
+def estimator_pubs():
+    """A parametrized 12-qubit circuit (gates on the top qubits), two parameter sets, Paulis with X/Y/Z on them."""
+    from qiskit.circuit import ParameterVector
+    from qiskit.quantum_info import SparsePauliOp
+
+    n = 12
+    theta = ParameterVector("t", 3)
+    qc = QuantumCircuit(n)
+    for q in range(n):
+        qc.ry(theta[q % 3] * (q + 1) / n, q)
+    for q in range(n - 1):
+        qc.cx(q, q + 1)
+    qc.rx(theta[0], n - 1)
+    qc.crz(theta[1], n - 1, 2)
+    qc.h(n - 2)
+    observables = [
+        SparsePauliOp(["X" + "I" * (n - 1), "Y" + "Z" * (n - 2) + "X"], [0.5, -1.5]),
+        SparsePauliOp(["ZZ" + "I" * (n - 2), "I" * (n - 1) + "Y"], [1.0, 0.25]),
+    ]
+    values = np.array([[0.1, 0.7, -1.3], [2.0, -0.4, 0.9]])
+    return qc, observables, values
+
+
+def scenario_primitives(outdir: str) -> dict:
+    """EstimatorV2 and SamplerV2 over a backend with mpi=True."""
+    from gpu_provider.primitives import EstimatorV2, SamplerV2
+
+    backend = GPUSimulator(device="CPU", mpi=True)
+    qc, observables, values = estimator_pubs()
+    estimator = EstimatorV2(backend=backend)
+    result = estimator.run([(qc, [[o] for o in observables], values)]).result()
+    measured = qc.measure_all(inplace=False)
+    sampler = SamplerV2(backend=backend, seed=17)
+    samples = sampler.run([(measured, values)], shots=500).result()
+    return {
+        "evs": np.asarray(result[0].data.evs),
+        "counts": [samples[0].data.meas.get_counts(i) for i in range(len(values))],
+    }
+
+
 def scenario_errors(outdir: str) -> dict:
     """Bad input: each must raise on every rank, and the next good job must still run."""
     out = {}
@@ -205,6 +245,7 @@ def scenario_cancel(outdir: str) -> dict:
         out["cancel_returned"] = job.cancel()
     job.wait_for_final_state(timeout=60, wait=0.05)
     out["status"] = job.status().name
+    out["error"] = job.error_message()
     good = QuantumCircuit(10)
     good.h(range(10))
     good.cx(9, 0)
