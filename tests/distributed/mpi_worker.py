@@ -36,7 +36,26 @@ def circuits_with_global_gates() -> list[QuantumCircuit]:
         qc.rzz(0.3, n - 1, 0)
         qc.name = f"random{n}"
         out.append(qc)
+    out.append(special_circuit())
     return out
+
+
+def special_circuit(n: int = 11) -> QuantumCircuit:
+    """Initialize, wide multi-controlled gates, diagonals, Pauli evolutions and unitaries on the top qubits."""
+    from qiskit.circuit.library import DiagonalGate, PauliEvolutionGate, UnitaryGate
+    from qiskit.quantum_info import SparsePauliOp, random_unitary
+
+    qc = QuantumCircuit(n, name="special")
+    qc.initialize([0.6, 0.0, 0.0, 0.8j], [n - 1, 0])  # on a rank qubit, at the start
+    qc.h(range(1, n - 1))
+    qc.mcx([n - 1, n - 2, 0, 1, 2, 3], 4)  # 7 qubits: the sliced (wide) controlled path, global controls
+    qc.append(UnitaryGate(random_unitary(4, seed=5)), [n - 1, 2])
+    qc.append(DiagonalGate(list(np.exp(1j * np.arange(8) * 0.37))), [n - 1, n - 2, 1])
+    evolution = PauliEvolutionGate(SparsePauliOp(["XYZ", "ZZI", "IXX"], [0.4, -0.3, 0.7]), time=0.8)
+    qc.append(evolution, [n - 1, n - 2, 3])
+    qc.cswap(n - 1, n - 2, 5)
+    qc.mcp(0.9, [n - 2, 5, 6, 7, 8], n - 1)  # a controlled phase onto a rank qubit
+    return qc
 
 
 def dynamic_circuit(n: int = 12) -> QuantumCircuit:
