@@ -289,7 +289,7 @@ class GPUSimulator(BackendV2):
                 _check_portable(program, circuit.name)
             experiments.append((circuit, program, config, ops_before))
             distributed.append(split)
-        return _Prepared(self, circuits, device, fallback_reason, seed, merged, experiments, distributed, global_qubits)
+        return _Prepared(circuits, device, fallback_reason, seed, merged, experiments, distributed, global_qubits)
 
     def _submit(self, prepared: "_Prepared", group=None) -> GPUJob:
         device, experiments, merged = prepared.device, prepared.experiments, prepared.merged
@@ -335,19 +335,19 @@ class GPUSimulator(BackendV2):
         return job
 
 
+@dataclasses.dataclass
 class _Prepared:
-    """What run() prepared for one job: device, seed, and per circuit (circuit, program, config, ops before fusion)."""
+    """What run() prepared for one job: device, seed, and per circuit (circuit, program, config, ops before
+    fusion) and whether its state is split over MPI ranks (``distributed``, with ``global_qubits`` rank bits)."""
 
-    def __init__(self, backend, circuits, device, fallback_reason, seed, merged, experiments, distributed, global_qubits):
-        self.backend = backend
-        self.circuits = circuits
-        self.device = device
-        self.fallback_reason = fallback_reason
-        self.seed = seed
-        self.merged = merged
-        self.experiments = experiments
-        self.distributed = distributed
-        self.global_qubits = global_qubits
+    circuits: list
+    device: Device
+    fallback_reason: str
+    seed: int
+    merged: dict
+    experiments: list
+    distributed: list
+    global_qubits: int
 
     def digest(self) -> str:
         """The same on every rank given the same circuits and options (the seed aside: rank 0's is taken)."""
@@ -382,18 +382,7 @@ def _simulate(
         if "gpu_unavailable_reason" in run_metadata:
             output.metadata["gpu_unavailable_reason"] = run_metadata["gpu_unavailable_reason"]
         results.append(experiment_result(circuit, output, config))
-    return Result.from_dict(
-        {
-            "backend_name": backend.name,
-            "backend_version": backend.backend_version,
-            "job_id": job_id,
-            "results": results,
-            "status": "COMPLETED",
-            "success": True,
-            "time_taken": time.time() - start,
-            "metadata": dict(run_metadata),
-        }
-    )
+    return _job_result(backend, job_id, results, start, dict(run_metadata))
 
 
 def _simulate_on_executor(backend: GPUSimulator, job_id: str, executor, where, experiments, execution: Execution, run_metadata: dict) -> Result:
@@ -411,6 +400,10 @@ def _simulate_on_executor(backend: GPUSimulator, job_id: str, executor, where, e
         "precision": run_metadata["precision"],
         "executor": type(executor).__name__,
     }
+    return _job_result(backend, job_id, results, start, metadata)
+
+
+def _job_result(backend: GPUSimulator, job_id: str, results: list, start: float, metadata: dict) -> Result:
     return Result.from_dict(
         {
             "backend_name": backend.name,

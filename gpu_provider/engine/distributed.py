@@ -858,14 +858,8 @@ class DistributedStateVector:
             part = self.local.probability_one(self.where[qubit])
         return float(self.group.allreduce(np.array([part]))[0])
 
-    def measure(self, qubit: int, random: float, reset: bool = False) -> int:
-        p1 = min(max(self.probability_one(qubit), 0.0), 1.0)
-        outcome = 1 if random < p1 else 0
-        probability = p1 if outcome else 1.0 - p1
-        if probability <= 0.0:
-            raise SimulationError(f"qubit {qubit} was measured in a state of zero norm")
-        self.collapse(qubit, outcome, probability, flip=reset)
-        return outcome
+    # The same rule as one process (probability_one and collapse are this class's).
+    measure = StateVector.measure
 
     def collapse(self, qubit: int, outcome: int, probability: float, flip: bool = False) -> None:
         if flip and self._is_global(qubit):
@@ -1038,4 +1032,5 @@ class DistributedStateVector:
             "swaps": group.swaps,
             "exchanged_bytes": group.exchanged_bytes,
             "exchange_seconds": group.exchange_seconds,
+            "sync_points": group.syncs,
         }
