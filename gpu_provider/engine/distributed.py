@@ -22,10 +22,12 @@ that changes as the circuit runs:
   Sampling reads the state in canonical order (the top k qubits on the rank
   bits), so it draws exactly what one process draws from the same state.
 
-Every wait on another rank is non-blocking and watches a control channel: a
-rank that fails or is cancelled tells the others, which raise at their next
-wait instead of blocking on it, so a job ends on every rank, never in a
-deadlock. Each job has its own duplicated communicators.
+Ranks stop only together, at sync points (one small all-reduce of stop
+flags before every exchange and reduction, every ``SYNC_OPS`` ops, per shot
+and at the end): a rank that fails or is cancelled raises its flag there, so
+every rank ends the job at the same point, no exchange is left half done and
+no wait can block on a rank that left. Each job has its own duplicated
+communicators.
 
 mpi4py is imported only when a distributed run is asked for.
 """
@@ -126,7 +128,7 @@ def _needs_local(op) -> Optional[frozenset]:
 
 
 def _usage(ops) -> list:
-    """Each op's qubits in order (control flow flattened once), for planning: (needs_local, touched)."""
+    """The qubit sets ops need local, in program order (control-flow bodies flattened once): the planner's input."""
     out = []
     for op in ops:
         need = _needs_local(op)
