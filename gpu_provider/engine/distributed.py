@@ -140,6 +140,10 @@ def _usage(ops) -> list:
     return out
 
 
+# Fields that name things without changing what runs (Qiskit numbers unnamed circuits per process).
+_COSMETIC_FIELDS = frozenset({"name", "label"})
+
+
 def job_digest(*values) -> str:
     """A digest of programs, configs and plain values, to check that every rank runs the same job."""
     digest = hashlib.blake2b(digest_size=16)
@@ -160,7 +164,8 @@ def job_digest(*values) -> str:
         elif hasattr(value, "__dataclass_fields__"):
             digest.update(type(value).__name__.encode())
             for name in value.__dataclass_fields__:
-                feed(getattr(value, name))
+                if name not in _COSMETIC_FIELDS:
+                    feed(getattr(value, name))
         else:
             digest.update(type(value).__name__.encode() + repr(value).encode())
 

@@ -314,6 +314,35 @@ def scenario_fake_gpu(outdir: str) -> dict:
     return out
 
 
+def scenario_queued_cancel(outdir: str) -> dict:
+    """Rank 1 cancels the job while it is still queued there (its workers busy); rank 0 runs it meanwhile."""
+    local = GPUSimulator(device="CPU", seed_simulator=1, fusion_enable=False)
+    blockers = []
+    if RANK == 1:
+        slow = QuantumCircuit(18)
+        for layer in range(600):
+            slow.rx(0.1 * layer, range(18))
+            slow.cx(range(0, 17, 2), range(1, 18, 2))
+        slow.measure_all()
+        blockers = [local.run(slow, shots=1) for _ in range(2)]  # both CPU workers of this rank busy
+        deadline = time.monotonic() + 60
+        while not all(b.status().name == "RUNNING" for b in blockers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    COMM.Barrier()
+    qc = random_circuit(12, 40, max_operands=2, seed=3)
+    qc.measure_all()
+    job = GPUSimulator(device="CPU", mpi=True, seed_simulator=2, fusion_enable=False).run(qc, shots=100)
+    out = {"queued_status": job.status().name}
+    if RANK == 1:
+        out["cancel_returned"] = job.cancel()
+    job.wait_for_final_state(timeout=60, wait=0.05)
+    out["status"] = job.status().name
+    out["error"] = job.error_message()
+    for blocker in blockers:
+        blocker.cancel()
+    return out
+
+
 def main() -> None:
     scenario, outdir = sys.argv[1], sys.argv[2]
     try:

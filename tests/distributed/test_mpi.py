@@ -216,6 +216,13 @@ def test_cancel_on_one_rank_cancels_every_rank(tmp_path):
     assert all(result["after"] == counts for result in results)
 
 
+def test_cancel_while_queued_on_one_rank_cancels_the_others(tmp_path):
+    results = run_ranks(2, "queued_cancel", tmp_path)
+    assert results[1]["queued_status"] == "QUEUED" and results[1]["cancel_returned"] is True
+    for rank, result in enumerate(results):
+        assert result["status"] == "CANCELLED", (rank, result["status"], result["error"])
+
+
 def test_three_ranks_is_refused_on_every_rank(tmp_path):
     outdir = tmp_path / "three"
     outdir.mkdir()
