@@ -159,11 +159,15 @@ class GPUSimulator(BackendV2):
     @raises_qiskit_errors
     def target(self) -> Target:
         device, _ = resolve_device(self.options.device, self.options.device_id)
-        key = (device.name, self.options.precision)
+        # Under MPI, 2^k ranks of this device's size hold k more qubits.
+        comm = mpi_communicator(self.options.mpi)
+        global_qubits = 0 if comm is None else global_qubits_for(comm.Get_size())
+        key = (device.name, self.options.precision, global_qubits)
         target = self._target_cache.get(key)
         if target is None:
             itemsize = np.dtype(PRECISIONS[self.options.precision]).itemsize
-            target = _build_target(max_qubits_for(device, itemsize), f"{self.name} on {device.name}")
+            where = device.name if comm is None else f"{comm.Get_size()} ranks of {device.name}"
+            target = _build_target(max_qubits_for(device, itemsize) + global_qubits, f"{self.name} on {where}")
             self._target_cache[key] = target
         return target
 

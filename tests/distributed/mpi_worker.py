@@ -100,7 +100,10 @@ def scenario_results(backend: GPUSimulator) -> dict:
 
 
 def scenario_circuits(outdir: str) -> dict:
-    return scenario_results(GPUSimulator(device="CPU", mpi=True))
+    backend = GPUSimulator(device="CPU", mpi=True)
+    out = scenario_results(backend)
+    out["target_qubits"] = backend.target.num_qubits
+    return out
 
 
 def scenario_expectation(outdir: str) -> dict:
