@@ -235,15 +235,40 @@ _THREADS_LIMITED: list = []
 def node_local_rank(comm) -> tuple[int, int]:
     """This rank's number among the ranks on its node, and how many share the node; collective, cached.
 
-    Used to give each rank a GPU of its own and, on the CPU, a share of the cores.
+    Used to give each rank a GPU of its own and, on the CPU, a share of the
+    cores. Found from the ranks' host names through a non-blocking all-gather
+    with the run() timeout, so a rank that never comes makes this raise, not hang.
     """
+    import socket
+
     MPI = load_mpi()
     key = comm.py2f()
     if key not in _NODE_RANKS:
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        _NODE_RANKS[key] = (node.Get_rank(), node.Get_size())
-        node.Free()
+        name = np.zeros(_HOST_BYTES, dtype=np.uint8)
+        host = socket.gethostname().encode("utf-8", "replace")[:_HOST_BYTES]
+        name[: len(host)] = np.frombuffer(host, dtype=np.uint8)
+        names = np.zeros((comm.Get_size(), _HOST_BYTES), dtype=np.uint8)
+        _wait_or_timeout(comm.Iallgather([name, MPI.BYTE], [names, MPI.BYTE]), comm.Get_size())
+        rank = comm.Get_rank()
+        same = [r for r in range(comm.Get_size()) if np.array_equal(names[r], name)]
+        _NODE_RANKS[key] = (same.index(rank), len(same))
     return _NODE_RANKS[key]
+
+
+_HOST_BYTES = 64
+
+
+def _wait_or_timeout(request, size: int) -> None:
+    """Wait for a collective that every rank's run() posts; raise if some rank never comes."""
+    timeout = float(os.environ.get("GPU_PROVIDER_MPI_TIMEOUT", AGREE_TIMEOUT_SECONDS))
+    deadline = time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            raise DistributedError(
+                f"not every one of the {size} ranks called run() within {timeout:g} s; every rank must call run() "
+                "with the same circuits and mpi option (GPU_PROVIDER_MPI_TIMEOUT sets the wait)"
+            )
+        time.sleep(POLL_SECONDS)
 
 
 def _cores() -> int:
@@ -293,8 +318,6 @@ def agree_on_job(comm, digest: str, seed: int, error: Optional[BaseException]) -
     (say, given ``mpi=False``) makes the others raise after
     ``AGREE_TIMEOUT_SECONDS`` instead of waiting forever.
     """
-    import os
-
     MPI = load_mpi()
     text = b"" if error is None else f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_MESSAGE_BYTES]
     record = np.zeros(16 + 8 + 2 + _MESSAGE_BYTES, dtype=np.uint8)
@@ -304,16 +327,7 @@ def agree_on_job(comm, digest: str, seed: int, error: Optional[BaseException]) -
     record[26 : 26 + len(text)] = np.frombuffer(text, dtype=np.uint8)
     size = comm.Get_size()
     records = np.zeros((size, record.size), dtype=np.uint8)
-    request = comm.Iallgather([record, MPI.BYTE], [records, MPI.BYTE])
-    timeout = float(os.environ.get("GPU_PROVIDER_MPI_TIMEOUT", AGREE_TIMEOUT_SECONDS))
-    deadline = time.monotonic() + timeout
-    while not request.Test():
-        if time.monotonic() > deadline:
-            raise DistributedError(
-                f"not every one of the {size} ranks called run() within {timeout:g} s; every rank must call run() "
-                "with the same circuits and mpi option (GPU_PROVIDER_MPI_TIMEOUT sets the wait)"
-            )
-        time.sleep(POLL_SECONDS)
+    _wait_or_timeout(comm.Iallgather([record, MPI.BYTE], [records, MPI.BYTE]), size)
     if error is not None:
         raise error
     for rank in range(size):

@@ -346,6 +346,22 @@ def scenario_queued_cancel(outdir: str) -> dict:
     return out
 
 
+def scenario_missing_rank(outdir: str) -> dict:
+    """Rank 1 runs without mpi (it never joins): rank 0 must raise after GPU_PROVIDER_MPI_TIMEOUT, not hang."""
+    os.environ["GPU_PROVIDER_MPI_TIMEOUT"] = "3"
+    qc = QuantumCircuit(6)
+    qc.h(range(6))
+    qc.measure_all()
+    start = time.monotonic()
+    try:
+        counts = GPUSimulator(device="CPU", mpi=RANK == 0, seed_simulator=1).run(qc, shots=10).result().get_counts()
+        out = {"outcome": ("counts", sum(counts.values()))}
+    except Exception as exc:
+        out = {"outcome": (type(exc).__name__, str(exc))}
+    out["seconds"] = time.monotonic() - start
+    return out
+
+
 def main() -> None:
     scenario, outdir = sys.argv[1], sys.argv[2]
     try:

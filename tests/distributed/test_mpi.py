@@ -231,6 +231,14 @@ def test_cancel_while_queued_on_one_rank_cancels_the_others(tmp_path):
         assert result["status"] == "CANCELLED", (rank, result["status"], result["error"])
 
 
+def test_a_rank_that_never_joins_is_a_clear_error_after_the_timeout(tmp_path):
+    results = run_ranks(2, "missing_rank", tmp_path)
+    kind, message = results[0]["outcome"]
+    assert kind == "DistributedError" and "within 3 s" in message, (kind, message)
+    assert 3 <= results[0]["seconds"] < 30
+    assert results[1]["outcome"] == ("counts", 10)  # the rank without mpi ran alone
+
+
 def test_three_ranks_is_refused_on_every_rank(tmp_path):
     outdir = tmp_path / "three"
     outdir.mkdir()
