@@ -410,11 +410,17 @@ class Program:
         return tuple(range(self.num_qubits)) if self.layout is None else self.layout
 
 
+# Ops without nested bodies.
+_LEAF_OPS = frozenset({Unitary, Diagonal, Initialize, PauliEvolution, GlobalPhase, Measure, Reset, Store, BreakLoop, ContinueLoop})
+
+
 def count_ops(ops) -> int:
     """Number of ops, counting nested control-flow bodies once each (every iteration of a for loop)."""
     total = 0
     for op in ops:
         total += 1
+        if type(op) in _LEAF_OPS:  # most ops: no bodies to look into
+            continue
         if isinstance(op, ForLoop) and isinstance(op.iterations, LoopBodies):
             total += len(op.iterations) * count_ops(op.iterations.first)
         else:
@@ -558,8 +564,8 @@ def _only_terminal_measures(program: Program, allow_reset: bool) -> bool:
             return False
         elif isinstance(op, Reset) and not allow_reset:
             return False
-        elif isinstance(op, GlobalPhase):
-            continue
+        elif not measured or isinstance(op, GlobalPhase):
+            continue  # nothing measured yet: no op can come after a measurement
         elif measured.intersection(op_qubits(op)):
             return False
     return True
