@@ -13,9 +13,13 @@ How each operation runs (details in the ``.cu`` file):
   the lowest target leaves whole 128-byte lines contiguous for a warp
   ("strided"); otherwise through a shared-memory tile that holds the low bits
   and the high targets, loaded and stored with coalesced accesses ("tiled").
-- ``apply_diagonal``: one amplitude per thread, the diagonal in shared memory.
-- ``probability_one``: per-block partial sums in double, added on the device.
-- ``collapse``: one (bit = 0, bit = 1) pair per thread, reading the kept half.
+- ``apply_diagonal``, ``probability_one``, ``collapse`` ("streaming"): each
+  thread moves ``STREAM_UNROLL`` vectors of 16 bytes per step (two complex64
+  amplitudes as one ``float4``, or one complex128), all loads issued first;
+  complex64 states that are not 16-byte aligned take one-amplitude vectors.
+  The diagonal sits in shared memory; probabilities are per-block partial sums
+  in double, added on the device; collapse reads only the kept half where it
+  is a whole vector.
 
 :func:`compile_to_ptx` compiles the same source through NVRTC alone, without a
 GPU, so CPU-only CI proves that every instance compiles.
@@ -55,6 +59,12 @@ BLOCK = 256
 MATRIX_BLOCK = {1: 256, 2: 256, 3: 256, 4: 128, 5: 128}
 # probability_one's grid never exceeds this, so its sum is the same on every device.
 MAX_REDUCTION_BLOCKS = 1024
+# The streaming kernels (apply_diagonal, probability_one, collapse): amplitudes per
+# 16-byte vector, and vectors per thread per grid-stride step (STREAM_UNROLL in
+# the .cu file; a mismatch only mis-sizes the grid, never the result).
+STREAM_VECTOR = {"float": 2, "double": 1}
+STREAM_UNROLL = 4
+VECTOR_BYTES = 16
 
 MatrixMethod = Literal["auto", "strided", "tiled", "warp"]
 # apply_matrix_warp: a warp's 32 lanes are state bits 0..4.
@@ -86,7 +96,8 @@ def instances(real: str | None = None) -> list[str]:
             names.append(_matrix_name(r, k, "strided"))
             names.append(_matrix_name(r, k, "tiled"))
             names += [_warp_name(r, lane, k - lane) for lane in range(1, k + 1)]
-        names += [f"apply_diagonal<{r}>", f"probability_one<{r}>", f"collapse<{r}>"]
+        for vector in sorted({1, STREAM_VECTOR[r]}):
+            names += [_stream_name(kernel, r, vector) for kernel in STREAM_KERNELS]
         names.append(f"pauli_expectation<{r}>")
     return names
 
@@ -98,6 +109,36 @@ def _matrix_name(real: str, k: int, method: str) -> str:
 
 def _warp_name(real: str, lane_targets: int, high_targets: int) -> str:
     return f"apply_matrix_warp<{real}, {lane_targets}, {high_targets}>"
+
+
+STREAM_KERNELS = ("apply_diagonal", "probability_one", "collapse")
+
+
+def _stream_name(kernel: str, real: str, vector: int) -> str:
+    return f"{kernel}<{real}, {vector}>"
+
+
+def stream_vector(real: str, pointer: int) -> int:
+    """Amplitudes per vector for a state at device address ``pointer``: 2 in float when 16-byte aligned, else 1."""
+    vector = STREAM_VECTOR[real]
+    return vector if pointer % VECTOR_BYTES == 0 else 1
+
+
+def stream_vectors(size: int, vector: int, bit: int | None = None) -> int:
+    """Vectors a streaming kernel visits: of the whole state, or of the ``bit = 1`` half (``bit`` given).
+
+    For a bit below log2(vector) (bit 0 in two-amplitude vectors) each vector is one
+    (bit = 0, bit = 1) pair, so the half takes every vector; otherwise its halves are whole vectors.
+    """
+    if bit is None:
+        return size // vector
+    half = size // 2
+    return half if (1 << bit) < vector else half // vector
+
+
+def stream_blocks(vectors: int) -> int:
+    """Blocks of ``BLOCK`` threads that give every thread ``STREAM_UNROLL`` vectors."""
+    return max(1, -(-vectors // (BLOCK * STREAM_UNROLL)))
 
 
 # ---------------------------------------------------------------------------
@@ -364,18 +405,21 @@ class Kernels:
         diagonal = state.xp.ascontiguousarray(diagonal, dtype=self.dtype).reshape(-1)
         if diagonal.shape[0] != 1 << k:
             raise InvalidInputError(f"a diagonal on {k} targets has {1 << k} entries, not {diagonal.shape[0]}")
-        name = f"apply_diagonal<{self.real}>"
         size = 1 << n
-        grid = self._grid(state, name, BLOCK, -(-size // BLOCK))
+        vector = self._stream_vector(state)
+        name = _stream_name("apply_diagonal", self.real, vector)
+        grid = self._grid(state, name, BLOCK, stream_blocks(stream_vectors(size, vector)))
         args = (state.data, diagonal, np.uint64(size), np.int32(k), np.uint64(pack_bits(bits)))
         self._function(name)((grid,), (BLOCK,), args)
 
     def probability_one(self, state: Any, bit: int) -> float:
         """The total probability of the amplitudes whose ``bit`` is 1 (waits for the stream)."""
         n = self._check_bits(state, [bit])
-        name = f"probability_one<{self.real}>"
+        vector = self._stream_vector(state)
+        name = _stream_name("probability_one", self.real, vector)
         half = 1 << (n - 1)
-        grid = min(-(-half // BLOCK), MAX_REDUCTION_BLOCKS)
+        # Fixed by the state's size, bit and alignment alone: the same sum on every run and device.
+        grid = min(stream_blocks(stream_vectors(1 << n, vector, bit)), MAX_REDUCTION_BLOCKS)
         partial = state.xp.empty(grid, dtype=np.float64)
         self._function(name)((grid,), (BLOCK,), (state.data, np.uint64(half), np.int32(bit), partial))
         return float(partial.sum())
@@ -385,9 +429,10 @@ class Kernels:
         n = self._check_bits(state, [bit])
         if outcome not in (0, 1):
             raise InvalidInputError(f"a measurement outcome is 0 or 1, not {outcome!r}")
-        name = f"collapse<{self.real}>"
+        vector = self._stream_vector(state)
+        name = _stream_name("collapse", self.real, vector)
         half = 1 << (n - 1)
-        grid = self._grid(state, name, BLOCK, -(-half // BLOCK))
+        grid = self._grid(state, name, BLOCK, stream_blocks(stream_vectors(1 << n, vector, bit)))
         args = (state.data, np.uint64(half), np.int32(bit), np.int32(outcome), self._real_scalar(scale), np.int32(bool(flip)))
         self._function(name)((grid,), (BLOCK,), args)
 
@@ -400,6 +445,14 @@ class Kernels:
         if len(set(bits)) != len(bits) or any(not 0 <= b < n for b in bits):
             raise InvalidInputError(f"target bits must be distinct and in 0..{n - 1}, not {list(bits)}")
         return n
+
+    def _stream_vector(self, state: Any) -> int:
+        """The streaming kernels' vector width for this state's buffer (its alignment)."""
+        data = state.data
+        pointer = getattr(getattr(data, "data", None), "ptr", None)  # CuPy: data.data is a MemoryPointer
+        if pointer is None:  # a NumPy array (the host emulation in the tests)
+            pointer = data.__array_interface__["data"][0]
+        return stream_vector(self.real, int(pointer))
 
     def _function(self, name: str) -> Any:
         """The launchable kernel ``name``; the first call compiles this dtype's module."""

@@ -371,50 +371,140 @@ __global__ void __launch_bounds__(256) apply_matrix_warp(
 }
 
 // ---------------------------------------------------------------------------
-// apply_diagonal<R>: state[i] *= diagonal[sub(i)], where bit j of sub(i) is bit
-// targets[j] of i (up to 10 targets; the diagonal sits in shared memory).
-template <typename R>
+// The streaming kernels (apply_diagonal, probability_one, collapse) move whole
+// "vectors" of V consecutive amplitudes: V = 2 in float (one 16-byte float4
+// access; the host runs V = 1 when the state is not 16-byte aligned), V = 1 in
+// double (a double2 is already 16 bytes). Each thread takes STREAM_UNROLL
+// vectors per grid-stride step, one grid apart (so every load instruction of a
+// warp is still one contiguous run), and issues all their loads before it uses
+// the first: several independent 16-byte loads in flight per thread instead of
+// one 8-byte load in complex64. The host sizes the grid for
+// vectors / STREAM_UNROLL threads (engine/kernels.py STREAM_UNROLL must match).
+constexpr int STREAM_UNROLL = 4;
+
+template <typename R, int V> struct vector_io;
+template <typename R> struct vector_io<R, 1> {
+    typedef typename complex_of<R>::type cplx;
+    static __device__ __forceinline__ void load(const cplx* p, index_t v, cplx* out) { out[0] = p[v]; }
+    static __device__ __forceinline__ void store(cplx* p, index_t v, const cplx* in) { p[v] = in[0]; }
+};
+template <> struct vector_io<float, 2> {
+    static __device__ __forceinline__ void load(const float2* p, index_t v, float2* out) {
+        const float4 q = reinterpret_cast<const float4*>(p)[v];
+        out[0] = make_complex<float>(q.x, q.y);
+        out[1] = make_complex<float>(q.z, q.w);
+    }
+    static __device__ __forceinline__ void store(float2* p, index_t v, const float2* in) {
+        float4 q;
+        q.x = in[0].x;
+        q.y = in[0].y;
+        q.z = in[1].x;
+        q.w = in[1].y;
+        reinterpret_cast<float4*>(p)[v] = q;
+    }
+};
+
+template <int V> struct log2_of;
+template <> struct log2_of<1> { static constexpr int value = 0; };
+template <> struct log2_of<2> { static constexpr int value = 1; };
+
+// ---------------------------------------------------------------------------
+// apply_diagonal<R, V>: state[i] *= diagonal[sub(i)], where bit j of sub(i) is
+// bit targets[j] of i (up to 10 targets; the diagonal sits in shared memory).
+// The amplitudes of one vector differ only in bits below log2(V): sub(i) is
+// sub of the vector's first index OR sub of the position inside the vector.
+template <typename R, int V>
 __global__ void __launch_bounds__(256) apply_diagonal(
         typename complex_of<R>::type* __restrict__ state,
         const typename complex_of<R>::type* __restrict__ diagonal,
         index_t size, int count, index_t packed_targets) {
     typedef typename complex_of<R>::type cplx;
+    constexpr int U = STREAM_UNROLL;
     __shared__ cplx d[1 << 10];
     for (int i = threadIdx.x; i < (1 << count); i += blockDim.x) d[i] = __ldg(diagonal + i);
     int targets[10];
 #pragma unroll
     for (int j = 0; j < 10; ++j) targets[j] = unpack6(packed_targets, j);
-    __syncthreads();
-
-    const index_t stride = (index_t)gridDim.x * blockDim.x;
-    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < size; i += stride) {
-        int sub = 0;
+    int lane_sub[V];  // sub(e) for the position e inside a vector
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+        lane_sub[e] = 0;
 #pragma unroll
         for (int j = 0; j < 10; ++j)
-            if (j < count) sub |= (int)((i >> targets[j]) & 1ull) << j;
-        const cplx a = state[i];
-        const cplx f = d[sub];
-        state[i] = make_complex<R>(a.x * f.x - a.y * f.y, a.x * f.y + a.y * f.x);
+            if (j < count && targets[j] < 6) lane_sub[e] |= ((e >> targets[j]) & 1) << j;
+    }
+    __syncthreads();
+
+    const index_t vectors = size / V;
+    const index_t threads = (index_t)gridDim.x * blockDim.x;
+    for (index_t v0 = (index_t)blockIdx.x * blockDim.x + threadIdx.x; v0 < vectors; v0 += U * threads) {
+        cplx a[U][V];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const index_t v = v0 + u * threads;
+            if (v < vectors) vector_io<R, V>::load(state, v, a[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const index_t v = v0 + u * threads;
+            if (v < vectors) {
+                const index_t i = v * V;
+                int sub = 0;
+#pragma unroll
+                for (int j = 0; j < 10; ++j)
+                    if (j < count) sub |= (int)((i >> targets[j]) & 1ull) << j;
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const cplx f = d[sub | lane_sub[e]];
+                    const cplx x = a[u][e];
+                    a[u][e] = make_complex<R>(x.x * f.x - x.y * f.y, x.x * f.y + x.y * f.x);
+                }
+                vector_io<R, V>::store(state, v, a[u]);
+            }
+        }
     }
 }
 
 // ---------------------------------------------------------------------------
-// probability_one<R>: partial[block] = sum of |amp|^2 over this block's share of
+// probability_one<R, V>: partial[block] = sum of |amp|^2 over this block's share of
 // the amplitudes whose bit `bit` is 1, accumulated in double for both
 // precisions. The host adds the per-block partials: with a fixed grid the
 // result is deterministic, and no accumulator needs zeroing first.
-template <typename R>
+//
+// For bit >= log2(V) the ones come in runs of 2^bit >= V amplitudes, so they
+// fill whole vectors: the q-th of them is vector insert_zero_bit(q, vbit) |
+// 2^vbit, vbit = bit - log2(V), and all its amplitudes count. For bit 0 with
+// V = 2 every vector is one (bit = 0, bit = 1) pair and only its odd half counts.
+template <typename R, int V>
 __global__ void __launch_bounds__(256) probability_one(
         const typename complex_of<R>::type* __restrict__ state,
         index_t half, int bit, double* __restrict__ partial) {
     typedef typename complex_of<R>::type cplx;
+    constexpr int U = STREAM_UNROLL;
+    constexpr int LOGV = log2_of<V>::value;
     __shared__ double warp_sums[32];
-    const index_t one = 1ull << bit;
+    const bool whole = bit >= LOGV;
+    const int vbit = whole ? bit - LOGV : 0;
+    const index_t vone = 1ull << vbit;
+    const index_t vectors = whole ? half / V : half;
     double acc = 0.0;
-    const index_t stride = (index_t)gridDim.x * blockDim.x;
-    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < half; i += stride) {
-        const cplx a = state[insert_zero_bit(i, bit) | one];
-        acc += (double)a.x * (double)a.x + (double)a.y * (double)a.y;
+    const index_t threads = (index_t)gridDim.x * blockDim.x;
+    for (index_t v0 = (index_t)blockIdx.x * blockDim.x + threadIdx.x; v0 < vectors; v0 += U * threads) {
+        cplx a[U][V];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const index_t q = v0 + u * threads;
+            if (q < vectors) vector_io<R, V>::load(state, whole ? (insert_zero_bit(q, vbit) | vone) : q, a[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (v0 + u * threads < vectors) {
+#pragma unroll
+                for (int e = 0; e < V; ++e)
+                    if (whole || ((e >> bit) & 1))
+                        acc += (double)a[u][e].x * (double)a[u][e].x + (double)a[u][e].y * (double)a[u][e].y;
+            }
+        }
     }
     for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, offset);
     const int lane = threadIdx.x & 31;
@@ -430,24 +520,60 @@ __global__ void __launch_bounds__(256) probability_one(
 }
 
 // ---------------------------------------------------------------------------
-// collapse<R>: per pair (bit `bit` = 0, 1), keep the `outcome` amplitude times
+// collapse<R, V>: per pair (bit `bit` = 0, 1), keep the `outcome` amplitude times
 // `scale` and zero the other; with `flip` (reset) the kept amplitude lands on
-// bit = 0. Only the kept half is read.
-template <typename R>
+// bit = 0. For bit >= log2(V) both halves are whole vectors (the pair of vector
+// q is insert_zero_bit(q, vbit) and that | 2^vbit) and only the kept one is
+// read; for bit 0 with V = 2 each vector is one pair, read and written whole.
+template <typename R, int V>
 __global__ void __launch_bounds__(256) collapse(
         typename complex_of<R>::type* __restrict__ state,
         index_t half, int bit, int outcome, R scale, int flip) {
     typedef typename complex_of<R>::type cplx;
-    const index_t one = 1ull << bit;
+    constexpr int U = STREAM_UNROLL;
+    constexpr int LOGV = log2_of<V>::value;
+    static_assert(V == 1 || V == 2, "vectors of one or two amplitudes");
+    const bool whole = bit >= LOGV;
+    const int vbit = whole ? bit - LOGV : 0;
+    const index_t vone = 1ull << vbit;
+    const index_t vectors = whole ? half / V : half;
     const cplx zero = make_complex<R>(0, 0);
     const bool keep_low = flip || outcome == 0;
-    const index_t stride = (index_t)gridDim.x * blockDim.x;
-    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < half; i += stride) {
-        const index_t i0 = insert_zero_bit(i, bit);
-        const cplx a = state[outcome ? (i0 | one) : i0];
-        const cplx kept = make_complex<R>(a.x * scale, a.y * scale);
-        state[i0] = keep_low ? kept : zero;
-        state[i0 | one] = keep_low ? zero : kept;
+    const index_t threads = (index_t)gridDim.x * blockDim.x;
+    for (index_t v0 = (index_t)blockIdx.x * blockDim.x + threadIdx.x; v0 < vectors; v0 += U * threads) {
+        cplx a[U][V];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const index_t q = v0 + u * threads;
+            if (q < vectors) {
+                const index_t source = whole ? (insert_zero_bit(q, vbit) | (outcome ? vone : 0ull)) : q;
+                vector_io<R, V>::load(state, source, a[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const index_t q = v0 + u * threads;
+            if (q < vectors) {
+                cplx low_half[V], high_half[V];
+                if (whole) {
+#pragma unroll
+                    for (int e = 0; e < V; ++e) {
+                        const cplx k = make_complex<R>(a[u][e].x * scale, a[u][e].y * scale);
+                        low_half[e] = keep_low ? k : zero;
+                        high_half[e] = keep_low ? zero : k;
+                    }
+                    const index_t low = insert_zero_bit(q, vbit);
+                    vector_io<R, V>::store(state, low, low_half);
+                    vector_io<R, V>::store(state, low | vone, high_half);
+                } else if constexpr (V == 2) {
+                    const cplx x = outcome ? a[u][1] : a[u][0];
+                    const cplx k = make_complex<R>(x.x * scale, x.y * scale);
+                    low_half[0] = keep_low ? k : zero;
+                    low_half[1] = keep_low ? zero : k;
+                    vector_io<R, V>::store(state, q, low_half);
+                }
+            }
+        }
     }
 }
 

@@ -75,8 +75,26 @@ def test_instances_cover_every_kernel_width_and_precision():
         for k in range(1, K.MAX_MATRIX_QUBITS + 1):
             assert f"apply_matrix<{real}, {k}>" in names
             assert f"apply_matrix_low<{real}, {k}>" in names
-        for kernel in ("apply_diagonal", "probability_one", "collapse", "pauli_expectation"):
-            assert f"{kernel}<{real}>" in names
+        assert f"pauli_expectation<{real}>" in names
+        # The streaming kernels: 16-byte vectors, and one-amplitude ones for unaligned complex64 states.
+        for kernel in K.STREAM_KERNELS:
+            assert f"{kernel}<{real}, {K.STREAM_VECTOR[real]}>" in names
+            assert f"{kernel}<{real}, 1>" in names
+
+
+def test_stream_planning():
+    assert K.STREAM_VECTOR["float"] * 8 == K.STREAM_VECTOR["double"] * 16 == K.VECTOR_BYTES
+    assert K.stream_vector("float", 4096) == 2 and K.stream_vector("float", 4104) == 1
+    assert K.stream_vector("double", 4104) == 1
+    # Whole state; the bit = 1 half: whole vectors above bit 0, one pair per vector at bit 0.
+    assert K.stream_vectors(1 << 10, 2) == 512 and K.stream_vectors(1 << 10, 1) == 1024
+    assert K.stream_vectors(1 << 10, 2, bit=0) == 512 and K.stream_vectors(1 << 10, 2, bit=1) == 256
+    assert K.stream_vectors(1 << 10, 1, bit=0) == 512 and K.stream_vectors(2, 2, bit=0) == 1
+    assert K.stream_vectors(4, 2, bit=1) == 1
+    assert K.stream_blocks(1) == 1 and K.stream_blocks(K.BLOCK * K.STREAM_UNROLL) == 1
+    assert K.stream_blocks(K.BLOCK * K.STREAM_UNROLL + 1) == 2
+    # The .cu file's unroll is the one the host sizes grids for.
+    assert re.search(rf"constexpr int STREAM_UNROLL = {K.STREAM_UNROLL};", K.source())
 
 
 def test_arch_spellings():
@@ -196,6 +214,7 @@ EMULATION_HEADER = r"""
 #include <thread>
 #include <vector>
 struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
 struct double2 { double x, y; };
 struct emu_dim3 { unsigned x, y, z; };
 thread_local emu_dim3 threadIdx, blockIdx;
@@ -337,9 +356,11 @@ class EmulatedKernels(K.Kernels):
         super().__init__(dtype)
         self._library = library
         self._resident_blocks_value = resident_blocks
+        self.launched: list[str] = []
 
     def _function(self, name: str):
         assert name in K.instances(self.real)
+        self.launched.append(name)
         if name not in self._functions:
             self._functions[name] = _EmulatedFunction(self._library, name, self.real)
         return self._functions[name]
@@ -362,7 +383,8 @@ def emulated_library(tmp_path_factory) -> ctypes.CDLL:
     wrapper = folder / "emulated.cpp"
     wrapper.write_text(_wrapper_source(str(source_path)), encoding="utf-8")
     library = folder / "libemulated.so"
-    flags = ["-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas"]
+    # -fno-strict-aliasing: the kernels read float2 arrays through float4 pointers, as CUDA allows.
+    flags = ["-std=c++17", "-O1", "-fno-strict-aliasing", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas"]
     command = [compiler, *flags, str(wrapper), "-o", str(library)]
     built = subprocess.run(command, capture_output=True, text=True)
     assert built.returncode == 0, f"{' '.join(command)} failed:\n{built.stderr[-4000:]}"
@@ -421,3 +443,108 @@ def test_emulated_pauli_expectation_chunks_many_terms(emulated):
     precision, kernels = emulated
     gpu_checks.check_pauli_expectation(np, kernels, precision, 6, seed=9, count=K.MAX_PAULI_TERMS + 20)
 
+
+
+# ---------------------------------------------------------------------------
+# The streaming kernels' vector paths (apply_diagonal, probability_one,
+# collapse), on every size down to one qubit, every bit, and both the 16-byte
+# vectors of an aligned state and the one-amplitude path of a complex64 state
+# that is not 16-byte aligned.
+
+# Per precision: run on a misaligned buffer too? (complex128 always takes one-amplitude vectors.)
+MISALIGNED = {"double": (False,), "single": (False, True)}
+
+
+@pytest.fixture(scope="module", params=["double", "single"])
+def streaming(request, emulated_library):
+    precision = request.param
+    # Three resident blocks (768 threads): grid-stride steps whose later vectors
+    # run past the end, and grids that do not divide the state.
+    return precision, EmulatedKernels(gpu_checks.DTYPES[precision], emulated_library, resident_blocks=3)
+
+
+def _state_in_buffer(n: int, dtype, initial: np.ndarray, misaligned: bool):
+    """A StateVector whose data starts at an address that is 16-byte aligned, or 8 bytes past one."""
+    state = gpu_checks.host_state(n, dtype, initial)
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.zeros(((1 << n) + 4) * itemsize, dtype=np.uint8)
+    start = (-raw.ctypes.data) % K.VECTOR_BYTES + (8 if misaligned else 0)
+    data = raw[start : start + (1 << n) * itemsize].view(dtype)
+    assert data.ctypes.data % K.VECTOR_BYTES == (8 if misaligned else 0) and data.flags.c_contiguous
+    data[...] = initial.astype(dtype)
+    state.data = data
+    return state
+
+
+def _expected_name(kernel: str, kernels: EmulatedKernels, misaligned: bool) -> str:
+    vector = 1 if misaligned else K.STREAM_VECTOR[kernels.real]
+    return f"{kernel}<{kernels.real}, {vector}>"
+
+
+@pytest.mark.parametrize("n", range(1, 15))
+def test_emulated_diagonal_every_width_and_size(streaming, n):
+    precision, kernels = streaming
+    dtype = gpu_checks.DTYPES[precision]
+    rng = np.random.default_rng(n)
+    for misaligned in MISALIGNED[precision]:
+        for k in range(1, min(n, K.MAX_DIAGONAL_QUBITS) + 1):
+            # One set with bit 0 (the bit inside a float4 vector), one of the k highest bits.
+            with_zero = [0] + [int(b) for b in rng.choice(np.arange(1, n), size=k - 1, replace=False)]
+            highest = list(range(n - k, n))
+            for bits in (with_zero, highest):
+                rng.shuffle(bits)  # diagonal index bit j is bits[j], not j
+                initial = gpu_checks.random_state(rng, n)
+                diagonal = gpu_checks.random_phases(rng, 1 << k)
+                state = _state_in_buffer(n, dtype, initial, misaligned)
+                kernels.launched.clear()
+                kernels.apply_diagonal(state, bits, diagonal.astype(dtype))
+                assert kernels.launched == [_expected_name("apply_diagonal", kernels, misaligned)]
+                oracle = gpu_checks.host_state(n, dtype, initial)
+                oracle.apply_diagonal(bits, diagonal)
+                gpu_checks.assert_close(state.data, oracle.to_host(), gpu_checks.TOLERANCE[precision])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13])
+def test_emulated_probability_every_bit_is_exact_and_deterministic(streaming, n):
+    precision, kernels = streaming
+    dtype = gpu_checks.DTYPES[precision]
+    rng = np.random.default_rng(100 + n)
+    for misaligned in MISALIGNED[precision]:
+        for bit in range(n):
+            initial = gpu_checks.random_state(rng, n)
+            state = _state_in_buffer(n, dtype, initial, misaligned)
+            stored = state.data.copy()
+            kernels.launched.clear()
+            p1 = kernels.probability_one(state, bit)
+            assert kernels.launched == [_expected_name("probability_one", kernels, misaligned)]
+            # Same grid, same partials, same sum: bit for bit.
+            assert kernels.probability_one(state, bit) == p1
+            np.testing.assert_array_equal(state.data, stored)  # read only
+            # The stored amplitudes' |a|^2 summed in double, as the kernel does: exact up to summation order.
+            ones = (np.arange(1 << n) >> bit) & 1 == 1
+            exact = float(np.sum(np.abs(stored[ones].astype(np.complex128)) ** 2))
+            assert abs(p1 - exact) <= 1e-12, (bit, p1, exact)
+            expected = gpu_checks.host_state(n, dtype, initial).probability_one(bit)
+            assert abs(p1 - expected) <= gpu_checks.TOLERANCE[precision]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6, 11])
+def test_emulated_collapse_every_bit(streaming, n):
+    precision, kernels = streaming
+    dtype = gpu_checks.DTYPES[precision]
+    rng = np.random.default_rng(200 + n)
+    for misaligned in MISALIGNED[precision]:
+        for bit, outcome, flip in itertools.product(range(n), (0, 1), (False, True)):
+            initial = gpu_checks.random_state(rng, n)
+            oracle = gpu_checks.host_state(n, dtype, initial)
+            p1 = oracle.probability_one(bit)
+            probability = p1 if outcome else 1.0 - p1
+            state = _state_in_buffer(n, dtype, initial, misaligned)
+            kernels.launched.clear()
+            kernels.collapse(state, bit, outcome, 1.0 / np.sqrt(probability), flip)
+            assert kernels.launched == [_expected_name("collapse", kernels, misaligned)]
+            oracle.collapse(bit, outcome, probability, flip=flip)
+            gpu_checks.assert_close(state.data, oracle.to_host(), gpu_checks.TOLERANCE[precision])
+            # The discarded half is exactly zero.
+            kept = 0 if flip else outcome
+            assert not np.any(state.data[((np.arange(1 << n) >> bit) & 1) != kept])
