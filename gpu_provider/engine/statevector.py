@@ -46,6 +46,10 @@ PRELOAD_MAX_ENTRIES = 1 << 12
 PRELOAD_MAX_BYTES = 64 << 20
 
 
+# Exchanges two qubits: applied by the kernels to two bit positions, it exchanges what they hold.
+_SWAP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=np.complex128)
+
+
 @functools.lru_cache(maxsize=1024)
 def _group_index(num_qubits: int, qubits: tuple[int, ...]) -> np.ndarray:
     """Flat indices of every group of a gate on ``qubits``, canonical order: shape (2^(n-k), 2^k).
@@ -175,7 +179,21 @@ class StateVector:
         self.order = list(new_order)
 
     def to_canonical(self) -> None:
-        self._reorder(list(range(self.num_qubits - 1, -1, -1)))
+        canonical = self._canonical_order()
+        if self.order == canonical:
+            return
+        if self.kernels is not None and self._buffer is None and self.kernels.can_apply(2):
+            # The GPU kernels path holds one state array: reorder in place by SWAPs on
+            # pairs of bit positions (a pass each, exact) instead of a copy into a buffer.
+            order = self.order
+            for axis, wanted in enumerate(canonical):
+                if order[axis] != wanted:
+                    other = order.index(wanted)
+                    n = self.num_qubits
+                    self.kernels.apply_matrix(self, [n - 1 - axis, n - 1 - other], self._on_device(_SWAP))
+                    order[axis], order[other] = order[other], order[axis]
+            return
+        self._reorder(canonical)
 
     def copy_from(self, other: "StateVector") -> None:
         self.xp.copyto(self.data, other.data)

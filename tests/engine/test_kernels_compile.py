@@ -428,6 +428,12 @@ def test_emulated_diagonal_probability_and_collapse(emulated):
         gpu_checks.check_collapse(np, kernels, precision, n, bit, outcome, flip, seed=bit + outcome)
 
 
+@pytest.mark.parametrize("n", [2, 5, 9])
+def test_emulated_to_canonical_in_place(emulated, n):
+    precision, kernels = emulated
+    gpu_checks.check_in_place_canonical(np, kernels, precision, n, seed=n)
+
+
 def test_emulated_statevector_program(emulated):
     precision, kernels = emulated
     gpu_checks.check_statevector_program(np, kernels, precision, n=7, seed=3, steps=40)

@@ -168,6 +168,22 @@ def check_statevector_program(xp: Any, kernels: Any, precision: str, n: int, see
     assert_close(device.to_host(), host.to_host(), 10 * TOLERANCE[precision])
 
 
+def check_in_place_canonical(xp: Any, kernels: Any, precision: str, n: int, seed: int) -> None:
+    """to_canonical through the kernels (SWAPs, no buffer) moves exactly what a transposing copy moves."""
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[precision]
+    initial = random_state(rng, n)
+    order = [int(q) for q in rng.permutation(n)]
+    device = device_state(xp, n, dtype, initial, kernels)
+    host = host_state(n, dtype, initial)
+    device.order, host.order = list(order), list(order)  # the same data, read in a shuffled axis order
+    device.to_canonical()
+    host.to_canonical()
+    assert device._buffer is None  # in place: no second state array
+    assert device.order == host.order
+    np.testing.assert_array_equal(to_numpy(xp, device.data), host.data)
+
+
 def random_pauli_terms(rng: np.random.Generator, n: int, count: int, x_masks: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``count`` random (x, z, coeff) terms sharing ``x_masks`` X masks (one of them 0), so groups have many terms."""
     xs = [0] + [int(rng.integers(1, 1 << n)) for _ in range(x_masks - 1)]
@@ -258,6 +274,12 @@ def test_collapse(cp, precision, bit, outcome, flip):
 @pytest.mark.parametrize("precision", list(DTYPES))
 def test_statevector_with_kernels_matches_numpy(cp, precision, n):
     check_statevector_program(cp, kernels_for(DTYPES[precision]), precision, n, seed=n)
+
+
+@pytest.mark.parametrize("n", [2, 9, NUM_QUBITS])
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_to_canonical_in_place(cp, precision, n):
+    check_in_place_canonical(cp, kernels_for(DTYPES[precision]), precision, n, seed=n)
 
 
 def test_kernels_run_on_the_current_stream(cp):
