@@ -9,7 +9,7 @@ are not already adjacent at one end is the state transposed (one strided copy
 into the buffer), and that copy is laid out to keep its innermost loop long
 and its reads near-contiguous (see ``StateVector._gather``). Diagonals multiply
 in place through a broadcast whose inner loop is a whole row of amplitudes, and
-sampling reads the state in whatever order it is in. So a gate costs at most
+sampling reads the state in canonical order. So a gate costs at most
 two passes over memory and allocates nothing of full size: the state and one
 scratch buffer are all there is. On the GPU, compiled kernels (see
 ``gpu_provider.engine.kernels``) apply the common widths in place on the
