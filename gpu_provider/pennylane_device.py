@@ -51,11 +51,23 @@ from pennylane.ops import Conditional, MidMeasure
 from pennylane.tape import QuantumScript
 from pennylane.wires import Wires
 
-from .compiler.fusion import fuse
+from .compiler.fusion import default_width, fuse
 from .engine import program as P
 from .engine.adjoint import AdjointStep, adjoint_jacobian, apply_gate
 from .engine.devices import PRECISIONS, check_device_option, resolve_device
-from .engine.executor import RunConfig, evolve, new_state, sample_outcomes
+from .engine.distributed import (
+    DistributedStateVector,
+    RankGroup,
+    agree_on_job,
+    check_split,
+    job_digest,
+    mpi_communicator,
+    mpi_device_id,
+    node_local_rank,
+    run_on_ranks,
+    share_cores,
+)
+from .engine.executor import RunConfig, device_kernels, evolve, new_state, sample_outcomes
 from .engine.expectation import pauli_sum
 from .engine.observables import DENSE_MAX_QUBITS, DenseTerm, Observable, apply_observable, expectations, inner, marginal_probabilities
 from .errors import InvalidOptionError
@@ -82,6 +94,11 @@ class GPUQubitDevice(Device):
         seed: seed of the sampler and of mid-circuit measurements (``"global"``: drawn
             from NumPy's global generator, as ``default.qubit`` does; ``None``: fresh entropy).
         fusion: fuse gates for the forward run as the Qiskit backend does.
+        mpi: ``True`` (``MPI.COMM_WORLD``) or an mpi4py communicator: under
+            ``mpiexec -n 2^k`` every rank creates the device and runs the same
+            QNodes; each state is split over the ranks and every rank gets the
+            same results (as lightning.gpu's ``mpi=True``). Observables must be
+            Pauli sums; gradients use parameter-shift (no adjoint).
 
     Raises:
         DeviceError: a bad ``device``, ``device_id`` or ``precision``, or ``device="GPU"``
@@ -93,15 +110,25 @@ class GPUQubitDevice(Device):
     pennylane_requires = ">=0.45"
     config_filepath = CONFIG_FILE
 
-    def __init__(self, wires=None, shots=None, *, device: str = "auto", device_id: int = 0, precision: str = "double", seed="global", fusion: bool = True) -> None:
+    def __init__(
+        self, wires=None, shots=None, *, device: str = "auto", device_id: int = 0, precision: str = "double", seed="global", fusion: bool = True, mpi=False
+    ) -> None:
         super().__init__(wires=wires, shots=shots)
         try:
             check_device_option(device, device_id)
             if precision not in PRECISIONS:
                 raise InvalidOptionError(f"precision must be one of {tuple(PRECISIONS)}, not {precision!r}")
+            self._comm = mpi_communicator(mpi)
+            node_ranks = 1
+            if self._comm is not None:  # each rank on a node takes its own GPU
+                node_rank, node_ranks = node_local_rank(self._comm)
+                device_id = mpi_device_id(device, device_id, node_rank)
             self._device, self.fallback_reason = resolve_device(device, device_id)
+            if self._comm is not None and self._device.kind == "CPU":
+                share_cores(node_ranks)
         except Exception as exc:  # the backend's typed errors, in PennyLane's type
             raise DeviceError(str(exc)) from exc
+        self._group: Optional[RankGroup] = None  # the ranks of the batch being executed, under mpi
         self._precision = precision
         self._fusion = bool(fusion)
         if isinstance(seed, str) and seed == "global":
@@ -127,7 +154,8 @@ class GPUQubitDevice(Device):
         config = config or ExecutionConfig()
         updates = {}
         if config.gradient_method == "best":
-            updates["gradient_method"] = "adjoint"
+            # Split over MPI ranks there is no adjoint sweep: parameter-shift runs the circuits instead.
+            updates["gradient_method"] = "adjoint" if self._comm is None else "parameter-shift"
         method = updates.get("gradient_method", config.gradient_method)
         if config.use_device_gradient is None:
             updates["use_device_gradient"] = method == "adjoint"
@@ -164,6 +192,8 @@ class GPUQubitDevice(Device):
         return program
 
     def supports_derivatives(self, execution_config: Optional[ExecutionConfig] = None, circuit: Optional[QuantumScript] = None) -> bool:
+        if self._comm is not None:
+            return False  # split over MPI ranks: no adjoint sweep (parameter-shift runs the circuits)
         if execution_config is None:
             return True
         if execution_config.gradient_method not in ("adjoint", "best") or execution_config.derivative_order > 1:
@@ -183,8 +213,39 @@ class GPUQubitDevice(Device):
     def execute(self, circuits, execution_config: Optional[ExecutionConfig] = None):
         single = isinstance(circuits, QuantumScript)
         batch = (circuits,) if single else circuits
-        results = tuple(self._run_tape(tape) for tape in batch)
+        if self._comm is None:
+            results = tuple(self._run_tape(tape) for tape in batch)
+        else:
+            results = self._on_ranks(batch)
         return results[0] if single else results
+
+    def _on_ranks(self, batch) -> tuple:
+        """The batch on every rank of the communicator, each state split over them.
+
+        The ranks first agree on the tapes (a digest) and adopt rank 0's seed, so
+        samples and mid-circuit outcomes are the same everywhere; one rank's error
+        stops every rank (``engine.distributed``).
+        """
+        digest, error = "", None
+        try:
+            digest = job_digest([_tape_parts(tape) for tape in batch])
+        except Exception as exc:
+            error = exc
+        # Ranks whose generators are in the same state (the device's seed given alike) keep them, so
+        # they draw what a device without MPI draws; otherwise all take one seeded from rank 0.
+        state = job_digest(repr(self._rng.bit_generator.state))
+        try:
+            seed, same = agree_on_job(self._comm, digest, int(state[:15], 16), error, all_seeds=True)
+        except Exception as exc:
+            raise DeviceError(str(exc)) from exc
+        if not same:
+            self._rng = np.random.default_rng(seed)
+        group = RankGroup(self._comm)
+        self._group = group
+        try:
+            return run_on_ranks(group, None, lambda: tuple(self._run_tape(tape) for tape in batch))
+        finally:
+            self._group = None
 
     def compute_derivatives(self, circuits, execution_config: Optional[ExecutionConfig] = None):
         single = isinstance(circuits, QuantumScript)
@@ -206,18 +267,27 @@ class GPUQubitDevice(Device):
         wires = self.wires if self.wires is not None else tape.wires
         return _Layout(Wires(wires))
 
-    def _new_state(self, num_qubits: int):
+    def _new_state(self, num_qubits: int, ops=()):
         itemsize = np.dtype(PRECISIONS[self._precision]).itemsize
+        dtype = PRECISIONS[self._precision]
+        group = self._group
+        if group is not None and group.global_qubits:
+            check_split("pennylane", num_qubits, group.global_qubits, ops)
+            self._device.check_fits(num_qubits - group.global_qubits, itemsize, arrays=2)
+            return DistributedStateVector(self._device.xp, num_qubits, dtype, device_kernels(self._device, dtype), group, ops)
         self._device.check_fits(num_qubits, itemsize, arrays=2)
-        return new_state(self._device, num_qubits, PRECISIONS[self._precision])
+        return new_state(self._device, num_qubits, dtype)
 
     def _forward(self, tape: QuantumScript, layout: "_Layout"):
         """The final state of ``tape`` (no mid-circuit measurements), fused, on the engine's device."""
         ops = layout.engine_ops(tape.operations)
         program = P.Program(layout.num_qubits, 0, tuple(ops), name="pennylane")
         if self._fusion:
-            program = fuse(program, self._device.kind, precision=self._precision)
-        state = self._new_state(layout.num_qubits)
+            width = None
+            if self._group is not None and self._group.global_qubits:  # a fused gate must fit on one rank
+                width = min(default_width(self._device.kind, self._precision), max(layout.num_qubits - self._group.global_qubits, 1))
+            program = fuse(program, self._device.kind, width, precision=self._precision)
+        state = self._new_state(layout.num_qubits, program.ops)
         return evolve(program, state, RunConfig(shots=1, precision=self._precision))
 
     def _run_tape(self, tape: QuantumScript):
@@ -340,6 +410,21 @@ class GPUQubitDevice(Device):
         jac = adjoint_jacobian(state, steps, observables, len(tape.trainable_params))
         results = values[0] if len(values) == 1 else values
         return results, _jacobian_shape(jac)
+
+
+def _tape_parts(tape: QuantumScript) -> list:
+    """A tape as plain values, the same on every rank for the same tape (no per-process hashes)."""
+    parts: list = [str(tape.shots)]
+    for op in tape.operations:
+        params = []
+        for value in op.data:
+            try:
+                params.append(np.asarray(qml.math.unwrap(value), dtype=complex))
+            except Exception:
+                params.append(str(value))
+        parts.append((type(op).__name__, tuple(str(w) for w in op.wires), params))
+    parts.extend(str(mp) for mp in tape.measurements)
+    return parts
 
 
 def _jacobian_shape(jac: np.ndarray):

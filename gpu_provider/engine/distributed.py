@@ -308,8 +308,9 @@ AGREE_TIMEOUT_SECONDS = 300.0
 _MESSAGE_BYTES = 480
 
 
-def agree_on_job(comm, digest: str, seed: int, error: Optional[BaseException]) -> int:
-    """Collective, in ``run()`` on every rank: exchange what each rank prepared; return rank 0's seed.
+def agree_on_job(comm, digest: str, seed: int, error: Optional[BaseException], all_seeds: bool = False):
+    """Collective, in ``run()`` on every rank: exchange what each rank prepared; return rank 0's seed
+    (with ``all_seeds``: also whether every rank gave that same seed).
 
     A rank whose preparation failed still takes part (with its ``error``), so
     every rank raises, never waits: the rank that failed its own error, the
@@ -341,7 +342,10 @@ def agree_on_job(comm, digest: str, seed: int, error: Optional[BaseException]) -
             "every rank must call run() with the same circuits and options",
             rank=differing[0],
         )
-    return int(np.frombuffer(records[0, 16:24].tobytes(), dtype=np.int64)[0])
+    seed0 = int(np.frombuffer(records[0, 16:24].tobytes(), dtype=np.int64)[0])
+    if all_seeds:
+        return seed0, all(np.array_equal(records[rank, 16:24], records[0, 16:24]) for rank in range(size))
+    return seed0
 
 
 def run_on_ranks(group: "RankGroup", execution, work):
@@ -1034,6 +1038,30 @@ class DistributedStateVector:
         parts = np.concatenate([out.real, out.imag])
         total = self.group.allreduce(parts)
         return total[: len(observables)] + 1j * total[len(observables) :]
+
+    def marginal_probabilities(self, qubits: Sequence[int]) -> np.ndarray:
+        """Probabilities of the 2^k outcomes of measuring ``qubits`` (bit j = ``qubits[j]``), on every rank.
+
+        In canonical order a rank's global qubits have fixed values (its rank
+        bits): it sums its local marginal into the outcomes those values select,
+        and one reduction adds the ranks.
+        """
+        from .observables import marginal_probabilities
+
+        self.canonicalize()
+        nl = self.num_local
+        local = [(j, q) for j, q in enumerate(qubits) if q < nl]
+        fixed = 0
+        for j, q in enumerate(qubits):
+            if q >= nl:
+                fixed |= ((self.group.rank >> (q - nl)) & 1) << j
+        part = marginal_probabilities(self.local, [q for _, q in local]) if local else np.array([self._local_norm()])
+        out = np.zeros(1 << len(qubits))
+        index = np.full(part.shape[0], fixed, dtype=np.int64)
+        for bit, (j, _) in enumerate(local):
+            index |= ((np.arange(part.shape[0]) >> bit) & 1) << j
+        out[index] = part
+        return self.group.allreduce(out)
 
     def _local_mask(self, mask: int) -> np.uint64:
         value = 0

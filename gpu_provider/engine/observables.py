@@ -80,6 +80,11 @@ def inner(state: StateVector, other: StateVector) -> complex:
 def expectations(state: StateVector, observables: Sequence[Observable]) -> np.ndarray:
     """``<psi|O|psi>`` for each observable (complex128 on the host); Pauli parts share one grouped pass."""
     out = np.zeros(len(observables), dtype=np.complex128)
+    if getattr(state, "distributed", False) and any(o.dense for o in observables):
+        raise InvalidInputError(
+            "a state split over MPI ranks takes observables that are sums of Pauli words; "
+            "Hermitian, Projector and sparse terms need the whole state: run them without mpi"
+        )
     paulis = [(i, o.pauli) for i, o in enumerate(observables) if o.pauli is not None and o.pauli.num_terms]
     if paulis:
         values = expectation_values(state, [p for _, p in paulis])
@@ -151,6 +156,8 @@ def marginal_probabilities(state: StateVector, qubits: Sequence[int]) -> np.ndar
     Bit ``j`` of an outcome's index is the value of ``qubits[j]``.
     """
     _check_qubits(state, qubits)
+    if getattr(state, "distributed", False):  # split over MPI ranks: reduced over them
+        return state.marginal_probabilities(qubits)
     n = state.num_qubits
     kept = sorted(n - 1 - q for q in qubits)  # canonical order: axis a holds qubit n-1-a
     # Merge each run of summed-out axes into one dimension: a few long reductions, not many short ones.

@@ -362,6 +362,75 @@ def scenario_missing_rank(outdir: str) -> dict:
     return out
 
 
+def pennylane_circuits(device):
+    """QNodes on 10 wires; device wire 0 is the engine's top qubit (a rank bit at first)."""
+    import pennylane as qml
+    from pennylane import numpy as pnp
+
+    n = 10
+
+    def layers(params):
+        for w in range(n):
+            qml.RY(params[w % 3] * (w + 1) / n, wires=w)
+        for w in range(n - 1):
+            qml.CNOT(wires=[w, w + 1])
+        qml.CRZ(params[1], wires=[0, 7])
+        qml.RX(params[2], wires=0)
+
+    @qml.qnode(device, diff_method="parameter-shift")
+    def energy(params):
+        layers(params)
+        return qml.expval(qml.PauliX(0) @ qml.PauliZ(9) + 0.5 * qml.PauliY(5))
+
+    @qml.qnode(device)
+    def exact(params):
+        layers(params)
+        return qml.var(qml.PauliZ(0) @ qml.PauliX(1)), qml.probs(wires=[0, 9, 4]), qml.state()
+
+    params = pnp.array([0.3, -1.1, 0.7], requires_grad=True)
+    return energy, exact, params
+
+
+def scenario_pennylane(outdir: str) -> dict:
+    import pennylane as qml
+
+    device = qml.device("gpu_provider.qubit", wires=10, mpi=True, device="CPU", seed=5)
+    energy, exact, params = pennylane_circuits(device)
+    value = float(energy(params))
+    gradient = np.asarray(qml.grad(energy)(params))
+    variance, probs, state = exact(params)
+    sampler = qml.device("gpu_provider.qubit", wires=10, mpi=True, device="CPU", seed=5, shots=500)
+
+    @qml.qnode(sampler)
+    def counts(params):
+        qml.Hadamard(wires=0)
+        qml.CNOT(wires=[0, 9])
+        qml.RY(params[0], wires=3)
+        return qml.counts(wires=[0, 3, 9])
+
+    @qml.qnode(device)
+    def hermitian(params):
+        qml.RY(params[0], wires=0)
+        return qml.expval(qml.Hermitian(np.array([[1.0, 0.5], [0.5, -1.0]]), wires=0))
+
+    try:
+        hermitian(params)
+        refused = ("no error", "")
+    except Exception as exc:
+        refused = (type(exc).__name__, str(exc))
+    after = float(energy(params))  # the device still works
+    return {
+        "refused": refused,
+        "after": after,
+        "energy": value,
+        "gradient": gradient,
+        "variance": float(variance),
+        "probs": np.asarray(probs),
+        "state": np.asarray(state),
+        "counts": dict(counts(params)),
+    }
+
+
 def main() -> None:
     scenario, outdir = sys.argv[1], sys.argv[2]
     try:

@@ -159,6 +159,39 @@ def test_primitives_on_split_states(tmp_path):
             assert result["counts"] == local_counts, f"rank {rank} of {ranks}"
 
 
+def test_pennylane_device_splits_states_over_ranks(tmp_path):
+    """gpu_provider.qubit with mpi=True against default.qubit; samples as without MPI for the seed."""
+    qml = import_host("pennylane")
+    worker = _worker_module()
+    reference = qml.device("default.qubit", wires=10)
+    energy, exact, params = worker.pennylane_circuits(reference)
+    expected_energy = float(energy(params))
+    expected_gradient = np.asarray(qml.grad(energy)(params))
+    variance, probs, state = exact(params)
+    local = qml.device("gpu_provider.qubit", wires=10, device="CPU", seed=5, shots=500)
+
+    @qml.qnode(local)
+    def counts(params):
+        qml.Hadamard(wires=0)
+        qml.CNOT(wires=[0, 9])
+        qml.RY(params[0], wires=3)
+        return qml.counts(wires=[0, 3, 9])
+
+    expected_counts = dict(counts(params))
+    for ranks in (2, 4):
+        for rank, result in enumerate(run_ranks(ranks, "pennylane", tmp_path)):
+            where = f"rank {rank} of {ranks}"
+            assert abs(result["energy"] - expected_energy) < 1e-10, where
+            np.testing.assert_allclose(result["gradient"], expected_gradient, atol=1e-10, err_msg=where)
+            assert abs(result["variance"] - float(variance)) < 1e-10, where
+            np.testing.assert_allclose(result["probs"], probs, atol=1e-12, err_msg=where)
+            np.testing.assert_allclose(result["state"], state, atol=1e-12, err_msg=where)
+            assert result["counts"] == expected_counts, where
+            kind, message = result["refused"]  # a dense observable needs the whole state
+            assert kind == "InvalidInputError" and "Pauli" in message, (where, kind, message)
+            assert abs(result["after"] - expected_energy) < 1e-10, where
+
+
 def test_gpu_path_plumbing_on_a_cupy_stand_in(tmp_path):
     """Exchanges through pinned host buffers and straight from device buffers (CUDA-aware MPI)."""
     worker = _worker_module()
