@@ -153,6 +153,13 @@ class _Primitive:
             cache[key] = (circuit, compiled)  # keep the circuit alive: ids stay unique
         return cache[key][1]
 
+    def _compiled_pubs(self, kind, pubs, default, device: Device, ranks: Optional["_Ranks"]) -> list:
+        """Every PUB coerced and validated as ``kind``, with its circuit compiled once (shared by PUBs)."""
+        coerced = [_coerce(kind, pub, default, i) for i, pub in enumerate(_pub_list(pubs))]
+        global_qubits = ranks.global_qubits if ranks is not None else 0
+        cache: dict = {}
+        return [(pub, self._compile(pub.circuit, device, cache, global_qubits)) for pub in coerced]
+
     @staticmethod
     def _agreed(ranks: Optional["_Ranks"], prepare):
         """``prepare()`` (a dict with "digest" and "seed"); under MPI every rank prepares, then all
@@ -352,14 +359,10 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
 
     def _prepare(self, pubs, precision, ranks) -> dict:
         """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
-        coerced = [_coerce(EstimatorPub, pub, precision, i) for i, pub in enumerate(_pub_list(pubs))]
         device, dtype_name, reason = self._device(ranks)
-        k = ranks.global_qubits if ranks is not None else 0
-        cache: dict = {}
         tasks = []
         ops_total = 0
-        for pub in coerced:
-            compiled = self._compile(pub.circuit, device, cache, k)
+        for pub, compiled in self._compiled_pubs(EstimatorPub, pubs, precision, device, ranks):
             n = pub.circuit.num_qubits
             observables = np.empty(pub.observables.shape, dtype=object)
             for index, observable in np.ndenumerate(pub.observables.sparse_observables_array()):
@@ -573,14 +576,10 @@ class SamplerV2(_Primitive, BaseSamplerV2):
 
     def _prepare(self, pubs, shots, ranks) -> dict:
         """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
-        coerced = [_coerce(SamplerPub, pub, shots, i) for i, pub in enumerate(_pub_list(pubs))]
         device, dtype_name, reason = self._device(ranks)
-        k = ranks.global_qubits if ranks is not None else 0
-        cache: dict = {}
         tasks = []
         ops_total = 0
-        for pub in coerced:
-            compiled = self._compile(pub.circuit, device, cache, k)
+        for pub, compiled in self._compiled_pubs(SamplerPub, pubs, shots, device, ranks):
             values = _parameter_values(pub, compiled)
             tasks.append(_SamplerTask(pub, compiled, values, int(pub.shots)))
             ops_total += _ops_estimate(pub, compiled)
