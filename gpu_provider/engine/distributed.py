@@ -39,23 +39,21 @@ import itertools
 import math
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import DeviceUnavailableError, DistributedError, InvalidInputError, JobCancelledError, SimulationError
+from ..errors import DeviceUnavailableError, DistributedError, InvalidInputError, JobCancelledError
 from .program import (
     CONTROL_FLOW,
-    Diagonal,
     Initialize,
     LoopBodies,
-    Measure,
     PauliEvolution,
     Reset,
     Unitary,
     op_bodies,
 )
-from .statevector import StateVector, TABLE_BLOCK_AMPLITUDES
+from .statevector import StateVector
 
 # Amplitudes exchanged per message (2^20: 16 MiB in complex128), so the exchange
 # buffers stay small whatever the state's size.
