@@ -14,7 +14,7 @@ import numbers
 import time
 import uuid
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from qiskit.circuit import (
@@ -56,14 +56,13 @@ from .engine.distributed import (
     RankGroup,
     abandon_on_ranks,
     agree_on_job,
+    Ranks,
     check_split,
     global_qubits_for,
     job_digest,
     mpi_communicator,
-    mpi_device_id,
-    node_local_rank,
+    ranks_for,
     run_on_ranks,
-    share_cores,
 )
 from .engine.program import Program, compact, lazy_loop, measurements_are_terminal
 from .errors import CircuitTooLargeError, DeviceUnavailableError, InvalidInputError, InvalidOptionError, UnknownOptionError
@@ -202,49 +201,45 @@ class GPUSimulator(BackendV2):
             else:
                 warnings.warn(f"Option {key} is not used by this backend", UserWarning, stacklevel=3)
         _check_mpi_option(merged["mpi"])
-        comm = mpi_communicator(merged["mpi"])
-        if comm is None:
+        ranks = ranks_for(merged["mpi"])
+        if ranks is None:
             return self._submit(self._prepare(run_input, merged))
         # Under MPI every rank prepares, then all agree (same circuits, options and seed) before any
         # waits on another: a rank whose preparation failed still takes part, so all raise together.
-        node_rank, node_ranks = node_local_rank(comm)
         prepared, error = None, None
         try:
-            prepared = self._prepare(run_input, merged, comm=comm, node_rank=node_rank)
-            if prepared.device.kind == "CPU":
-                share_cores(node_ranks)
+            prepared = self._prepare(run_input, merged, ranks)
         except Exception as exc:
             error = exc
-        seed = agree_on_job(comm, prepared.digest() if prepared else "", prepared.seed if prepared else 0, error)
+        seed = agree_on_job(ranks.comm, prepared.digest() if prepared else "", prepared.seed if prepared else 0, error)
         prepared.reseed(seed)
-        group = RankGroup(comm)
-        return self._submit(prepared, group)
+        return self._submit(prepared, RankGroup(ranks.comm))
 
-    def _prepare(self, run_input, merged: dict, comm=None, node_rank: int = 0) -> "_Prepared":
+    def _prepare(self, run_input, merged: dict, ranks: Optional[Ranks] = None) -> "_Prepared":
         """Validate, translate, check and fuse every circuit (all of run()'s work before the job)."""
         _validate_options(merged)
         circuits = _as_circuit_list(run_input)
         executor = merged["executor"]
-        device_id = merged["device_id"]
         global_qubits = 0
-        if comm is not None:
+        planning_kind = None  # the device kind fusion plans for when it is not the local device's
+        if ranks is not None:
             if executor is not None:
                 raise InvalidOptionError(
                     "mpi and executor cannot be combined: mpi splits one state over the ranks, executor spreads "
                     "circuits over workers; choose one"
                 )
-            global_qubits = global_qubits_for(comm.Get_size())
-            device_id = mpi_device_id(merged["device"], device_id, node_rank)
-        planning_kind = None  # the device kind fusion plans for when it is not the local device's
-        try:
-            device, fallback_reason = resolve_device(merged["device"], device_id)
-        except DeviceUnavailableError:
-            if executor is None:
-                raise
-            # device="GPU" on a machine without one: the executor's workers resolve it (a job
-            # submitted from a login node to GPU nodes). Plan for a GPU; check memory there.
-            device, fallback_reason = resolve_device("CPU")
-            planning_kind = "GPU"
+            global_qubits = ranks.global_qubits
+            device, fallback_reason = ranks.device(merged["device"], merged["device_id"])
+        else:
+            try:
+                device, fallback_reason = resolve_device(merged["device"], merged["device_id"])
+            except DeviceUnavailableError:
+                if executor is None:
+                    raise
+                # device="GPU" on a machine without one: the executor's workers resolve it (a job
+                # submitted from a login node to GPU nodes). Plan for a GPU; check memory there.
+                device, fallback_reason = resolve_device("CPU")
+                planning_kind = "GPU"
         seed = merged["seed_simulator"]
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))

@@ -61,11 +61,8 @@ from .engine.distributed import (
     agree_on_job,
     check_split,
     job_digest,
-    mpi_communicator,
-    mpi_device_id,
-    node_local_rank,
+    ranks_for,
     run_on_ranks,
-    share_cores,
 )
 from .engine.executor import RunConfig, device_kernels, evolve, new_state, sample_outcomes
 from .engine.expectation import pauli_sum
@@ -118,14 +115,12 @@ class GPUQubitDevice(Device):
             check_device_option(device, device_id)
             if precision not in PRECISIONS:
                 raise InvalidOptionError(f"precision must be one of {tuple(PRECISIONS)}, not {precision!r}")
-            self._comm = mpi_communicator(mpi)
-            node_ranks = 1
-            if self._comm is not None:  # each rank on a node takes its own GPU
-                node_rank, node_ranks = node_local_rank(self._comm)
-                device_id = mpi_device_id(device, device_id, node_rank)
-            self._device, self.fallback_reason = resolve_device(device, device_id)
-            if self._comm is not None and self._device.kind == "CPU":
-                share_cores(node_ranks)
+            ranks = ranks_for(mpi)
+            self._comm = ranks.comm if ranks is not None else None
+            if ranks is not None:  # each rank on a node takes its own GPU, or its share of the cores
+                self._device, self.fallback_reason = ranks.device(device, device_id)
+            else:
+                self._device, self.fallback_reason = resolve_device(device, device_id)
         except Exception as exc:  # the backend's typed errors, in PennyLane's type
             raise DeviceError(str(exc)) from exc
         self._group: Optional[RankGroup] = None  # the ranks of the batch being executed, under mpi

@@ -47,14 +47,11 @@ from .engine.distributed import (
     RankGroup,
     abandon_on_ranks,
     agree_on_job,
+    Ranks,
     check_split,
-    global_qubits_for,
     job_digest,
-    mpi_communicator,
-    mpi_device_id,
-    node_local_rank,
+    ranks_for,
     run_on_ranks,
-    share_cores,
 )
 from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory
 from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
@@ -120,20 +117,16 @@ class _Primitive:
         """The :class:`~gpu_provider.GPUSimulator` whose options (device, precision, fusion) this primitive uses."""
         return self._backend
 
-    def _ranks(self) -> Optional["_Ranks"]:
+    def _ranks(self) -> Optional[Ranks]:
         """The MPI ranks when the backend's ``mpi`` option is on (each circuit's state is split over them)."""
-        comm = mpi_communicator(self._backend.options.mpi)
-        if comm is None:
-            return None
-        node_rank, node_ranks = node_local_rank(comm)
-        return _Ranks(comm, node_rank, node_ranks, global_qubits_for(comm.Get_size()))
+        return ranks_for(self._backend.options.mpi)
 
-    def _device(self, ranks: Optional["_Ranks"] = None) -> tuple[Device, str, str]:
+    def _device(self, ranks: Optional[Ranks] = None) -> tuple[Device, str, str]:
         options = self._backend.options
-        device_id = options.device_id if ranks is None else mpi_device_id(options.device, options.device_id, ranks.node_rank)
-        device, reason = resolve_device(options.device, device_id)
-        if ranks is not None and device.kind == "CPU":
-            share_cores(ranks.node_ranks)
+        if ranks is not None:
+            device, reason = ranks.device(options.device, options.device_id)
+        else:
+            device, reason = resolve_device(options.device, options.device_id)
         return device, options.precision, reason
 
     def _compile(self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0) -> CompiledCircuit:
@@ -153,7 +146,7 @@ class _Primitive:
             cache[key] = (circuit, compiled)  # keep the circuit alive: ids stay unique
         return cache[key][1]
 
-    def _compiled_pubs(self, kind, pubs, default, device: Device, ranks: Optional["_Ranks"]) -> list:
+    def _compiled_pubs(self, kind, pubs, default, device: Device, ranks: Optional[Ranks]) -> list:
         """Every PUB coerced and validated as ``kind``, with its circuit compiled once (shared by PUBs)."""
         coerced = [_coerce(kind, pub, default, i) for i, pub in enumerate(_pub_list(pubs))]
         global_qubits = ranks.global_qubits if ranks is not None else 0
@@ -161,7 +154,7 @@ class _Primitive:
         return [(pub, self._compile(pub.circuit, device, cache, global_qubits)) for pub in coerced]
 
     @staticmethod
-    def _agreed(ranks: Optional["_Ranks"], prepare):
+    def _agreed(ranks: Optional[Ranks], prepare):
         """``prepare()`` (a dict with "digest" and "seed"); under MPI every rank prepares, then all
         agree on the job (same PUBs, rank 0's seed) or all raise. Returns it with the job's RankGroup."""
         if ranks is None:
@@ -196,14 +189,6 @@ class _Primitive:
         job = GPUPrimitiveJob(self._backend, str(uuid.uuid4()), execution, circuits=circuits)
         job.submit()
         return job
-
-
-@dataclass(frozen=True)
-class _Ranks:
-    comm: object
-    node_rank: int
-    node_ranks: int
-    global_qubits: int
 
 
 def _circuit_parts(circuit: QuantumCircuit) -> list:

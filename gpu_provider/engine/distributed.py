@@ -39,7 +39,8 @@ import itertools
 import math
 import os
 import time
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -201,6 +202,34 @@ def mpi_communicator(option):
     check_thread_support(MPI)
     global_qubits_for(comm.Get_size())
     return comm
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The MPI ranks a front end splits its states over, and this rank's place on its node."""
+
+    comm: Any
+    node_rank: int
+    node_ranks: int
+    global_qubits: int
+
+    def device(self, device: str, device_id: int):
+        """This rank's device and fallback reason: its own GPU on the node, or on the CPU its share of the cores."""
+        from .devices import resolve_device
+
+        resolved, reason = resolve_device(device, mpi_device_id(device, device_id, self.node_rank))
+        if resolved.kind == "CPU":
+            share_cores(self.node_ranks)
+        return resolved, reason
+
+
+def ranks_for(option) -> Optional[Ranks]:
+    """The ranks the ``mpi`` option asks for (None when off); collective across them (see node_local_rank)."""
+    comm = mpi_communicator(option)
+    if comm is None:
+        return None
+    node_rank, node_ranks = node_local_rank(comm)
+    return Ranks(comm, node_rank, node_ranks, global_qubits_for(comm.Get_size()))
 
 
 def mpi_device_id(device: str, device_id: int, node_rank: int) -> int:
