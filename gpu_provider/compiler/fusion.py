@@ -210,28 +210,40 @@ def _merge_single_qubit_runs(ops) -> tuple:
 
 
 def _greedy(items: list, width: int, all_qubits: frozenset, sources: Optional[dict] = None) -> list:
-    """One greedy pass over ``(op, fusable, qubits)`` items; returns items."""
+    """One greedy pass over ``(op, fusable, qubits)`` items; returns items.
+
+    From the first item not yet taken, the block pulls in every later fusable
+    item (within ``LOOKAHEAD`` untaken items) that fits the width and shares no
+    qubit with the items it skipped; taken items are marked, not copied out, so
+    a pass is linear in the items scanned.
+    """
     out = []
-    pending = items
-    while pending:
-        first, fusable, first_qubits = pending[0]
+    count = len(items)
+    taken = [False] * count
+    every = len(all_qubits)
+    for start in range(count):
+        if taken[start]:
+            continue
+        first, fusable, first_qubits = items[start]
         if not fusable:
-            out.append(pending[0])
-            pending = pending[1:]
+            out.append(items[start])
             continue
         block = [first]
         block_qubits = set(first_qubits)
         diagonal = isinstance(first, P.Diagonal)
         blocked: set = set()
-        kept = []
-        for position, item in enumerate(pending[1:], start=1):
-            op, can_fuse, qubits = item
-            if position > LOOKAHEAD or blocked >= all_qubits:
-                kept.extend(pending[position:])
+        scanned = 0
+        for position in range(start + 1, count):
+            if taken[position]:
+                continue
+            scanned += 1
+            if scanned > LOOKAHEAD or (len(blocked) >= every and blocked >= all_qubits):
                 break
-            if not can_fuse or qubits & blocked:
+            op, can_fuse, qubits = items[position]
+            if not can_fuse or (blocked and not blocked.isdisjoint(qubits)):
                 blocked |= qubits
-                kept.append(item)
+                if not diagonal and len(block_qubits) >= width and blocked >= block_qubits:
+                    break  # a full dense block whose qubits are all blocked can take nothing more
                 continue
             merged = block_qubits | qubits
             merged_diagonal = diagonal and isinstance(op, P.Diagonal)
@@ -239,11 +251,13 @@ def _greedy(items: list, width: int, all_qubits: frozenset, sources: Optional[di
                 block.append(op)
                 block_qubits = merged
                 diagonal = merged_diagonal
+                taken[position] = True
             else:
                 blocked |= qubits
-                kept.append(item)
+                if not diagonal and len(block_qubits) >= width and blocked >= block_qubits:
+                    break
         if len(block) == 1:
-            out.append(pending[0])
+            out.append(items[start])
         else:
             op = _merge(block, diagonal)
             if sources is not None:
@@ -252,7 +266,6 @@ def _greedy(items: list, width: int, all_qubits: frozenset, sources: Optional[di
                     gates.extend(sources[id(member)][1] if id(member) in sources else [member])
                 sources[id(op)] = (op, tuple(gates))
             out.append((op, True, frozenset(op.qubits)))
-        pending = kept
     return out
 
 
@@ -285,10 +298,16 @@ def _merge(block: list, diagonal: bool):
             full = np.where(same_rest, op.matrix[rows, cols], 0)
             matrix = full if matrix is None else full @ matrix
     matrix = np.ascontiguousarray(matrix, dtype=np.complex128)
-    diagonal_part = np.diagonal(matrix)
-    if np.max(np.abs(matrix - np.diag(diagonal_part))) <= DIAGONAL_TOLERANCE:
-        return P.Diagonal(qubits, np.ascontiguousarray(diagonal_part), label)
+    if np.abs(matrix.reshape(-1)[_off_diagonal(dim)]).max() <= DIAGONAL_TOLERANCE:
+        return P.Diagonal(qubits, np.ascontiguousarray(np.diagonal(matrix)), label)
     return P.Unitary(qubits, matrix, label=label)
+
+
+@functools.lru_cache(maxsize=16)
+def _off_diagonal(dim: int) -> np.ndarray:
+    """Flat positions of a dim x dim matrix's off-diagonal entries."""
+    index = np.arange(dim * dim)
+    return index[index // dim != index % dim]
 
 
 @functools.lru_cache(maxsize=4096)
