@@ -106,21 +106,24 @@ def scenario_circuits(outdir: str) -> dict:
     return out
 
 
-def scenario_expectation(outdir: str) -> dict:
-    """Pauli expectation values on a split state, from the engine (X and Z on global qubits)."""
-    from gpu_provider.compiler.translate import translate
-    from gpu_provider.engine.devices import resolve_device
-    from gpu_provider.engine.distributed import DistributedStateVector, RankGroup
-    from gpu_provider.engine.executor import RunConfig, evolve
-    from gpu_provider.engine.expectation import expectation_values, pauli_sum
-
-    n = 12
+def expectation_circuit(n: int = 12) -> QuantumCircuit:
     qc = random_circuit(n, 5, max_operands=2, seed=4)
     for q in range(n - 2, n):
         qc.h(q)
         qc.cx(q, 1)
+    return qc
+
+
+def scenario_expectation(outdir: str) -> dict:
+    """Pauli expectation values on a split state, from the engine (X and Z on global qubits)."""
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine.distributed import DistributedStateVector, RankGroup
+    from gpu_provider.engine.executor import RunConfig, evolve
+    from gpu_provider.engine.expectation import expectation_values, pauli_sum
+
+    qc = expectation_circuit()
+    n = qc.num_qubits
     program = translate(qc)
-    device, _ = resolve_device("CPU")
     group = RankGroup(COMM)
     state = DistributedStateVector(np, n, np.complex128, None, group, program.ops)
     evolve(program, state, RunConfig())
@@ -391,6 +394,20 @@ def pennylane_circuits(device):
     return energy, exact, params
 
 
+def pennylane_counts(device):
+    """A QNode of counts on wires 0 (a rank bit at first), 3 and 9."""
+    import pennylane as qml
+
+    @qml.qnode(device)
+    def counts(params):
+        qml.Hadamard(wires=0)
+        qml.CNOT(wires=[0, 9])
+        qml.RY(params[0], wires=3)
+        return qml.counts(wires=[0, 3, 9])
+
+    return counts
+
+
 def scenario_pennylane(outdir: str) -> dict:
     import pennylane as qml
 
@@ -399,14 +416,7 @@ def scenario_pennylane(outdir: str) -> dict:
     value = float(energy(params))
     gradient = np.asarray(qml.grad(energy)(params))
     variance, probs, state = exact(params)
-    sampler = qml.device("gpu_provider.qubit", wires=10, mpi=True, device="CPU", seed=5, shots=500)
-
-    @qml.qnode(sampler)
-    def counts(params):
-        qml.Hadamard(wires=0)
-        qml.CNOT(wires=[0, 9])
-        qml.RY(params[0], wires=3)
-        return qml.counts(wires=[0, 3, 9])
+    counts = pennylane_counts(qml.device("gpu_provider.qubit", wires=10, mpi=True, device="CPU", seed=5, shots=500))
 
     @qml.qnode(device)
     def hermitian(params):

@@ -117,18 +117,9 @@ def test_counts_are_identical_for_a_seed_across_rank_counts_and_without_mpi(circ
 
 
 def test_expectation_values_reduce_over_ranks(tmp_path):
-    from qiskit.circuit.random import random_circuit
-
-    worker = _worker_module()
-    del worker
+    exact = Statevector(_worker_module().expectation_circuit())
     for ranks in (2, 4):
         results = run_ranks(ranks, "expectation", tmp_path)
-        n = 12
-        qc = random_circuit(n, 5, max_operands=2, seed=4)
-        for q in range(n - 2, n):
-            qc.h(q)
-            qc.cx(q, 1)
-        exact = Statevector(qc)
         first = results[0]
         labels, coeffs = first["labels"], first["coeffs"]
         expected = [
@@ -168,15 +159,7 @@ def test_pennylane_device_splits_states_over_ranks(tmp_path):
     expected_energy = float(energy(params))
     expected_gradient = np.asarray(qml.grad(energy)(params))
     variance, probs, state = exact(params)
-    local = qml.device("gpu_provider.qubit", wires=10, device="CPU", seed=5, shots=500)
-
-    @qml.qnode(local)
-    def counts(params):
-        qml.Hadamard(wires=0)
-        qml.CNOT(wires=[0, 9])
-        qml.RY(params[0], wires=3)
-        return qml.counts(wires=[0, 3, 9])
-
+    counts = worker.pennylane_counts(qml.device("gpu_provider.qubit", wires=10, device="CPU", seed=5, shots=500))
     expected_counts = dict(counts(params))
     for ranks in (2, 4):
         for rank, result in enumerate(run_ranks(ranks, "pennylane", tmp_path)):
