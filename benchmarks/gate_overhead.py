@@ -42,6 +42,7 @@ def _run(n: int, dtype, gates: list, small_limit: int) -> tuple[float, np.ndarra
     try:
         state = S.StateVector(np, n, dtype)
         start = time.process_time()
+        state.preload([matrix for _, matrix in gates])  # as run_program does: the matrices' real forms, in bulk
         for qubits, matrix in gates:
             state.apply_unitary(qubits, matrix)
         state.to_canonical()

@@ -32,6 +32,8 @@ DENSE_CONTROLLED_MAX = 6
 # States of at most this many qubits apply dense gates through a cached
 # gather index (StateVector._apply_small) instead of axis bookkeeping.
 SMALL_STATE_QUBITS = 12
+# Small states multiply matrices up to this dimension in real form (StateVector._apply_small).
+REAL_FORM_MAX_DIM = 1 << 6
 # The sampling table is summed over blocks of at most this many amplitudes.
 TABLE_BLOCK_AMPLITUDES = 1 << 22
 # Diagonals and sampling work on the state as rows of 2^this amplitudes.
@@ -70,6 +72,32 @@ def _group_index(num_qubits: int, qubits: tuple[int, ...]) -> np.ndarray:
     index = base[:, None] | offset[None, :]
     index.setflags(write=False)
     return index
+
+
+def _real_forms(arrays, dtype) -> dict:
+    """``{("real", id(m)): (m, R)}`` for the square matrices among ``arrays``, built in a few array calls.
+
+    ``R`` is the real 2d x 2d matrix with ``g.view(real) @ R == (g @ m.T).view(real)``
+    for rows ``g`` of d complex amplitudes stored as interleaved (re, im) pairs:
+    for a = m[r, c], R[2c, 2r] = R[2c+1, 2r+1] = a.real, R[2c, 2r+1] = a.imag,
+    R[2c+1, 2r] = -a.imag. Matrices of one size are converted together.
+    """
+    real = np.finfo(dtype).dtype
+    by_size: dict[int, dict[int, np.ndarray]] = {}
+    for array in arrays:
+        if array.ndim == 2 and array.shape[0] == array.shape[1] and 2 <= array.shape[0] <= REAL_FORM_MAX_DIM:
+            by_size.setdefault(array.shape[0], {})[id(array)] = array
+    forms = {}
+    for dim, matrices in by_size.items():
+        transposed = np.stack(list(matrices.values())).transpose(0, 2, 1)
+        out = np.empty((len(matrices), 2 * dim, 2 * dim), dtype=real)
+        out[:, 0::2, 0::2] = transposed.real
+        out[:, 1::2, 1::2] = transposed.real
+        out[:, 0::2, 1::2] = transposed.imag
+        out[:, 1::2, 0::2] = -transposed.imag
+        for (key, matrix), form in zip(matrices.items(), out):
+            forms[("real", key)] = (matrix, form)
+    return forms
 
 
 @functools.lru_cache(maxsize=512)
@@ -146,9 +174,13 @@ class StateVector:
         Each later ``_on_device`` of one of them is then a cache hit instead of a
         host-to-device copy of its own per gate. Only arrays up to
         ``PRELOAD_MAX_ENTRIES`` entries each and ``PRELOAD_MAX_BYTES`` in all are
-        taken; the rest are copied when first used, as before. NumPy needs nothing.
+        taken; the rest are copied when first used, as before. On NumPy a small
+        state instead prepares, in a few array calls for the whole program, the
+        real form of every dense matrix (see :func:`_real_forms`).
         """
         if self.xp is np:
+            if self.num_qubits <= SMALL_STATE_QUBITS:
+                self._device_arrays.update(_real_forms(arrays, self.dtype))
             return
         chosen, seen, total = [], set(), 0
         for array in arrays:
@@ -247,12 +279,26 @@ class StateVector:
         if self.order != self._canonical_order():
             self.to_canonical()
         index = _group_index(self.num_qubits, tuple(qubits))
-        if self.xp is not np:
-            key = ("index", id(index))
-            cached = self._device_arrays.get(key)
-            if cached is None or cached[0] is not index:
-                cached = self._device_arrays[key] = (index, self.xp.asarray(index))
-            index = cached[1]
+        if self.xp is np:
+            # A real product on the groups' interleaved (re, im) pairs: BLAS's
+            # real kernel has about half the fixed cost of its complex one here.
+            key = ("real", id(matrix))
+            real = self._device_arrays.get(key)
+            if real is None or real[0] is not matrix:
+                real = _real_forms((matrix,), self.dtype).get(key)
+                if real is not None:
+                    self._device_arrays[key] = real
+            groups = self.data[index]
+            if real is None:  # wider than _real_forms takes
+                self.data[index] = groups @ matrix.astype(self.dtype, copy=False).T
+            else:
+                self.data[index] = (groups.view(real[1].dtype) @ real[1]).view(self.dtype)
+            return
+        key = ("index", id(index))
+        cached = self._device_arrays.get(key)
+        if cached is None or cached[0] is not index:
+            cached = self._device_arrays[key] = (index, self.xp.asarray(index))
+        index = cached[1]
         groups = self.data[index]
         self.data[index] = groups @ self._on_device(matrix).T
 
