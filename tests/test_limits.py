@@ -166,7 +166,7 @@ def test_a_billion_iteration_loop_returns_from_run_at_once_and_cancels(backend):
     job = backend.run(_wide_loop(10**9, math.pi), shots=1)
     assert time.perf_counter() - start < 1  # was 28-49 s, then a bare MemoryError
     done, total = job.progress()
-    assert total >= 3 * 10**9
+    assert total >= 10**9  # at least one op an iteration (the body fuses into one two-qubit block)
     deadline = time.monotonic() + 30
     while job.progress()[0] < 10 and time.monotonic() < deadline:
         time.sleep(0.01)

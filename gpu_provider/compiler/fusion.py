@@ -84,7 +84,7 @@ def fuse(
     ``sources`` nothing is merged there (parametrized gates stay rebindable).
     """
     if program.num_qubits < threshold:
-        return program if sources is not None else program.replace(ops=_merge_single_qubit_runs(program.ops))
+        return program if sources is not None else program.replace(ops=_fold_global_phases(_pair_fuse(program.ops)))
     width = max_qubits if max_qubits is not None else default_width(device_kind, precision)
     all_qubits = frozenset(range(program.num_qubits))
     return program.replace(ops=_fuse_ops(program.ops, width, all_qubits, sources))
@@ -171,33 +171,71 @@ def _fold_global_phases(ops: tuple) -> tuple:
     return (P.GlobalPhase(total),) + tuple(rest)
 
 
-def _merge_single_qubit_runs(ops) -> tuple:
+class _Block:
+    """Gates gathered by :func:`_pair_fuse` on one or two qubits (ascending), in program order."""
+
+    __slots__ = ("absorbed", "members", "qubits")
+
+    def __init__(self, qubits: tuple, members: list) -> None:
+        self.qubits = qubits
+        self.members = members
+        self.absorbed = False
+
+
+def _pair_fuse(ops) -> tuple:
+    """Fusion for states below the threshold: gates on one or two qubits merged along their qubits.
+
+    One linear pass. Each qubit remembers the block that last touched it. A
+    one-qubit gate joins that block (whatever its width); a two-qubit gate joins
+    the block both its qubits last touched, or starts one that takes in the
+    one-qubit blocks its qubits last touched. Every move is across ops on other
+    qubits only, so the order of everything else is kept; ops on more qubits,
+    measurements, resets and control flow close the blocks of the qubits they
+    touch. No block is wider than two qubits: on a small state a two-qubit pass
+    costs what a one-qubit pass does (array-call overhead, not arithmetic), so
+    every merge saves a pass. The blocks' products are then computed together,
+    a few array calls for the whole sequence (:func:`_block_products`).
+    """
     out: list = []
-    open_on: dict = {}  # qubit -> index in out of a 1-qubit gate nothing has touched since
+    open_on: dict = {}  # qubit -> the _Block that last touched it
     for op in ops:
         if isinstance(op, P.IfElse):
-            op = P.IfElse(op.condition, _merge_single_qubit_runs(op.true_body), _merge_single_qubit_runs(op.false_body))
+            op = P.IfElse(op.condition, _pair_fuse(op.true_body), _pair_fuse(op.false_body))
         elif isinstance(op, P.WhileLoop):
-            op = P.WhileLoop(op.condition, _merge_single_qubit_runs(op.body))
+            op = P.WhileLoop(op.condition, _pair_fuse(op.body))
         elif isinstance(op, P.ForLoop) and isinstance(op.iterations, P.LoopBodies):
-            op = P.ForLoop(op.iterations.map(_merge_single_qubit_runs))
+            op = P.ForLoop(op.iterations.map(_pair_fuse))
         elif isinstance(op, P.ForLoop):
             done: dict = {}
             for body in op.iterations:
                 if id(body) not in done:
-                    done[id(body)] = _merge_single_qubit_runs(body)
+                    done[id(body)] = _pair_fuse(body)
             op = P.ForLoop(tuple(done[id(body)] for body in op.iterations))
         elif isinstance(op, P.SwitchCase):
-            op = P.SwitchCase(op.target, tuple((values, _merge_single_qubit_runs(body)) for values, body in op.cases))
-        single = isinstance(op, P.Diagonal) or (isinstance(op, P.Unitary) and not op.controls)
-        if single and len(op.qubits) == 1:
-            qubit = op.qubits[0]
-            index = open_on.get(qubit)
-            if index is not None:
-                out[index] = _merge([out[index], op], isinstance(out[index], P.Diagonal) and isinstance(op, P.Diagonal))
-                continue
-            open_on[qubit] = len(out)
-            out.append(op)
+            op = P.SwitchCase(op.target, tuple((values, _pair_fuse(body)) for values, body in op.cases))
+        gate = None
+        if isinstance(op, P.Diagonal) or (isinstance(op, P.Unitary) and len(op.controls) + len(op.qubits) <= 2):
+            gate = _as_fusable(op)
+        if gate is not None and len(gate.qubits) == 1:
+            qubit = gate.qubits[0]
+            block = open_on.get(qubit)
+            if block is None:
+                block = open_on[qubit] = _Block(gate.qubits, [])
+                out.append(block)
+            block.members.append(gate)
+            continue
+        if gate is not None and len(gate.qubits) == 2:
+            first, second = gate.qubits
+            block = open_on.get(first)
+            if block is None or open_on.get(second) is not block:
+                block = _Block((min(first, second), max(first, second)), [])
+                for earlier in (open_on.get(first), open_on.get(second)):
+                    if earlier is not None and len(earlier.qubits) == 1:
+                        earlier.absorbed = True
+                        block.members.extend(earlier.members)
+                open_on[first] = open_on[second] = block
+                out.append(block)
+            block.members.append(gate)
             continue
         if isinstance(op, P.GlobalPhase):
             out.append(op)
@@ -206,7 +244,81 @@ def _merge_single_qubit_runs(ops) -> tuple:
         for qubit in touched:
             open_on.pop(qubit, None)
         out.append(op)
-    return tuple(out)
+    merged = _block_products([item for item in out if isinstance(item, _Block) and not item.absorbed and len(item.members) > 1])
+    result = []
+    for item in out:
+        if not isinstance(item, _Block):
+            result.append(item)
+        elif not item.absorbed:
+            result.append(merged[id(item)] if len(item.members) > 1 else item.members[0])
+    return tuple(result)
+
+
+def _block_products(blocks: list) -> dict:
+    """``{id(block): op}``: each block's product as a Unitary, or a Diagonal when it is one.
+
+    Every member is first written as a matrix on its block's qubits (members of
+    a kind together: a one-qubit gate on the block's low or high qubit becomes
+    a Kronecker product with the identity, a two-qubit gate on the qubits in
+    descending order gets its index bits exchanged), then the blocks multiply
+    their members in lockstep, longest first: step s is one stacked product over
+    the blocks with more than s members. A few array calls per member kind and
+    per step, whatever the number of blocks.
+    """
+    products: dict = {}
+    for dim in (2, 4):
+        group = sorted((block for block in blocks if 1 << len(block.qubits) == dim), key=lambda block: -len(block.members))
+        if not group:
+            continue
+        # factors[i]: the i-th member of the group's blocks (block by block) on its block's qubits.
+        owners = [(member, block.qubits[0]) for block in group for member in block.members]
+        members = [member for member, _ in owners]
+        factors = np.zeros((len(members), dim, dim), dtype=np.complex128)
+        kinds: dict = {}
+        for index, (member, low) in enumerate(owners):
+            if len(member.qubits) == 2:
+                kind = "pair" if member.qubits[0] == low else "swapped"
+            else:
+                kind = "low" if member.qubits[0] == low else "high"
+            kind = (kind, isinstance(member, P.Diagonal))
+            kinds.setdefault(kind, []).append(index)
+        for (kind, diagonal), where in kinds.items():
+            where = np.asarray(where)
+            chosen = [members[i] for i in where]
+            size = 2 if kind in ("low", "high") else 4
+            if diagonal:
+                values = np.stack([member.diagonal for member in chosen])
+                stacked = np.zeros((len(chosen), size, size), dtype=np.complex128)
+                stacked[:, np.arange(size), np.arange(size)] = values
+            else:
+                stacked = np.stack([member.matrix for member in chosen])
+            if kind == "swapped":
+                stacked = stacked[:, _BIT_SWAP][:, :, _BIT_SWAP]
+            if dim == 2 or kind in ("pair", "swapped"):
+                factors[where] = stacked
+            elif kind == "low":  # identity on the high qubit: the 2x2 on each half
+                factors[where, 0:2, 0:2] = stacked
+                factors[where, 2:4, 2:4] = stacked
+            else:  # identity on the low qubit: the 2x2 on the even and on the odd indices
+                factors[where, 0::2, 0::2] = stacked
+                factors[where, 1::2, 1::2] = stacked
+        starts = np.cumsum([0] + [len(block.members) for block in group])
+        lengths = np.diff(starts)
+        product = factors[starts[:-1]]
+        for step in range(1, int(lengths[0])):
+            active = int(np.count_nonzero(lengths > step))
+            product[:active] = factors[starts[:active] + step] @ product[:active]
+        off = np.abs(product.reshape(len(group), -1)[:, _off_diagonal(dim)]).max(axis=1) <= DIAGONAL_TOLERANCE
+        for block, matrix, diagonal in zip(group, product, off):
+            if diagonal:
+                products[id(block)] = P.Diagonal(block.qubits, np.diagonal(matrix).copy(), "fused")
+            else:
+                products[id(block)] = P.Unitary(block.qubits, matrix, label="fused")
+    return products
+
+
+# Exchanges bits 0 and 1 of a 4-entry index: a two-qubit matrix on (b, a) as one on (a, b).
+_BIT_SWAP = np.array([0, 2, 1, 3])
 
 
 def _greedy(items: list, width: int, all_qubits: frozenset, sources: Optional[dict] = None) -> list:

@@ -157,9 +157,11 @@ def _standard_op(op: Gate, key: tuple) -> tuple[bool, np.ndarray]:
 
 
 def _classify(matrix: np.ndarray) -> tuple[bool, np.ndarray]:
-    diagonal = np.diagonal(matrix)
-    if np.count_nonzero(matrix - np.diag(diagonal)) == 0:
-        out = np.ascontiguousarray(diagonal)
+    dim = matrix.shape[0]
+    # The flat matrix after its first entry, as rows of dim + 1: each row's first dim entries are off-diagonal.
+    off_diagonal = np.ascontiguousarray(matrix).reshape(-1)[1:].reshape(dim - 1, dim + 1)[:, :dim]
+    if not off_diagonal.any():
+        out = np.ascontiguousarray(np.diagonal(matrix))
     else:
         out = np.ascontiguousarray(matrix)
     out.setflags(write=False)

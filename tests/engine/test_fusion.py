@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from qiskit import QuantumCircuit
 from qiskit.circuit.library import MCXGate, UnitaryGate
-from qiskit.quantum_info import Statevector, random_statevector, random_unitary
+from qiskit.quantum_info import Operator, Statevector, random_statevector, random_unitary
 
 from gpu_provider.compiler.fusion import fuse
 from gpu_provider.compiler.translate import translate
@@ -102,23 +102,100 @@ def test_diagonal_only_runs(device, width):
     np.testing.assert_allclose(engine_statevector(fused, device), expected, atol=ATOL, rtol=0)
 
 
-def test_below_threshold_only_single_qubit_runs_merge():
+def test_below_threshold_gates_merge_into_blocks_of_at_most_two_qubits(device):
     circuit = random_gate_circuit(5, depth=60, seed=1)
     circuit.measure_all(add_bits=True)
     circuit.rx(0.4, 0)  # after its measure: must stay after it
     circuit.ry(0.2, 1)
     program = translate(circuit)
     merged = fuse(program, "CPU", max_qubits=5, threshold=6)
-    assert merged.num_ops < program.num_ops
     gates = lambda prog: [op for op in prog.ops if isinstance(op, (P.Unitary, P.Diagonal))]  # noqa: E731
-    assert sorted(len(op.qubits) for op in gates(merged) if len(op.qubits) > 1) == sorted(
-        len(op.qubits) for op in gates(program) if len(op.qubits) > 1
-    )
+    # Wider ops stay as they were, every block is on one or two qubits, and some merged.
+    assert [op for op in gates(merged) if len(P.op_qubits(op)) > 2] == [op for op in gates(program) if len(P.op_qubits(op)) > 2]
+    assert sum(len(P.op_qubits(op)) == 2 for op in gates(merged)) < sum(len(P.op_qubits(op)) == 2 for op in gates(program))
+    assert merged.num_ops < program.num_ops
     kinds = [type(op).__name__ for op in merged.ops]
     assert kinds[-2:] == ["Unitary", "Unitary"] and kinds.count("Measure") == 5
     gates_only = random_gate_circuit(5, depth=60, seed=1)
     fused = fuse(translate(gates_only), "CPU", threshold=6)
     np.testing.assert_allclose(reference_evolve(fused), Statevector(gates_only).data, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(engine_statevector(fused, device), Statevector(gates_only).data, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pair_fusion_matches_statevector_on_random_circuits(device, seed):
+    # Gates on qubits in both orders, diagonals on either qubit of a pair, 3-qubit gates between.
+    circuit = random_gate_circuit(6, depth=120, seed=seed)
+    diagonals = random_gate_circuit(4, depth=40, seed=seed, diagonal_only=True)
+    circuit.compose(diagonals, qubits=[5, 1, 3, 0], inplace=True)
+    program = translate(circuit)
+    fused = fuse(program, "CPU", threshold=7)
+    assert all(len(P.op_qubits(op)) <= 2 or op in program.ops for op in fused.ops)
+    np.testing.assert_allclose(reference_evolve(fused), Statevector(circuit).data, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(engine_statevector(fused, device), Statevector(circuit).data, atol=ATOL, rtol=0)
+
+
+def test_pair_fusion_of_a_brick_circuit_leaves_one_op_per_pair_run():
+    # u on every qubit, then cx on alternating pairs: each cx takes in the u gates around it.
+    rng = np.random.default_rng(3)
+    circuit = QuantumCircuit(6)
+    for layer in range(8):
+        for q in range(6):
+            circuit.u(*rng.uniform(-np.pi, np.pi, 3), q)
+        for q in range(layer % 2, 5, 2):
+            circuit.cx(q, q + 1)
+    program = translate(circuit)
+    fused = fuse(program, "CPU", threshold=7)
+    cx_count = sum(1 for instruction in circuit.data if instruction.operation.name == "cx")
+    # Only the first layer's u gates on qubits 0 and 5 before any cx stay apart from a pair... and they
+    # are absorbed too, by the first cx on their qubit: one op per cx, plus the last layer's lone u on edge qubits.
+    assert cx_count <= fused.num_ops <= cx_count + 2
+    assert all(len(op.qubits) <= 2 for op in fused.ops)
+    np.testing.assert_allclose(reference_evolve(fused), Statevector(circuit).data, atol=ATOL, rtol=0)
+
+
+def test_pair_fusion_finds_a_controlled_phase_and_keeps_lone_ops():
+    circuit = QuantumCircuit(3, 1)
+    circuit.cx(0, 1)
+    circuit.rz(0.3, 1)
+    circuit.cx(0, 1)  # cx rz cx: a diagonal on (0, 1)
+    circuit.h(2)  # alone: kept as the very same op
+    circuit.measure(2, 0)
+    circuit.x(2)  # after the measure: a new block
+    program = translate(circuit)
+    fused = fuse(program, "CPU", threshold=4)
+    assert isinstance(fused.ops[0], P.Diagonal) and fused.ops[0].qubits == (0, 1)
+    assert fused.ops[1] is program.ops[3]
+    assert isinstance(fused.ops[2], P.Measure) and fused.ops[3] is program.ops[5]
+    phase = QuantumCircuit(2)
+    phase.cx(0, 1)
+    phase.rz(0.3, 1)
+    phase.cx(0, 1)
+    np.testing.assert_allclose(np.diag(fused.ops[0].diagonal), Operator(phase).data, atol=ATOL, rtol=0)
+
+
+def test_pair_fusion_inside_control_flow_keeps_bodies_apart():
+    circuit = QuantumCircuit(3, 1)
+    circuit.h(0)
+    circuit.measure(0, 0)
+    with circuit.if_test((circuit.clbits[0], 1)) as otherwise:
+        circuit.rx(0.3, 1)
+        circuit.cx(1, 2)
+        circuit.ry(0.2, 2)
+    with otherwise:
+        circuit.h(1)
+    circuit.rz(0.4, 1)  # after the if_else: not merged into its bodies
+    circuit.cx(1, 2)
+    program = translate(circuit)
+    fused = fuse(program, "CPU", threshold=4)
+    if_else = next(op for op in fused.ops if isinstance(op, P.IfElse))
+    assert len(if_else.true_body) == 1 and len(if_else.false_body) == 1
+    assert isinstance(fused.ops[-1], P.Unitary) and fused.ops[-1].qubits == (1, 2)
+    assert fused.ops.index(if_else) < len(fused.ops) - 1
+    for seed in (1, 2):
+        on = make_backend("CPU", fusion_threshold=4).run(circuit, shots=200, seed_simulator=seed, memory=True).result()
+        off = make_backend("CPU", fusion_enable=False).run(circuit, shots=200, seed_simulator=seed, memory=True).result()
+        assert on.get_memory() == off.get_memory()
 
 
 def test_fusion_keeps_non_gates_in_place():
@@ -164,9 +241,9 @@ def test_default_threshold_fuses_only_large_circuits(device):
     small = random_gate_circuit(6, depth=30, seed=1)
     result = backend.run(small, shots=1, statevector=True).result()
     metadata = result.results[0].metadata
-    multi = sum(1 for instruction in small.data if instruction.operation.num_qubits > 1)
-    # Below the threshold only runs of one-qubit gates merge: every wider gate stays.
-    assert multi <= metadata["fusion_ops_after"] < metadata["fusion_ops_before"]
+    wide = sum(1 for instruction in small.data if instruction.operation.num_qubits > 2)
+    # Below the threshold gates merge into blocks of at most two qubits: every wider gate stays.
+    assert wide <= metadata["fusion_ops_after"] < metadata["fusion_ops_before"]
     np.testing.assert_allclose(result.get_statevector(0), Statevector(small).data, atol=ATOL, rtol=0)
     large = random_gate_circuit(14, depth=40, seed=2)
     result = backend.run(large, shots=1, statevector=True).result()
