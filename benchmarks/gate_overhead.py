@@ -1,7 +1,7 @@
 """Host time per dense gate on small states, the gather path against the general one.
 
     python -m benchmarks.gate_overhead [--sizes 8,10,12,13,14] [--precision single]
-                                       [--gates 1000] [--repeats 5]
+                                       [--gates 1000] [--repeats 5] [--circuits 100]
 
 Applies the same random one- and two-qubit gates (alternating) to a
 ``StateVector`` on the CPU, once with the small-state gather path disabled
@@ -11,6 +11,13 @@ with it forced on, and prints the process CPU time per gate (minimum over
 difference between the two results. CPU time, not wall time, so other
 processes on the machine weigh less; run with ``OPENBLAS_NUM_THREADS=1`` to
 keep BLAS threads out of it. Information only.
+
+Then, per gate of whole circuits (``--circuits`` random 12-qubit circuits of
+``benchmarks.batch``: 12 layers of ``u`` on every qubit and ``cx`` on alternate
+pairs, 1024 shots), the CPU time of each step the host takes: translation,
+fusion, and the engine (``run_program``: gates, sampling, counts), divided by
+the circuits' gates before fusion. The same file runs against an older
+checkout (``PYTHONPATH=<checkout> python <this file>``) to compare.
 """
 
 from __future__ import annotations
@@ -51,12 +58,45 @@ def _run(n: int, dtype, gates: list, small_limit: int) -> tuple[float, np.ndarra
         S.SMALL_STATE_QUBITS = saved
 
 
+def _circuit_steps(num_qubits: int, circuits: int, precision: str, repeats: int) -> tuple[float, float, float, int]:
+    """Minimum CPU seconds per source gate of translate, fuse and run_program over ``circuits`` circuits."""
+    from qiskit import transpile
+
+    from benchmarks.batch import random_circuit
+    from gpu_provider.compiler.fusion import fuse
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine.devices import resolve_device
+    from gpu_provider.engine.executor import RunConfig, run_program
+
+    rng = np.random.default_rng(7)
+    batch = transpile([random_circuit(num_qubits, 12, rng) for _ in range(circuits)], basis_gates=["u", "cx"], optimization_level=0)
+    gates = sum(1 for circuit in batch for instruction in circuit.data if instruction.operation.name in ("u", "cx"))
+    device, _ = resolve_device("cpu")
+    config = RunConfig(shots=1024, seed=1, precision=precision)
+    best = [float("inf")] * 3
+    ops = 0
+    for _ in range(repeats):
+        start = time.process_time()
+        programs = [translate(circuit) for circuit in batch]
+        translated = time.process_time()
+        fused = [fuse(program, "CPU", precision=precision) for program in programs]
+        done_fusing = time.process_time()
+        for program in fused:
+            run_program(program, device, config)
+        end = time.process_time()
+        ops = sum(program.num_ops for program in fused)
+        for i, seconds in enumerate((translated - start, done_fusing - translated, end - done_fusing)):
+            best[i] = min(best[i], seconds / gates)
+    return best[0], best[1], best[2], ops / circuits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8,10,12,13,14")
     parser.add_argument("--precision", default="single", choices=sorted(PRECISIONS))
     parser.add_argument("--gates", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--circuits", type=int, default=100, help="whole circuits for the per-source-gate table (0: skip it)")
     args = parser.parse_args(argv)
     dtype = PRECISIONS[args.precision]
     print(f"# CPU time per 1-/2-qubit gate, {args.precision}; the default path is gather up to {S.SMALL_STATE_QUBITS} qubits")
@@ -70,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             t, b = _run(n, dtype, gates, 64)
             gather.append(t)
         print(f"{n:>3} {1e6 * min(general):>11.1f} {1e6 * min(gather):>10.1f} {float(np.max(np.abs(a - b))):>9.1e}")
+    if args.circuits:
+        translate_s, fuse_s, engine_s, ops = _circuit_steps(12, args.circuits, args.precision, max(1, args.repeats // 2))
+        print(f"# whole 12-qubit circuits ({args.circuits}, u + cx, 1024 shots): CPU us per source gate, {ops:.0f} ops a circuit")
+        print(f"{'translate':>10} {'fuse':>6} {'engine':>7} {'total':>6}")
+        total = translate_s + fuse_s + engine_s
+        print(f"{1e6 * translate_s:>10.2f} {1e6 * fuse_s:>6.2f} {1e6 * engine_s:>7.2f} {1e6 * total:>6.2f}")
     return 0
 
 

@@ -667,6 +667,9 @@ class _Tally:
             pairs = zip(keys.tolist(), numbers.tolist())
         else:
             pairs = collections.Counter(values).items()
+        if not self.counts:
+            self.counts = dict(pairs)
+            return
         counts = self.counts
         for key, number in pairs:
             counts[key] = counts.get(key, 0) + number
@@ -826,6 +829,8 @@ def _sampled_clbit_values(outcomes: np.ndarray, qubits: list[int], measures, num
     Measures are applied in program order, so the last one into a clbit wins.
     """
     position = {q: j for j, q in enumerate(qubits)}
+    if len(measures) == len(qubits) == num_clbits and all(position[m.qubit] == m.clbit for m in measures):
+        return outcomes  # each measured qubit into the clbit of its own outcome bit (measure_all)
     if num_clbits <= 62:
         values = np.zeros(outcomes.shape[0], dtype=np.int64)
         for m in measures:

@@ -574,6 +574,8 @@ class StateVector:
         row_probs, row_cdf = self.sampling_table() if table is None else table
         total = float(row_cdf[-1])
         index = self.sample_indices(rng.random(shots) * total, (row_probs, row_cdf))
+        if len(qubits) == self.num_qubits and all(self.bit(q) == j for j, q in enumerate(qubits)):
+            return index  # every qubit, each on its own bit: the outcome is the index
         out = np.zeros(shots, dtype=np.int64)
         for j, q in enumerate(qubits):
             out |= ((index >> self.bit(q)) & 1) << j
