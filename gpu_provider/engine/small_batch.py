@@ -154,8 +154,9 @@ def estimated_bytes(program: Program, itemsize: int) -> int:
     return words * _WORD_BYTES + ((1 << program.num_qubits) + _program_pool(program)) * itemsize
 
 
-def chunks(programs: Sequence[Program], itemsize: int, limit: int = CHUNK_BYTES) -> list[tuple[int, int]]:
-    """``(start, stop)`` chunks of ``programs`` whose device buffers stay within ``limit`` (one circuit at least)."""
+def chunks(programs: Sequence[Program], itemsize: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """``(start, stop)`` chunks of ``programs`` whose device buffers stay within ``limit`` (``CHUNK_BYTES``; one circuit at least)."""
+    limit = CHUNK_BYTES if limit is None else limit
     out: list[tuple[int, int]] = []
     start, total = 0, 0
     for index, program in enumerate(programs):
