@@ -317,11 +317,14 @@ class GPUSimulator(BackendV2):
 
             reserve = 0  # the states live on the executor's workers; this job only waits for them here
         else:
-            batch_small = bool(merged["batch_small_circuits"]) and group is None
+            # Runs of small circuits that go to the GPU's bulk kernel (none on the CPU, under MPI or when turned off).
+            plan = None
+            if merged["batch_small_circuits"] and group is None:
+                plan = small_batch.plan(device, [(program, config) for _, program, config, _ in experiments])
 
             def simulate(execution: Execution) -> Result:
                 if group is None:
-                    return _simulate(self, job_id, device, experiments, execution, run_metadata, batch_small=batch_small)
+                    return _simulate(self, job_id, device, experiments, execution, run_metadata, plan=plan)
                 return run_on_ranks(group, execution, lambda: _simulate(self, job_id, device, experiments, execution, run_metadata, group, splits))
 
             k = prepared.global_qubits
@@ -330,8 +333,8 @@ class GPUSimulator(BackendV2):
                 + (EXCHANGE_BYTES if split else 0)
                 for (_, program, config, _), split in zip(experiments, prepared.distributed)
             )
-            if batch_small:  # the bulk path's largest chunk of buffers
-                reserve = max(reserve, small_batch.reserve_bytes(device, [(program, config) for _, program, config, _ in experiments]))
+            if plan is not None:  # the bulk path's largest chunk of buffers
+                reserve = max(reserve, small_batch.reserve_bytes(plan))
             if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
                 reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
         widest = max(program.num_qubits for _, program, _, _ in experiments)
@@ -382,15 +385,15 @@ def _simulate(
     run_metadata: dict,
     group=None,
     splits=(),
-    batch_small: bool = False,
+    plan=None,
 ) -> Result:
     """Run the experiments; with an MPI ``group``, those marked in ``splits`` are split over its
     ranks and the others run whole on every rank (checking the ranks' control channel for cancels).
-    With ``batch_small`` (no group), runs of consecutive small circuits go through the GPU's bulk kernel."""
+    With a ``plan`` (:func:`small_batch.plan`, no group), its batched runs go through the GPU's bulk kernel."""
     start = time.time()
     results = []
     items = [(program, config) for _, program, config, _ in experiments]
-    outputs = _outputs(device, items, execution, group, splits, batch_small)
+    outputs = _outputs(device, items, execution, group, splits, plan)
     for (circuit, program, config, ops_before), output in zip(experiments, outputs):
         output.metadata.update(fusion_ops_before=ops_before, fusion_ops_after=program.num_ops)
         if "gpu_unavailable_reason" in run_metadata:
@@ -399,14 +402,13 @@ def _simulate(
     return _job_result(backend, job_id, results, start, dict(run_metadata))
 
 
-def _outputs(device: Device, items: list, execution: Execution, group, splits, batch_small: bool):
-    """Each experiment's output in order: runs that :func:`small_batch.runs` marks in bulk, the rest one at a time."""
-    segments = small_batch.runs(device, items) if batch_small and group is None else [(i, i + 1, False) for i in range(len(items))]
-    for start, stop, batched in segments:
-        if batched:
-            yield from small_batch.run_small_batch(items[start:stop], device, execution)
+def _outputs(device: Device, items: list, execution: Execution, group, splits, plan):
+    """Each experiment's output in order: the runs that ``plan`` batches in bulk, the rest one at a time."""
+    for run in plan if plan is not None else [small_batch.Run(0, len(items), False)]:
+        if run.batched:
+            yield from small_batch.run_small_batch(items[run.start : run.stop], device, execution, run.chunks)
             continue
-        for index in range(start, stop):
+        for index in range(run.start, run.stop):
             program, config = items[index]
             if group is None:
                 yield run_program(program, device, config, execution)

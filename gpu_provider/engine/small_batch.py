@@ -12,7 +12,7 @@ every shot can be drawn from (no mid-circuit measurement, reset or control
 flow), of 1 to ``SMALL_MAX_QUBITS`` qubits (12 in complex64, 11 in
 complex128), whose gates are dense matrices on 1 to ``MAX_MATRIX_QUBITS``
 targets (any controls), diagonals on up to ``MAX_DIAGONAL_QUBITS`` and global
-phases. :func:`runs` cuts a job's experiments into runs of consecutive
+phases. :func:`plan` cuts a job's experiments into runs of consecutive
 eligible ones and the rest, which keep their one-at-a-time path, in order.
 
 How (:func:`run_small_batch`): circuits are packed into chunks of at most
@@ -29,6 +29,7 @@ checked and progress recorded between chunks.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -81,35 +82,96 @@ def batch_kernels(device: Device, dtype) -> Any:
     return kernels if kernels is not None and hasattr(kernels, "run_small_circuits") else None
 
 
-def _op_supported(op) -> bool:
-    if isinstance(op, (Measure, GlobalPhase)):
-        return True
-    if isinstance(op, Unitary):
-        k = len(op.qubits)
-        return 1 <= k <= MAX_MATRIX_QUBITS or (k == 0 and not op.controls)
-    if isinstance(op, Diagonal):
-        return len(op.qubits) <= MAX_DIAGONAL_QUBITS
-    return False
+def _scan(program: Program, itemsize: int) -> int | None:
+    """Device bytes ``program`` adds to a chunk at most (shared matrices counted in full), or None if an op is not the kernel's."""
+    words = SMALL_HEADER_WORDS
+    numbers = 1 << program.num_qubits
+    for op in program.ops:
+        kind = type(op)
+        if kind is Measure:
+            continue
+        if kind is Unitary:
+            k = len(op.qubits)
+            if not (1 <= k <= MAX_MATRIX_QUBITS or (k == 0 and not op.controls)):
+                return None
+            numbers += op.matrix.size
+        elif kind is Diagonal:
+            if len(op.qubits) > MAX_DIAGONAL_QUBITS:
+                return None
+            numbers += op.diagonal.size
+        elif kind is GlobalPhase:
+            numbers += 1
+        else:
+            return None
+        words += SMALL_OP_WORDS
+    return words * _WORD_BYTES + numbers * itemsize
+
+
+def estimated_bytes(program: Program, itemsize: int) -> int:
+    """Device bytes one eligible circuit adds to a chunk at most (matrices shared with others count in full)."""
+    size = _scan(program, itemsize)
+    if size is None:
+        raise InvalidInputError(f"circuit {program.name!r} has ops the bulk kernel cannot run")
+    return size
+
+
+def _eligible_bytes(program: Program, config: RunConfig, device: Device) -> int | None:
+    kernels = batch_kernels(device, config.dtype)
+    if kernels is None or not 1 <= program.num_qubits <= SMALL_MAX_QUBITS[kernels.real] or not is_sampling_friendly(program):
+        return None
+    return _scan(program, np.dtype(config.dtype).itemsize)
 
 
 def eligible(program: Program, config: RunConfig, device: Device) -> bool:
     """Whether ``program`` can run through the bulk kernel on ``device`` (see the module's notes)."""
-    kernels = batch_kernels(device, config.dtype)
-    if kernels is None or not 1 <= program.num_qubits <= SMALL_MAX_QUBITS[kernels.real]:
-        return False
-    return is_sampling_friendly(program) and all(_op_supported(op) for op in program.ops)
+    return _eligible_bytes(program, config, device) is not None
 
 
-def runs(device: Device, items: Sequence[tuple[Program, RunConfig]]) -> list[tuple[int, int, bool]]:
-    """``items`` cut into ``(start, stop, batched)`` runs: consecutive eligible items of one precision, and the rest."""
-    out: list[tuple[int, int, bool]] = []
+@dataclass(frozen=True)
+class Run:
+    """Experiments ``start..stop-1`` of a job: a run of eligible ones (``batched``, cut into
+    ``chunks`` of ``(first, last, bytes)``, indices relative to ``start``) or ones that run one at a time."""
+
+    start: int
+    stop: int
+    batched: bool
+    chunks: tuple = ()
+
+
+def plan(device: Device, items: Sequence[tuple[Program, RunConfig]], limit: int | None = None) -> list[Run]:
+    """``items`` cut into runs: consecutive eligible items of one precision, in chunks of at most
+    ``limit`` (``CHUNK_BYTES``) device bytes each, one circuit at least; and the rest, in order."""
+    limit = CHUNK_BYTES if limit is None else limit
+    bounds: list[list] = []  # [start, stop, sizes or None]
     for index, (program, config) in enumerate(items):
-        batched = eligible(program, config, device)
-        if out and out[-1][2] == batched and (not batched or items[out[-1][0]][1].precision == config.precision):
-            out[-1] = (out[-1][0], index + 1, batched)
+        size = _eligible_bytes(program, config, device)
+        last = bounds[-1] if bounds else None
+        if last is not None and (last[2] is None) == (size is None) and (size is None or items[last[0]][1].precision == config.precision):
+            last[1] = index + 1
+            if size is not None:
+                last[2].append(size)
         else:
-            out.append((index, index + 1, batched))
-    return out
+            bounds.append([index, index + 1, None if size is None else [size]])
+    return [Run(start, stop, sizes is not None, _chunks(sizes, limit) if sizes else ()) for start, stop, sizes in bounds]
+
+
+def _chunks(sizes: Sequence[int], limit: int) -> tuple:
+    out = []
+    start, total = 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and total + size > limit:
+            out.append((start, index, total))
+            start, total = index, 0
+        total += size
+    if start < len(sizes):
+        out.append((start, len(sizes), total))
+    return tuple(out)
+
+
+def reserve_bytes(runs: Sequence[Run]) -> int:
+    """Peak device bytes the bulk path takes for a job's :func:`plan` (its largest chunk) plus the workspace; 0 if none."""
+    peak = max((size for run in runs for _, _, size in run.chunks), default=0)
+    return peak + WORKSPACE_BYTES if peak else 0
 
 
 # ---------------------------------------------------------------------------
@@ -130,57 +192,6 @@ class _Packed:
     @property
     def device_bytes(self) -> int:
         return (self.headers.size + self.ops.size) * _WORD_BYTES + (self.pool.size + self.amplitudes) * self.pool.dtype.itemsize
-
-
-def _program_words(program: Program) -> int:
-    return sum(1 for op in program.ops if not isinstance(op, Measure))
-
-
-def _program_pool(program: Program) -> int:
-    total = 0
-    for op in program.ops:
-        if isinstance(op, Unitary):
-            total += op.matrix.size
-        elif isinstance(op, Diagonal):
-            total += op.diagonal.size
-        elif isinstance(op, GlobalPhase):
-            total += 1
-    return total
-
-
-def estimated_bytes(program: Program, itemsize: int) -> int:
-    """Device bytes one circuit adds to a chunk at most (matrices shared with others count in full)."""
-    words = SMALL_HEADER_WORDS + SMALL_OP_WORDS * _program_words(program)
-    return words * _WORD_BYTES + ((1 << program.num_qubits) + _program_pool(program)) * itemsize
-
-
-def chunks(programs: Sequence[Program], itemsize: int, limit: int | None = None) -> list[tuple[int, int]]:
-    """``(start, stop)`` chunks of ``programs`` whose device buffers stay within ``limit`` (``CHUNK_BYTES``; one circuit at least)."""
-    limit = CHUNK_BYTES if limit is None else limit
-    out: list[tuple[int, int]] = []
-    start, total = 0, 0
-    for index, program in enumerate(programs):
-        size = estimated_bytes(program, itemsize)
-        if index > start and total + size > limit:
-            out.append((start, index))
-            start, total = index, 0
-        total += size
-    if start < len(programs):
-        out.append((start, len(programs)))
-    return out
-
-
-def reserve_bytes(device: Device, items: Sequence[tuple[Program, RunConfig]]) -> int:
-    """Peak device bytes the bulk path takes for ``items`` (its largest chunk) plus the workspace; 0 if none is eligible."""
-    peak = 0
-    for start, stop, batched in runs(device, items):
-        if not batched:
-            continue
-        programs = [program for program, _ in items[start:stop]]
-        itemsize = np.dtype(items[start][1].dtype).itemsize
-        for first, last in chunks(programs, itemsize):
-            peak = max(peak, sum(estimated_bytes(p, itemsize) for p in programs[first:last]))
-    return peak + WORKSPACE_BYTES if peak else 0
 
 
 def pack(programs: Sequence[Program], dtype) -> _Packed:
@@ -212,36 +223,36 @@ def pack(programs: Sequence[Program], dtype) -> _Packed:
     def phase(value: complex) -> tuple:
         return (SMALL_PHASE, 0, 0, place(("phase", value), np.array([value])), 0, 0)
 
+    limit = SMALL_MAX_QUBITS["float" if dtype == np.complex64 else "double"]
     widest = 0
     for index, program in enumerate(programs):
         n = program.num_qubits
-        limit = SMALL_MAX_QUBITS["float" if dtype == np.complex64 else "double"]
         if not 1 <= n <= limit:
             raise InvalidInputError(f"the bulk kernel runs circuits of 1 to {limit} qubits in {dtype}, not {n} ({program.name!r})")
         first = len(words)
         for op in program.ops:
-            if isinstance(op, Measure):
+            kind = type(op)
+            if kind is Measure:
                 continue
-            if not _op_supported(op) or any(not 0 <= q < n for q in _qubits(op)):
-                raise InvalidInputError(f"the bulk kernel cannot run {type(op).__name__} on {_qubits(op)} in {program.name!r}")
-            if isinstance(op, GlobalPhase):
+            if kind is GlobalPhase:
                 words.append(phase(complex(math.cos(op.phase), math.sin(op.phase))))
-            elif isinstance(op, Unitary) and not op.qubits:
-                words.append(phase(complex(op.matrix[0, 0])))
-            elif isinstance(op, Diagonal) and not op.qubits:
-                words.append(phase(complex(op.diagonal[0])))
-            elif isinstance(op, Diagonal):
-                k = len(op.qubits)
-                _check_shape(op.diagonal, (1 << k,), program)
-                words.append((SMALL_DIAGONAL | k << 8, pack_bits(op.qubits), 0, place(id(op.diagonal), op.diagonal), 0, 0))
+                continue
+            if kind is Unitary:
+                numbers, qubits, controls, ctrl_state = op.matrix, op.qubits, op.controls, op.ctrl_state
+            elif kind is Diagonal:
+                numbers, qubits, controls, ctrl_state = op.diagonal, op.qubits, (), 0
             else:
-                k = len(op.qubits)
-                _check_shape(op.matrix, (1 << k, 1 << k), program)
-                mask = sum(1 << c for c in op.controls)
-                value = sum(((op.ctrl_state >> i) & 1) << c for i, c in enumerate(op.controls))
-                words.append(
-                    (SMALL_MATRIX | k << 8, pack_bits(op.qubits), pack_bits(sorted(op.qubits)), place(id(op.matrix), op.matrix), mask, value)
+                raise InvalidInputError(f"the bulk kernel cannot run {kind.__name__} (in {program.name!r})")
+            word, packed, packed_sorted, mask, value, shape, top = _gate_words(kind is Diagonal, qubits, controls, ctrl_state)
+            if top >= n or numbers.shape != shape:
+                raise InvalidInputError(
+                    f"the bulk kernel cannot run {kind.__name__} on {controls + qubits} with numbers of shape "
+                    f"{numbers.shape} in the {n}-qubit {program.name!r}"
                 )
+            if not qubits:
+                words.append(phase(complex(numbers.reshape(-1)[0])))
+            else:
+                words.append((word, packed, packed_sorted, place(id(numbers), numbers), mask, value))
         headers[index] = (first, len(words) - first, n, offset)
         offset += 1 << n
         widest = max(widest, n)
@@ -250,13 +261,24 @@ def pack(programs: Sequence[Program], dtype) -> _Packed:
     return _Packed(headers.reshape(-1), ops, pool, [int(h) for h in headers[:, 3]], offset, widest)
 
 
-def _qubits(op) -> tuple:
-    return (op.controls + op.qubits) if isinstance(op, Unitary) else getattr(op, "qubits", ())
+@functools.lru_cache(maxsize=4096)
+def _gate_words(diagonal: bool, qubits: tuple, controls: tuple, ctrl_state: int) -> tuple:
+    """A gate's op words but its pool offset, its numbers' shape and its highest qubit (cached: circuits repeat targets).
 
-
-def _check_shape(array: np.ndarray, shape: tuple, program: Program) -> None:
-    if np.shape(array) != shape:
-        raise InvalidInputError(f"a gate of {program.name!r} has numbers of shape {np.shape(array)}, not {shape}")
+    Raises:
+        InvalidInputError: more targets than the kernel takes, a repeated qubit or a control on a gate of no targets.
+    """
+    k = len(qubits)
+    widest = MAX_DIAGONAL_QUBITS if diagonal else MAX_MATRIX_QUBITS
+    if k > widest or len(set(qubits + controls)) != k + len(controls) or (controls and not k) or min(qubits + controls, default=0) < 0:
+        kind = "diagonal" if diagonal else "gate"
+        raise InvalidInputError(f"the bulk kernel cannot run a {kind} on targets {qubits} with controls {controls}")
+    top = max(qubits + controls, default=-1)
+    if diagonal:
+        return (SMALL_DIAGONAL | k << 8, pack_bits(qubits), 0, 0, 0, (1 << k,), top)
+    mask = sum(1 << c for c in controls)
+    value = sum(((ctrl_state >> i) & 1) << c for i, c in enumerate(controls))
+    return (SMALL_MATRIX | k << 8, pack_bits(qubits), pack_bits(sorted(qubits)), mask, value, (1 << k, 1 << k), top)
 
 
 # ---------------------------------------------------------------------------
@@ -275,8 +297,12 @@ def final_amplitudes(programs: Sequence[Program], device: Device, dtype, kernels
     return device.to_host(out), packed.offsets
 
 
-def run_small_batch(items: Sequence[tuple[Program, RunConfig]], device: Device, execution: Execution | None = None) -> list[ExperimentOutput]:
+def run_small_batch(
+    items: Sequence[tuple[Program, RunConfig]], device: Device, execution: Execution | None = None, chunks: Sequence[tuple] | None = None
+) -> list[ExperimentOutput]:
     """Run eligible ``(program, config)`` items (one precision) in bulk; their outputs, as :func:`run_program` gives them.
+
+    ``chunks``: the items' :attr:`Run.chunks` from :func:`plan`, which checked them; without it they are checked here.
 
     Raises:
         InvalidInputError: an item that is not eligible, or items of mixed precision.
@@ -285,28 +311,29 @@ def run_small_batch(items: Sequence[tuple[Program, RunConfig]], device: Device, 
     """
     if not items:
         return []
-    precision = items[0][1].precision
+    if chunks is None:
+        runs = plan(device, items)
+        if len(runs) != 1 or not runs[0].batched:
+            bad = next((run for run in runs if not run.batched), None)
+            if bad is not None:
+                raise InvalidInputError(f"circuit {items[bad.start][0].name!r} cannot run through the bulk kernel on the {device.kind}")
+            raise InvalidInputError(f"one bulk run takes one precision, not {sorted({c.precision for _, c in items})}")
+        chunks = runs[0].chunks
     dtype = items[0][1].dtype
-    for program, config in items:
-        if config.precision != precision:
-            raise InvalidInputError(f"one bulk run takes one precision, not {precision!r} and {config.precision!r}")
-        if not eligible(program, config, device):
-            raise InvalidInputError(f"circuit {program.name!r} cannot run through the bulk kernel on the {device.kind}")
     kernels = batch_kernels(device, dtype)
-    itemsize = np.dtype(dtype).itemsize
-    programs = [program for program, _ in items]
     outputs: list[ExperimentOutput] = []
-    for first, last in chunks(programs, itemsize):
+    for first, last, size in chunks:
+        chunk = items[first:last]
         if execution is not None:
             execution.poll_cancel()
         else:
-            _check_chunk_fits(device, programs[first:last], itemsize)
+            _check_chunk_fits(device, chunk, size)
         started = time.perf_counter()
-        amplitudes, offsets = final_amplitudes(programs[first:last], device, dtype, kernels)
-        share = (time.perf_counter() - started) / (last - first)
+        amplitudes, offsets = final_amplitudes([program for program, _ in chunk], device, dtype, kernels)
+        share = (time.perf_counter() - started) / len(chunk)
         if execution is not None:
-            execution.advance(sum(count_ops(program.ops) for program in programs[first:last]))
-        for (program, config), offset in zip(items[first:last], offsets):
+            execution.advance(sum(count_ops(program.ops) for program, _ in chunk))
+        for (program, config), offset in zip(chunk, offsets):
             started = time.perf_counter()
             state = StateVector.view(np, amplitudes[offset : offset + (1 << program.num_qubits)], dtype)
             tally = sample_counts(state, program, config, np.random.default_rng(config.seed), execution)
@@ -316,9 +343,10 @@ def run_small_batch(items: Sequence[tuple[Program, RunConfig]], device: Device, 
     return outputs
 
 
-def _check_chunk_fits(device: Device, programs: Sequence[Program], itemsize: int) -> None:
-    needed = sum(estimated_bytes(p, itemsize) for p in programs) + WORKSPACE_BYTES
+def _check_chunk_fits(device: Device, chunk: Sequence[tuple[Program, RunConfig]], size: int) -> None:
+    needed = size + WORKSPACE_BYTES
     free = device.memory_capacity()
     if needed > free:
-        widest = max(p.num_qubits for p in programs)
-        raise too_large_error(device.kind, widest, itemsize, needed, free, f"a bulk launch of {len(programs)} circuits")
+        widest = max(program.num_qubits for program, _ in chunk)
+        itemsize = np.dtype(chunk[0][1].dtype).itemsize
+        raise too_large_error(device.kind, widest, itemsize, needed, free, f"a bulk launch of {len(chunk)} circuits")

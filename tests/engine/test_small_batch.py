@@ -110,13 +110,18 @@ def test_eligibility(emulated_gpu):
     assert not small_batch.eligible(_program([Unitary((12,), H)], n=13), single, gpu)
 
 
-def test_runs_keep_order_and_split_at_ineligible_and_precision(emulated_gpu):
+def test_plan_keeps_order_and_splits_at_ineligible_and_precision(emulated_gpu):
     gpu = _gpu()
     ok = _program([Unitary((0,), H), Measure(0, 0)])
     bad = _program([Measure(0, 0), Unitary((0,), H)])
     double, single = RunConfig(precision="double"), RunConfig(precision="single")
     items = [(ok, double), (ok, double), (bad, double), (ok, double), (ok, single), (bad, double), (bad, double)]
-    assert small_batch.runs(gpu, items) == [(0, 2, True), (2, 3, False), (3, 4, True), (4, 5, True), (5, 7, False)]
+    runs = small_batch.plan(gpu, items)
+    assert [(r.start, r.stop, r.batched) for r in runs] == [(0, 2, True), (2, 3, False), (3, 4, True), (4, 5, True), (5, 7, False)]
+    size = small_batch.estimated_bytes(ok, 16)
+    assert runs[0].chunks == ((0, 2, 2 * size),) and runs[1].chunks == ()
+    assert small_batch.reserve_bytes(runs) == 2 * size + executor.WORKSPACE_BYTES
+    assert small_batch.reserve_bytes(small_batch.plan(gpu, [(bad, double)])) == 0
 
 
 def test_pack_layout_and_shared_matrices():
@@ -149,12 +154,18 @@ def test_pack_refuses_what_the_kernel_cannot_run():
         small_batch.pack([_program([Unitary((5,), H)])], np.complex128)  # a qubit outside the state
 
 
-def test_chunks_stay_within_their_bytes():
-    programs = [_program([Unitary((0,), H)] * 3, n=10) for _ in range(10)]
-    each = small_batch.estimated_bytes(programs[0], 16)
-    assert small_batch.chunks(programs, 16, limit=3 * each) == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert small_batch.chunks(programs, 16, limit=1) == [(i, i + 1) for i in range(10)]  # one circuit at least
-    assert small_batch.chunks(programs, 16) == [(0, 10)]
+def test_chunks_stay_within_their_bytes(emulated_gpu):
+    gpu = _gpu()
+    program = _program([Unitary((0,), H)] * 3, n=10)
+    items = [(program, RunConfig())] * 10
+    each = small_batch.estimated_bytes(program, 16)
+    assert each == (4 + 3 * 6) * 8 + (1024 + 3 * 4) * 16
+    chunks = small_batch.plan(gpu, items, limit=3 * each)[0].chunks
+    assert chunks == ((0, 3, 3 * each), (3, 6, 3 * each), (6, 9, 3 * each), (9, 10, each))
+    assert [c[:2] for c in small_batch.plan(gpu, items, limit=1)[0].chunks] == [(i, i + 1) for i in range(10)]  # one at least
+    assert small_batch.plan(gpu, items)[0].chunks == ((0, 10, 10 * each),)
+    with pytest.raises(InvalidInputError, match="cannot run"):
+        small_batch.estimated_bytes(_program([Reset(0)]), 16)
 
 
 # ---------------------------------------------------------------------------
@@ -309,12 +320,11 @@ def test_admission_reserves_the_bulk_buffers(emulated_gpu):
     job = backend.run(circuits)
     job.result()
     items = [(program, config) for _, program, config, _ in backend._prepare(circuits, dict(backend.options.__dict__)).experiments]
-    reserved = small_batch.reserve_bytes(gpu, items)
+    reserved = small_batch.reserve_bytes(small_batch.plan(gpu, items))
     assert reserved >= 40 * (1 << 10) * 8 + executor.WORKSPACE_BYTES  # 40 states of 2^10 complex64 at least
     assert job._execution.reserve_bytes >= reserved
     # More than any one circuit's own run would reserve: the batch's buffers are what admission must count.
     assert max(executor.memory_needed(program, config, gpu) for program, config in items) < reserved
-    assert small_batch.reserve_bytes(gpu, []) == 0
 
 
 def test_the_option_is_validated_and_turns_the_path_off(emulated_gpu):
