@@ -668,7 +668,8 @@ __global__ void __launch_bounds__(256) pauli_expectation(
 // shared-memory indices, with the matrix read through the read-only cache;
 // diagonals (k <= 10) and phases one amplitude per thread. Two resident
 // blocks per multiprocessor cap registers at 128 (ptxas, sm_80/sm_90: float
-// needs no more and spills nothing; double spills ~260 bytes, the k = 5 case).
+// needs no more and spills nothing; double spills ~270 bytes, all of it the
+// k = 5 case: without it, 128 registers and no spills).
 constexpr int SMALL_HEADER_WORDS = 4;
 constexpr int SMALL_OP_WORDS = 6;
 constexpr int SMALL_MATRIX = 0;
@@ -716,6 +717,7 @@ __global__ void __launch_bounds__(256, 2) run_small_circuits(
         const index_t count = __ldg(header + 1);
         const int n = (int)__ldg(header + 2);
         const index_t offset = __ldg(header + 3);
+        if (n < 0 || n > N) continue;  // never from the host's packing; uniform in the block, so no barrier is skipped by some threads only
         const int size = 1 << n;
         for (int i = threadIdx.x; i < size; i += blockDim.x) s[i] = make_complex<R>(i == 0 ? 1 : 0, 0);
         __syncthreads();
