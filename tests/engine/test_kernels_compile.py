@@ -483,6 +483,17 @@ def test_emulated_small_circuits(emulated, widths):
     assert kernels.launched == [f"run_small_circuits<{kernels.real}, {limit}>"]
 
 
+def test_emulated_small_circuit_wider_than_the_shared_state_is_skipped(emulated):
+    """A header naming more qubits than the kernel's shared state holds (the packing never writes one) leaves its output alone."""
+    precision, kernels = emulated
+    dtype = gpu_checks.DTYPES[precision]
+    limit = K.SMALL_MAX_QUBITS[kernels.real]
+    headers = np.array([0, 0, limit + 1, 0, 0, 0, 1, 4], dtype=np.uint64)  # a bad circuit, then a one-qubit one with no ops
+    out = np.full(6, 7 + 7j, dtype=dtype)
+    kernels.run_small_circuits(out, headers, np.zeros(0, dtype=np.uint64), np.zeros(1, dtype=dtype), limit)
+    np.testing.assert_array_equal(out, np.array([7 + 7j] * 4 + [1, 0], dtype=dtype))
+
+
 def test_emulated_small_circuits_refuse_bad_input(emulated):
     precision, kernels = emulated
     dtype = gpu_checks.DTYPES[precision]
