@@ -1,12 +1,14 @@
 """Small-circuit batch, end to end: many 12-qubit circuits in one job, against Qiskit Aer.
 
     python -m benchmarks.batch [--circuits 1000] [--qubits 12] [--device auto|gpu|cpu]
-                               [--precision single|double] [--repeats 3] [--out DIR]
+                               [--precision single|double] [--repeats 3] [--no-bulk] [--out DIR]
 
 Both simulators get the same transpiled random circuits (u + cx layers with
 terminal measurements, 1024 shots each) and are timed side by side on
 ``run(circuits).result()`` (median of --repeats after a warm-up). Prints the
-times and the ratio Aer / gpu_provider; writes JSON to --out.
+times and the ratio Aer / gpu_provider; writes JSON to --out. On a GPU the
+circuits run many per launch (``batch_small_circuits``); ``--no-bulk`` runs
+them one at a time.
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ def _median_time(fn, repeats: int) -> float:
 
 def measure(
     circuits: int, qubits: int, device: str, precision: str, repeats: int, layers: int = 12,
-    fusion_threshold: int | None = None, aer: bool = True,
+    fusion_threshold: int | None = None, aer: bool = True, bulk: bool = True,
 ) -> dict:
     rng = np.random.default_rng(7)
     batch = transpile([random_circuit(qubits, layers, rng) for _ in range(circuits)], basis_gates=["u", "cx"], optimization_level=0)
     options = {} if fusion_threshold is None else {"fusion_threshold": fusion_threshold}
-    ours = GPUSimulator(device=device, precision=precision, **options)
-    report = {"circuits": circuits, "qubits": qubits, "precision": precision, "shots": 1024}
+    ours = GPUSimulator(device=device, precision=precision, batch_small_circuits=bulk, **options)
+    report = {"circuits": circuits, "qubits": qubits, "precision": precision, "shots": 1024, "batch_small_circuits": bulk}
     report["fusion_threshold"] = ours.options.fusion_threshold
     first = ours.run(batch[:1], shots=8).result().results[0].metadata
     report["gpu_provider_device"] = first["device"]
@@ -80,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fusion-threshold", type=int, default=None, help="fuse circuits of at least this many qubits (default: the backend's)")
     parser.add_argument("--no-aer", action="store_true", help="time gpu_provider alone")
+    parser.add_argument("--no-bulk", action="store_true", help="run the circuits one at a time (batch_small_circuits=False)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     report = measure(
         args.circuits, args.qubits, args.device, args.precision, args.repeats,
-        fusion_threshold=args.fusion_threshold, aer=not args.no_aer,
+        fusion_threshold=args.fusion_threshold, aer=not args.no_aer, bulk=not args.no_bulk,
     )
     emit(report, args.out, "batch.json")
     return 0

@@ -37,6 +37,7 @@ from qiskit.transpiler import Target
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, default_width, fuse, fusion_limits
 from .compiler.translate import EAGER_LOOP_ITERATIONS, translate
+from .engine import small_batch
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes, too_large_error
 from .engine.executor import (
     WORKSPACE_BYTES,
@@ -109,6 +110,11 @@ class GPUSimulator(BackendV2):
         max_job_size (int | None): circuits per chunk on the executor; ``None``
             spreads them over the executor's workers, a few chunks each.
             Ignored without an executor.
+        batch_small_circuits (bool): on a GPU, run consecutive small circuits
+            (up to 12 qubits in single precision, 11 in double; gates and final
+            measurements only) many per kernel launch, each whole in shared
+            memory (True); the same counts for a seed, up to rounding. Other
+            circuits, MPI and executor runs are unaffected.
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
@@ -140,6 +146,7 @@ class GPUSimulator(BackendV2):
             mpi=False,
             executor=None,
             max_job_size=None,
+            batch_small_circuits=True,
         )
 
     @raises_qiskit_errors
@@ -310,10 +317,14 @@ class GPUSimulator(BackendV2):
 
             reserve = 0  # the states live on the executor's workers; this job only waits for them here
         else:
+            # Runs of small circuits that go to the GPU's bulk kernel (none on the CPU, under MPI or when turned off).
+            plan = None
+            if merged["batch_small_circuits"] and group is None:
+                plan = small_batch.plan(device, [(program, config) for _, program, config, _ in experiments])
 
             def simulate(execution: Execution) -> Result:
                 if group is None:
-                    return _simulate(self, job_id, device, experiments, execution, run_metadata)
+                    return _simulate(self, job_id, device, experiments, execution, run_metadata, plan=plan)
                 return run_on_ranks(group, execution, lambda: _simulate(self, job_id, device, experiments, execution, run_metadata, group, splits))
 
             k = prepared.global_qubits
@@ -322,6 +333,8 @@ class GPUSimulator(BackendV2):
                 + (EXCHANGE_BYTES if split else 0)
                 for (_, program, config, _), split in zip(experiments, prepared.distributed)
             )
+            if plan is not None:  # the bulk path's largest chunk of buffers
+                reserve = max(reserve, small_batch.reserve_bytes(plan))
             if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
                 reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
         widest = max(program.num_qubits for _, program, _, _ in experiments)
@@ -364,24 +377,45 @@ class _Prepared:
 
 
 def _simulate(
-    backend: GPUSimulator, job_id: str, device: Device, experiments, execution: Execution, run_metadata: dict, group=None, splits=()
+    backend: GPUSimulator,
+    job_id: str,
+    device: Device,
+    experiments,
+    execution: Execution,
+    run_metadata: dict,
+    group=None,
+    splits=(),
+    plan=None,
 ) -> Result:
     """Run the experiments; with an MPI ``group``, those marked in ``splits`` are split over its
-    ranks and the others run whole on every rank (checking the ranks' control channel for cancels)."""
+    ranks and the others run whole on every rank (checking the ranks' control channel for cancels).
+    With a ``plan`` (:func:`small_batch.plan`, no group), its batched runs go through the GPU's bulk kernel."""
     start = time.time()
     results = []
-    for index, (circuit, program, config, ops_before) in enumerate(experiments):
-        if group is None:
-            output = run_program(program, device, config, execution)
-        elif splits[index]:
-            output = run_program(program, device, config, execution, group=group)
-        else:
-            output = run_program(program, device, config, group)
+    items = [(program, config) for _, program, config, _ in experiments]
+    outputs = _outputs(device, items, execution, group, splits, plan)
+    for (circuit, program, config, ops_before), output in zip(experiments, outputs):
         output.metadata.update(fusion_ops_before=ops_before, fusion_ops_after=program.num_ops)
         if "gpu_unavailable_reason" in run_metadata:
             output.metadata["gpu_unavailable_reason"] = run_metadata["gpu_unavailable_reason"]
         results.append(experiment_result(circuit, output, config))
     return _job_result(backend, job_id, results, start, dict(run_metadata))
+
+
+def _outputs(device: Device, items: list, execution: Execution, group, splits, plan):
+    """Each experiment's output in order: the runs that ``plan`` batches in bulk, the rest one at a time."""
+    for run in plan if plan is not None else [small_batch.Run(0, len(items), False)]:
+        if run.batched:
+            yield from small_batch.run_small_batch(items[run.start : run.stop], device, execution, run.chunks)
+            continue
+        for index in range(run.start, run.stop):
+            program, config = items[index]
+            if group is None:
+                yield run_program(program, device, config, execution)
+            elif splits[index]:
+                yield run_program(program, device, config, execution, group=group)
+            else:
+                yield run_program(program, device, config, group)
 
 
 def _simulate_on_executor(backend: GPUSimulator, job_id: str, executor, where, experiments, execution: Execution, run_metadata: dict) -> Result:
@@ -476,7 +510,7 @@ def _validate_options(options: dict) -> None:
     shots = options["shots"]
     if not _is_int(shots) or not 1 <= shots <= MAX_SHOTS:
         raise InvalidOptionError(f"shots must be an integer from 1 to {MAX_SHOTS:,}, not {shots!r}")
-    for flag in ("memory", "statevector", "fusion_enable"):
+    for flag in ("memory", "statevector", "fusion_enable", "batch_small_circuits"):
         if not isinstance(options[flag], (bool, np.bool_)):
             raise InvalidOptionError(f"{flag} must be True or False, not {options[flag]!r}")
     seed = options["seed_simulator"]

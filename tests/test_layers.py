@@ -9,7 +9,7 @@ CHECK = """
 import sys
 import gpu_provider.engine.executor, gpu_provider.engine.statevector, gpu_provider.engine.devices
 import gpu_provider.engine.program, gpu_provider.engine.observables, gpu_provider.errors
-import gpu_provider.engine.expectation, gpu_provider.engine.batch
+import gpu_provider.engine.expectation, gpu_provider.engine.batch, gpu_provider.engine.small_batch
 import gpu_provider.engine.observables, gpu_provider.engine.adjoint, gpu_provider.engine.remote
 try:
     import gpu_provider.engine.kernels

@@ -704,23 +704,17 @@ def run_program(
         state = new_state(device, program.num_qubits, dtype)
     state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
     shot = _Shot(program.num_clbits, rng, config, execution)
-    measures = [op for op in program.ops if isinstance(op, Measure)]
-    measured = sorted({m.qubit for m in measures})
-    tally = _Tally(config.memory)
     statevector = None
     if sampling:
         # One simulation; every shot drawn from the final probabilities, a chunk at a time.
         run_ops(state, tuple(op for op in program.ops if not isinstance(op, Measure)), shot)
         if config.statevector:
             statevector = state.to_host()
-        if measures:
-            for outcomes in sample_outcomes(state, measured, config.shots, rng, execution):
-                tally.add_many(_sampled_clbit_values(outcomes, measured, measures, program.num_clbits))
-        else:
-            tally.counts = {0: config.shots}
-            if tally.memory is not None:
-                tally.memory = [0] * config.shots
+        tally = sample_counts(state, program, config, rng, execution)
     else:
+        measures = [op for op in program.ops if isinstance(op, Measure)]
+        measured = sorted({m.qubit for m in measures})
+        tally = _Tally(config.memory)
         # Shot by shot, from a copy of the common prefix of gates.
         terminal = measurements_are_terminal(program)
         ops = tuple(op for op in program.ops if not isinstance(op, Measure)) if terminal else program.ops
@@ -747,10 +741,34 @@ def run_program(
         if config.statevector:
             # The last trajectory's state, its terminal measurements removed (as Aer does).
             statevector = state.to_host()
+    extra = {"mpi": state.metadata()} if group is not None else {}
+    return experiment_output(program, device, config, tally, statevector, sampling, time.perf_counter() - start, extra)
+
+
+def sample_counts(state: StateVector, program: Program, config: RunConfig, rng: np.random.Generator, execution: Execution | None = None) -> _Tally:
+    """``config.shots`` outcomes of the sampling-friendly ``program``'s measurements, drawn from its final ``state``.
+
+    Every path that samples a final state (:func:`run_program`, the bulk path of
+    :mod:`gpu_provider.engine.small_batch`) goes through here, so a seed gives the same counts on each.
+    """
+    measures = [op for op in program.ops if isinstance(op, Measure)]
+    tally = _Tally(config.memory)
+    if not measures:
+        tally.counts = {0: config.shots}
+        if tally.memory is not None:
+            tally.memory = [0] * config.shots
+        return tally
+    measured = sorted({m.qubit for m in measures})
+    for outcomes in sample_outcomes(state, measured, config.shots, rng, execution):
+        tally.add_many(_sampled_clbit_values(outcomes, measured, measures, program.num_clbits))
+    return tally
+
+
+def experiment_output(
+    program: Program, device: Device, config: RunConfig, tally: _Tally, statevector, sampling: bool, seconds: float, extra: dict | None = None
+) -> ExperimentOutput:
+    """One program's plain output from its tally and (asked for) final state, with the metadata every path reports."""
     counts, memory = tally.counts, tally.memory
-    extra = {}
-    if group is not None:
-        extra["mpi"] = state.metadata()
     if statevector is not None and program.layout is not None:
         statevector = expand_state(statevector, program.layout, program.width)
     if program.num_clbits == 0:
@@ -768,8 +786,8 @@ def run_program(
             "num_qubits": program.width,
             "active_qubits": list(program.active_qubits),
             "simulated_qubits": program.num_qubits,
-            "time_taken": time.perf_counter() - start,
-            **extra,
+            "time_taken": seconds,
+            **(extra or {}),
         },
     )
 

@@ -20,6 +20,9 @@ How each operation runs (details in the ``.cu`` file):
   The diagonal sits in shared memory; probabilities are per-block partial sums
   in double, added on the device; collapse reads only the kept half where it
   is a whole vector.
+- ``run_small_circuits``: whole circuits of up to ``SMALL_MAX_QUBITS`` qubits,
+  one per block in shared memory, many circuits per launch (the bulk path of
+  :mod:`gpu_provider.engine.small_batch`).
 
 :func:`compile_to_ptx` compiles the same source through NVRTC alone, without a
 GPU, so CPU-only CI proves that every instance compiles.
@@ -66,6 +69,16 @@ STREAM_VECTOR = {"float": 2, "double": 1}
 STREAM_UNROLL = 4
 VECTOR_BYTES = 16
 
+# run_small_circuits: the widest circuit it runs, per real type (its shared-memory
+# state of 2^N amplitudes is 32 KiB in both), the layout of its circuit headers
+# and ops (SMALL_* in the .cu file), and its op kinds.
+SMALL_MAX_QUBITS = {"float": 12, "double": 11}
+SMALL_HEADER_WORDS = 4
+SMALL_OP_WORDS = 6
+SMALL_MATRIX, SMALL_DIAGONAL, SMALL_PHASE = 0, 1, 2
+# Its block: one thread per pair of amplitudes of the widest circuit, within these bounds.
+SMALL_BLOCK_MIN, SMALL_BLOCK_MAX = 32, 256
+
 MatrixMethod = Literal["auto", "strided", "tiled", "warp"]
 # apply_matrix_warp: a warp's 32 lanes are state bits 0..4.
 WARP_LANE_BITS = 5
@@ -99,6 +112,7 @@ def instances(real: str | None = None) -> list[str]:
         for vector in sorted({1, STREAM_VECTOR[r]}):
             names += [_stream_name(kernel, r, vector) for kernel in STREAM_KERNELS]
         names.append(f"pauli_expectation<{r}>")
+        names.append(small_circuits_name(r))
     return names
 
 
@@ -109,6 +123,15 @@ def _matrix_name(real: str, k: int, method: str) -> str:
 
 def _warp_name(real: str, lane_targets: int, high_targets: int) -> str:
     return f"apply_matrix_warp<{real}, {lane_targets}, {high_targets}>"
+
+
+def small_circuits_name(real: str) -> str:
+    return f"run_small_circuits<{real}, {SMALL_MAX_QUBITS[real]}>"
+
+
+def small_circuits_block(num_qubits: int) -> int:
+    """Threads per block for run_small_circuits on circuits of up to ``num_qubits`` qubits."""
+    return max(SMALL_BLOCK_MIN, min(SMALL_BLOCK_MAX, 1 << max(num_qubits - 1, 0)))
 
 
 STREAM_KERNELS = ("apply_diagonal", "probability_one", "collapse")
@@ -436,6 +459,32 @@ class Kernels:
         args = (state.data, np.uint64(half), np.int32(bit), np.int32(outcome), self._real_scalar(scale), np.int32(bool(flip)))
         self._function(name)((grid,), (BLOCK,), args)
 
+    def run_small_circuits(self, out: Any, headers: Any, ops: Any, pool: Any, num_qubits: int) -> None:
+        """Run whole circuits of up to ``num_qubits`` qubits, one per block, in one launch.
+
+        ``headers`` (uint64, ``SMALL_HEADER_WORDS`` per circuit), ``ops`` (uint64,
+        ``SMALL_OP_WORDS`` per op) and ``pool`` (this dtype) are device arrays laid
+        out as the .cu file's run_small_circuits describes (see
+        :mod:`gpu_provider.engine.small_batch`, which packs them); each circuit's
+        final amplitudes land in the flat ``out`` at its header's offset.
+        """
+        if not 0 <= num_qubits <= SMALL_MAX_QUBITS[self.real]:
+            raise InvalidInputError(
+                f"run_small_circuits holds at most {SMALL_MAX_QUBITS[self.real]} qubits in {self.dtype}, not {num_qubits}"
+            )
+        for name, array, dtype in (("out", out, self.dtype), ("pool", pool, self.dtype), ("headers", headers, np.uint64), ("ops", ops, np.uint64)):
+            if array.dtype != dtype or array.ndim != 1:
+                raise InvalidInputError(f"run_small_circuits needs {name} as a flat {np.dtype(dtype)} array, not {array.dtype} of shape {array.shape}")
+        if headers.shape[0] % SMALL_HEADER_WORDS or ops.shape[0] % SMALL_OP_WORDS:
+            raise InvalidInputError(f"headers and ops come in words of {SMALL_HEADER_WORDS} and {SMALL_OP_WORDS}")
+        circuits = headers.shape[0] // SMALL_HEADER_WORDS
+        if circuits == 0:
+            return
+        name = small_circuits_name(self.real)
+        block = small_circuits_block(num_qubits)
+        grid = self._grid(_Buffer(out), name, block, circuits)
+        self._function(name)((grid,), (block,), (out, headers, ops, pool, np.uint64(circuits)))
+
     # -- plumbing ---------------------------------------------------------------
 
     def _check_bits(self, state: Any, bits: Sequence[int]) -> int:
@@ -531,6 +580,13 @@ class Kernels:
             sums = sums.get() if xp is not np else sums
             total += complex(float(sums[0]), float(sums[1]))
         return total
+
+
+class _Buffer:
+    """A device array posing as a state for :meth:`Kernels._grid`, which only reads its device."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
 
 
 _KERNELS: dict[np.dtype, Kernels] = {}

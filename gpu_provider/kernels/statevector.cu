@@ -643,3 +643,129 @@ __global__ void __launch_bounds__(256) pauli_expectation(
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// run_small_circuits<R, N>: whole circuits of at most N qubits, many per launch.
+// A block takes one circuit at a time (grid-stride over circuits), keeps its
+// 2^n amplitudes in shared memory (2^N slots: 32 KiB for N = 12 in float and
+// N = 11 in double), starts from |0...0>, applies the circuit's ops with a
+// barrier after each, and writes the final amplitudes to global memory in
+// canonical order (bit q of the index is qubit q). One launch replaces a
+// launch per gate per circuit: small circuits in bulk are bound by launches,
+// not by memory.
+//
+// headers[SMALL_HEADER_WORDS * c ...]: circuit c's first op and op count in
+// `ops`, its number of qubits n <= N, and the offset of its 2^n amplitudes
+// in `out`. An op is SMALL_OP_WORDS words:
+//   [0] kind | k << 8, kind SMALL_MATRIX, SMALL_DIAGONAL or SMALL_PHASE
+//   [1] the k targets, packed (matrix or diagonal index bit j <-> target j)
+//   [2] the same targets packed in ascending order (matrices: group bases)
+//   [3] offset of its numbers in `pool`: a 2^k x 2^k row-major matrix, a
+//       2^k diagonal, or one phase factor
+//   [4] control mask, [5] control value: a matrix acts only on the groups
+//       whose index & mask == value (controls are never targets)
+// Matrices (k = 1..5) go one group per thread as in apply_matrix, on 32-bit
+// shared-memory indices, with the matrix read through the read-only cache;
+// diagonals (k <= 10) and phases one amplitude per thread. Two resident
+// blocks per multiprocessor cap registers at 128 (ptxas, sm_80/sm_90: float
+// needs no more and spills nothing; double spills ~270 bytes, all of it the
+// k = 5 case: without it, 128 registers and no spills).
+constexpr int SMALL_HEADER_WORDS = 4;
+constexpr int SMALL_OP_WORDS = 6;
+constexpr int SMALL_MATRIX = 0;
+constexpr int SMALL_DIAGONAL = 1;
+constexpr int SMALL_PHASE = 2;
+
+template <typename R, int K>
+__device__ __forceinline__ void small_matrix(typename complex_of<R>::type* s, const typename complex_of<R>::type* m, int n,
+                                             index_t packed_targets, index_t packed_sorted, int control_mask, int control_value) {
+    typedef typename complex_of<R>::type cplx;
+    constexpr int D = 1 << K;
+    int sorted[K];
+    int mask[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        sorted[j] = unpack6(packed_sorted, j);
+        mask[j] = 1 << unpack6(packed_targets, j);
+    }
+    const int groups = 1 << (n - K);
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        int base = g;
+#pragma unroll
+        for (int j = 0; j < K; ++j) base = insert_zero_bit32(base, sorted[j]);
+        if ((base & control_mask) != control_value) continue;
+        cplx v[D];
+#pragma unroll
+        for (int c = 0; c < D; ++c) v[c] = s[combine<int, K>(c, mask, base)];
+#pragma unroll(row_unroll<K>())
+        for (int r = 0; r < D; ++r) s[combine<int, K>(r, mask, base)] = matrix_row<R, D>(m, v, r);
+    }
+}
+
+template <typename R, int N>
+__global__ void __launch_bounds__(256, 2) run_small_circuits(
+        typename complex_of<R>::type* __restrict__ out,
+        const index_t* __restrict__ headers,
+        const index_t* __restrict__ ops,
+        const typename complex_of<R>::type* __restrict__ pool,
+        index_t circuits) {
+    typedef typename complex_of<R>::type cplx;
+    __shared__ cplx s[1 << N];
+    for (index_t c = blockIdx.x; c < circuits; c += gridDim.x) {
+        const index_t* header = headers + SMALL_HEADER_WORDS * c;
+        const index_t first = __ldg(header);
+        const index_t count = __ldg(header + 1);
+        const int n = (int)__ldg(header + 2);
+        const index_t offset = __ldg(header + 3);
+        if (n < 0 || n > N) continue;  // never from the host's packing; uniform in the block, so no barrier is skipped by some threads only
+        const int size = 1 << n;
+        for (int i = threadIdx.x; i < size; i += blockDim.x) s[i] = make_complex<R>(i == 0 ? 1 : 0, 0);
+        __syncthreads();
+
+        for (index_t o = first; o < first + count; ++o) {
+            const index_t* op = ops + SMALL_OP_WORDS * o;
+            const int word = (int)__ldg(op);
+            const int kind = word & 0xff;
+            const int k = word >> 8;
+            const index_t targets = __ldg(op + 1);
+            const cplx* numbers = pool + __ldg(op + 3);
+            if (kind == SMALL_MATRIX) {
+                const index_t sorted = __ldg(op + 2);
+                const int control_mask = (int)__ldg(op + 4);
+                const int control_value = (int)__ldg(op + 5);
+                switch (k) {
+                    case 1: small_matrix<R, 1>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+                    case 2: small_matrix<R, 2>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+                    case 3: small_matrix<R, 3>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+                    case 4: small_matrix<R, 4>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+                    case 5: small_matrix<R, 5>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+                    default: break;  // the host sends k = 1..5 only
+                }
+            } else if (kind == SMALL_DIAGONAL) {
+                int bit[10];
+#pragma unroll
+                for (int j = 0; j < 10; ++j) bit[j] = unpack6(targets, j);
+                for (int i = threadIdx.x; i < size; i += blockDim.x) {
+                    int sub = 0;
+#pragma unroll
+                    for (int j = 0; j < 10; ++j)
+                        if (j < k) sub |= ((i >> bit[j]) & 1) << j;
+                    const cplx f = __ldg(numbers + sub);
+                    const cplx x = s[i];
+                    s[i] = make_complex<R>(x.x * f.x - x.y * f.y, x.x * f.y + x.y * f.x);
+                }
+            } else if (kind == SMALL_PHASE) {
+                const cplx f = __ldg(numbers);
+                for (int i = threadIdx.x; i < size; i += blockDim.x) {
+                    const cplx x = s[i];
+                    s[i] = make_complex<R>(x.x * f.x - x.y * f.y, x.x * f.y + x.y * f.x);
+                }
+            }
+            __syncthreads();
+        }
+
+        cplx* target = out + offset;
+        for (int i = threadIdx.x; i < size; i += blockDim.x) target[i] = s[i];
+        __syncthreads();  // the next circuit's |0...0> overwrites these amplitudes
+    }
+}

@@ -76,6 +76,7 @@ def test_instances_cover_every_kernel_width_and_precision():
             assert f"apply_matrix<{real}, {k}>" in names
             assert f"apply_matrix_low<{real}, {k}>" in names
         assert f"pauli_expectation<{real}>" in names
+        assert f"run_small_circuits<{real}, {K.SMALL_MAX_QUBITS[real]}>" in names
         # The streaming kernels: 16-byte vectors, and one-amplitude ones for unaligned complex64 states.
         for kernel in K.STREAM_KERNELS:
             assert f"{kernel}<{real}, {K.STREAM_VECTOR[real]}>" in names
@@ -300,6 +301,7 @@ _SIGNATURES = {
     "probability_one": ("puip", "(const {c}*)a0, a1, a2, (double*)a3"),
     "collapse": ("puiiri", "({c}*)a0, a1, a2, a3, a4, a5"),
     "pauli_expectation": ("puuppip", "(const {c}*)a0, a1, a2, (const index_t*)a3, (const double2*)a4, a5, (double*)a6"),
+    "run_small_circuits": ("ppppu", "({c}*)a0, (const index_t*)a1, (const index_t*)a2, (const {c}*)a3, a4"),
 }
 
 
@@ -449,6 +451,60 @@ def test_emulated_pauli_expectation_chunks_many_terms(emulated):
     precision, kernels = emulated
     gpu_checks.check_pauli_expectation(np, kernels, precision, 6, seed=9, count=K.MAX_PAULI_TERMS + 20)
 
+
+
+# ---------------------------------------------------------------------------
+# run_small_circuits: whole circuits per block, many per launch
+
+
+def test_small_circuit_constants_match_the_source():
+    source = K.source()
+    assert re.search(rf"constexpr int SMALL_HEADER_WORDS = {K.SMALL_HEADER_WORDS};", source)
+    assert re.search(rf"constexpr int SMALL_OP_WORDS = {K.SMALL_OP_WORDS};", source)
+    for name in ("SMALL_MATRIX", "SMALL_DIAGONAL", "SMALL_PHASE"):
+        assert re.search(rf"constexpr int {name} = {getattr(K, name)};", source)
+    # The shared-memory state is 32 KiB in both precisions.
+    assert (1 << K.SMALL_MAX_QUBITS["float"]) * 8 == (1 << K.SMALL_MAX_QUBITS["double"]) * 16 == 32 << 10
+    assert K.small_circuits_block(1) == K.SMALL_BLOCK_MIN and K.small_circuits_block(12) == K.SMALL_BLOCK_MAX
+    assert K.small_circuits_block(7) == 64
+
+
+@pytest.mark.parametrize("widths", [range(1, 7), range(7, 10), range(10, 13)], ids=["n1-6", "n7-9", "n10-12"])
+def test_emulated_small_circuits(emulated, widths):
+    """Random circuits of every width the kernel takes (12 in single, 11 in double), mixed in one launch
+    (two resident blocks: grid-stride over circuits), against qiskit.quantum_info.Statevector."""
+    precision, kernels = emulated
+    limit = K.SMALL_MAX_QUBITS[kernels.real]
+    widths = [n for n in widths if n <= limit]
+    if not widths:
+        pytest.skip(f"{precision} runs at most {limit} qubits in bulk")
+    kernels.launched.clear()
+    gpu_checks.check_small_circuits(np, kernels, precision, widths * 2, seed=widths[0], ops=14)
+    assert kernels.launched == [f"run_small_circuits<{kernels.real}, {limit}>"]
+
+
+def test_emulated_small_circuit_wider_than_the_shared_state_is_skipped(emulated):
+    """A header naming more qubits than the kernel's shared state holds (the packing never writes one) leaves its output alone."""
+    precision, kernels = emulated
+    dtype = gpu_checks.DTYPES[precision]
+    limit = K.SMALL_MAX_QUBITS[kernels.real]
+    headers = np.array([0, 0, limit + 1, 0, 0, 0, 1, 4], dtype=np.uint64)  # a bad circuit, then a one-qubit one with no ops
+    out = np.full(6, 7 + 7j, dtype=dtype)
+    kernels.run_small_circuits(out, headers, np.zeros(0, dtype=np.uint64), np.zeros(1, dtype=dtype), limit)
+    np.testing.assert_array_equal(out, np.array([7 + 7j] * 4 + [1, 0], dtype=dtype))
+
+
+def test_emulated_small_circuits_refuse_bad_input(emulated):
+    precision, kernels = emulated
+    dtype = gpu_checks.DTYPES[precision]
+    words = np.zeros(K.SMALL_HEADER_WORDS, dtype=np.uint64)
+    out = np.zeros(8, dtype=dtype)
+    with pytest.raises(ValueError, match="at most"):
+        kernels.run_small_circuits(out, words, np.zeros(0, dtype=np.uint64), out, 13)
+    with pytest.raises(ValueError, match="flat"):
+        kernels.run_small_circuits(out.astype(np.complex256), words, np.zeros(0, dtype=np.uint64), out, 3)
+    with pytest.raises(ValueError, match="words"):
+        kernels.run_small_circuits(out, words[:3], np.zeros(0, dtype=np.uint64), out, 3)
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,12 @@ from typing import Any, Sequence
 import numpy as np
 import pytest
 
-from gpu_provider.engine.kernels import MAX_DIAGONAL_QUBITS, MAX_MATRIX_QUBITS, kernels_for
+from gpu_provider.engine.kernels import (
+    MAX_DIAGONAL_QUBITS,
+    MAX_MATRIX_QUBITS,
+    SMALL_MAX_QUBITS,
+    kernels_for,
+)
 from gpu_provider.engine.statevector import StateVector
 
 pytestmark = pytest.mark.gpu
@@ -221,6 +226,80 @@ def check_pauli_expectation(xp: Any, kernels: Any, precision: str, n: int, seed:
     assert abs(direct - single) <= 10 * TOLERANCE[precision] * scale
 
 
+def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str = "small"):
+    """A random gate-only Program on n qubits for the bulk kernel, and its Qiskit circuit (the oracle).
+
+    Dense matrices on 1..5 targets (some with controls), diagonals on 1..min(n, 10)
+    targets, global phases, a width-0 gate; then measurements of every qubit.
+    """
+    from qiskit import QuantumCircuit
+    from qiskit.circuit.library import DiagonalGate, UnitaryGate
+
+    from gpu_provider.engine.program import (
+        Diagonal,
+        GlobalPhase,
+        Measure,
+        Program,
+        Unitary,
+    )
+
+    circuit = QuantumCircuit(n, n)
+    program_ops = []
+    kinds = ["matrix", "matrix", "controlled", "diagonal", "phase"]
+    for index in range(ops):
+        kind = kinds[index % len(kinds)] if index < len(kinds) else str(rng.choice(kinds))
+        if kind == "phase":
+            angle = float(rng.uniform(-np.pi, np.pi))
+            program_ops.append(GlobalPhase(angle))
+            circuit.global_phase += angle
+        elif kind == "diagonal":
+            k = int(rng.integers(1, min(n, MAX_DIAGONAL_QUBITS) + 1))
+            qubits = tuple(int(q) for q in rng.choice(n, size=k, replace=False))
+            diagonal = random_phases(rng, 1 << k)
+            program_ops.append(Diagonal(qubits, diagonal))
+            circuit.append(DiagonalGate(list(diagonal)), list(qubits))
+        else:
+            controls_wanted = min(int(rng.integers(1, 3)), n - 1) if kind == "controlled" else 0
+            k = int(rng.integers(1, min(n - controls_wanted, MAX_MATRIX_QUBITS) + 1))
+            chosen = [int(q) for q in rng.choice(n, size=k + controls_wanted, replace=False)]
+            qubits, controls = tuple(chosen[:k]), tuple(chosen[k:])
+            matrix = random_unitary(rng, 1 << k)
+            ctrl_state = int(rng.integers(0, 1 << len(controls))) if controls else 0
+            program_ops.append(Unitary(qubits, matrix, controls, ctrl_state))
+            gate = UnitaryGate(matrix)
+            if controls:
+                circuit.append(gate.control(len(controls), ctrl_state=ctrl_state), list(controls) + list(qubits))
+            else:
+                circuit.append(gate, list(qubits))
+    width_zero = np.array([[np.exp(0.3j)]])
+    program_ops.append(Unitary((), width_zero))
+    circuit.global_phase += 0.3
+    program_ops += [Measure(q, q) for q in range(n)]
+    return Program(n, n, tuple(program_ops), name=name), circuit
+
+
+def check_small_circuits(xp: Any, kernels: Any, precision: str, widths: Sequence[int], seed: int, ops: int = 12) -> None:
+    """Random circuits of the given widths in one bulk launch, amplitudes and probabilities against Qiskit's Statevector."""
+    from qiskit.quantum_info import Statevector
+
+    from gpu_provider.engine import small_batch
+
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[precision]
+    pairs = [random_small_program(rng, n, ops, name=f"c{i}") for i, n in enumerate(widths)]
+    packed = small_batch.pack([program for program, _ in pairs], dtype)
+    out = xp.zeros(packed.amplitudes, dtype=dtype)
+    kernels.run_small_circuits(out, xp.asarray(packed.headers), xp.asarray(packed.ops), xp.asarray(packed.pool), packed.num_qubits)
+    amplitudes = to_numpy(xp, out)
+    for (program, circuit), offset in zip(pairs, packed.offsets):
+        size = 1 << program.num_qubits
+        actual = amplitudes[offset : offset + size]
+        expected = Statevector(circuit.remove_final_measurements(inplace=False)).data
+        tolerance = TOLERANCE[precision]
+        np.testing.assert_allclose(np.abs(actual.astype(np.complex128)) ** 2, np.abs(expected) ** 2, rtol=0, atol=tolerance, err_msg=program.name)
+        assert_close(actual, expected, 10 * tolerance)
+
+
 # ---------------------------------------------------------------------------
 # the GPU tests
 
@@ -315,3 +394,25 @@ def test_pauli_expectation_kernel_with_more_terms_than_one_launch(cp):
 
     check_pauli_expectation(cp, kernels_for(np.complex128), "double", 12, seed=5, count=3 * MAX_PAULI_TERMS)
 
+
+
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_small_circuits_in_bulk(cp, precision):
+    """run_small_circuits on every width it takes, many circuits per launch (grid-stride over circuits)."""
+    widest = SMALL_MAX_QUBITS["float" if precision == "single" else "double"]
+    widths = [n for n in range(1, widest + 1) for _ in range(3)]
+    check_small_circuits(cp, kernels_for(DTYPES[precision]), precision, widths, seed=11, ops=40)
+
+
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_small_circuits_through_the_backend_match_one_at_a_time(precision):
+    """1000-ish circuits through the bulk path give the counts the one-at-a-time path gives."""
+    from gpu_provider import GPUSimulator
+    from tests.engine.test_small_batch import random_u_cx
+
+    circuits = [random_u_cx(10, 20, seed) for seed in range(300)]
+    backend = GPUSimulator(device="GPU", precision=precision, seed_simulator=5)
+    bulk = backend.run(circuits, shots=256).result()
+    single = backend.run(circuits, shots=256, batch_small_circuits=False).result()
+    same = sum(bulk.get_counts(i) == single.get_counts(i) for i in range(len(circuits)))
+    assert same >= len(circuits) - 3  # rounding of the probabilities may move a draw across a boundary

@@ -1,0 +1,352 @@
+"""Small circuits in bulk on the GPU: whole circuits per block, many per launch.
+
+Run one at a time, a job of many small circuits is bound by kernel launches:
+a 12-qubit circuit's gate is a few microseconds of work behind a launch of its
+own. Here a run of such circuits goes to the ``run_small_circuits`` kernel
+(``kernels/statevector.cu``), which keeps each circuit's state in one block's
+shared memory, applies all its ops there and writes its final amplitudes: one
+launch per chunk of circuits instead of one per gate per circuit.
+
+Which circuits (:func:`eligible`): on a device with the GPU kernels, one that
+every shot can be drawn from (no mid-circuit measurement, reset or control
+flow), of 1 to ``SMALL_MAX_QUBITS`` qubits (12 in complex64, 11 in
+complex128), whose gates are dense matrices on 1 to ``MAX_MATRIX_QUBITS``
+targets (any controls), diagonals on up to ``MAX_DIAGONAL_QUBITS`` and global
+phases. :func:`plan` cuts a job's experiments into runs of consecutive
+eligible ones and the rest, which keep their one-at-a-time path, in order.
+
+How (:func:`run_small_batch`): circuits are packed into chunks of at most
+``CHUNK_BYTES`` of device buffers (final amplitudes, op stream, circuit
+headers, the pool of their matrices); each chunk is one launch and one copy
+of the amplitudes back to the host. Each circuit's shots are then drawn from
+its amplitudes by the same code and random stream as
+:func:`~gpu_provider.engine.executor.run_program` (``default_rng(seed)``,
+:func:`~gpu_provider.engine.executor.sample_counts`), on the host, where a
+small state's sampling costs no launches; so a seed gives the same counts as
+the one-at-a-time path up to rounding of the probabilities. Cancellation is
+checked and progress recorded between chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from .devices import Device, too_large_error
+from .executor import (
+    WORKSPACE_BYTES,
+    Execution,
+    ExperimentOutput,
+    RunConfig,
+    device_kernels,
+    experiment_output,
+    sample_counts,
+)
+from .kernels import (
+    MAX_DIAGONAL_QUBITS,
+    MAX_MATRIX_QUBITS,
+    SMALL_DIAGONAL,
+    SMALL_HEADER_WORDS,
+    SMALL_MATRIX,
+    SMALL_MAX_QUBITS,
+    SMALL_OP_WORDS,
+    SMALL_PHASE,
+    pack_bits,
+)
+from .program import (
+    Diagonal,
+    GlobalPhase,
+    Measure,
+    Program,
+    Unitary,
+    count_ops,
+    is_sampling_friendly,
+)
+from .statevector import StateVector
+
+# Device bytes one launch's buffers take at most (a single circuit larger than this runs alone).
+CHUNK_BYTES = 64 << 20
+_WORD_BYTES = 8
+
+
+def batch_kernels(device: Device, dtype) -> Any:
+    """The kernels that run small circuits in bulk on ``device`` in ``dtype``, or None (the CPU)."""
+    kernels = device_kernels(device, dtype)
+    return kernels if kernels is not None and hasattr(kernels, "run_small_circuits") else None
+
+
+def _scan(program: Program, itemsize: int) -> int | None:
+    """Device bytes ``program`` adds to a chunk at most (shared matrices counted in full), or None if an op is not the kernel's."""
+    words = SMALL_HEADER_WORDS
+    numbers = 1 << program.num_qubits
+    for op in program.ops:
+        kind = type(op)
+        if kind is Measure:
+            continue
+        if kind is Unitary:
+            k = len(op.qubits)
+            if not (1 <= k <= MAX_MATRIX_QUBITS or (k == 0 and not op.controls)):
+                return None
+            numbers += op.matrix.size
+        elif kind is Diagonal:
+            if len(op.qubits) > MAX_DIAGONAL_QUBITS:
+                return None
+            numbers += op.diagonal.size
+        elif kind is GlobalPhase:
+            numbers += 1
+        else:
+            return None
+        words += SMALL_OP_WORDS
+    return words * _WORD_BYTES + numbers * itemsize
+
+
+def estimated_bytes(program: Program, itemsize: int) -> int:
+    """Device bytes one eligible circuit adds to a chunk at most (matrices shared with others count in full)."""
+    size = _scan(program, itemsize)
+    if size is None:
+        raise InvalidInputError(f"circuit {program.name!r} has ops the bulk kernel cannot run")
+    return size
+
+
+def _eligible_bytes(program: Program, config: RunConfig, device: Device) -> int | None:
+    kernels = batch_kernels(device, config.dtype)
+    if kernels is None or not 1 <= program.num_qubits <= SMALL_MAX_QUBITS[kernels.real] or not is_sampling_friendly(program):
+        return None
+    return _scan(program, np.dtype(config.dtype).itemsize)
+
+
+def eligible(program: Program, config: RunConfig, device: Device) -> bool:
+    """Whether ``program`` can run through the bulk kernel on ``device`` (see the module's notes)."""
+    return _eligible_bytes(program, config, device) is not None
+
+
+@dataclass(frozen=True)
+class Run:
+    """Experiments ``start..stop-1`` of a job: a run of eligible ones (``batched``, cut into
+    ``chunks`` of ``(first, last, bytes)``, indices relative to ``start``) or ones that run one at a time."""
+
+    start: int
+    stop: int
+    batched: bool
+    chunks: tuple = ()
+
+
+def plan(device: Device, items: Sequence[tuple[Program, RunConfig]], limit: int | None = None) -> list[Run]:
+    """``items`` cut into runs: consecutive eligible items of one precision, in chunks of at most
+    ``limit`` (``CHUNK_BYTES``) device bytes each, one circuit at least; and the rest, in order."""
+    limit = CHUNK_BYTES if limit is None else limit
+    bounds: list[list] = []  # [start, stop, sizes or None]
+    for index, (program, config) in enumerate(items):
+        size = _eligible_bytes(program, config, device)
+        last = bounds[-1] if bounds else None
+        if last is not None and (last[2] is None) == (size is None) and (size is None or items[last[0]][1].precision == config.precision):
+            last[1] = index + 1
+            if size is not None:
+                last[2].append(size)
+        else:
+            bounds.append([index, index + 1, None if size is None else [size]])
+    return [Run(start, stop, sizes is not None, _chunks(sizes, limit) if sizes else ()) for start, stop, sizes in bounds]
+
+
+def _chunks(sizes: Sequence[int], limit: int) -> tuple:
+    out = []
+    start, total = 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and total + size > limit:
+            out.append((start, index, total))
+            start, total = index, 0
+        total += size
+    if start < len(sizes):
+        out.append((start, len(sizes), total))
+    return tuple(out)
+
+
+def reserve_bytes(runs: Sequence[Run]) -> int:
+    """Peak device bytes the bulk path takes for a job's :func:`plan` (its largest chunk) plus the workspace; 0 if none."""
+    peak = max((size for run in runs for _, _, size in run.chunks), default=0)
+    return peak + WORKSPACE_BYTES if peak else 0
+
+
+# ---------------------------------------------------------------------------
+# Packing
+
+
+@dataclass
+class _Packed:
+    """One chunk laid out for run_small_circuits: host arrays and each circuit's amplitude offset."""
+
+    headers: np.ndarray
+    ops: np.ndarray
+    pool: np.ndarray
+    offsets: list
+    amplitudes: int
+    num_qubits: int  # the widest circuit's
+
+    @property
+    def device_bytes(self) -> int:
+        return (self.headers.size + self.ops.size) * _WORD_BYTES + (self.pool.size + self.amplitudes) * self.pool.dtype.itemsize
+
+
+def pack(programs: Sequence[Program], dtype) -> _Packed:
+    """The headers, op stream and matrix pool of ``programs`` (each checked by :func:`eligible`'s rules).
+
+    Matrices and diagonals shared between ops (the translator caches gates by
+    name and parameters) are stored once.
+
+    Raises:
+        InvalidInputError: a program the bulk kernel cannot run.
+    """
+    dtype = np.dtype(dtype)
+    headers = np.zeros((len(programs), SMALL_HEADER_WORDS), dtype=np.uint64)
+    words: list[tuple[int, int, int, int, int, int]] = []
+    arrays: list[np.ndarray] = []
+    where: dict[Any, int] = {}  # id of a matrix (or a phase's value) -> its offset in the pool
+    pool_size = 0
+    offset = 0
+
+    def place(key: Any, array: np.ndarray) -> int:
+        nonlocal pool_size
+        found = where.get(key)
+        if found is None:
+            found = where[key] = pool_size
+            arrays.append(np.asarray(array).reshape(-1))
+            pool_size += arrays[-1].size
+        return found
+
+    def phase(value: complex) -> tuple:
+        return (SMALL_PHASE, 0, 0, place(("phase", value), np.array([value])), 0, 0)
+
+    limit = SMALL_MAX_QUBITS["float" if dtype == np.complex64 else "double"]
+    widest = 0
+    for index, program in enumerate(programs):
+        n = program.num_qubits
+        if not 1 <= n <= limit:
+            raise InvalidInputError(f"the bulk kernel runs circuits of 1 to {limit} qubits in {dtype}, not {n} ({program.name!r})")
+        first = len(words)
+        for op in program.ops:
+            kind = type(op)
+            if kind is Measure:
+                continue
+            if kind is GlobalPhase:
+                words.append(phase(complex(math.cos(op.phase), math.sin(op.phase))))
+                continue
+            if kind is Unitary:
+                numbers, qubits, controls, ctrl_state = op.matrix, op.qubits, op.controls, op.ctrl_state
+            elif kind is Diagonal:
+                numbers, qubits, controls, ctrl_state = op.diagonal, op.qubits, (), 0
+            else:
+                raise InvalidInputError(f"the bulk kernel cannot run {kind.__name__} (in {program.name!r})")
+            word, packed, packed_sorted, mask, value, shape, top = _gate_words(kind is Diagonal, qubits, controls, ctrl_state)
+            if top >= n or numbers.shape != shape:
+                raise InvalidInputError(
+                    f"the bulk kernel cannot run {kind.__name__} on {controls + qubits} with numbers of shape "
+                    f"{numbers.shape} in the {n}-qubit {program.name!r}"
+                )
+            if not qubits:
+                words.append(phase(complex(numbers.reshape(-1)[0])))
+            else:
+                words.append((word, packed, packed_sorted, place(id(numbers), numbers), mask, value))
+        headers[index] = (first, len(words) - first, n, offset)
+        offset += 1 << n
+        widest = max(widest, n)
+    ops = np.array(words, dtype=np.uint64).reshape(-1) if words else np.zeros(0, dtype=np.uint64)
+    pool = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(1, dtype=dtype)
+    return _Packed(headers.reshape(-1), ops, pool, [int(h) for h in headers[:, 3]], offset, widest)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gate_words(diagonal: bool, qubits: tuple, controls: tuple, ctrl_state: int) -> tuple:
+    """A gate's op words but its pool offset, its numbers' shape and its highest qubit (cached: circuits repeat targets).
+
+    Raises:
+        InvalidInputError: more targets than the kernel takes, a repeated qubit or a control on a gate of no targets.
+    """
+    k = len(qubits)
+    widest = MAX_DIAGONAL_QUBITS if diagonal else MAX_MATRIX_QUBITS
+    if k > widest or len(set(qubits + controls)) != k + len(controls) or (controls and not k) or min(qubits + controls, default=0) < 0:
+        kind = "diagonal" if diagonal else "gate"
+        raise InvalidInputError(f"the bulk kernel cannot run a {kind} on targets {qubits} with controls {controls}")
+    top = max(qubits + controls, default=-1)
+    if diagonal:
+        return (SMALL_DIAGONAL | k << 8, pack_bits(qubits), 0, 0, 0, (1 << k,), top)
+    mask = sum(1 << c for c in controls)
+    value = sum(((ctrl_state >> i) & 1) << c for i, c in enumerate(controls))
+    return (SMALL_MATRIX | k << 8, pack_bits(qubits), pack_bits(sorted(qubits)), mask, value, (1 << k, 1 << k), top)
+
+
+# ---------------------------------------------------------------------------
+# Running
+
+
+def final_amplitudes(programs: Sequence[Program], device: Device, dtype, kernels: Any = None) -> tuple[np.ndarray, list]:
+    """One launch for ``programs``: their final amplitudes on the host (flat) and each one's offset there."""
+    kernels = kernels if kernels is not None else batch_kernels(device, dtype)
+    if kernels is None:
+        raise InvalidInputError(f"the bulk kernel needs a GPU with its kernels, not the {device.kind}")
+    packed = pack(programs, dtype)
+    xp = device.xp
+    out = xp.empty(packed.amplitudes, dtype=np.dtype(dtype))
+    kernels.run_small_circuits(out, xp.asarray(packed.headers), xp.asarray(packed.ops), xp.asarray(packed.pool), packed.num_qubits)
+    return device.to_host(out), packed.offsets
+
+
+def run_small_batch(
+    items: Sequence[tuple[Program, RunConfig]], device: Device, execution: Execution | None = None, chunks: Sequence[tuple] | None = None
+) -> list[ExperimentOutput]:
+    """Run eligible ``(program, config)`` items (one precision) in bulk; their outputs, as :func:`run_program` gives them.
+
+    ``chunks``: the items' :attr:`Run.chunks` from :func:`plan`, which checked them; without it they are checked here.
+
+    Raises:
+        InvalidInputError: an item that is not eligible, or items of mixed precision.
+        CircuitTooLargeError: without a dispatcher's reservation (``execution`` None), a chunk that does not fit.
+        JobCancelledError: the job was cancelled (checked between chunks and sampling chunks).
+    """
+    if not items:
+        return []
+    if chunks is None:
+        runs = plan(device, items)
+        if len(runs) != 1 or not runs[0].batched:
+            bad = next((run for run in runs if not run.batched), None)
+            if bad is not None:
+                raise InvalidInputError(f"circuit {items[bad.start][0].name!r} cannot run through the bulk kernel on the {device.kind}")
+            raise InvalidInputError(f"one bulk run takes one precision, not {sorted({c.precision for _, c in items})}")
+        chunks = runs[0].chunks
+    dtype = items[0][1].dtype
+    kernels = batch_kernels(device, dtype)
+    outputs: list[ExperimentOutput] = []
+    for first, last, size in chunks:
+        chunk = items[first:last]
+        if execution is not None:
+            execution.poll_cancel()
+        else:
+            _check_chunk_fits(device, chunk, size)
+        started = time.perf_counter()
+        amplitudes, offsets = final_amplitudes([program for program, _ in chunk], device, dtype, kernels)
+        share = (time.perf_counter() - started) / len(chunk)
+        if execution is not None:
+            execution.advance(sum(count_ops(program.ops) for program, _ in chunk))
+        for (program, config), offset in zip(chunk, offsets):
+            started = time.perf_counter()
+            state = StateVector.view(np, amplitudes[offset : offset + (1 << program.num_qubits)], dtype)
+            tally = sample_counts(state, program, config, np.random.default_rng(config.seed), execution)
+            statevector = state.to_host() if config.statevector else None
+            outputs.append(experiment_output(program, device, config, tally, statevector, True, share + time.perf_counter() - started))
+        del amplitudes
+    return outputs
+
+
+def _check_chunk_fits(device: Device, chunk: Sequence[tuple[Program, RunConfig]], size: int) -> None:
+    needed = size + WORKSPACE_BYTES
+    free = device.memory_capacity()
+    if needed > free:
+        widest = max(program.num_qubits for program, _ in chunk)
+        itemsize = np.dtype(chunk[0][1].dtype).itemsize
+        raise too_large_error(device.kind, widest, itemsize, needed, free, f"a bulk launch of {len(chunk)} circuits")

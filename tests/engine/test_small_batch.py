@@ -1,0 +1,335 @@
+"""Small circuits in bulk (engine/small_batch.py) end to end, without a GPU.
+
+The GPU device is the NumPy-backed CuPy stand-in of test_gpu_plumbing.py, and
+its kernels are the real ``.cu`` file compiled for the host (the emulation of
+test_kernels_compile.py), so ``run_small_circuits`` really runs: the counts
+of the bulk path are checked against the one-circuit-at-a-time path (on the
+CPU, and on the same emulated GPU), launches are counted, cancel and
+admission are exercised, and circuits the kernel does not take keep their
+place in the job.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from qiskit import QuantumCircuit
+
+from gpu_provider import GPUSimulator
+from gpu_provider.engine import devices, executor, kernels, small_batch
+from gpu_provider.engine.executor import Execution, RunConfig, run_program
+from gpu_provider.engine.program import (
+    Diagonal,
+    GlobalPhase,
+    Initialize,
+    Measure,
+    Program,
+    Reset,
+    Unitary,
+)
+from gpu_provider.errors import InvalidInputError, InvalidOptionError, JobCancelledError
+from tests.engine import test_kernels_gpu as gpu_checks
+from tests.engine.test_gpu_plumbing import make_fake_cupy
+from tests.engine.test_kernels_compile import EmulatedKernels, emulated_library  # noqa: F401  (a fixture)
+
+SMALL_NAME = {"double": "run_small_circuits<double, 11>", "single": "run_small_circuits<float, 12>"}
+
+
+def random_u_cx(n: int, layers: int, seed: int) -> QuantumCircuit:
+    """The workload of issue 11: layers of random ``u`` on every qubit and ``cx`` on neighbours, then measure_all."""
+    rng = np.random.default_rng(seed)
+    qc = QuantumCircuit(n, name=f"u_cx_{seed}")
+    for layer in range(layers):
+        for q in range(n):
+            qc.u(*rng.uniform(-np.pi, np.pi, 3), q)
+        for q in range(layer % 2, n - 1, 2):
+            qc.cx(q, q + 1)
+    qc.measure_all()
+    return qc
+
+
+@pytest.fixture
+def emulated_gpu(monkeypatch, emulated_library):  # noqa: F811
+    """A fake GPU whose kernels are the host-compiled .cu file; yields {precision: EmulatedKernels}."""
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
+    built = {
+        np.dtype(np.complex128): EmulatedKernels(np.complex128, emulated_library, resident_blocks=4),
+        np.dtype(np.complex64): EmulatedKernels(np.complex64, emulated_library, resident_blocks=4),
+    }
+    monkeypatch.setattr(kernels, "kernels_for", lambda dtype: built[np.dtype(dtype)])
+    devices.reset_probe()
+    yield {"double": built[np.dtype(np.complex128)], "single": built[np.dtype(np.complex64)]}
+    devices.reset_probe()
+
+
+def _gpu():
+    device, _ = devices.resolve_device("GPU", 0)
+    return device
+
+
+def _small_launches(kernels_by_precision) -> int:
+    return sum(name.startswith("run_small_circuits") for k in kernels_by_precision.values() for name in k.launched)
+
+
+def _clear(kernels_by_precision) -> None:
+    for k in kernels_by_precision.values():
+        k.launched.clear()
+
+
+# ---------------------------------------------------------------------------
+# Eligibility and packing (no kernel runs)
+
+
+def _program(ops, n=3, name="p") -> Program:
+    return Program(n, n, tuple(ops), name=name)
+
+
+H = np.array([[1, 1], [1, -1]], dtype=np.complex128) / np.sqrt(2)
+
+
+def test_eligibility(emulated_gpu):
+    gpu = _gpu()
+    cpu, _ = devices.resolve_device("CPU")
+    double, single = RunConfig(precision="double"), RunConfig(precision="single")
+    good = _program([Unitary((0,), H), Unitary((1,), H, controls=(0, 2), ctrl_state=1), Diagonal((0, 2), np.ones(4)), GlobalPhase(0.2), Measure(0, 0)])
+    assert small_batch.eligible(good, double, gpu) and small_batch.eligible(good, single, gpu)
+    assert not small_batch.eligible(good, double, cpu)  # the CPU has no kernels: its path is unchanged
+    mid_measure = _program([Measure(0, 0), Unitary((0,), H)])
+    with_reset = _program([Unitary((0,), H), Reset(1)])
+    initialize = _program([Initialize((0,), np.array([0, 1], dtype=complex))])
+    wide_gate = _program([Unitary(tuple(range(6)), np.eye(64))], n=6)
+    for program in (mid_measure, with_reset, initialize, wide_gate):
+        assert not small_batch.eligible(program, double, gpu), program.ops
+    # Width: 12 qubits in single, 11 in double.
+    twelve = _program([Unitary((11,), H)], n=12)
+    assert small_batch.eligible(twelve, single, gpu) and not small_batch.eligible(twelve, double, gpu)
+    assert not small_batch.eligible(_program([Unitary((12,), H)], n=13), single, gpu)
+
+
+def test_plan_keeps_order_and_splits_at_ineligible_and_precision(emulated_gpu):
+    gpu = _gpu()
+    ok = _program([Unitary((0,), H), Measure(0, 0)])
+    bad = _program([Measure(0, 0), Unitary((0,), H)])
+    double, single = RunConfig(precision="double"), RunConfig(precision="single")
+    items = [(ok, double), (ok, double), (bad, double), (ok, double), (ok, single), (bad, double), (bad, double)]
+    runs = small_batch.plan(gpu, items)
+    assert [(r.start, r.stop, r.batched) for r in runs] == [(0, 2, True), (2, 3, False), (3, 4, True), (4, 5, True), (5, 7, False)]
+    size = small_batch.estimated_bytes(ok, 16)
+    assert runs[0].chunks == ((0, 2, 2 * size),) and runs[1].chunks == ()
+    assert small_batch.reserve_bytes(runs) == 2 * size + executor.WORKSPACE_BYTES
+    assert small_batch.reserve_bytes(small_batch.plan(gpu, [(bad, double)])) == 0
+
+
+def test_pack_layout_and_shared_matrices():
+    x = np.array([[0, 1], [1, 0]], dtype=np.complex128)
+    ops = [Unitary((2,), x), Unitary((0, 2), np.kron(x, H)), Unitary((1,), x, controls=(0, 2), ctrl_state=2), Diagonal((1,), np.array([1, 1j])), GlobalPhase(0.5)]
+    programs = [_program(ops + [Measure(0, 0)], name="a"), _program(ops, n=4, name="b")]
+    packed = small_batch.pack(programs, np.complex64)
+    headers = packed.headers.reshape(-1, kernels.SMALL_HEADER_WORDS)
+    assert headers.tolist() == [[0, 5, 3, 0], [5, 5, 4, 8]]  # first op, op count, qubits, amplitude offset
+    assert packed.amplitudes == 8 + 16 and packed.num_qubits == 4 and packed.offsets == [0, 8]
+    words = packed.ops.reshape(-1, kernels.SMALL_OP_WORDS)
+    assert words[1].tolist()[:3] == [kernels.SMALL_MATRIX | 2 << 8, kernels.pack_bits([0, 2]), kernels.pack_bits([0, 2])]
+    assert words[2].tolist()[4:] == [0b101, 0b100]  # controls 0 and 2, ctrl_state bit 1 -> qubit 2 set
+    assert words[3, 0] == kernels.SMALL_DIAGONAL | 1 << 8 and words[4, 0] == kernels.SMALL_PHASE
+    # Both programs share the ops' arrays, and two ops share x: the pool holds each once (4 + 16 + 2 + 1 entries).
+    assert packed.pool.size == 23 and packed.pool.dtype == np.complex64
+    assert words[0, 3] == words[2, 3]
+    assert (words[:5, 3] == words[5:, 3]).all()
+    assert packed.device_bytes == (headers.size + words.size) * 8 + (23 + 24) * 8
+
+
+def test_pack_refuses_what_the_kernel_cannot_run():
+    with pytest.raises(InvalidInputError, match="cannot run"):
+        small_batch.pack([_program([Unitary(tuple(range(6)), np.eye(64))], n=6)], np.complex128)
+    with pytest.raises(InvalidInputError, match="1 to 11 qubits"):
+        small_batch.pack([_program([Unitary((0,), H)], n=12)], np.complex128)
+    with pytest.raises(InvalidInputError, match="shape"):
+        small_batch.pack([_program([Unitary((0, 1), H)])], np.complex128)
+    with pytest.raises(InvalidInputError, match="cannot run"):
+        small_batch.pack([_program([Unitary((5,), H)])], np.complex128)  # a qubit outside the state
+
+
+def test_chunks_stay_within_their_bytes(emulated_gpu):
+    gpu = _gpu()
+    program = _program([Unitary((0,), H)] * 3, n=10)
+    items = [(program, RunConfig())] * 10
+    each = small_batch.estimated_bytes(program, 16)
+    assert each == (4 + 3 * 6) * 8 + (1024 + 3 * 4) * 16
+    chunks = small_batch.plan(gpu, items, limit=3 * each)[0].chunks
+    assert chunks == ((0, 3, 3 * each), (3, 6, 3 * each), (6, 9, 3 * each), (9, 10, each))
+    assert [c[:2] for c in small_batch.plan(gpu, items, limit=1)[0].chunks] == [(i, i + 1) for i in range(10)]  # one at least
+    assert small_batch.plan(gpu, items)[0].chunks == ((0, 10, 10 * each),)
+    with pytest.raises(InvalidInputError, match="cannot run"):
+        small_batch.estimated_bytes(_program([Reset(0)]), 16)
+
+
+# ---------------------------------------------------------------------------
+# End to end on the emulated GPU
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_bulk_counts_match_the_one_at_a_time_path(emulated_gpu, precision):
+    circuits = [random_u_cx(n, 3, seed) for seed, n in enumerate([1, 2, 3, 5, 6, 4, 3, 2])]
+    options = {"shots": 1024, "seed_simulator": 11, "precision": precision, "memory": True}
+    _clear(emulated_gpu)
+    bulk = GPUSimulator(device="GPU").run(circuits, **options).result()
+    assert _small_launches(emulated_gpu) == 1
+    cpu = GPUSimulator(device="CPU").run(circuits, **options).result()
+    one_at_a_time = GPUSimulator(device="GPU").run(circuits[:3], batch_small_circuits=False, **options).result()
+    same = sum(bulk.get_counts(i) == cpu.get_counts(i) for i in range(len(circuits)))
+    # The same seed, sampling code and random stream: equal counts up to rounding of the probabilities.
+    assert same >= len(circuits) - (0 if precision == "double" else 1)
+    for i in range(3):
+        assert bulk.get_counts(i) == one_at_a_time.get_counts(i)
+        assert bulk.get_memory(i) == one_at_a_time.get_memory(i)
+        assert sorted(bulk.results[i].metadata) == sorted(one_at_a_time.results[i].metadata)
+    assert bulk.results[0].metadata["device"] == "GPU:0" and bulk.results[0].metadata["measure_sampling"]
+
+
+def test_two_hundred_circuits_take_a_handful_of_launches(emulated_gpu):
+    circuits = [random_u_cx(4, 4, seed) for seed in range(200)]
+    _clear(emulated_gpu)
+    result = GPUSimulator(device="GPU", precision="single").run(circuits, shots=64, seed_simulator=3).result()
+    launched = emulated_gpu["single"].launched
+    assert launched == [SMALL_NAME["single"]]  # one launch for all 200 (one chunk), no per-gate kernel
+    assert all(sum(result.get_counts(i).values()) == 64 for i in range(200))
+    cpu = GPUSimulator(device="CPU", precision="single").run(circuits[:20], shots=64, seed_simulator=3).result()
+    assert sum(result.get_counts(i) == cpu.get_counts(i) for i in range(20)) >= 19
+
+
+def test_chunks_are_launches_and_progress(emulated_gpu, monkeypatch):
+    circuits = [random_u_cx(3, 2, seed) for seed in range(12)]
+    monkeypatch.setattr(small_batch, "CHUNK_BYTES", 1)  # one circuit per chunk
+    _clear(emulated_gpu)
+    job = GPUSimulator(device="GPU").run(circuits, shots=16, seed_simulator=1)
+    result = job.result()
+    assert _small_launches(emulated_gpu) == 12
+    assert job._execution._ops_enqueued == job._execution.ops_total  # every chunk advanced the progress
+    assert len(result.results) == 12
+
+
+def test_ineligible_circuits_in_the_middle_keep_their_place(emulated_gpu):
+    mid = QuantumCircuit(2, 2, name="mid_measure")
+    mid.h(0)
+    mid.measure(0, 0)
+    mid.cx(0, 1)
+    mid.measure(1, 1)
+    wide = QuantumCircuit(14, name="fourteen")
+    wide.h(0)
+    for q in range(13):
+        wide.cx(q, q + 1)
+    wide.measure_all()
+    circuits = [random_u_cx(3, 2, 1), random_u_cx(4, 2, 2), mid, wide, random_u_cx(2, 2, 3)]
+    options = {"shots": 64, "seed_simulator": 21, "precision": "double"}
+    _clear(emulated_gpu)
+    bulk = GPUSimulator(device="GPU").run(circuits, **options).result()
+    launched = emulated_gpu["double"].launched
+    assert launched.count(SMALL_NAME["double"]) == 2  # before and after the two that run one at a time
+    assert len(launched) > 2  # those two went through the per-gate kernels
+    cpu = GPUSimulator(device="CPU").run(circuits, **options).result()
+    assert [r.header["name"] for r in bulk.results] == [c.name for c in circuits]
+    for i in range(len(circuits)):
+        assert bulk.get_counts(i) == cpu.get_counts(i), i
+    assert set(bulk.get_counts(2)) <= {"00", "11"} and set(bulk.get_counts(3)) <= {"0" * 14, "1" * 14}
+
+
+def test_statevector_and_no_clbits_through_the_bulk_path(emulated_gpu):
+    qc = random_u_cx(3, 3, 7)
+    bare = qc.remove_final_measurements(inplace=False)
+    bare.name = "bare"
+    _clear(emulated_gpu)
+    bulk = GPUSimulator(device="GPU").run([qc, bare], statevector=True, shots=32, seed_simulator=2).result()
+    assert _small_launches(emulated_gpu) == 1
+    cpu = GPUSimulator(device="CPU").run([qc, bare], statevector=True, shots=32, seed_simulator=2).result()
+    for i in range(2):
+        np.testing.assert_allclose(np.asarray(bulk.data(i)["statevector"]), np.asarray(cpu.data(i)["statevector"]), atol=1e-12)
+    assert bulk.get_counts(0) == cpu.get_counts(0)
+    assert bulk.data(1)["counts"] == {}  # no classical bits: nothing recorded, as BasicSimulator
+
+
+def test_cancel_between_chunks(emulated_gpu, monkeypatch):
+    circuits = [random_u_cx(3, 2, seed) for seed in range(6)]
+    monkeypatch.setattr(small_batch, "CHUNK_BYTES", 1)  # one circuit per chunk
+    started, cancelled = threading.Event(), threading.Event()
+    launch = small_batch.final_amplitudes
+
+    def first_waits(*args, **kwargs):
+        started.set()
+        assert cancelled.wait(10)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(small_batch, "final_amplitudes", first_waits)
+    _clear(emulated_gpu)
+    job = GPUSimulator(device="GPU").run(circuits, shots=16)
+    assert started.wait(10)
+    canceller = threading.Thread(target=job.cancel)  # cancel() waits for the running job to stop
+    canceller.start()
+    while not job._execution.cancel_requested:
+        time.sleep(0.001)
+    cancelled.set()  # the first chunk goes on; the next chunk's checkpoint sees the cancel
+    canceller.join(10)
+    job.wait_for_final_state(timeout=10)
+    assert job.status().name == "CANCELLED"
+    assert _small_launches(emulated_gpu) == 1  # the chunk under way finished, no other started
+
+
+def test_engine_cancel_and_typed_errors(emulated_gpu, monkeypatch):
+    gpu = _gpu()
+    ok = _program([Unitary((0,), H), Measure(0, 0)])
+    config = RunConfig(shots=8)
+    execution = Execution(gpu, 10, lambda e: None)
+    execution.request_cancel()
+    with pytest.raises(JobCancelledError):
+        small_batch.run_small_batch([(ok, config)] * 3, gpu, execution)
+    with pytest.raises(InvalidInputError, match="cannot run through the bulk kernel"):
+        small_batch.run_small_batch([(_program([Measure(0, 0), Unitary((0,), H)]), config)], gpu)
+    with pytest.raises(InvalidInputError, match="one precision"):
+        small_batch.run_small_batch([(ok, config), (ok, RunConfig(precision="single"))], gpu)
+    cpu, _ = devices.resolve_device("CPU")
+    with pytest.raises(InvalidInputError, match="needs a GPU"):
+        small_batch.final_amplitudes([ok], cpu, np.complex128)
+    assert small_batch.run_small_batch([], gpu) == []
+    # Without a dispatcher's reservation a chunk is checked against free memory.
+    monkeypatch.setattr(type(gpu), "memory_capacity", lambda self: 1024)
+    with pytest.raises(Exception, match="bulk launch"):
+        small_batch.run_small_batch([(ok, config)], gpu)
+
+
+def test_engine_output_is_run_programs(emulated_gpu):
+    """run_small_batch gives what run_program gives for the same program and seed on the same device."""
+    gpu = _gpu()
+    rng = np.random.default_rng(4)
+    for n in (1, 4, 7):
+        program, _ = gpu_checks.random_small_program(rng, n, 10)
+        config = RunConfig(shots=500, seed=9, memory=True)
+        bulk = small_batch.run_small_batch([(program, config)], gpu)[0]
+        single = run_program(program, gpu, config)
+        assert bulk.counts == single.counts and bulk.memory == single.memory
+        assert set(bulk.metadata) == set(single.metadata)
+
+
+def test_admission_reserves_the_bulk_buffers(emulated_gpu):
+    circuits = [random_u_cx(10, 2, seed) for seed in range(40)]
+    gpu = _gpu()
+    backend = GPUSimulator(device="GPU", precision="single", shots=8, seed_simulator=1)
+    job = backend.run(circuits)
+    job.result()
+    items = [(program, config) for _, program, config, _ in backend._prepare(circuits, dict(backend.options.__dict__)).experiments]
+    reserved = small_batch.reserve_bytes(small_batch.plan(gpu, items))
+    assert reserved >= 40 * (1 << 10) * 8 + executor.WORKSPACE_BYTES  # 40 states of 2^10 complex64 at least
+    assert job._execution.reserve_bytes >= reserved
+    # More than any one circuit's own run would reserve: the batch's buffers are what admission must count.
+    assert max(executor.memory_needed(program, config, gpu) for program, config in items) < reserved
+
+
+def test_the_option_is_validated_and_turns_the_path_off(emulated_gpu):
+    with pytest.raises(InvalidOptionError, match="batch_small_circuits"):
+        GPUSimulator(device="GPU", batch_small_circuits="yes")
+    _clear(emulated_gpu)
+    GPUSimulator(device="GPU").run(random_u_cx(2, 1, 0), batch_small_circuits=False, shots=8).result()
+    assert _small_launches(emulated_gpu) == 0
