@@ -200,24 +200,16 @@ def _pair_fuse(ops) -> tuple:
     out: list = []
     open_on: dict = {}  # qubit -> the _Block that last touched it
     for op in ops:
-        if isinstance(op, P.IfElse):
-            op = P.IfElse(op.condition, _pair_fuse(op.true_body), _pair_fuse(op.false_body))
-        elif isinstance(op, P.WhileLoop):
-            op = P.WhileLoop(op.condition, _pair_fuse(op.body))
-        elif isinstance(op, P.ForLoop) and isinstance(op.iterations, P.LoopBodies):
-            op = P.ForLoop(op.iterations.map(_pair_fuse))
-        elif isinstance(op, P.ForLoop):
-            done: dict = {}
-            for body in op.iterations:
-                if id(body) not in done:
-                    done[id(body)] = _pair_fuse(body)
-            op = P.ForLoop(tuple(done[id(body)] for body in op.iterations))
-        elif isinstance(op, P.SwitchCase):
-            op = P.SwitchCase(op.target, tuple((values, _pair_fuse(body)) for values, body in op.cases))
-        gate = None
-        if isinstance(op, P.Diagonal) or (isinstance(op, P.Unitary) and len(op.controls) + len(op.qubits) <= 2):
-            gate = _as_fusable(op)
-        if gate is not None and len(gate.qubits) == 1:
+        kind = type(op)
+        if kind is P.Unitary:
+            gate = op if not op.controls else _as_fusable(op) if len(op.controls) + len(op.qubits) <= 2 else None
+        elif kind is P.Diagonal:
+            gate = op
+        else:
+            gate = None
+            op = _pair_fuse_bodies(op)
+        width = len(gate.qubits) if gate is not None else 0
+        if width == 1:
             qubit = gate.qubits[0]
             block = open_on.get(qubit)
             if block is None:
@@ -225,7 +217,7 @@ def _pair_fuse(ops) -> tuple:
                 out.append(block)
             block.members.append(gate)
             continue
-        if gate is not None and len(gate.qubits) == 2:
+        if width == 2:
             first, second = gate.qubits
             block = open_on.get(first)
             if block is None or open_on.get(second) is not block:
@@ -238,10 +230,10 @@ def _pair_fuse(ops) -> tuple:
                 out.append(block)
             block.members.append(gate)
             continue
-        if isinstance(op, P.GlobalPhase):
+        if kind is P.GlobalPhase:
             out.append(op)
             continue
-        touched = P.op_qubits(op) if isinstance(op, (P.Unitary, P.Diagonal, P.Initialize, P.PauliEvolution, P.Measure, P.Reset)) else tuple(open_on)
+        touched = P.op_qubits(op) if kind in _QUBIT_OPS else tuple(open_on)
         for qubit in touched:
             open_on.pop(qubit, None)
         out.append(op)
@@ -253,6 +245,25 @@ def _pair_fuse(ops) -> tuple:
         elif not item.absorbed:
             result.append(merged[id(item)] if len(item.members) > 1 else item.members[0])
     return tuple(result)
+
+
+def _pair_fuse_bodies(op):
+    """``op`` with :func:`_pair_fuse` applied to the bodies of its control flow, if any."""
+    if isinstance(op, P.IfElse):
+        return P.IfElse(op.condition, _pair_fuse(op.true_body), _pair_fuse(op.false_body))
+    if isinstance(op, P.WhileLoop):
+        return P.WhileLoop(op.condition, _pair_fuse(op.body))
+    if isinstance(op, P.ForLoop) and isinstance(op.iterations, P.LoopBodies):
+        return P.ForLoop(op.iterations.map(_pair_fuse))
+    if isinstance(op, P.ForLoop):
+        done: dict = {}
+        for body in op.iterations:
+            if id(body) not in done:
+                done[id(body)] = _pair_fuse(body)
+        return P.ForLoop(tuple(done[id(body)] for body in op.iterations))
+    if isinstance(op, P.SwitchCase):
+        return P.SwitchCase(op.target, tuple((values, _pair_fuse(body)) for values, body in op.cases))
+    return op
 
 
 def _block_products(blocks: list) -> dict:
@@ -318,6 +329,8 @@ def _block_products(blocks: list) -> dict:
     return products
 
 
+# Ops that touch only their own qubits (the rest, control flow and stores, touch every qubit).
+_QUBIT_OPS = frozenset((P.Unitary, P.Diagonal, P.Initialize, P.PauliEvolution, P.Measure, P.Reset))
 # Exchanges bits 0 and 1 of a 4-entry index: a two-qubit matrix on (b, a) as one on (a, b).
 _BIT_SWAP = np.array([0, 2, 1, 3])
 

@@ -156,11 +156,19 @@ def _standard_op(op: Gate, key: tuple) -> tuple[bool, np.ndarray]:
     return cached
 
 
+# Flat positions of the off-diagonal entries of 2x2 and 4x4 matrices.
+_OFF_DIAGONAL = {dim: tuple(i for i in range(dim * dim) if i // dim != i % dim) for dim in (2, 4)}
+
+
 def _classify(matrix: np.ndarray) -> tuple[bool, np.ndarray]:
     dim = matrix.shape[0]
-    # The flat matrix after its first entry, as rows of dim + 1: each row's first dim entries are off-diagonal.
-    off_diagonal = np.ascontiguousarray(matrix).reshape(-1)[1:].reshape(dim - 1, dim + 1)[:, :dim]
-    if not off_diagonal.any():
+    if dim in _OFF_DIAGONAL:  # most gates: a check on Python numbers beats array calls here
+        flat = matrix.reshape(-1).tolist()
+        diagonal = not any(flat[i] for i in _OFF_DIAGONAL[dim])
+    else:
+        # The flat matrix after its first entry, as rows of dim + 1: each row's first dim entries are off-diagonal.
+        diagonal = not np.ascontiguousarray(matrix).reshape(-1)[1:].reshape(dim - 1, dim + 1)[:, :dim].any()
+    if diagonal:
         out = np.ascontiguousarray(np.diagonal(matrix))
     else:
         out = np.ascontiguousarray(matrix)
