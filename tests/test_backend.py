@@ -808,3 +808,56 @@ def test_warnings_do_not_leak_between_runs(device):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         backend.run(circuit, shots=5).result()  # known options only: no warning
+
+
+def test_run_holds_off_garbage_collection_while_it_translates_and_restores_it(monkeypatch):
+    import gc
+    import threading
+
+    from gpu_provider import backend as backend_module
+
+    seen = []
+    real_translate = backend_module.translate
+
+    def recording_translate(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_translate(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "translate", recording_translate)
+    backend = make_backend("CPU")
+    qc = QuantumCircuit(2)
+    qc.h(0)
+    qc.cx(0, 1)
+    qc.measure_all()
+    assert gc.isenabled()
+    counts = backend.run([qc, qc], shots=200, seed_simulator=3).result().get_counts()
+    assert seen == [False, False] and gc.isenabled()
+    assert all(set(c) <= {"00", "11"} and sum(c.values()) == 200 for c in counts)
+    # A failing run() restores it too, and a caller who turned it off keeps it off.
+    bad = QuantumCircuit(1)
+    bad.append(Gate("opaque", 1, []), [0])
+    with pytest.raises(UnsupportedInstructionError):
+        backend.run(bad)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        backend.run(qc, shots=10).result()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    # Concurrent run() calls: collection resumes only after the last one.
+    barrier = threading.Barrier(2)
+
+    def slow_translate(*args, **kwargs):
+        barrier.wait(timeout=10)
+        return real_translate(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "translate", slow_translate)
+    jobs = []
+    threads = [threading.Thread(target=lambda: jobs.append(backend.run(qc, shots=10))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(jobs) == 2 and gc.isenabled()
+    assert all(sum(job.result().get_counts().values()) == 10 for job in jobs)

@@ -550,6 +550,14 @@ def _is_prefix_op(op) -> bool:
     return isinstance(op, (Unitary, Diagonal, GlobalPhase, Initialize, PauliEvolution))
 
 
+# The most full-size arrays state_arrays counts for any program (shot by shot, a Pauli
+# evolution's recurrence, a host copy of the state, a wide controlled gate's temporary).
+MAX_STATE_ARRAYS = 3 + 4 + 1 + 1
+# memory_needed returns its bound without reading the program's ops while MAX_STATE_ARRAYS
+# states take at most this many bytes: over-reserving that little costs less than the scan.
+SMALL_STATE_BOUND_BYTES = 16 << 20
+
+
 def state_arrays(program: Program, config: RunConfig, in_place: bool = False) -> int:
     """How many full-size arrays a program's run holds at its peak.
 
@@ -624,11 +632,17 @@ def memory_needed(program: Program, config: RunConfig, device: Optional[Device] 
     With ``device`` given, a GPU program that its kernels cover counts its state
     once (the kernels work in place); without it, the general count holds.
     ``num_qubits`` overrides the state's width (one rank's part of a distributed state).
+    States so small that ``MAX_STATE_ARRAYS`` of them fit in ``SMALL_STATE_BOUND_BYTES``
+    get that bound instead: a many-circuit job of small states then pays no
+    per-circuit scan of its ops, and reserves at most 16 MiB more than it uses.
     """
     n = program.num_qubits if num_qubits is None else num_qubits
+    size = state_bytes(n, np.dtype(config.dtype).itemsize)
+    if MAX_STATE_ARRAYS * size <= SMALL_STATE_BOUND_BYTES:  # a small state: the bound, without a scan of the ops
+        return MAX_STATE_ARRAYS * size + sampling_table_bytes(n) + WORKSPACE_BYTES
     in_place = device is not None and kernels_cover(program, device, config.dtype)
     arrays = state_arrays(program, config, in_place)
-    return arrays * state_bytes(n, np.dtype(config.dtype).itemsize) + sampling_table_bytes(n) + WORKSPACE_BYTES
+    return arrays * size + sampling_table_bytes(n) + WORKSPACE_BYTES
 
 
 def max_qubits_for(device: Device, itemsize: int) -> int:

@@ -360,16 +360,23 @@ def test_kernel_programs_reserve_one_state_others_two():
     from gpu_provider.compiler.translate import translate
     from gpu_provider.engine.executor import RunConfig, kernels_cover, memory_needed, state_arrays
 
+    from gpu_provider.engine.executor import MAX_STATE_ARRAYS, WORKSPACE_BYTES, sampling_table_bytes
+
     gpu = _SizedGPU(1 << 40)
     cpu, _ = devices.resolve_device("CPU", 0)
-    qc = random_circuit(12, 3)
+    qc = random_circuit(20, 3)  # large enough that memory_needed counts arrays (see below for small states)
     qc.measure_all()
     program = translate(qc)
     config = RunConfig(precision="single")
     assert kernels_cover(program, gpu, config.dtype) and not kernels_cover(program, cpu, config.dtype)
-    state = devices.state_bytes(12, 8)
+    state = devices.state_bytes(20, 8)
     assert memory_needed(program, config, gpu) - memory_needed(program, config, cpu) == -state
     assert state_arrays(program, config, in_place=True) == 1
+    # A small state gets the bound of every array any program may hold, without reading its ops.
+    small = translate(random_circuit(12, 3))
+    bound = MAX_STATE_ARRAYS * devices.state_bytes(12, 8) + sampling_table_bytes(12) + WORKSPACE_BYTES
+    assert memory_needed(small, config, gpu) == memory_needed(small, config, cpu) == bound
+    assert bound >= state_arrays(small, config) * devices.state_bytes(12, 8) + sampling_table_bytes(12) + WORKSPACE_BYTES
     # Initialize and a 7-qubit dense gate need the scratch buffer: counted as before.
     wide = QuantumCircuit(12)
     wide.initialize(np.ones(4) / 2, [0, 1])
