@@ -245,9 +245,12 @@ def test_chunked_sampling_draws_the_same_as_one_call():
 
 
 def test_sample_chunks_bound_the_scratch_for_wide_states():
-    state = StateVector(np, 12, np.complex128)
+    state = StateVector(np, 20, np.complex64)
     # 56 bytes per amplitude of each of up to `chunk` distinct rows of 2^10 amplitudes.
     assert state.sample_chunk_shots() * (56 * 1024 + 160) <= 32 << 20
+    # A state of few rows (12 qubits: 4) is bound by its shots alone: a usual job's shots in one chunk.
+    small = StateVector(np, 12, np.complex128).sample_chunk_shots()
+    assert 100_000 < small and small * 160 + 4 * 56 * 1024 <= 32 << 20
     assert 100_000 < StateVector(np, 1, np.complex128).sample_chunk_shots() <= 1 << 17
 
 

@@ -554,9 +554,14 @@ class StateVector:
         """Shots per chunk so one chunk's scratch stays within SAMPLE_WORKSPACE_BYTES.
 
         Each distinct row a chunk hits costs about 56 bytes per amplitude of the row,
-        each shot about 160 bytes of per-shot arrays.
+        each shot about 160 bytes of per-shot arrays. A state of few rows (at most
+        half the workspace for all of them) is bound by its shots alone; otherwise
+        every shot may hit a row of its own.
         """
         width = min(self.num_qubits, ROW_QUBITS)
+        rows_bytes = (56 << width) << (self.num_qubits - width)
+        if rows_bytes <= SAMPLE_WORKSPACE_BYTES // 2:
+            return min(SAMPLE_CHUNK_MAX, (SAMPLE_WORKSPACE_BYTES - rows_bytes) // 160)
         per_shot = 56 * (1 << width) + 160
         return max(1, min(SAMPLE_CHUNK_MAX, SAMPLE_WORKSPACE_BYTES // per_shot))
 

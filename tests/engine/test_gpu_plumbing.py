@@ -323,7 +323,7 @@ def test_primitives_on_the_gpu_path(fake_gpu):
 
 
 def test_chunked_sampling_is_the_same_on_both_devices(fake_gpu):
-    # 300,000 shots of 2 qubits are drawn in several chunks (sample_chunk_shots is ~87,000 here).
+    # 300,000 shots of 2 qubits are drawn in several chunks (sample_chunk_shots is 2^17 here).
     options = dict(shots=300_000, seed_simulator=12, memory=True)
     gpu = GPUSimulator(device="GPU").run(bell(), **options).result()
     cpu = GPUSimulator(device="CPU").run(bell(), **options).result()
