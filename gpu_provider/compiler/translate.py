@@ -411,7 +411,7 @@ class _Translator:
     def block(self, circuit: QuantumCircuit, qubits: dict, clbits: dict, top: bool = False) -> list:
         ops: list = []
         for instruction in circuit.data:
-            qargs = tuple(qubits[q] for q in instruction.qubits)
+            qargs = tuple(map(qubits.__getitem__, instruction.qubits))
             if self._standard_fast(instruction, qargs, ops, top):
                 continue
             cargs = tuple(clbits[c] for c in instruction.clbits)
@@ -430,13 +430,13 @@ class _Translator:
         if not instruction.is_standard_gate() or instruction.is_parameterized():
             return False
         name = instruction.name
-        if name in _FAST_EXCLUDED or len(set(qargs)) != len(qargs):
+        if name in _FAST_EXCLUDED or (len(qargs) > 1 and len(set(qargs)) != len(qargs)):
             return False
         try:
-            params = tuple(float(p) for p in instruction.params)
+            params = tuple(map(float, instruction.params))
         except (TypeError, ValueError):
             return False
-        if not all(math.isfinite(p) for p in params):
+        if not math.isfinite(sum(params)):  # a NaN or infinity (or finite values summing past the range: the general path then)
             return False
         key = (name, params, "standard")
         cached = _STANDARD_CACHE.get(key)
