@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import logging
 import numbers
+import os
 import threading
 import time
 import uuid
@@ -581,6 +582,20 @@ def _gc_paused():
             _GC_PAUSES -= 1
             if _GC_PAUSES == 0 and _GC_WAS_ENABLED:
                 gc.enable()
+
+
+def _gc_after_fork_in_child() -> None:
+    """A child forked while another thread was inside run(): only the forking thread lives on."""
+    global _GC_LOCK, _GC_PAUSES
+    _GC_LOCK = threading.Lock()
+    if _GC_PAUSES:
+        _GC_PAUSES = 0
+        if _GC_WAS_ENABLED:
+            gc.enable()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_gc_after_fork_in_child)
 
 
 def _check_mpi_option(mpi) -> None:

@@ -861,3 +861,26 @@ def test_run_holds_off_garbage_collection_while_it_translates_and_restores_it(mo
         thread.join(timeout=30)
     assert len(jobs) == 2 and gc.isenabled()
     assert all(sum(job.result().get_counts().values()) == 10 for job in jobs)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_child_forked_during_another_threads_run_collects_garbage_again():
+    import gc
+    import os
+
+    from gpu_provider import backend as backend_module
+
+    with backend_module._gc_paused():  # as if another thread were inside run()
+        assert not gc.isenabled()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, then leave without running the parent's cleanup
+            try:
+                os.write(write, b"1" if gc.isenabled() and backend_module._GC_PAUSES == 0 else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        reported = os.read(read, 1)
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert reported == b"1" and gc.isenabled()
