@@ -216,6 +216,8 @@ def _pair_fuse(ops) -> tuple:
                 block = open_on[qubit] = _Block(gate.qubits, [])
                 out.append(block)
             block.members.append(gate)
+            if len(block.members) >= MAX_BLOCK_MEMBERS:
+                _close(block, open_on)
             continue
         if width == 2:
             first, second = gate.qubits
@@ -229,6 +231,8 @@ def _pair_fuse(ops) -> tuple:
                 open_on[first] = open_on[second] = block
                 out.append(block)
             block.members.append(gate)
+            if len(block.members) >= MAX_BLOCK_MEMBERS:
+                _close(block, open_on)
             continue
         if kind is P.GlobalPhase:
             out.append(op)
@@ -245,6 +249,13 @@ def _pair_fuse(ops) -> tuple:
         elif not item.absorbed:
             result.append(merged[id(item)] if len(item.members) > 1 else item.members[0])
     return tuple(result)
+
+
+def _close(block: _Block, open_on: dict) -> None:
+    """Later gates on ``block``'s qubits start a new block."""
+    for qubit in block.qubits:
+        if open_on.get(qubit) is block:
+            del open_on[qubit]
 
 
 def _pair_fuse_bodies(op):
@@ -280,57 +291,72 @@ def _block_products(blocks: list) -> dict:
     products: dict = {}
     for dim in (2, 4):
         group = sorted((block for block in blocks if 1 << len(block.qubits) == dim), key=lambda block: -len(block.members))
-        if not group:
-            continue
-        # factors[i]: the i-th member of the group's blocks (block by block) on its block's qubits.
-        owners = [(member, block.qubits[0]) for block in group for member in block.members]
-        members = [member for member, _ in owners]
-        factors = np.zeros((len(members), dim, dim), dtype=np.complex128)
-        kinds: dict = {}
-        for index, (member, low) in enumerate(owners):
-            if len(member.qubits) == 2:
-                kind = "pair" if member.qubits[0] == low else "swapped"
-            else:
-                kind = "low" if member.qubits[0] == low else "high"
-            kind = (kind, isinstance(member, P.Diagonal))
-            kinds.setdefault(kind, []).append(index)
-        for (kind, diagonal), where in kinds.items():
-            where = np.asarray(where)
-            chosen = [members[i] for i in where]
-            size = 2 if kind in ("low", "high") else 4
-            if diagonal:
-                values = np.stack([member.diagonal for member in chosen])
-                stacked = np.zeros((len(chosen), size, size), dtype=np.complex128)
-                stacked[:, np.arange(size), np.arange(size)] = values
-            else:
-                stacked = np.stack([member.matrix for member in chosen])
-            if kind == "swapped":
-                stacked = stacked[:, _BIT_SWAP][:, :, _BIT_SWAP]
-            if dim == 2 or kind in ("pair", "swapped"):
-                factors[where] = stacked
-            elif kind == "low":  # identity on the high qubit: the 2x2 on each half
-                factors[where, 0:2, 0:2] = stacked
-                factors[where, 2:4, 2:4] = stacked
-            else:  # identity on the low qubit: the 2x2 on the even and on the odd indices
-                factors[where, 0::2, 0::2] = stacked
-                factors[where, 1::2, 1::2] = stacked
-        starts = np.cumsum([0] + [len(block.members) for block in group])
-        lengths = np.diff(starts)
-        product = factors[starts[:-1]]
-        for step in range(1, int(lengths[0])):
-            active = int(np.count_nonzero(lengths > step))
-            product[:active] = factors[starts[:active] + step] @ product[:active]
-        off = np.abs(product.reshape(len(group), -1)[:, _off_diagonal(dim)]).max(axis=1) <= DIAGONAL_TOLERANCE
-        for block, matrix, diagonal in zip(group, product, off):
-            if diagonal:
-                products[id(block)] = P.Diagonal(block.qubits, np.diagonal(matrix).copy(), "fused")
-            else:
-                products[id(block)] = P.Unitary(block.qubits, matrix, label="fused")
+        # In batches of about PRODUCT_BATCH_MEMBERS members, so the stacked factors stay small on long circuits.
+        start, members = 0, 0
+        for end, block in enumerate(group, 1):
+            members += len(block.members)
+            if members >= PRODUCT_BATCH_MEMBERS or end == len(group):
+                products.update(_stacked_products(group[start:end], dim))
+                start, members = end, 0
+    return products
+
+
+def _stacked_products(group: list, dim: int) -> dict:
+    """:func:`_block_products` for blocks on ``log2(dim)`` qubits, sorted by falling member count."""
+    products: dict = {}
+    # factors[i]: the i-th member of the group's blocks (block by block) on its block's qubits.
+    owners = [(member, block.qubits[0]) for block in group for member in block.members]
+    members = [member for member, _ in owners]
+    factors = np.zeros((len(members), dim, dim), dtype=np.complex128)
+    kinds: dict = {}
+    for index, (member, low) in enumerate(owners):
+        if len(member.qubits) == 2:
+            kind = "pair" if member.qubits[0] == low else "swapped"
+        else:
+            kind = "low" if member.qubits[0] == low else "high"
+        kind = (kind, isinstance(member, P.Diagonal))
+        kinds.setdefault(kind, []).append(index)
+    for (kind, diagonal), where in kinds.items():
+        where = np.asarray(where)
+        chosen = [members[i] for i in where]
+        size = 2 if kind in ("low", "high") else 4
+        if diagonal:
+            values = np.stack([member.diagonal for member in chosen])
+            stacked = np.zeros((len(chosen), size, size), dtype=np.complex128)
+            stacked[:, np.arange(size), np.arange(size)] = values
+        else:
+            stacked = np.stack([member.matrix for member in chosen])
+        if kind == "swapped":
+            stacked = stacked[:, _BIT_SWAP][:, :, _BIT_SWAP]
+        if dim == 2 or kind in ("pair", "swapped"):
+            factors[where] = stacked
+        elif kind == "low":  # identity on the high qubit: the 2x2 on each half
+            factors[where, 0:2, 0:2] = stacked
+            factors[where, 2:4, 2:4] = stacked
+        else:  # identity on the low qubit: the 2x2 on the even and on the odd indices
+            factors[where, 0::2, 0::2] = stacked
+            factors[where, 1::2, 1::2] = stacked
+    starts = np.cumsum([0] + [len(block.members) for block in group])
+    lengths = np.diff(starts)
+    product = factors[starts[:-1]]
+    for step in range(1, int(lengths[0])):
+        active = int(np.count_nonzero(lengths > step))
+        product[:active] = factors[starts[:active] + step] @ product[:active]
+    off = np.abs(product.reshape(len(group), -1)[:, _off_diagonal(dim)]).max(axis=1) <= DIAGONAL_TOLERANCE
+    for block, matrix, diagonal in zip(group, product, off):
+        if diagonal:
+            products[id(block)] = P.Diagonal(block.qubits, np.diagonal(matrix).copy(), "fused")
+        else:
+            products[id(block)] = P.Unitary(block.qubits, matrix, label="fused")
     return products
 
 
 # Ops that touch only their own qubits (the rest, control flow and stores, touch every qubit).
 _QUBIT_OPS = frozenset((P.Unitary, P.Diagonal, P.Initialize, P.PauliEvolution, P.Measure, P.Reset))
+# Blocks' products are stacked in batches of about this many members (a 4x4 factor is 256 bytes).
+PRODUCT_BATCH_MEMBERS = 1 << 14
+# A block closes once it has this many members: long runs on one pair become several ops, each built from a bounded stack.
+MAX_BLOCK_MEMBERS = 64
 # Exchanges bits 0 and 1 of a 4-entry index: a two-qubit matrix on (b, a) as one on (a, b).
 _BIT_SWAP = np.array([0, 2, 1, 3])
 

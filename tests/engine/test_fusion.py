@@ -312,3 +312,31 @@ def test_global_phase_joins_a_gate_and_costs_no_pass(device):
     phases_only = P.Program(2, 1, (P.GlobalPhase(0.25), P.GlobalPhase(0.5), P.Measure(0, 0)))
     fused = fuse(phases_only, "CPU", threshold=0)
     assert [op.phase for op in fused.ops if isinstance(op, P.GlobalPhase)] == [0.75]
+
+
+def test_pair_fusion_bounds_its_blocks_and_its_stacks(monkeypatch):
+    from gpu_provider.compiler import fusion
+
+    # A long run on one pair becomes several blocks of at most MAX_BLOCK_MEMBERS gates (plus what they absorb).
+    circuit = QuantumCircuit(3)
+    rng = np.random.default_rng(8)
+    for _ in range(150):
+        circuit.rx(float(rng.uniform(0, 3)), 0)
+        circuit.cx(0, 1)
+    circuit.h(2)
+    program = translate(circuit)
+    fused = fuse(program, "CPU", threshold=4)
+    assert 300 // fusion.MAX_BLOCK_MEMBERS <= fused.num_ops <= 300 // fusion.MAX_BLOCK_MEMBERS + 2
+    np.testing.assert_allclose(reference_evolve(fused), Statevector(circuit).data, atol=ATOL, rtol=0)
+    # Products stacked in small batches give the same ops as one stack.
+    many = random_gate_circuit(6, depth=200, seed=11)
+    whole = fuse(translate(many), "CPU", threshold=7)
+    monkeypatch.setattr(fusion, "PRODUCT_BATCH_MEMBERS", 3)
+    batched = fuse(translate(many), "CPU", threshold=7)
+    assert [type(op) for op in batched.ops] == [type(op) for op in whole.ops]
+    for a, b in zip(batched.ops, whole.ops):
+        if isinstance(a, P.Unitary):
+            np.testing.assert_allclose(a.matrix, b.matrix, atol=1e-15, rtol=0)
+        elif isinstance(a, P.Diagonal):
+            np.testing.assert_allclose(a.diagonal, b.diagonal, atol=1e-15, rtol=0)
+    np.testing.assert_allclose(reference_evolve(batched), Statevector(many).data, atol=ATOL, rtol=0)
