@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from qiskit import QuantumCircuit
 
+from benchmarks.batch import random_circuit
 from gpu_provider import GPUSimulator
 from gpu_provider.engine import devices, executor, kernels, small_batch
 from gpu_provider.engine.executor import Execution, RunConfig, run_program
@@ -40,15 +41,9 @@ SMALL_NAME = {"double": "run_small_circuits<double, 11>", "single": "run_small_c
 
 
 def random_u_cx(n: int, layers: int, seed: int) -> QuantumCircuit:
-    """The workload of issue 11: layers of random ``u`` on every qubit and ``cx`` on neighbours, then measure_all."""
-    rng = np.random.default_rng(seed)
-    qc = QuantumCircuit(n, name=f"u_cx_{seed}")
-    for layer in range(layers):
-        for q in range(n):
-            qc.u(*rng.uniform(-np.pi, np.pi, 3), q)
-        for q in range(layer % 2, n - 1, 2):
-            qc.cx(q, q + 1)
-    qc.measure_all()
+    """The workload of issue 11 (``benchmarks.batch``): layers of random ``u`` on every qubit and ``cx`` on neighbours, then measure_all."""
+    qc = random_circuit(n, layers, np.random.default_rng(seed))
+    qc.name = f"u_cx_{seed}"
     return qc
 
 
