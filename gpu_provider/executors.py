@@ -42,6 +42,9 @@ CHUNKS_PER_SLOT = 2
 DASK_STOP_POLL_SECONDS = 0.2
 # How often the job's thread looks for a cancel request while it waits for chunks.
 WAIT_POLL_SECONDS = 0.05
+# After a cancel, how long the job's Dask stop flag stays set before it is cleared (and so deleted from the
+# scheduler): a running chunk polls it between ops, so this must outlast the longest op a chunk may be in.
+STOP_LINGER_SECONDS = 60.0
 
 
 def check_executor_options(executor: Any, max_job_size: Any) -> None:
@@ -132,6 +135,7 @@ class _Stop:
     def __init__(self, executor: Any, job_id: str) -> None:
         self.check: Optional[Callable[[], bool]] = None
         self._raise: Optional[Callable[[], None]] = None
+        self._clear: Optional[Callable[[], None]] = None
         if is_dask_client(executor):
             from distributed import Event
 
@@ -139,6 +143,7 @@ class _Stop:
             event = Event(name, client=executor)
             self.check = DaskStop(name)
             self._raise = event.set
+            self._clear = event.clear  # a cleared Event without waiters is deleted from the scheduler
         elif isinstance(executor, concurrent.futures.ThreadPoolExecutor):
             event = threading.Event()  # same process: nothing is pickled
             self.check = event.is_set
@@ -151,6 +156,31 @@ class _Stop:
                 self._raise()
             except Exception:  # a disconnected scheduler: its workers' chunks end with it
                 logger.debug("could not set the stop flag", exc_info=True)
+
+    def release_later(self) -> None:
+        """Clear the flag once running chunks have had ``STOP_LINGER_SECONDS`` to see it.
+
+        A set Dask Event stays on the scheduler until cleared. A cancelled Dask
+        future reads as done while its task still runs on a worker, so nothing on
+        the client says when the chunks have stopped: each polls the flag between
+        ops (every ``DASK_STOP_POLL_SECONDS`` at most) and remembers it once seen,
+        so the flag stays up for a time longer than an op and then goes, cleared
+        by a timer off the job's path.
+        """
+        if self._clear is None:
+            return
+        clear = self._clear
+
+        def release() -> None:
+            try:
+                clear()
+            except Exception:  # the client or scheduler is gone: so is the flag
+                logger.debug("could not clear the stop flag", exc_info=True)
+
+        timer = threading.Timer(STOP_LINGER_SECONDS, release)
+        timer.daemon = True
+        timer.name = "gpu_provider-stop-release"
+        timer.start()
 
 
 def _is_worker_failure(exc: BaseException) -> bool:
@@ -226,6 +256,7 @@ def run_chunks(
                 future.cancel()
             except Exception:
                 logger.debug("cancelling a chunk's future failed", exc_info=True)
+        stop.release_later()
         raise
 
 

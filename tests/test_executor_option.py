@@ -413,3 +413,30 @@ def test_device_gpu_is_resolved_on_the_workers():
     with ThreadPoolExecutor(1) as pool:
         counts = GPUSimulator(device="auto").run(bell_circuit(), executor=pool, shots=100).result().get_counts()
     assert set(counts) <= {"00", "11"} and sum(counts.values()) == 100
+
+
+def test_a_cancelled_dask_batch_leaves_no_stop_flag_on_the_scheduler(dask_client, monkeypatch):
+    from gpu_provider import executors
+
+    monkeypatch.setattr(executors, "STOP_LINGER_SECONDS", 1.0)
+
+    circuits = [slow_circuit(18, 150, seed) for seed in range(4)]
+    backend = GPUSimulator(device="CPU", fusion_enable=False, shots=10)
+    job = backend.run(circuits, executor=dask_client, max_job_size=1)
+    prefix = f"gpu_provider-stop-{job.job_id()}-"  # this job's flag (an earlier test's may still linger)
+
+    def stop_flags(dask_scheduler):
+        return [name for name in dask_scheduler.extensions["events"]._events if str(name).startswith(prefix)]
+
+    assert wait_for(lambda: any(busy[1] for busy in workers_busy(dask_client).values()), timeout=30)
+    assert job.cancel() is True
+    assert job.status() == JobStatus.CANCELLED
+    # The flag stops the running chunks, then is cleared (and so deleted) after STOP_LINGER_SECONDS.
+    assert dask_client.run_on_scheduler(stop_flags)
+    assert wait_for(lambda: all(busy == (0, 0) for busy in workers_busy(dask_client).values()), timeout=2.0)
+    assert wait_for(lambda: not dask_client.run_on_scheduler(stop_flags), timeout=10), dask_client.run_on_scheduler(stop_flags)
+    # The client still runs jobs.
+    quick = [slow_circuit(4, 2, seed) for seed in range(2)]
+    local = backend.run(quick, seed_simulator=3).result()
+    remote = backend.run(quick, executor=dask_client, seed_simulator=3).result()
+    assert [remote.get_counts(i) for i in range(2)] == [local.get_counts(i) for i in range(2)]
