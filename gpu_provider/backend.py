@@ -117,8 +117,9 @@ class GPUSimulator(BackendV2):
         batch_small_circuits (bool): on a GPU, run consecutive small circuits
             (up to 12 qubits in single precision, 11 in double; gates and final
             measurements only) many per kernel launch, each whole in shared
-            memory (True); the same counts for a seed, up to rounding. Other
-            circuits, MPI and executor runs are unaffected.
+            memory (True); the same counts for a seed, up to rounding. On an
+            executor, its GPU workers do the same with their chunks. Other
+            circuits and MPI runs are unaffected.
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
@@ -320,7 +321,7 @@ class GPUSimulator(BackendV2):
 
         executor = merged["executor"]
         if executor is not None:
-            where = (merged["device"], merged["device_id"], merged["max_job_size"])
+            where = (merged["device"], merged["device_id"], merged["max_job_size"], merged["batch_small_circuits"])
 
             def simulate(execution: Execution) -> Result:
                 return _simulate_on_executor(self, job_id, executor, where, experiments, execution, run_metadata)
@@ -414,26 +415,25 @@ def _simulate(
 
 def _outputs(device: Device, items: list, execution: Execution, group, splits, plan):
     """Each experiment's output in order: the runs that ``plan`` batches in bulk, the rest one at a time."""
-    for run in plan if plan is not None else [small_batch.Run(0, len(items), False)]:
-        if run.batched:
-            yield from small_batch.run_small_batch(items[run.start : run.stop], device, execution, run.chunks)
-            continue
-        for index in range(run.start, run.stop):
-            program, config = items[index]
-            if group is None:
-                yield run_program(program, device, config, execution)
-            elif splits[index]:
-                yield run_program(program, device, config, execution, group=group)
-            else:
-                yield run_program(program, device, config, group)
+
+    def run_one(index: int):
+        program, config = items[index]
+        if group is None:
+            return run_program(program, device, config, execution)
+        if splits[index]:
+            return run_program(program, device, config, execution, group=group)
+        return run_program(program, device, config, group)
+
+    runs = plan if plan is not None else [small_batch.Run(0, len(items), False)]
+    return small_batch.outputs_in_order(runs, items, device, execution, run_one)
 
 
 def _simulate_on_executor(backend: GPUSimulator, job_id: str, executor, where, experiments, execution: Execution, run_metadata: dict) -> Result:
     """The job's circuits in chunks on ``executor``'s workers; the Result as :func:`_simulate` builds it."""
     start = time.time()
-    device_option, device_id, max_job_size = where
+    device_option, device_id, max_job_size, batch_small_circuits = where
     work = [(program, config, estimated_ops(program, config)) for _, program, config, _ in experiments]
-    outputs = run_chunks(executor, work, execution, device_option, device_id, max_job_size, job_id)
+    outputs = run_chunks(executor, work, execution, device_option, device_id, max_job_size, job_id, batch_small_circuits)
     results = []
     for (circuit, program, config, ops_before), output in zip(experiments, outputs):
         output.metadata.update(fusion_ops_before=ops_before, fusion_ops_after=program.num_ops)

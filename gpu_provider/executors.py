@@ -198,6 +198,7 @@ def run_chunks(
     device_id: int,
     max_job_size: Optional[int],
     job_id: str,
+    batch_small_circuits: bool = True,
 ) -> list[ExperimentOutput]:
     """Run ``(program, config, ops)`` experiments on ``executor`` in chunks; the outputs in their order.
 
@@ -221,7 +222,7 @@ def run_chunks(
         for number, indices in enumerate(chunks):
             execution.poll_cancel()
             payload = [(index, experiments[index][0], experiments[index][1]) for index in indices]
-            args = (CHUNK_FUNCTION, payload, device, device_id, stop.check)
+            args = (CHUNK_FUNCTION, payload, device, device_id, stop.check, batch_small_circuits)
             try:
                 if dask:
                     future = executor.submit(*args, pure=False, key=f"gpu_provider-{job_id}-chunk-{number}")

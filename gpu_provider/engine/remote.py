@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..errors import JobCancelledError
+from . import small_batch
 from .devices import resolve_device
 from .executor import ExperimentOutput, RunConfig, kernels_cover, run_program, state_arrays
 from .program import Program
@@ -32,6 +33,9 @@ class ChunkRun:
         self._stop = stop
 
     def checkpoint(self, ops: int = 1) -> None:
+        self.poll_cancel()
+
+    def advance(self, ops: int) -> None:  # the job counts progress per finished chunk, on its side
         self.poll_cancel()
 
     def poll_cancel(self) -> None:
@@ -49,13 +53,16 @@ def run_chunk(
     device: str = "auto",
     device_id: int = 0,
     stop: Optional[Callable[[], bool]] = None,
+    batch_small_circuits: bool = True,
 ) -> list[tuple[int, ExperimentOutput]]:
     """Run ``(index, program, config)`` experiments in order on this worker's device.
 
     ``device`` is the job's device option, resolved here ("auto" takes this
     worker's GPU if it has a usable one); each output's metadata names the
     device that ran it and the worker (``host:pid``). Each program's memory is
-    checked against this worker's device before it runs.
+    checked against this worker's device before it runs. On a GPU, runs of
+    small circuits go through the bulk kernel as a local job's do
+    (:mod:`~gpu_provider.engine.small_batch`), unless ``batch_small_circuits`` is False.
 
     Raises:
         JobCancelledError: ``stop`` answered True (checked before the first op too).
@@ -67,13 +74,18 @@ def run_chunk(
     resolved, fallback_reason = resolve_device(device, device_id)
     outputs = []
     resolved.job_started()
+    items = [(program, config) for _, program, config in experiments]
+
+    def run_one(position: int) -> ExperimentOutput:
+        program, config = items[position]
+        arrays = state_arrays(program, config, kernels_cover(program, resolved, config.dtype))
+        resolved.check_fits(program.num_qubits, np.dtype(config.dtype).itemsize, arrays=arrays)
+        return run_program(program, resolved, config, run)
+
     try:
         with resolved.stream():
-            for index, program, config in experiments:
-                dtype = config.dtype
-                arrays = state_arrays(program, config, kernels_cover(program, resolved, dtype))
-                resolved.check_fits(program.num_qubits, np.dtype(dtype).itemsize, arrays=arrays)
-                output = run_program(program, resolved, config, run)
+            runs = small_batch.plan(resolved, items) if batch_small_circuits else [small_batch.Run(0, len(items), False)]
+            for (index, _, _), output in zip(experiments, small_batch.outputs_in_order(runs, items, resolved, run, run_one, check_fits=True)):
                 output.metadata["worker"] = worker_name()
                 if fallback_reason:
                     output.metadata["gpu_unavailable_reason"] = fallback_reason

@@ -297,12 +297,33 @@ def final_amplitudes(programs: Sequence[Program], device: Device, dtype, kernels
     return device.to_host(out), packed.offsets
 
 
+def outputs_in_order(
+    runs: Sequence[Run], items: Sequence[tuple[Program, RunConfig]], device: Device, execution: Any, run_one: Any, check_fits: bool = False
+):
+    """Each item's output, in order: the runs :func:`plan` batched through the bulk kernel, the others by ``run_one(index)``.
+
+    ``check_fits``: check each bulk chunk against the device's free memory even with an ``execution`` (a
+    worker of an executor, where no dispatcher reserved it).
+    """
+    for run in runs:
+        if run.batched:
+            yield from run_small_batch(items[run.start : run.stop], device, execution, run.chunks, check_fits=check_fits)
+            continue
+        for index in range(run.start, run.stop):
+            yield run_one(index)
+
+
 def run_small_batch(
-    items: Sequence[tuple[Program, RunConfig]], device: Device, execution: Execution | None = None, chunks: Sequence[tuple] | None = None
+    items: Sequence[tuple[Program, RunConfig]],
+    device: Device,
+    execution: Execution | None = None,
+    chunks: Sequence[tuple] | None = None,
+    check_fits: bool = False,
 ) -> list[ExperimentOutput]:
     """Run eligible ``(program, config)`` items (one precision) in bulk; their outputs, as :func:`run_program` gives them.
 
     ``chunks``: the items' :attr:`Run.chunks` from :func:`plan`, which checked them; without it they are checked here.
+    ``check_fits``: check each chunk's memory even with an ``execution`` (see :func:`outputs_in_order`).
 
     Raises:
         InvalidInputError: an item that is not eligible, or items of mixed precision.
@@ -326,7 +347,7 @@ def run_small_batch(
         chunk = items[first:last]
         if execution is not None:
             execution.poll_cancel()
-        else:
+        if execution is None or check_fits:
             _check_chunk_fits(device, chunk, size)
         started = time.perf_counter()
         amplitudes, offsets = final_amplitudes([program for program, _ in chunk], device, dtype, kernels)

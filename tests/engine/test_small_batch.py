@@ -197,6 +197,32 @@ def test_two_hundred_circuits_take_a_handful_of_launches(emulated_gpu):
     assert sum(result.get_counts(i) == cpu.get_counts(i) for i in range(20)) >= 19
 
 
+def test_executor_workers_on_a_gpu_run_small_circuits_in_bulk(emulated_gpu):
+    from concurrent.futures import ThreadPoolExecutor
+
+    circuits = [random_u_cx(4, 4, seed) for seed in range(40)]
+    mid = QuantumCircuit(2, 2)  # mid-circuit measurement: one at a time, in its place
+    mid.h(0)
+    mid.measure(0, 0)
+    mid.cx(0, 1)
+    mid.measure(1, 1)
+    circuits.insert(7, mid)
+    backend = GPUSimulator(device="GPU", precision="single", shots=64)
+    local = backend.run(circuits, seed_simulator=5).result()
+    _clear(emulated_gpu)
+    with ThreadPoolExecutor(1) as pool:  # one worker thread: the emulated kernels share one set of barriers
+        remote = backend.run(circuits, seed_simulator=5, executor=pool, max_job_size=10).result()
+        launched = list(emulated_gpu["single"].launched)
+        _clear(emulated_gpu)
+        one_by_one = backend.run(circuits, seed_simulator=5, executor=pool, max_job_size=10, batch_small_circuits=False).result()
+        assert not any(name.startswith("run_small_circuits") for name in emulated_gpu["single"].launched)
+    # Five chunks of 8-9 circuits: one bulk launch each, and one more where the mid-circuit one splits its chunk.
+    assert 5 <= launched.count(SMALL_NAME["single"]) <= 6
+    for i in range(len(circuits)):
+        assert remote.get_counts(i) == local.get_counts(i) == one_by_one.get_counts(i)
+        assert remote.results[i].metadata["device"] == "GPU:0" and "worker" in remote.results[i].metadata
+
+
 def test_chunks_are_launches_and_progress(emulated_gpu, monkeypatch):
     circuits = [random_u_cx(3, 2, seed) for seed in range(12)]
     monkeypatch.setattr(small_batch, "CHUNK_BYTES", 1)  # one circuit per chunk
