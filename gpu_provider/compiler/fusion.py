@@ -81,11 +81,14 @@ def fuse(
     Below ``threshold`` qubits gates merge only into blocks of one or two qubits
     (:func:`_pair_fuse`, one linear pass whose products are computed together):
     on such states a pass costs its host overhead, not its arithmetic, and this
-    fusion costs a few microseconds a gate where the greedy passes cost tens; with
-    ``sources`` nothing is merged there (parametrized gates stay rebindable).
+    fusion costs a few microseconds a gate where the greedy passes cost tens
+    (``max_qubits=1``: one-qubit runs only); with ``sources`` nothing is merged
+    there (parametrized gates stay rebindable).
     """
     if program.num_qubits < threshold:
-        return program if sources is not None else program.replace(ops=_fold_global_phases(_pair_fuse(program.ops)))
+        if sources is not None:
+            return program
+        return program.replace(ops=_fold_global_phases(_pair_fuse(program.ops, max_qubits is None or max_qubits >= 2)))
     width = max_qubits if max_qubits is not None else default_width(device_kind, precision)
     all_qubits = frozenset(range(program.num_qubits))
     return program.replace(ops=_fuse_ops(program.ops, width, all_qubits, sources))
@@ -183,7 +186,7 @@ class _Block:
         self.absorbed = False
 
 
-def _pair_fuse(ops) -> tuple:
+def _pair_fuse(ops, pairs: bool = True) -> tuple:
     """Fusion for states below the threshold: gates on one or two qubits merged along their qubits.
 
     One linear pass. Each qubit remembers the block that last touched it. A
@@ -195,7 +198,9 @@ def _pair_fuse(ops) -> tuple:
     touch. No block is wider than two qubits: on a small state a two-qubit pass
     costs what a one-qubit pass does (array-call overhead, not arithmetic), so
     every merge saves a pass. The blocks' products are then computed together,
-    a few array calls for the whole sequence (:func:`_block_products`).
+    a few array calls for the whole sequence (:func:`_block_products`). Without
+    ``pairs`` (``fusion_max_qubits=1``) two-qubit gates stay as they are and only
+    runs of one-qubit gates merge.
     """
     out: list = []
     open_on: dict = {}  # qubit -> the _Block that last touched it
@@ -207,7 +212,7 @@ def _pair_fuse(ops) -> tuple:
             gate = op
         else:
             gate = None
-            op = _pair_fuse_bodies(op)
+            op = _pair_fuse_bodies(op, pairs)
         width = len(gate.qubits) if gate is not None else 0
         if width == 1:
             qubit = gate.qubits[0]
@@ -219,7 +224,7 @@ def _pair_fuse(ops) -> tuple:
             if len(block.members) >= MAX_BLOCK_MEMBERS:
                 _close(block, open_on)
             continue
-        if width == 2:
+        if width == 2 and pairs:
             first, second = gate.qubits
             block = open_on.get(first)
             if block is None or open_on.get(second) is not block:
@@ -258,22 +263,22 @@ def _close(block: _Block, open_on: dict) -> None:
             del open_on[qubit]
 
 
-def _pair_fuse_bodies(op):
+def _pair_fuse_bodies(op, pairs: bool):
     """``op`` with :func:`_pair_fuse` applied to the bodies of its control flow, if any."""
     if isinstance(op, P.IfElse):
-        return P.IfElse(op.condition, _pair_fuse(op.true_body), _pair_fuse(op.false_body))
+        return P.IfElse(op.condition, _pair_fuse(op.true_body, pairs), _pair_fuse(op.false_body, pairs))
     if isinstance(op, P.WhileLoop):
-        return P.WhileLoop(op.condition, _pair_fuse(op.body))
+        return P.WhileLoop(op.condition, _pair_fuse(op.body, pairs))
     if isinstance(op, P.ForLoop) and isinstance(op.iterations, P.LoopBodies):
-        return P.ForLoop(op.iterations.map(_pair_fuse))
+        return P.ForLoop(op.iterations.map(functools.partial(_pair_fuse, pairs=pairs)))
     if isinstance(op, P.ForLoop):
         done: dict = {}
         for body in op.iterations:
             if id(body) not in done:
-                done[id(body)] = _pair_fuse(body)
+                done[id(body)] = _pair_fuse(body, pairs)
         return P.ForLoop(tuple(done[id(body)] for body in op.iterations))
     if isinstance(op, P.SwitchCase):
-        return P.SwitchCase(op.target, tuple((values, _pair_fuse(body)) for values, body in op.cases))
+        return P.SwitchCase(op.target, tuple((values, _pair_fuse(body, pairs)) for values, body in op.cases))
     return op
 
 

@@ -340,3 +340,16 @@ def test_pair_fusion_bounds_its_blocks_and_its_stacks(monkeypatch):
         elif isinstance(a, P.Diagonal):
             np.testing.assert_allclose(a.diagonal, b.diagonal, atol=1e-15, rtol=0)
     np.testing.assert_allclose(reference_evolve(batched), Statevector(many).data, atol=ATOL, rtol=0)
+
+
+def test_below_threshold_a_width_of_one_merges_only_one_qubit_runs(device):
+    circuit = random_gate_circuit(5, depth=80, seed=4)
+    program = translate(circuit)
+    fused = fuse(program, "CPU", max_qubits=1, threshold=6)
+    gates = lambda prog: [op for op in prog.ops if isinstance(op, (P.Unitary, P.Diagonal))]  # noqa: E731
+    wider = [op for op in gates(program) if len(P.op_qubits(op)) > 1]
+    assert [op for op in gates(fused) if len(P.op_qubits(op)) > 1] == wider  # the very same ops, in order
+    assert program.num_ops > fused.num_ops > len(wider)
+    np.testing.assert_allclose(engine_statevector(fused, device), Statevector(circuit).data, atol=ATOL, rtol=0)
+    on = make_backend(device, fusion_max_qubits=1).run(circuit, shots=1).result().results[0].metadata
+    assert on["fusion_ops_after"] == fused.num_ops
