@@ -36,6 +36,12 @@ def random_circuit(num_qubits: int, layers: int, rng: np.random.Generator) -> Qu
     return qc
 
 
+def transpiled_batch(circuits: int, qubits: int, layers: int = 12, seed: int = 7) -> list:
+    """The benchmark's circuits (:func:`random_circuit`), transpiled to the ``u, cx`` basis as every simulator gets them."""
+    rng = np.random.default_rng(seed)
+    return transpile([random_circuit(qubits, layers, rng) for _ in range(circuits)], basis_gates=["u", "cx"], optimization_level=0)
+
+
 def _median_time(fn, repeats: int) -> float:
     fn()  # warm-up: compile kernels, fill caches
     times = []
@@ -50,8 +56,7 @@ def measure(
     circuits: int, qubits: int, device: str, precision: str, repeats: int, layers: int = 12,
     fusion_threshold: int | None = None, aer: bool = True, bulk: bool = True,
 ) -> dict:
-    rng = np.random.default_rng(7)
-    batch = transpile([random_circuit(qubits, layers, rng) for _ in range(circuits)], basis_gates=["u", "cx"], optimization_level=0)
+    batch = transpiled_batch(circuits, qubits, layers)
     options = {} if fusion_threshold is None else {"fusion_threshold": fusion_threshold}
     ours = GPUSimulator(device=device, precision=precision, batch_small_circuits=bulk, **options)
     report = {"circuits": circuits, "qubits": qubits, "precision": precision, "shots": 1024, "batch_small_circuits": bulk}

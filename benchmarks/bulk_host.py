@@ -18,9 +18,8 @@ import argparse
 import time
 
 import numpy as np
-from qiskit import transpile
 
-from benchmarks.batch import random_circuit
+from benchmarks.batch import transpiled_batch
 from gpu_provider.backend import _gc_paused
 from gpu_provider.compiler.fusion import fuse
 from gpu_provider.compiler.translate import translate
@@ -32,8 +31,7 @@ from gpu_provider.engine.statevector import StateVector
 
 
 def measure(circuits: int, qubits: int, precision: str, repeats: int) -> dict:
-    rng = np.random.default_rng(7)
-    batch = transpile([random_circuit(qubits, 12, rng) for _ in range(circuits)], basis_gates=["u", "cx"], optimization_level=0)
+    batch = transpiled_batch(circuits, qubits)
     cpu, _ = resolve_device("cpu")
     config = RunConfig(shots=1024, seed=1, precision=precision)
     best = {"translate": float("inf"), "fuse": float("inf"), "pack": float("inf"), "sample": float("inf")}
