@@ -264,6 +264,10 @@ class GPUSimulator(BackendV2):
         distributed = []
         # What this process may allocate on the device, read once for the whole list (it reads system files).
         capacity = dispatcher_for(device).capacity() if planning_kind is None else 0
+        # On a GPU whose bulk kernel will run a job's small circuits, they are not fused: the kernel
+        # applies each gate in shared memory, where a gate costs next to nothing and fusing it would
+        # be most of the circuit's host work (an executor's workers decide for themselves).
+        bulk = merged["batch_small_circuits"] and ranks is None and executor is None
         for index, circuit in enumerate(circuits):
             # Simulate only the qubits some op touches: a layout-transpiled circuit is as wide as the Target.
             program = compact(translate(circuit, merged["initial_statevector"]))
@@ -296,7 +300,7 @@ class GPUSimulator(BackendV2):
             if merged["memory"]:
                 _check_memory_output(merged["shots"], device)
             ops_before = program.num_ops
-            if merged["fusion_enable"]:
+            if merged["fusion_enable"] and not (bulk and small_batch.eligible(program, config, device)):
                 width = merged["fusion_max_qubits"]
                 if split:  # a fused gate's targets must fit on one rank
                     width = min(width or default_width(device.kind, merged["precision"]), local_qubits)

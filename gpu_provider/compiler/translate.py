@@ -143,6 +143,8 @@ def _definition_key(op: Instruction) -> tuple:
 
 
 _STANDARD_CACHE: dict = {}
+# (name, *float parameters) of natively stored standard gates -> their cached (is_diagonal, numbers).
+_SEEN_STANDARD: dict = {}
 
 
 def _standard_op(op: Gate, key: tuple) -> tuple[bool, np.ndarray]:
@@ -410,10 +412,23 @@ class _Translator:
 
     def block(self, circuit: QuantumCircuit, qubits: dict, clbits: dict, top: bool = False) -> list:
         ops: list = []
+        append, fresh, seen = ops.append, self.fresh, _SEEN_STANDARD
         for instruction in circuit.data:
             qargs = tuple(map(qubits.__getitem__, instruction.qubits))
-            if self._standard_fast(instruction, qargs, ops, top):
-                continue
+            if instruction.is_standard_gate() and not instruction.is_parameterized():
+                # A standard gate seen before with these very parameters: its cached op data, directly.
+                name = instruction.name
+                try:
+                    hit = seen.get((name, *instruction.params))
+                except TypeError:  # an unhashable parameter: the checks below decide
+                    hit = None
+                if hit is not None and (len(qargs) == 1 or len(set(qargs)) == len(qargs)):
+                    if fresh:
+                        fresh.difference_update(qargs)
+                    append(P.gate_op(qargs, hit[1], name, hit[0]))
+                    continue
+                if self._standard_fast(instruction, qargs, ops, top):
+                    continue
             cargs = tuple(clbits[c] for c in instruction.clbits)
             self.instruction(instruction.operation, qargs, cargs, qubits, clbits, ops, top)
         return ops
@@ -430,10 +445,11 @@ class _Translator:
         if not instruction.is_standard_gate() or instruction.is_parameterized():
             return False
         name = instruction.name
+        raw = instruction.params
         if name in _FAST_EXCLUDED or (len(qargs) > 1 and len(set(qargs)) != len(qargs)):
             return False
         try:
-            params = tuple(map(float, instruction.params))
+            params = tuple(map(float, raw))
         except (TypeError, ValueError):
             return False
         if not math.isfinite(sum(params)):  # a NaN or infinity (or finite values summing past the range: the general path then)
@@ -448,9 +464,13 @@ class _Translator:
             if len(_STANDARD_CACHE) > 65536:
                 _STANDARD_CACHE.clear()
             _STANDARD_CACHE[key] = cached
+        if all(type(p) is float for p in raw):  # plain floats: :meth:`block` finds the gate by them next time
+            if len(_SEEN_STANDARD) > 65536:
+                _SEEN_STANDARD.clear()
+            _SEEN_STANDARD[(name, *raw)] = cached
         self._touch(qargs, top)
         is_diag, data = cached
-        ops.append(P.Diagonal(qargs, data, name) if is_diag else P.Unitary(qargs, data, label=name))
+        ops.append(P.gate_op(qargs, data, name, is_diag))
         return True
 
     def _touch(self, qargs, top: bool) -> None:

@@ -29,6 +29,7 @@ checked and progress recorded between chunks.
 
 from __future__ import annotations
 
+import array
 import functools
 import math
 import time
@@ -205,23 +206,25 @@ def pack(programs: Sequence[Program], dtype) -> _Packed:
     """
     dtype = np.dtype(dtype)
     headers = np.zeros((len(programs), SMALL_HEADER_WORDS), dtype=np.uint64)
-    words: list[tuple[int, int, int, int, int, int]] = []
+    words = array.array("Q")  # SMALL_OP_WORDS per op, flat (uint64)
+    extend = words.extend
     arrays: list[np.ndarray] = []
     where: dict[Any, int] = {}  # id of a matrix (or a phase's value) -> its offset in the pool
+    gates: dict[tuple, tuple] = {}  # this pack's _gate_words, without the cache's call
     pool_size = 0
     offset = 0
 
     def place(key: Any, array: np.ndarray) -> int:
         nonlocal pool_size
-        found = where.get(key)
-        if found is None:
-            found = where[key] = pool_size
-            arrays.append(np.asarray(array).reshape(-1))
-            pool_size += arrays[-1].size
+        found = where[key] = pool_size
+        arrays.append(np.asarray(array).reshape(-1))
+        pool_size += arrays[-1].size
         return found
 
     def phase(value: complex) -> tuple:
-        return (SMALL_PHASE, 0, 0, place(("phase", value), np.array([value])), 0, 0)
+        key = ("phase", value)
+        found = where.get(key)
+        return (SMALL_PHASE, 0, 0, place(key, np.array([value])) if found is None else found, 0, 0)
 
     limit = SMALL_MAX_QUBITS["float" if dtype == np.complex64 else "double"]
     widest = 0
@@ -232,31 +235,35 @@ def pack(programs: Sequence[Program], dtype) -> _Packed:
         first = len(words)
         for op in program.ops:
             kind = type(op)
-            if kind is Measure:
-                continue
-            if kind is GlobalPhase:
-                words.append(phase(complex(math.cos(op.phase), math.sin(op.phase))))
-                continue
             if kind is Unitary:
-                numbers, qubits, controls, ctrl_state = op.matrix, op.qubits, op.controls, op.ctrl_state
+                numbers, gate = op.matrix, (False, op.qubits, op.controls, op.ctrl_state)
             elif kind is Diagonal:
-                numbers, qubits, controls, ctrl_state = op.diagonal, op.qubits, (), 0
+                numbers, gate = op.diagonal, (True, op.qubits, (), 0)
+            elif kind is Measure:
+                continue
+            elif kind is GlobalPhase:
+                extend(phase(complex(math.cos(op.phase), math.sin(op.phase))))
+                continue
             else:
                 raise InvalidInputError(f"the bulk kernel cannot run {kind.__name__} (in {program.name!r})")
-            word, packed, packed_sorted, mask, value, shape, top = _gate_words(kind is Diagonal, qubits, controls, ctrl_state)
+            layout = gates.get(gate)
+            if layout is None:
+                layout = gates[gate] = _gate_words(*gate)
+            word, packed, packed_sorted, mask, value, shape, top = layout
             if top >= n or numbers.shape != shape:
                 raise InvalidInputError(
-                    f"the bulk kernel cannot run {kind.__name__} on {controls + qubits} with numbers of shape "
+                    f"the bulk kernel cannot run {kind.__name__} on {gate[2] + gate[1]} with numbers of shape "
                     f"{numbers.shape} in the {n}-qubit {program.name!r}"
                 )
-            if not qubits:
-                words.append(phase(complex(numbers.reshape(-1)[0])))
-            else:
-                words.append((word, packed, packed_sorted, place(id(numbers), numbers), mask, value))
-        headers[index] = (first, len(words) - first, n, offset)
+            if not gate[1]:
+                extend(phase(complex(numbers.reshape(-1)[0])))
+                continue
+            found = where.get(id(numbers))
+            extend((word, packed, packed_sorted, place(id(numbers), numbers) if found is None else found, mask, value))
+        headers[index] = (first // SMALL_OP_WORDS, (len(words) - first) // SMALL_OP_WORDS, n, offset)
         offset += 1 << n
         widest = max(widest, n)
-    ops = np.array(words, dtype=np.uint64).reshape(-1) if words else np.zeros(0, dtype=np.uint64)
+    ops = np.frombuffer(words, dtype=f"u{words.itemsize}").astype(np.uint64, copy=False) if words else np.zeros(0, dtype=np.uint64)
     pool = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(1, dtype=dtype)
     return _Packed(headers.reshape(-1), ops, pool, [int(h) for h in headers[:, 3]], offset, widest)
 

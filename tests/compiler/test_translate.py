@@ -466,6 +466,67 @@ def test_rz_cache_distinguishes_parameters():
     np.testing.assert_allclose(second.diagonal, np.diag(RZGate(0.2).to_matrix()), atol=ATOL)
 
 
+def test_repeated_standard_gates_take_the_seen_gate_path_and_match_the_first_translation():
+    # The second translation of the same gates finds them by (name, *parameters): the ops must be
+    # the same as the first's (same numbers, labels, kinds), and every gate still reaches its qubits.
+    from gpu_provider.compiler import translate as translate_module
+
+    rng = np.random.default_rng(5)
+    circuit = QuantumCircuit(4)
+    for _ in range(3):
+        for q in range(4):
+            circuit.u(*rng.uniform(-np.pi, np.pi, 3), q)
+        circuit.cx(0, 1)
+        circuit.rz(0.25, 2)
+        circuit.crx(0.5, 3, 1)
+        circuit.rzz(0.75, 0, 3)
+        circuit.x(2)
+    translate_module._SEEN_STANDARD.clear()
+    first = translate(circuit)
+    assert len(translate_module._SEEN_STANDARD) >= 5
+    second = translate(circuit)
+    assert [type(op) for op in first.ops] == [type(op) for op in second.ops]
+    for a, b in zip(first.ops, second.ops):
+        assert (a.qubits, getattr(a, "label", None), getattr(a, "controls", ()), getattr(a, "ctrl_state", 0)) == (
+            b.qubits, getattr(b, "label", None), getattr(b, "controls", ()), getattr(b, "ctrl_state", 0))
+        numbers = (a.diagonal, b.diagonal) if isinstance(a, P.Diagonal) else (a.matrix, b.matrix)
+        assert numbers[0] is numbers[1]  # one cached array
+    expected = Statevector(circuit).data
+    np.testing.assert_allclose(reference_evolve(second), expected, atol=ATOL)
+
+
+def test_seen_gate_path_still_checks_parameters_it_has_not_seen():
+    from gpu_provider.compiler import translate as translate_module
+
+    circuit = QuantumCircuit(1)
+    circuit.rx(0.3, 0)
+    translate(circuit)
+    bad = QuantumCircuit(1)
+    bad.rx(float("nan"), 0)
+    with pytest.raises(InvalidInputError, match="non-finite"):
+        translate(bad)
+    assert not any(key[0] == "rx" and key[1] != key[1] for key in translate_module._SEEN_STANDARD)
+    theta = Parameter("t")
+    bound = QuantumCircuit(1)
+    bound.rx(theta, 0)
+    bound = bound.assign_parameters({theta: 0.3})
+    np.testing.assert_allclose(reference_evolve(translate(bound)), Statevector(bound).data, atol=ATOL)
+
+
+def test_gate_op_builds_the_dataclass_object():
+    matrix = np.eye(4, dtype=np.complex128)
+    fast = P.gate_op((0, 1), matrix, "cx", False)
+    slow = P.Unitary((0, 1), matrix, label="cx")
+    assert type(fast) is P.Unitary and vars(fast).keys() == vars(slow).keys()
+    assert all(getattr(fast, name) is getattr(slow, name) or getattr(fast, name) == getattr(slow, name) for name in vars(slow))
+    diagonal = np.ones(2, dtype=np.complex128)
+    fast = P.gate_op((3,), diagonal, "rz", True)
+    slow = P.Diagonal((3,), diagonal, "rz")
+    assert type(fast) is P.Diagonal and vars(fast).keys() == vars(slow).keys()
+    with pytest.raises(Exception):  # still frozen
+        fast.label = "x"
+
+
 # ---------------------------------------------------------------------------
 # operations beyond the standard library
 

@@ -186,6 +186,23 @@ def test_bulk_counts_match_the_one_at_a_time_path(emulated_gpu, precision):
     assert bulk.results[0].metadata["device"] == "GPU:0" and bulk.results[0].metadata["measure_sampling"]
 
 
+def test_circuits_for_the_bulk_kernel_are_not_fused(emulated_gpu):
+    # The bulk kernel applies gates in shared memory; fusing them would only cost host time.
+    circuits = [random_u_cx(5, 6, seed) for seed in range(4)]
+    wide = random_u_cx(15, 2, 9)  # wider than the kernel holds: fused, one at a time
+    options = {"shots": 256, "seed_simulator": 4, "precision": "double"}
+    bulk = GPUSimulator(device="GPU").run(circuits + [wide], **options).result()
+    one_at_a_time = GPUSimulator(device="GPU").run(circuits + [wide], batch_small_circuits=False, **options).result()
+    cpu = GPUSimulator(device="CPU").run(circuits + [wide], **options).result()
+    for i in range(len(circuits)):
+        meta, other = bulk.results[i].metadata, one_at_a_time.results[i].metadata
+        assert meta["fusion_ops_after"] == meta["fusion_ops_before"] == other["fusion_ops_before"]
+        assert other["fusion_ops_after"] < other["fusion_ops_before"]
+        assert bulk.get_counts(i) == one_at_a_time.get_counts(i) == cpu.get_counts(i)
+    assert bulk.results[4].metadata["fusion_ops_after"] < bulk.results[4].metadata["fusion_ops_before"]
+    assert bulk.get_counts(4) == cpu.get_counts(4)
+
+
 def test_two_hundred_circuits_take_a_handful_of_launches(emulated_gpu):
     circuits = [random_u_cx(4, 4, seed) for seed in range(200)]
     _clear(emulated_gpu)
