@@ -13,8 +13,9 @@ precision the run times, with CUDA events on one stream after a warm-up
 state (cudaMemcpyAsync) and then each kernel pass: ``apply_matrix`` for k = 1..5
 on the low targets (0..k-1), on target 0 with the k-1 highest ("split") and on
 the high ones (n-k..n-1), with each of its kernels that applies ("strided",
-"tiled", and "warp" where a target is among bits 0..4; ``*`` marks the one it
-picks), and
+"tiled", "warp" where a target is among bits 0..4, and "strided_multi",
+the strided kernel with several groups per thread, at the widths it is built
+for; ``*`` marks the one it picks; :func:`matrix_cases` plans them), and
 ``apply_diagonal`` on two low and two high targets. It prints each pass's
 bandwidth over the copy's (1.0 = as fast as a copy) and writes
 ``gpu_kernels.json`` to ``--out``. The copy is timed before and after the
@@ -45,6 +46,42 @@ DEFAULT_SIZES = (28, 30)
 MATRIX_WIDTHS = range(1, 6)
 DIAGONAL_WIDTH = 2
 SEED = 1234
+
+
+@dataclass(frozen=True)
+class MatrixCase:
+    """One apply_matrix target set to time, with every kernel that applies to it."""
+
+    k: int
+    placement: str  # "low" (0..k-1), "split" (0 and the k-1 highest) or "high" (n-k..n-1)
+    bits: tuple[int, ...]
+    methods: tuple[str, ...]
+    chosen: str  # the kernel method="auto" runs
+
+
+def matrix_cases(n: int, real: str) -> list[MatrixCase]:
+    """The apply_matrix passes one size and real type ("float" or "double") times: k = 1..5 on each placement.
+
+    Every kernel that applies is timed, so the margin to the one "auto" picks
+    shows: "strided" and "tiled" always, "warp" where a target is among bits
+    0..4 on 32 or more amplitudes, "strided_multi" where apply_matrix_multi is
+    built for (real, k) (elsewhere it would only repeat "strided").
+    """
+    from gpu_provider.engine.kernels import auto_method, multi_applies, warp_applies
+
+    cases = []
+    for k in MATRIX_WIDTHS:
+        placements = [("low", tuple(range(k))), ("high", tuple(range(n - k, n)))]
+        if k > 1:
+            placements.insert(1, ("split", (0,) + tuple(range(n - k + 1, n))))  # one lane target, the rest high
+        for placement, bits in placements:
+            methods = ["strided", "tiled"]
+            if warp_applies(n, bits):
+                methods.append("warp")
+            if multi_applies(real, k):
+                methods.append("strided_multi")
+            cases.append(MatrixCase(k, placement, bits, tuple(methods), auto_method(real, bits)))
+    return cases
 
 
 @dataclass
@@ -99,7 +136,7 @@ def random_unitary(rng: np.random.Generator, dim: int) -> np.ndarray:
 
 def bench_size(cupy: Any, n: int, precision: str, repeats: int, warmup: int) -> tuple[list[PassResult], dict]:
     """Copy and kernel passes at one size and precision; returns the passes and the copy's figures."""
-    from gpu_provider.engine.kernels import auto_method, kernels_for, warp_applies
+    from gpu_provider.engine.kernels import kernels_for
     from gpu_provider.engine.statevector import StateVector
 
     dtype = np.dtype(PRECISIONS[precision])
@@ -118,22 +155,17 @@ def bench_size(cupy: Any, n: int, precision: str, repeats: int, warmup: int) -> 
 
         copy_times = time_on_stream(cupy, stream, copy_pass, repeats, warmup)
         results = []
-        for k in MATRIX_WIDTHS:
-            matrix = cupy.asarray(random_unitary(rng, 1 << k).astype(dtype))
-            placements = [("low", list(range(k))), ("high", list(range(n - k, n)))]
-            if k > 1:
-                placements.insert(1, ("split", [0] + list(range(n - k + 1, n))))  # one lane target, the rest high
-            for placement, bits in placements:
-                chosen = auto_method(kernels.real, bits)
-                # Every kernel that applies is timed; the one apply_matrix picks is marked, the others show the margin.
-                methods = ("strided", "tiled", "warp") if warp_applies(n, bits) else ("strided", "tiled")
-                for method in methods:
-                    times = time_on_stream(
-                        cupy, stream, lambda: kernels.apply_matrix(state, bits, matrix, method=method), repeats, warmup
-                    )
-                    result = _result("apply_matrix", n, precision, bits, placement, method, times, moved)
-                    result.chosen = method == chosen
-                    results.append(result)
+        matrices = {k: cupy.asarray(random_unitary(rng, 1 << k).astype(dtype)) for k in MATRIX_WIDTHS}
+        for case in matrix_cases(n, kernels.real):
+            bits, matrix = list(case.bits), matrices[case.k]
+            # Every kernel that applies is timed; the one apply_matrix picks is marked, the others show the margin.
+            for method in case.methods:
+                times = time_on_stream(
+                    cupy, stream, lambda: kernels.apply_matrix(state, bits, matrix, method=method), repeats, warmup
+                )
+                result = _result("apply_matrix", n, precision, bits, case.placement, method, times, moved)
+                result.chosen = method == case.chosen
+                results.append(result)
         phases = cupy.asarray(np.exp(1j * rng.uniform(0, 2 * np.pi, 1 << DIAGONAL_WIDTH)).astype(dtype))
         for placement, bits in (("low", list(range(DIAGONAL_WIDTH))), ("high", list(range(n - DIAGONAL_WIDTH, n)))):
             times = time_on_stream(cupy, stream, lambda: kernels.apply_diagonal(state, bits, phases), repeats, warmup)
@@ -161,16 +193,36 @@ def _result(
 
 def print_table(results: list[PassResult]) -> None:
     """One row per pass; '*' marks the matrix kernel that apply_matrix picks for those targets."""
-    header = f"{'n':>3} {'precision':<9} {'operation':<15} {'targets':<18} {'path':<9} {'ms':>9} {'GB/s':>9} {'/copy':>7}"
+    header = f"{'n':>3} {'precision':<9} {'operation':<15} {'targets':<18} {'path':<14} {'ms':>9} {'GB/s':>9} {'/copy':>7}"
     print(header)
     print("-" * len(header))
     for r in results:
         targets = f"{r.placement} {r.targets[0]}..{r.targets[-1]}" if r.targets else ""
         print(
             f"{r.num_qubits:>3} {r.precision:<9} {r.operation:<15} {targets:<18} "
-            f"{r.method + ('*' if r.operation == 'apply_matrix' and r.chosen else ''):<9} "
+            f"{r.method + ('*' if r.operation == 'apply_matrix' and r.chosen else ''):<14} "
             f"{r.median_ms:>9.3f} {r.bandwidth_gbs:>9.1f} {r.ratio_to_copy:>7.3f}"
         )
+
+
+def fastest_methods(results: list[PassResult]) -> dict[str, dict]:
+    """Per apply_matrix target set timed ("n precision k placement"): the fastest kernel, its ratio to copy, and the one auto picks.
+
+    Where the fastest is not the chosen one on high targets, ``HIGH_TARGET_METHOD``
+    in gpu_provider/engine/kernels.py is the table to revisit (``LOW_TARGET_METHOD``
+    for low and split targets), with the margin and the other size in view.
+    """
+    best: dict[str, dict] = {}
+    for r in results:
+        if r.operation != "apply_matrix":
+            continue
+        key = f"{r.num_qubits} {r.precision} k={len(r.targets)} {r.placement}"
+        entry = best.setdefault(key, {"fastest": r.method, "ratio_to_copy": r.ratio_to_copy, "chosen": None})
+        if r.chosen:
+            entry["chosen"] = r.method
+        if r.ratio_to_copy is not None and (entry["ratio_to_copy"] is None or r.ratio_to_copy > entry["ratio_to_copy"]):
+            entry["fastest"], entry["ratio_to_copy"] = r.method, r.ratio_to_copy
+    return best
 
 
 def _device_info(cupy: Any) -> dict:
@@ -228,6 +280,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             copies[f"{n}-{precision}"] = copy
             pool.free_all_blocks()
     print_table(results)
+    fastest = fastest_methods(results)
+    for key, entry in fastest.items():
+        if entry["fastest"] != entry["chosen"]:
+            print(f"{key}: fastest {entry['fastest']} ({entry['ratio_to_copy']:.3f} of copy), auto runs {entry['chosen']}")
     report = {
         "benchmark": "gpu_kernels",
         "device": _device_info(cupy),
@@ -239,6 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "copy": copies,
         "skipped": skipped,
         "results": [asdict(r) for r in results],
+        "fastest": fastest,
         "wall_seconds": time.time() - started,
     }
     path = os.path.join(args.out, "gpu_kernels.json")

@@ -17,9 +17,9 @@ spending dense-matrix width on them: a QFT then needs about a third of the
 dense products.
 
 The width is priced per device and precision (``DEFAULT_MAX_QUBITS``): on the
-GPU a complex128 pass stays near memory speed up to the kernels' widest matrix
-(5 qubits), a complex64 pass at 5 qubits is arithmetic-bound and width 4 wins
-end to end; on the CPU a dense k-qubit product
+GPU it follows from the measured cost of one k-qubit pass, k = 1..5, per
+precision (``GPU_PASS_COST``, see :func:`width_from_pass_costs`): complex64
+gives 4 (its 5-qubit pass is arithmetic-bound), complex128 5; on the CPU a dense k-qubit product
 costs 2^k multiply-adds per amplitude, so it stops being memory-bound sooner:
 measured on 2 cores, a 5-qubit product costs about seven plain copies of the
 state and a 4-qubit one four. 5 stays the CPU default: 6 was within noise on QV
@@ -29,6 +29,7 @@ and random circuits at 20-22 qubits and slower on QFT, 4 slower on all three.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
@@ -39,12 +40,52 @@ from ..engine.statevector import DENSE_CONTROLLED_MAX, controlled_matrix
 DEFAULT_FUSION_THRESHOLD = 14
 MIN_FUSION_QUBITS = 1
 MAX_FUSION_QUBITS = 8
-# Default width per (device, precision). GPU: QV-30 end to end on an NVIDIA H200
-# (benchmarks.fusion_width, 2026-11-27) took 1.43 s at width 4 against 1.48 s at
-# 5 in single precision, and 2.28 s against 2.19 s in double: a complex64 pass
-# at k = 5 costs 1.8-3.4 copies (0.30-0.54 of copy bandwidth) against 1.2-2.6
-# at k = 4, while complex128 passes are memory-bound for longer. CPU: see above.
-DEFAULT_MAX_QUBITS = {("CPU", "double"): 5, ("CPU", "single"): 5, ("GPU", "double"): 5, ("GPU", "single"): 4}
+# The cost of one dense k-qubit pass on the GPU for k = 1..5, in device-to-device
+# copies of the state (the copy's bandwidth over the pass's), per precision:
+# the one table the GPU's default width comes from. Measured on an NVIDIA H200
+# (2026-11-27, benchmarks.gpu_kernels) at n = 30 on high targets (n-k..n-1,
+# the strided kernel "auto" runs there, most of a wide circuit's passes):
+# docs/benchmarks.md, "One pass against a device-to-device copy", run 2, ratios
+# to copy single 0.91, 0.92, 0.90, 0.84, 0.54 and double 0.90, 0.90, 0.89,
+# 0.75, 0.50 ("The warp-shuffle kernel", run 3, re-timed low and split targets
+# only; high targets were unchanged). A kernel that makes some width cheaper
+# (apply_matrix_multi, not yet measured) changes that width's entry here.
+GPU_PASS_COST: dict[str, tuple[float, ...]] = {
+    "single": (1 / 0.91, 1 / 0.92, 1 / 0.90, 1 / 0.84, 1 / 0.54),
+    "double": (1 / 0.90, 1 / 0.90, 1 / 0.89, 1 / 0.75, 1 / 0.50),
+}
+# Widening by one qubit pays while the wider pass costs at most this many times
+# the narrower one. Fixed by the one end-to-end comparison there is: QV-30 on the
+# H200 (benchmarks.fusion_width, 2026-11-27) took 1.43 s at width 4 against
+# 1.48 s at 5 in single precision (pass cost 5/4: 1.56) and 2.28 s against
+# 2.19 s in double (5/4: 1.50), so the limit lies between the two. Fewer passes
+# alone would allow less (178 passes at width 4, 133 at 5: 1.34); the measured
+# end-to-end times, not that model, set it. A table change that moves a
+# precision's ratio across it flips that default: confirm with
+# benchmarks.fusion_width.
+WIDEN_LIMIT = 1.53
+
+
+def width_from_pass_costs(costs: Sequence[float], limit: float = WIDEN_LIMIT) -> int:
+    """The widest k (1-based index into ``costs``) reached by widening one qubit at a time
+    while each pass costs at most ``limit`` times the one a qubit narrower."""
+    if not costs or any(not cost > 0 for cost in costs):
+        raise ValueError(f"pass costs must be positive, one per width from 1, not {list(costs)}")
+    width = 1
+    for k in range(2, len(costs) + 1):
+        if costs[k - 1] > limit * costs[k - 2]:
+            break
+        width = k
+    return width
+
+
+# Default width per (device, precision). GPU: from GPU_PASS_COST (today 4 for
+# complex64 and 5 for complex128, as QV-30 end to end measured). CPU: see above.
+DEFAULT_MAX_QUBITS = {
+    ("CPU", "double"): 5,
+    ("CPU", "single"): 5,
+    **{("GPU", precision): width_from_pass_costs(costs) for precision, costs in GPU_PASS_COST.items()},
+}
 DIAGONAL_MAX_QUBITS = 10
 LOOKAHEAD = 128  # ops scanned past the block's start for gates to pull in
 # A fused matrix whose off-diagonal entries are all below this is a Diagonal

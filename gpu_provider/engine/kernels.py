@@ -12,7 +12,11 @@ How each operation runs (details in the ``.cu`` file):
 - ``apply_matrix``: one group of 2^k amplitudes per thread, in registers, when
   the lowest target leaves whole 128-byte lines contiguous for a warp
   ("strided"); otherwise through a shared-memory tile that holds the low bits
-  and the high targets, loaded and stored with coalesced accesses ("tiled").
+  and the high targets, loaded and stored with coalesced accesses ("tiled"),
+  or through warp shuffles ("warp"). "strided_multi" is "strided" with
+  ``MULTI_GROUPS`` groups per thread, each matrix element read once for all of
+  them; "auto" picks from the measured tables ``HIGH_TARGET_METHOD`` and
+  ``LOW_TARGET_METHOD``.
 - ``apply_diagonal``, ``probability_one``, ``collapse`` ("streaming"): each
   thread moves ``STREAM_UNROLL`` vectors of 16 bytes per step (two complex64
   amplitudes as one ``float4``, or one complex128), all loads issued first;
@@ -79,7 +83,22 @@ SMALL_MATRIX, SMALL_DIAGONAL, SMALL_PHASE = 0, 1, 2
 # Its block: one thread per pair of amplitudes of the widest circuit, within these bounds.
 SMALL_BLOCK_MIN, SMALL_BLOCK_MAX = 32, 256
 
-MatrixMethod = Literal["auto", "strided", "tiled", "warp"]
+MatrixMethod = Literal["auto", "strided", "strided_multi", "tiled", "warp"]
+MATRIX_METHODS = ("auto", "strided", "strided_multi", "tiled", "warp")
+# apply_matrix_multi<R, K, G>: groups per thread (G) for the (real type, k) it is
+# built for; elsewhere "strided_multi" runs "strided". G = 2 wherever ptxas
+# (sm_90) fits it without spilling; complex128 k = 5 would hold 64 complex128
+# inputs (256 registers) and spills, so it has none. k = 1, 2 already run at
+# 0.90-0.93 of copy bandwidth strided (docs/benchmarks.md).
+MULTI_GROUPS: dict[tuple[str, int], int] = {
+    ("float", 3): 2,
+    ("float", 4): 2,
+    ("float", 5): 2,
+    ("double", 3): 2,
+    ("double", 4): 2,
+}
+# Threads per block of apply_matrix_multi (multi_shape<R, K, G>::BLOCK in the .cu file).
+MULTI_BLOCK = 128
 # apply_matrix_warp: a warp's 32 lanes are state bits 0..4.
 WARP_LANE_BITS = 5
 
@@ -107,6 +126,8 @@ def instances(real: str | None = None) -> list[str]:
     for r in _real_names(real):
         for k in range(1, MAX_MATRIX_QUBITS + 1):
             names.append(_matrix_name(r, k, "strided"))
+            if (r, k) in MULTI_GROUPS:
+                names.append(_multi_name(r, k, MULTI_GROUPS[(r, k)]))
             names.append(_matrix_name(r, k, "tiled"))
             names += [_warp_name(r, lane, k - lane) for lane in range(1, k + 1)]
         for vector in sorted({1, STREAM_VECTOR[r]}):
@@ -119,6 +140,15 @@ def instances(real: str | None = None) -> list[str]:
 def _matrix_name(real: str, k: int, method: str) -> str:
     kernel = "apply_matrix" if method == "strided" else "apply_matrix_low"
     return f"{kernel}<{real}, {k}>"
+
+
+def _multi_name(real: str, k: int, groups_per_thread: int) -> str:
+    return f"apply_matrix_multi<{real}, {k}, {groups_per_thread}>"
+
+
+def multi_applies(real: str, k: int) -> bool:
+    """Whether apply_matrix_multi is built for this real type and width (else "strided_multi" runs "strided")."""
+    return (real, k) in MULTI_GROUPS
 
 
 def _warp_name(real: str, lane_targets: int, high_targets: int) -> str:
@@ -293,14 +323,36 @@ LOW_TARGET_METHOD: dict[tuple[str, int], tuple[str, str]] = {
 }
 
 
+# The kernel "auto" runs where the strided one reads whole lines (all targets
+# high enough), per real type and width. Every entry is "strided": measured on
+# an NVIDIA H200 (2026-11-27, n = 28 and 30, docs/benchmarks.md) at 0.89-0.93
+# of copy bandwidth for k <= 3, 0.75-0.87 at k = 4 and 0.50-0.57 at k = 5.
+# "strided_multi" (apply_matrix_multi, G groups per thread) is built for the
+# widths in MULTI_GROUPS but has not been timed on a GPU: when
+# ``benchmarks.gpu_kernels`` shows it faster for some (real, k) on high
+# targets, that entry is the one line to change.
+HIGH_TARGET_METHOD: dict[tuple[str, int], str] = {
+    ("float", 1): "strided",
+    ("float", 2): "strided",
+    ("float", 3): "strided",
+    ("float", 4): "strided",
+    ("float", 5): "strided",
+    ("double", 1): "strided",
+    ("double", 2): "strided",
+    ("double", 3): "strided",
+    ("double", 4): "strided",
+    ("double", 5): "strided",
+}
+
+
 def auto_method(real: str, bits: Sequence[int]) -> str:
-    """The kernel ``method="auto"`` picks: strided where it reads whole lines, else the measured table.
+    """The kernel ``method="auto"`` picks: from ``HIGH_TARGET_METHOD`` where the strided kernels read whole lines, else from ``LOW_TARGET_METHOD``.
 
     "warp" needs 32 amplitudes; on a smaller state :func:`matrix_launch` runs "tiled" instead.
     """
     itemsize = 8 if real == "float" else 16
     if strided_is_coalesced(bits, itemsize):
-        return "strided"
+        return HIGH_TARGET_METHOD[(real, len(bits))]
     lane_targets = sum(1 for b in bits if b < WARP_LANE_BITS)
     few, many = LOW_TARGET_METHOD[(real, len(bits))]
     return few if 2 * lane_targets <= len(bits) else many
@@ -327,6 +379,15 @@ def matrix_launch(real: str, num_qubits: int, bits: tuple[int, ...], method: Mat
         block = MATRIX_BLOCK[k]
         scalars = (np.uint64(groups), np.uint64(pack_bits(bits)), np.uint64(pack_bits(sorted(bits))))
         return MatrixLaunch(_matrix_name(real, k, "strided"), block, -(-groups // block), scalars)
+    if method == "strided_multi":
+        if not multi_applies(real, k):
+            return matrix_launch(real, num_qubits, bits, "strided")
+        groups = 1 << (num_qubits - k)
+        per_thread = MULTI_GROUPS[(real, k)]
+        scalars = (np.uint64(groups), np.uint64(pack_bits(bits)), np.uint64(pack_bits(sorted(bits))))
+        # Each thread takes per_thread groups a grid-stride step.
+        blocks = -(-groups // (per_thread * MULTI_BLOCK))
+        return MatrixLaunch(_multi_name(real, k, per_thread), MULTI_BLOCK, blocks, scalars)
     if method == "tiled":
         plan = tile_plan(num_qubits, bits, TILE_LOG[real])
         scalars = (
@@ -355,7 +416,7 @@ def matrix_launch(real: str, num_qubits: int, bits: tuple[int, ...], method: Mat
             np.uint64(pack_bits([j for _, j in high])),
         )
         return MatrixLaunch(_warp_name(real, len(lane), len(high)), BLOCK, -(-(units << WARP_LANE_BITS) // BLOCK), scalars)
-    raise InvalidInputError(f"method must be 'auto', 'strided', 'tiled' or 'warp', not {method!r}")
+    raise InvalidInputError(f"method must be one of {MATRIX_METHODS}, not {method!r}")
 
 
 def warp_applies(num_qubits: int, bits: Sequence[int]) -> bool:
@@ -405,7 +466,9 @@ class Kernels:
 
         ``method`` forces one of the kernels: "strided" and "tiled" are correct for
         every target set, "warp" for sets with a target among bits 0..4 on 5 or more
-        qubits (elsewhere it runs "tiled"); "auto" picks the fastest.
+        qubits (elsewhere it runs "tiled"), "strided_multi" for the widths in
+        ``MULTI_GROUPS`` (elsewhere it runs "strided"); "auto" picks from the
+        measured tables.
         """
         k = len(bits)
         if not self.can_apply(k):

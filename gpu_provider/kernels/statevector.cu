@@ -119,6 +119,140 @@ __global__ void __launch_bounds__(256) apply_matrix(
 }
 
 // ---------------------------------------------------------------------------
+// apply_matrix_multi<R, K, G>: apply_matrix with G groups per thread, so that
+// each matrix element read from shared memory feeds 4 G FMAs instead of 4.
+// At k = 5 the strided kernel issues one shared-memory load per complex
+// multiply-add, which (not the FMAs, not DRAM) limits it.
+//
+// Per grid-stride step a thread takes groups g + i * stride, i = 0..G-1
+// (stride = the grid's threads, the step is G * stride), so for each i
+// consecutive threads still take consecutive groups and a warp's accesses are
+// the same contiguous runs as apply_matrix's. For each output row the thread
+// reads the row's elements once (float: two complex64 elements per 16-byte
+// load) and adds each one's products to all G groups' accumulators, in the
+// order matrix_row adds them: the results are bit for bit apply_matrix's. A
+// step's groups past `groups` (the last step of a count not divisible by
+// G * stride) read group g's amplitudes again and store nothing. In place, as
+// apply_matrix: all inputs sit in registers before the first row is stored.
+template <typename R> struct matrix_unit;  // the 16-byte unit of the shared matrix
+template <> struct matrix_unit<float> {
+    typedef float4 type;
+    static constexpr int PER_UNIT = 2;  // complex64 elements per 16-byte load
+    __device__ static __forceinline__ void split(const float4& q, float2* out) {
+        out[0] = make_complex<float>(q.x, q.y);
+        out[1] = make_complex<float>(q.z, q.w);
+    }
+};
+template <> struct matrix_unit<double> {
+    typedef double2 type;
+    static constexpr int PER_UNIT = 1;
+    __device__ static __forceinline__ void split(const double2& q, double2* out) { out[0] = q; }
+};
+
+// out[i] = sum_c m[row * D + c] * v[i][c] for each of the G groups, each
+// element read once; per group the same four FMA chains as matrix_row.
+template <typename R, int D, int G>
+__device__ __forceinline__ void matrix_row_multi(
+        const typename matrix_unit<R>::type* m, const typename complex_of<R>::type (&v)[G][D], int row,
+        typename complex_of<R>::type (&out)[G]) {
+    typedef typename complex_of<R>::type cplx;
+    constexpr int P = matrix_unit<R>::PER_UNIT;
+    R re_xx[G], re_yy[G], im_xy[G], im_yx[G];
+#pragma unroll
+    for (int i = 0; i < G; ++i) re_xx[i] = re_yy[i] = im_xy[i] = im_yx[i] = 0;
+#pragma unroll
+    for (int u = 0; u < D / P; ++u) {
+        cplx a[P];
+        matrix_unit<R>::split(m[(row * D) / P + u], a);
+#pragma unroll
+        for (int e = 0; e < P; ++e) {
+            const int c = u * P + e;
+#pragma unroll
+            for (int i = 0; i < G; ++i) {
+                re_xx[i] = fma(a[e].x, v[i][c].x, re_xx[i]);
+                re_yy[i] = fma(a[e].y, v[i][c].y, re_yy[i]);
+                im_xy[i] = fma(a[e].x, v[i][c].y, im_xy[i]);
+                im_yx[i] = fma(a[e].y, v[i][c].x, im_yx[i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < G; ++i) out[i] = make_complex<R>(re_xx[i] - re_yy[i], im_xy[i] + im_yx[i]);
+}
+
+// Threads per block, and the resident blocks per SM asked of the register
+// allocator: for the instances the host builds (G = 2; K = 3..5 in float,
+// 3..4 in double), what ptxas (CUDA 13, sm_90) meets without spilling, each
+// the occupancy the uncapped count gives anyway (float K = 3, 4, 5: 75, 114,
+// 166 registers; double K = 3, 4: 122, 192). Asking for one block more
+// spills (float K = 3 at 8 blocks, K = 4 at 5; double K = 3 at 5, K = 4 at 3). Double K = 5 with G = 2 holds 64 complex128
+// inputs, 256 registers, and spills even at 255: it is not built.
+template <typename R> struct multi_traits;
+template <> struct multi_traits<float> {
+    __host__ __device__ static constexpr int min_blocks(int k) { return k == 3 ? 6 : k == 4 ? 4 : 3; }
+};
+template <> struct multi_traits<double> {
+    __host__ __device__ static constexpr int min_blocks(int k) { return k == 3 ? 4 : 2; }
+};
+template <typename R, int K, int G> struct multi_shape {
+    static constexpr int BLOCK = 128;
+    static constexpr int MIN_BLOCKS = G == 2 ? multi_traits<R>::min_blocks(K) : 1;
+};
+
+template <typename R, int K, int G>
+__global__ void __launch_bounds__(multi_shape<R, K, G>::BLOCK, multi_shape<R, K, G>::MIN_BLOCKS) apply_matrix_multi(
+        typename complex_of<R>::type* __restrict__ state,
+        const typename complex_of<R>::type* __restrict__ matrix,
+        index_t groups, index_t packed_targets, index_t packed_sorted) {
+    typedef typename complex_of<R>::type cplx;
+    typedef typename matrix_unit<R>::type unit;
+    constexpr int D = 1 << K;
+    constexpr int UNITS = D * D / matrix_unit<R>::PER_UNIT;
+    static_assert(D % matrix_unit<R>::PER_UNIT == 0, "a row is whole 16-byte units");
+    __shared__ unit m[UNITS];  // the matrix row-major, in 16-byte units for 16-byte loads
+    // Filled one element at a time: the matrix in global memory may be only 8-byte aligned.
+    cplx* elements = reinterpret_cast<cplx*>(m);
+    for (int i = threadIdx.x; i < D * D; i += blockDim.x) elements[i] = __ldg(matrix + i);
+
+    int sorted[K];
+    index_t mask[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        sorted[j] = unpack6(packed_sorted, j);
+        mask[j] = 1ull << unpack6(packed_targets, j);
+    }
+    __syncthreads();
+
+    const index_t stride = (index_t)gridDim.x * blockDim.x;
+    for (index_t g = (index_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += G * stride) {
+        index_t base[G];
+        bool live[G];
+#pragma unroll
+        for (int i = 0; i < G; ++i) {
+            const index_t gi = g + i * stride;
+            live[i] = i == 0 || gi < groups;
+            base[i] = live[i] ? gi : g;
+#pragma unroll
+            for (int j = 0; j < K; ++j) base[i] = insert_zero_bit(base[i], sorted[j]);
+        }
+        cplx v[G][D];
+#pragma unroll
+        for (int i = 0; i < G; ++i)
+#pragma unroll
+            for (int c = 0; c < D; ++c) v[i][c] = state[base[i] | combine<index_t, K>(c, mask, 0ull)];
+#pragma unroll(row_unroll<K>())
+        for (int r = 0; r < D; ++r) {
+            cplx out[G];
+            matrix_row_multi<R, D, G>(m, v, r, out);
+            const index_t offset = combine<index_t, K>(r, mask, 0ull);
+#pragma unroll
+            for (int i = 0; i < G; ++i)
+                if (live[i]) state[base[i] | offset] = out[i];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // apply_matrix_low<R, K>: the same product through a shared-memory tile, for
 // targets among the low bits, where one group per thread would make every
 // warp access strided.

@@ -284,6 +284,37 @@ def test_fusion_in_single_and_double_precision(device, precision):
     np.testing.assert_allclose(engine_statevector(fused, device, precision), Statevector(circuit).data, atol=tolerance, rtol=0)
 
 
+def test_gpu_width_comes_from_the_pass_cost_table():
+    """One measured cost per pass, k = 1..5, per precision; the GPU default widths follow from it."""
+    from gpu_provider.compiler import fusion
+    from gpu_provider.engine.kernels import MAX_MATRIX_QUBITS
+
+    for precision, costs in fusion.GPU_PASS_COST.items():
+        assert len(costs) == MAX_MATRIX_QUBITS  # a cost for every width with a kernel
+        assert all(1.0 <= cost < 4.0 for cost in costs)  # no pass beats a copy
+        assert fusion.DEFAULT_MAX_QUBITS[("GPU", precision)] == fusion.width_from_pass_costs(costs)
+    # The H200 table gives today's defaults: the 5-qubit complex64 pass is the one that does not pay.
+    assert fusion.width_from_pass_costs(fusion.GPU_PASS_COST["single"]) == 4
+    assert fusion.width_from_pass_costs(fusion.GPU_PASS_COST["double"]) == 5
+
+
+def test_width_from_pass_costs_rule():
+    from gpu_provider.compiler.fusion import WIDEN_LIMIT, width_from_pass_costs
+
+    assert width_from_pass_costs([1.1] * 5) == 5
+    assert width_from_pass_costs([1.1]) == 1
+    # Stops at the first step that costs more than the limit, whatever comes after.
+    assert width_from_pass_costs([1.0, 1.0, 2.0, 2.0, 2.0]) == 2
+    assert width_from_pass_costs([1.0, 1.0, 1.0, 1.0, WIDEN_LIMIT]) == 5
+    assert width_from_pass_costs([1.0, 1.0, 1.0, 1.0, WIDEN_LIMIT * 1.001]) == 4
+    # A cheaper 5-qubit complex64 pass (e.g. 0.75 of copy bandwidth) would move that default to 5.
+    assert width_from_pass_costs([1 / 0.91, 1 / 0.92, 1 / 0.90, 1 / 0.84, 1 / 0.75]) == 5
+    assert width_from_pass_costs([1.0, 1.0], limit=0.9) == 1
+    for bad in ([], [1.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError):
+            width_from_pass_costs(bad)
+
+
 @pytest.mark.parametrize("device_kind, precision, width", [("GPU", "single", 4), ("GPU", "double", 5), ("CPU", "single", 5), ("CPU", "double", 5)])
 def test_default_width_per_device_and_precision(device_kind, precision, width):
     from gpu_provider.compiler.fusion import default_width

@@ -75,12 +75,26 @@ def test_instances_cover_every_kernel_width_and_precision():
         for k in range(1, K.MAX_MATRIX_QUBITS + 1):
             assert f"apply_matrix<{real}, {k}>" in names
             assert f"apply_matrix_low<{real}, {k}>" in names
+            # The multi-group strided kernel, where it is built (one G per width and precision).
+            multi = {name for name in names if name.startswith(f"apply_matrix_multi<{real}, {k}, ")}
+            if K.multi_applies(real, k):
+                assert multi == {f"apply_matrix_multi<{real}, {k}, {K.MULTI_GROUPS[(real, k)]}>"}
+            else:
+                assert not multi
         assert f"pauli_expectation<{real}>" in names
         assert f"run_small_circuits<{real}, {K.SMALL_MAX_QUBITS[real]}>" in names
         # The streaming kernels: 16-byte vectors, and one-amplitude ones for unaligned complex64 states.
         for kernel in K.STREAM_KERNELS:
             assert f"{kernel}<{real}, {K.STREAM_VECTOR[real]}>" in names
             assert f"{kernel}<{real}, 1>" in names
+
+
+def test_multi_group_instances_are_the_ones_chosen():
+    """G = 2 for k = 3..5 in float and k = 3, 4 in double: double k = 5 spills at G = 2 (ptxas, sm_90)."""
+    assert K.MULTI_GROUPS == {("float", 3): 2, ("float", 4): 2, ("float", 5): 2, ("double", 3): 2, ("double", 4): 2}
+    assert all(1 <= k <= K.MAX_MATRIX_QUBITS and g >= 2 for (_, k), g in K.MULTI_GROUPS.items())
+    # The host's block is the kernel's (multi_shape<R, K, G>::BLOCK).
+    assert re.search(rf"struct multi_shape \{{\s*static constexpr int BLOCK = {K.MULTI_BLOCK};", K.source())
 
 
 def test_stream_planning():
@@ -180,6 +194,45 @@ def test_matrix_launch_plans():
     assert int(warp.scalars[3]) == K.pack_bits([7, 19]) and int(warp.scalars[4]) == K.pack_bits([2, 1])
     # Below 32 amplitudes there is no full warp: "warp" runs the tiled kernel.
     assert K.matrix_launch("double", 4, (0, 2), "warp").name == "apply_matrix_low<double, 2>"
+
+
+def test_multi_group_launch_plans():
+    multi = K.matrix_launch("float", 20, (19, 3, 7), "strided_multi")
+    assert multi.name == "apply_matrix_multi<float, 3, 2>" and multi.block == K.MULTI_BLOCK
+    # Two groups per thread: half the threads of the strided launch.
+    assert multi.blocks_needed == (1 << 17) // (2 * K.MULTI_BLOCK)
+    assert [type(v) for v in multi.scalars] == [np.uint64] * 3
+    strided = K.matrix_launch("float", 20, (19, 3, 7), "strided")
+    assert multi.scalars == strided.scalars
+    # Fewer groups than one block's threads take: one block.
+    assert K.matrix_launch("double", 5, (4, 0, 2, 1), "strided_multi").blocks_needed == 1
+    assert K.matrix_launch("double", 4, (3, 0, 2, 1), "strided_multi").name == "apply_matrix_multi<double, 4, 2>"
+    # Where it is not built, "strided_multi" is "strided".
+    for real, bits in [("float", (0,)), ("double", (5, 9)), ("double", (0, 1, 2, 3, 4))]:
+        assert K.matrix_launch(real, 12, bits, "strided_multi") == K.matrix_launch(real, 12, bits, "strided")
+
+
+def test_high_target_table_is_the_measured_one_and_drives_auto(monkeypatch):
+    """Every (real, k) has an entry naming a kernel that exists for it; today all are "strided"
+    (apply_matrix_multi is not measured on a GPU yet), and changing one entry changes "auto" there only."""
+    assert set(K.HIGH_TARGET_METHOD) == {(r, k) for r in ("float", "double") for k in range(1, K.MAX_MATRIX_QUBITS + 1)}
+    assert set(K.HIGH_TARGET_METHOD.values()) == {"strided"}
+    assert set(K.LOW_TARGET_METHOD) == set(K.HIGH_TARGET_METHOD)
+    assert K.auto_method("float", (20, 9, 13, 14)) == "strided"
+    monkeypatch.setitem(K.HIGH_TARGET_METHOD, ("float", 4), "strided_multi")
+    assert K.auto_method("float", (20, 9, 13, 14)) == "strided_multi"
+    assert K.matrix_launch.__wrapped__("float", 22, (20, 9, 13, 14)).name == "apply_matrix_multi<float, 4, 2>"
+    assert K.auto_method("double", (20, 9, 13, 14)) == "strided"
+    assert K.auto_method("float", (20, 9, 13)) == "strided"
+    assert K.auto_method("float", (0, 1, 2, 3)) == "warp"  # low targets: LOW_TARGET_METHOD
+
+
+def test_method_tables_name_only_known_methods():
+    for (real, k), method in K.HIGH_TARGET_METHOD.items():
+        assert method in K.MATRIX_METHODS and method != "auto"
+        assert method != "strided_multi" or K.multi_applies(real, k), (real, k)
+    for methods in K.LOW_TARGET_METHOD.values():
+        assert set(methods) <= set(K.MATRIX_METHODS) - {"auto"}
 
 
 @pytest.mark.parametrize(
@@ -295,6 +348,7 @@ _C_TYPES = {"u": ctypes.c_uint64, "i": ctypes.c_int32, "p": ctypes.c_void_p}
 # r the real type) and the call forwarding them, {c} standing for float2/double2.
 _SIGNATURES = {
     "apply_matrix": ("ppuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
+    "apply_matrix_multi": ("ppuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
     "apply_matrix_low": ("ppuiiuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4, a5, a6, a7"),
     "apply_matrix_warp": ("ppuuuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4, a5, a6"),
     "apply_diagonal": ("ppuiu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
@@ -414,8 +468,54 @@ def test_emulated_apply_matrix(emulated, k):
 @pytest.mark.parametrize("n,bits", [(1, [0]), (3, [2, 0, 1]), (6, [4, 0, 2, 1, 5])])
 def test_emulated_apply_matrix_small_states(emulated, n, bits):
     precision, kernels = emulated
-    for method in ("strided", "tiled", "warp"):
+    for method in ("strided", "strided_multi", "tiled", "warp"):
         gpu_checks.check_apply_matrix(np, kernels, precision, n, bits, method, seed=n)
+
+
+def _multi_target_sets(rng: np.random.Generator, n: int, k: int) -> list[list[int]]:
+    """Targets 0..k-1, the k highest, target 0 with the k-1 highest, and a random set; each shuffled."""
+    sets = [list(range(k)), list(range(n - k, n)), [0] + list(range(n - k + 1, n)), [int(b) for b in rng.choice(n, size=k, replace=False)]]
+    for bits in sets:
+        rng.shuffle(bits)
+    return sets
+
+
+@pytest.mark.parametrize("k", range(1, K.MAX_MATRIX_QUBITS + 1))
+def test_emulated_apply_matrix_multi(emulated, k):
+    """apply_matrix_multi for every built (R, K, G), against NumPy and bit for bit against apply_matrix.
+
+    Two resident blocks of 128 threads, two groups each: n = 13 takes several
+    grid-stride steps; n = k (one group) up to k + 7 (128 groups) leave most
+    threads, and every second group of a thread, without a group."""
+    precision, kernels = emulated
+    if not K.multi_applies(kernels.real, k):
+        kernels.launched.clear()
+        gpu_checks.check_apply_matrix(np, kernels, precision, 9, list(range(k)), "strided_multi", seed=k)
+        assert set(kernels.launched) == {f"apply_matrix<{kernels.real}, {k}>"}
+        return
+    name = f"apply_matrix_multi<{kernels.real}, {k}, {K.MULTI_GROUPS[(kernels.real, k)]}>"
+    rng = np.random.default_rng(300 + k)
+    for n in (13, k, k + 1, k + 4, k + 7):
+        for index, bits in enumerate(_multi_target_sets(rng, n, k)):
+            kernels.launched.clear()
+            gpu_checks.check_apply_matrix_multi(np, kernels, precision, n, bits, seed=1000 * k + 10 * n + index)
+            assert kernels.launched == [name, f"apply_matrix<{kernels.real}, {k}>", name]
+
+
+@pytest.mark.parametrize("k", [3, 4, 5])
+@pytest.mark.parametrize("resident_blocks", [1, 3])
+def test_emulated_apply_matrix_multi_uneven_grids(emulated_library, resident_blocks, k):
+    """Group counts the grid's G * threads do not divide: the last step's second groups are past the end
+    (three resident blocks: 384 threads, steps of 768 groups over 1024 or 2048); one block: many steps."""
+    for precision in ("single", "double"):
+        kernels = EmulatedKernels(gpu_checks.DTYPES[precision], emulated_library, resident_blocks=resident_blocks)
+        if not K.multi_applies(kernels.real, k):
+            continue
+        for n in (k + 10, k + 11):
+            bits = [n - 1] + list(range(k - 1))
+            kernels.launched.clear()
+            gpu_checks.check_apply_matrix_multi(np, kernels, precision, n, bits, seed=n + resident_blocks)
+            assert kernels.launched[0].startswith("apply_matrix_multi<")
 
 
 def test_emulated_diagonal_probability_and_collapse(emulated):

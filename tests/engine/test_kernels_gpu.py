@@ -31,7 +31,7 @@ TOLERANCE = {"double": 1e-12, "single": 1e-5}
 # kernel meets several tiles and targets above them.
 NUM_QUBITS = 14
 PLACEMENTS = ["low", "high", "mixed"]
-METHODS = ["auto", "strided", "tiled", "warp"]
+METHODS = ["auto", "strided", "strided_multi", "tiled", "warp"]
 
 
 # ---------------------------------------------------------------------------
@@ -96,6 +96,20 @@ def check_apply_matrix(xp: Any, kernels: Any, precision: str, n: int, bits: Sequ
     oracle = host_state(n, dtype, initial)
     oracle.apply_unitary(list(bits), matrix)  # canonical order: qubit q is bit q
     assert_close(to_numpy(xp, state.data), oracle.to_host(), TOLERANCE[precision])
+
+
+def check_apply_matrix_multi(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], seed: int) -> None:
+    """"strided_multi" against NumPy, and bit for bit against "strided" (per group the same FMA chains)."""
+    check_apply_matrix(xp, kernels, precision, n, bits, "strided_multi", seed)
+    rng = np.random.default_rng(seed + 1)
+    dtype = DTYPES[precision]
+    initial = random_state(rng, n)
+    matrix = xp.asarray(random_unitary(rng, 1 << len(bits)).astype(dtype))
+    single = device_state(xp, n, dtype, initial)
+    multi = device_state(xp, n, dtype, initial)
+    kernels.apply_matrix(single, list(bits), matrix, method="strided")
+    kernels.apply_matrix(multi, list(bits), matrix, method="strided_multi")
+    np.testing.assert_array_equal(to_numpy(xp, multi.data), to_numpy(xp, single.data))
 
 
 def check_apply_diagonal(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], seed: int) -> None:
@@ -324,6 +338,21 @@ def test_apply_matrix(cp, precision, k, placement, method):
 @pytest.mark.parametrize("precision", list(DTYPES))
 def test_apply_matrix_small_states(cp, precision, n, bits, method):
     check_apply_matrix(cp, kernels_for(DTYPES[precision]), precision, n, bits, method, seed=n)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 9, 12, NUM_QUBITS, 20])
+@pytest.mark.parametrize("k", [3, 4, 5])
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_apply_matrix_multi(cp, precision, k, n):
+    """apply_matrix_multi (k = 3..5; "strided" where it is not built): targets 0..k-1, the highest,
+    target 0 with the highest, random; states with fewer groups than a block's threads take, and n = k."""
+    if n < k:
+        pytest.skip("fewer qubits than targets")
+    rng = np.random.default_rng(10 * n + k)
+    target_sets = [list(range(k)), list(range(n - k, n)), [0] + list(range(n - k + 1, n)), [int(b) for b in rng.choice(n, size=k, replace=False)]]
+    for index, bits in enumerate(target_sets):
+        rng.shuffle(bits)
+        check_apply_matrix_multi(cp, kernels_for(DTYPES[precision]), precision, n, bits, seed=100 * n + 10 * k + index)
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
