@@ -17,7 +17,7 @@ import pytest
 from gpu_provider.engine.kernels import (
     MAX_DIAGONAL_QUBITS,
     MAX_MATRIX_QUBITS,
-    SMALL_MAX_QUBITS,
+    SMALL_DEFAULT_QUBITS,
     kernels_for,
 )
 from gpu_provider.engine.statevector import StateVector
@@ -226,11 +226,13 @@ def check_pauli_expectation(xp: Any, kernels: Any, precision: str, n: int, seed:
     assert abs(direct - single) <= 10 * TOLERANCE[precision] * scale
 
 
-def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str = "small"):
+def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str = "small", matrix_widths: Sequence[int] = ()):
     """A random gate-only Program on n qubits for the bulk kernel, and its Qiskit circuit (the oracle).
 
-    Dense matrices on 1..5 targets (some with controls), diagonals on 1..min(n, 10)
-    targets, global phases, a width-0 gate; then measurements of every qubit.
+    First, for each k in ``matrix_widths`` (those that fit n), a dense matrix on k
+    random targets and one with a control; then ``ops`` random ones: dense
+    matrices on 1..5 targets (some with controls), diagonals on 1..min(n, 10)
+    targets, global phases; a width-0 gate; then measurements of every qubit.
     """
     from qiskit import QuantumCircuit
     from qiskit.circuit.library import DiagonalGate, UnitaryGate
@@ -246,8 +248,14 @@ def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str =
     circuit = QuantumCircuit(n, n)
     program_ops = []
     kinds = ["matrix", "matrix", "controlled", "diagonal", "phase"]
-    for index in range(ops):
-        kind = kinds[index % len(kinds)] if index < len(kinds) else str(rng.choice(kinds))
+    planned = [(kind, k) for k in matrix_widths if k <= n for kind in ("matrix", "controlled") if kind == "matrix" or k < n]
+    for index in range(len(planned) + ops):
+        if index < len(planned):
+            kind, width = planned[index]
+        else:
+            random_index = index - len(planned)
+            kind = kinds[random_index % len(kinds)] if random_index < len(kinds) else str(rng.choice(kinds))
+            width = None
         if kind == "phase":
             angle = float(rng.uniform(-np.pi, np.pi))
             program_ops.append(GlobalPhase(angle))
@@ -260,7 +268,9 @@ def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str =
             circuit.append(DiagonalGate(list(diagonal)), list(qubits))
         else:
             controls_wanted = min(int(rng.integers(1, 3)), n - 1) if kind == "controlled" else 0
-            k = int(rng.integers(1, min(n - controls_wanted, MAX_MATRIX_QUBITS) + 1))
+            if width is not None:
+                controls_wanted = min(controls_wanted, n - width)
+            k = width if width is not None else int(rng.integers(1, min(n - controls_wanted, MAX_MATRIX_QUBITS) + 1))
             chosen = [int(q) for q in rng.choice(n, size=k + controls_wanted, replace=False)]
             qubits, controls = tuple(chosen[:k]), tuple(chosen[k:])
             matrix = random_unitary(rng, 1 << k)
@@ -278,15 +288,18 @@ def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str =
     return Program(n, n, tuple(program_ops), name=name), circuit
 
 
-def check_small_circuits(xp: Any, kernels: Any, precision: str, widths: Sequence[int], seed: int, ops: int = 12) -> None:
-    """Random circuits of the given widths in one bulk launch, amplitudes and probabilities against Qiskit's Statevector."""
+def check_small_circuits(
+    xp: Any, kernels: Any, precision: str, widths: Sequence[int], seed: int, ops: int = 12, matrix_widths: Sequence[int] = ()
+) -> None:
+    """Random circuits of the given widths in one bulk launch, amplitudes and probabilities against Qiskit's Statevector
+    (each circuit with a plain and a controlled dense matrix of every width in ``matrix_widths`` first)."""
     from qiskit.quantum_info import Statevector
 
     from gpu_provider.engine import small_batch
 
     rng = np.random.default_rng(seed)
     dtype = DTYPES[precision]
-    pairs = [random_small_program(rng, n, ops, name=f"c{i}") for i, n in enumerate(widths)]
+    pairs = [random_small_program(rng, n, ops, name=f"c{i}", matrix_widths=matrix_widths) for i, n in enumerate(widths)]
     packed = small_batch.pack([program for program, _ in pairs], dtype)
     out = xp.zeros(packed.amplitudes, dtype=dtype)
     kernels.run_small_circuits(out, xp.asarray(packed.headers), xp.asarray(packed.ops), xp.asarray(packed.pool), packed.num_qubits)
@@ -398,10 +411,26 @@ def test_pauli_expectation_kernel_with_more_terms_than_one_launch(cp):
 
 @pytest.mark.parametrize("precision", list(DTYPES))
 def test_small_circuits_in_bulk(cp, precision):
-    """run_small_circuits on every width it takes, many circuits per launch (grid-stride over circuits)."""
-    widest = SMALL_MAX_QUBITS["float" if precision == "single" else "double"]
+    """run_small_circuits on every width up to what the default 48 KiB of shared memory holds,
+    many circuits per launch (grid-stride over circuits)."""
+    widest = SMALL_DEFAULT_QUBITS["float" if precision == "single" else "double"]
     widths = [n for n in range(1, widest + 1) for _ in range(3)]
     check_small_circuits(cp, kernels_for(DTYPES[precision]), precision, widths, seed=11, ops=40)
+
+
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_wide_small_circuits_in_bulk(cp, precision):
+    """The widths past the default 48 KiB (dynamic shared memory opt-in): up to what this device
+    allows (14 in single and 13 in double on sm_80 and sm_90), alone and mixed with narrow ones."""
+    kernels = kernels_for(DTYPES[precision])
+    real = "float" if precision == "single" else "double"
+    widest = kernels.small_max_qubits(cp.cuda.Device().id)
+    if widest <= SMALL_DEFAULT_QUBITS[real]:
+        pytest.skip(f"this device's shared memory per block holds {widest} qubits in {precision}, the default")
+    wide = list(range(SMALL_DEFAULT_QUBITS[real] + 1, widest + 1))
+    matrix_widths = range(1, MAX_MATRIX_QUBITS + 1)
+    check_small_circuits(cp, kernels, precision, wide * 3, seed=12, ops=30, matrix_widths=matrix_widths)
+    check_small_circuits(cp, kernels, precision, [2, widest, 5, widest - 1, 9], seed=13, ops=30, matrix_widths=matrix_widths)
 
 
 @pytest.mark.parametrize("precision", list(DTYPES))
