@@ -533,6 +533,21 @@ def test_emulated_pauli_expectation_chunks_many_terms(emulated):
 # run_small_circuits: whole circuits per block, many per launch
 
 
+@pytest.mark.parametrize("k, controls", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_controlled_unitary_is_qiskits(k, controls):
+    """The oracle's controlled gates (one unitary on targets then controls) are Qiskit's UnitaryGate.control."""
+    from qiskit.circuit.library import UnitaryGate
+    from qiskit.quantum_info import Operator
+
+    matrix = gpu_checks.random_unitary(np.random.default_rng(k + 3 * controls), 1 << k)
+    for ctrl_state in range(1 << controls):
+        qiskit = Operator(UnitaryGate(matrix).control(controls, ctrl_state=ctrl_state)).data  # controls first, then targets
+        order = list(range(controls, controls + k)) + list(range(controls))  # ours: targets first, then controls
+        ours = Operator(gpu_checks.controlled_unitary(matrix, controls, ctrl_state)).data
+        perm = [sum(((i >> j) & 1) << order[j] for j in range(k + controls)) for i in range(1 << (k + controls))]
+        np.testing.assert_allclose(ours, qiskit[np.ix_(perm, perm)], atol=1e-12)
+
+
 def test_small_circuit_constants_match_the_source():
     source = K.source()
     assert re.search(rf"constexpr int SMALL_HEADER_WORDS = {K.SMALL_HEADER_WORDS};", source)
@@ -612,7 +627,7 @@ def test_emulated_wide_small_circuits(emulated_library, position):
         assert kernels.small_max_qubits(0) == K.SMALL_MAX_QUBITS[real]
         wide = _wide_widths(real)
         widths = wide + [3] if position == "first" else [2, 9] + wide[::-1]
-        gpu_checks.check_small_circuits(np, kernels, precision, widths, seed=len(widths) + 7 * len(real), ops=6, matrix_widths=range(1, 6))
+        gpu_checks.check_small_circuits(np, kernels, precision, widths, seed=len(widths) + 7 * len(real), ops=14, matrix_widths=range(1, 6))
         widest = max(widths)
         shared = K.small_shared_bytes(real, widest)
         assert shared > K.DEFAULT_SHARED_BYTES
