@@ -115,9 +115,11 @@ class GPUSimulator(BackendV2):
             spreads them over the executor's workers, a few chunks each.
             Ignored without an executor.
         batch_small_circuits (bool): on a GPU, run consecutive small circuits
-            (up to 12 qubits in single precision, 11 in double; gates and final
-            measurements only) many per kernel launch, each whole in shared
-            memory (True); the same counts for a seed, up to rounding. On an
+            (up to 14 qubits in single precision and 13 in double where the
+            GPU's shared memory per block allows, as on A100, H100 and H200;
+            12 and 11 on any GPU; gates and final measurements only) many per
+            kernel launch, each whole in shared memory (True); the same counts
+            for a seed, up to rounding. On an
             executor, its GPU workers do the same with their chunks. Other
             circuits and MPI runs are unaffected.
     """

@@ -75,9 +75,12 @@ def _after_fork_in_child() -> None:
 
 
 def reset_probe() -> None:
-    """Forget the cached probe (tests, or after the environment changed)."""
+    """Forget the cached probe and per-device limits (tests, or after the environment changed)."""
+    from .kernels import forget_device_limits
+
     probe_gpu.cache_clear()
     _DEVICES.clear()
+    forget_device_limits()
 
 
 class HostEvent:

@@ -24,9 +24,11 @@ How each operation runs (details in the ``.cu`` file):
   The diagonal sits in shared memory; probabilities are per-block partial sums
   in double, added on the device; collapse reads only the kept half where it
   is a whole vector.
-- ``run_small_circuits``: whole circuits of up to ``SMALL_MAX_QUBITS`` qubits,
-  one per block in shared memory, many circuits per launch (the bulk path of
-  :mod:`gpu_provider.engine.small_batch`).
+- ``run_small_circuits``: whole circuits, one per block in dynamic shared
+  memory sized for the launch's widest circuit, many circuits per launch (the
+  bulk path of :mod:`gpu_provider.engine.small_batch`). How wide a circuit it
+  takes depends on the device's shared memory per block
+  (:meth:`Kernels.small_max_qubits`, probed on first use, once per device).
 
 :func:`compile_to_ptx` compiles the same source through NVRTC alone, without a
 GPU, so CPU-only CI proves that every instance compiles.
@@ -73,15 +75,29 @@ STREAM_VECTOR = {"float": 2, "double": 1}
 STREAM_UNROLL = 4
 VECTOR_BYTES = 16
 
-# run_small_circuits: the widest circuit it runs, per real type (its shared-memory
-# state of 2^N amplitudes is 32 KiB in both), the layout of its circuit headers
-# and ops (SMALL_* in the .cu file), and its op kinds.
-SMALL_MAX_QUBITS = {"float": 12, "double": 11}
+# run_small_circuits keeps a circuit's 2^n amplitudes in dynamic shared memory.
+# Every device gives a block DEFAULT_SHARED_BYTES; more needs the kernel's
+# opt-in, up to the device's cudaDevAttrMaxSharedMemoryPerBlockOptin (227 KiB
+# on sm_90, 163 KiB on sm_80, 96 KiB on sm_70). The widest circuit it runs, per
+# real type: SMALL_DEFAULT_QUBITS fit the default (32 KiB) on any device;
+# SMALL_MAX_QUBITS (N of its instance, 128 KiB) is the most the engine asks
+# for, where the device allows it (see Kernels.small_max_qubits).
+DEFAULT_SHARED_BYTES = 48 << 10
+SMALL_DEFAULT_QUBITS = {"float": 12, "double": 11}
+SMALL_MAX_QUBITS = {"float": 14, "double": 13}
+ITEMSIZE = {"float": 8, "double": 16}
+# The layout of its circuit headers and ops (SMALL_* in the .cu file), and its op kinds.
 SMALL_HEADER_WORDS = 4
 SMALL_OP_WORDS = 6
 SMALL_MATRIX, SMALL_DIAGONAL, SMALL_PHASE = 0, 1, 2
-# Its block: one thread per pair of amplitudes of the widest circuit, within these bounds.
-SMALL_BLOCK_MIN, SMALL_BLOCK_MAX = 32, 256
+# Its block: one thread per pair of amplitudes of the widest circuit, from
+# SMALL_BLOCK_MIN to SMALL_BLOCK_MAX; up to SMALL_BLOCK_WIDE (its
+# __launch_bounds__, which caps registers at 128 as two blocks of 256 would)
+# where the state takes more than SMALL_WIDE_STATE_BYTES, since then only one
+# block fits a multiprocessor's shared memory (228 KiB on sm_90, 164 KiB on
+# sm_80) and twice the threads hide more of each op's shared-memory latency.
+SMALL_BLOCK_MIN, SMALL_BLOCK_MAX, SMALL_BLOCK_WIDE = 32, 256, 512
+SMALL_WIDE_STATE_BYTES = 64 << 10
 
 MatrixMethod = Literal["auto", "strided", "strided_multi", "tiled", "warp"]
 MATRIX_METHODS = ("auto", "strided", "strided_multi", "tiled", "warp")
@@ -159,9 +175,66 @@ def small_circuits_name(real: str) -> str:
     return f"run_small_circuits<{real}, {SMALL_MAX_QUBITS[real]}>"
 
 
-def small_circuits_block(num_qubits: int) -> int:
+def small_circuits_block(real: str, num_qubits: int) -> int:
     """Threads per block for run_small_circuits on circuits of up to ``num_qubits`` qubits."""
-    return max(SMALL_BLOCK_MIN, min(SMALL_BLOCK_MAX, 1 << max(num_qubits - 1, 0)))
+    most = SMALL_BLOCK_WIDE if small_shared_bytes(real, num_qubits) > SMALL_WIDE_STATE_BYTES else SMALL_BLOCK_MAX
+    return max(SMALL_BLOCK_MIN, min(most, 1 << max(num_qubits - 1, 0)))
+
+
+def small_shared_bytes(real: str, num_qubits: int) -> int:
+    """Dynamic shared memory a run_small_circuits launch takes per block for circuits of up to ``num_qubits`` qubits."""
+    return (1 << num_qubits) * ITEMSIZE[real]
+
+
+def small_widest(real: str, shared_limit: int) -> int:
+    """The widest circuit run_small_circuits runs with ``shared_limit`` bytes of shared memory per block.
+
+    Never above ``SMALL_MAX_QUBITS`` nor below ``SMALL_DEFAULT_QUBITS`` (which the
+    default 48 KiB holds on every device, opt-in or not).
+    """
+    widest = SMALL_MAX_QUBITS[real]
+    while widest > SMALL_DEFAULT_QUBITS[real] and small_shared_bytes(real, widest) > shared_limit:
+        widest -= 1
+    return widest
+
+
+_SHARED_OPTIN: dict[int, int] = {}
+_SHARED_OPTIN_LOCK = threading.Lock()
+
+
+def shared_memory_optin(device_id: int) -> int:
+    """Shared memory one block may opt in to on CUDA device ``device_id``, in bytes.
+
+    The device attribute cudaDevAttrMaxSharedMemoryPerBlockOptin, read on the
+    first call for each device (never at import) and cached. Where it cannot be
+    read, the default ``DEFAULT_SHARED_BYTES``, which every device gives.
+    """
+    found = _SHARED_OPTIN.get(device_id)
+    if found is not None:
+        return found
+    with _SHARED_OPTIN_LOCK:
+        found = _SHARED_OPTIN.get(device_id)
+        if found is None:
+            import cupy
+
+            runtime = cupy.cuda.runtime
+            try:
+                found = int(runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id))
+            except (AttributeError, RuntimeError) as exc:  # a CuPy without the attribute, or CUDARuntimeError
+                logger.warning(
+                    "cannot read the opt-in shared memory per block of GPU %d (%s: %s); small circuits in bulk keep to %d bytes",
+                    device_id, type(exc).__name__, exc, DEFAULT_SHARED_BYTES,
+                )
+                found = DEFAULT_SHARED_BYTES
+            found = max(found, DEFAULT_SHARED_BYTES)
+            _SHARED_OPTIN[device_id] = found
+    return found
+
+
+def forget_device_limits() -> None:
+    """Forget the probed per-device limits (tests, or after the environment changed; see devices.reset_probe)."""
+    with _SHARED_OPTIN_LOCK:
+        _SHARED_OPTIN.clear()
 
 
 STREAM_KERNELS = ("apply_diagonal", "probability_one", "collapse")
@@ -449,7 +522,8 @@ class Kernels:
         self._lock = threading.Lock()
         self._module: Any = None
         self._functions: dict[str, Any] = {}
-        self._resident: dict[tuple[int, str, int], int] = {}
+        self._resident: dict[tuple[int, str, int, int], int] = {}
+        self._shared_allowed: set[tuple[int, str]] = set()  # (device, kernel) whose dynamic shared memory limit is raised
 
     # -- what this object can do ---------------------------------------------
 
@@ -458,6 +532,16 @@ class Kernels:
 
     def can_apply_diagonal(self, k: int) -> bool:
         return 1 <= k <= MAX_DIAGONAL_QUBITS
+
+    def small_max_qubits(self, device_id: int) -> int:
+        """The widest circuit :meth:`run_small_circuits` runs on CUDA device ``device_id``.
+
+        What the device's opt-in shared memory per block holds (:func:`small_widest`):
+        14 qubits in complex64 and 13 in complex128 on sm_80 and sm_90, 12 and 11
+        on a device that gives only the default 48 KiB. The first call for a
+        device reads its limit (:func:`shared_memory_optin`); later ones are cached.
+        """
+        return small_widest(self.real, self._shared_optin(device_id))
 
     # -- operations -------------------------------------------------------------
 
@@ -529,11 +613,17 @@ class Kernels:
         ``SMALL_OP_WORDS`` per op) and ``pool`` (this dtype) are device arrays laid
         out as the .cu file's run_small_circuits describes (see
         :mod:`gpu_provider.engine.small_batch`, which packs them); each circuit's
-        final amplitudes land in the flat ``out`` at its header's offset.
+        final amplitudes land in the flat ``out`` at its header's offset. Each
+        block takes ``2^num_qubits`` amplitudes of dynamic shared memory, so
+        ``num_qubits`` should be the widest circuit's (circuits wider than it are
+        skipped); it may be at most :meth:`small_max_qubits` of ``out``'s device,
+        which must be the current device (the launch goes there).
         """
-        if not 0 <= num_qubits <= SMALL_MAX_QUBITS[self.real]:
+        device_id = self._device_id(_Buffer(out))
+        widest = self.small_max_qubits(device_id)
+        if not 0 <= num_qubits <= widest:
             raise InvalidInputError(
-                f"run_small_circuits holds at most {SMALL_MAX_QUBITS[self.real]} qubits in {self.dtype}, not {num_qubits}"
+                f"run_small_circuits holds at most {widest} qubits in {self.dtype} on GPU {device_id}, not {num_qubits}"
             )
         for name, array, dtype in (("out", out, self.dtype), ("pool", pool, self.dtype), ("headers", headers, np.uint64), ("ops", ops, np.uint64)):
             if array.dtype != dtype or array.ndim != 1:
@@ -544,9 +634,27 @@ class Kernels:
         if circuits == 0:
             return
         name = small_circuits_name(self.real)
-        block = small_circuits_block(num_qubits)
-        grid = self._grid(_Buffer(out), name, block, circuits)
-        self._function(name)((grid,), (block,), (out, headers, ops, pool, np.uint64(circuits)))
+        block = small_circuits_block(self.real, num_qubits)
+        shared = small_shared_bytes(self.real, num_qubits)
+        function = self._function(name)
+        if shared > DEFAULT_SHARED_BYTES:
+            self._allow_dynamic_shared(function, name, device_id, small_shared_bytes(self.real, widest))
+        grid = self._grid(_Buffer(out), name, block, circuits, shared)
+        function((grid,), (block,), (out, headers, ops, pool, np.uint64(circuits), np.int32(num_qubits)), shared_mem=shared)
+
+    def _allow_dynamic_shared(self, function: Any, name: str, device_id: int, limit: int) -> None:
+        """Let ``function`` take up to ``limit`` bytes of dynamic shared memory per block, once per device.
+
+        Sets the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize (CuPy's
+        ``max_dynamic_shared_size_bytes``) on the current device, where the launch goes.
+        """
+        key = (device_id, name)
+        if key in self._shared_allowed:
+            return
+        with self._lock:
+            if key not in self._shared_allowed:
+                function.max_dynamic_shared_size_bytes = limit
+                self._shared_allowed.add(key)
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -592,26 +700,32 @@ class Kernels:
         logger.debug("compiled %d %s statevector kernels", len(names), self.real)
         return module
 
-    def _grid(self, state: Any, name: str, block: int, needed: int) -> int:
-        """Blocks to launch: what the work needs, capped at what the device keeps resident."""
-        key = (self._device_id(state), name, block)
+    def _grid(self, state: Any, name: str, block: int, needed: int, shared: int = 0) -> int:
+        """Blocks to launch: what the work needs, capped at what the device keeps resident
+        (with ``shared`` bytes of dynamic shared memory per block)."""
+        key = (self._device_id(state), name, block, shared)
         resident = self._resident.get(key)
         if resident is None:
-            resident = self._resident_blocks(name, block)
+            resident = self._resident_blocks(name, block, shared)
             self._resident[key] = resident
         return max(1, min(needed, resident))
 
     def _device_id(self, state: Any) -> int:
         return int(state.data.device.id)
 
-    def _resident_blocks(self, name: str, block: int) -> int:
-        """Blocks of ``name`` the current device runs at once (occupancy x multiprocessors)."""
+    def _resident_blocks(self, name: str, block: int, shared: int = 0) -> int:
+        """Blocks of ``name`` the current device runs at once (occupancy x multiprocessors),
+        each with ``shared`` bytes of dynamic shared memory."""
         import cupy
 
         function = self._function(name)
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function.kernel.ptr, block, 0)
+        per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function.kernel.ptr, block, shared)
         return max(1, int(per_sm)) * int(sms)
+
+    def _shared_optin(self, device_id: int) -> int:
+        """The device's opt-in shared memory per block (:func:`shared_memory_optin`, cached per device)."""
+        return shared_memory_optin(device_id)
 
     # -- expectation values (see engine/expectation.py) -------------------------
 

@@ -9,16 +9,23 @@ launch per chunk of circuits instead of one per gate per circuit.
 
 Which circuits (:func:`eligible`): on a device with the GPU kernels, one that
 every shot can be drawn from (no mid-circuit measurement, reset or control
-flow), of 1 to ``SMALL_MAX_QUBITS`` qubits (12 in complex64, 11 in
-complex128), whose gates are dense matrices on 1 to ``MAX_MATRIX_QUBITS``
-targets (any controls), diagonals on up to ``MAX_DIAGONAL_QUBITS`` and global
-phases. :func:`plan` cuts a job's experiments into runs of consecutive
-eligible ones and the rest, which keep their one-at-a-time path, in order.
+flow), of 1 to :meth:`~gpu_provider.engine.kernels.Kernels.small_max_qubits`
+qubits (what the device's shared memory per block holds: 14 in complex64 and
+13 in complex128 on sm_80 and sm_90, never fewer than 12 and 11), whose gates
+are dense matrices on 1 to ``MAX_MATRIX_QUBITS`` targets (any controls),
+diagonals on up to ``MAX_DIAGONAL_QUBITS`` and global phases. :func:`plan`
+cuts a job's experiments into runs of consecutive eligible ones and the rest,
+which keep their one-at-a-time path, in order.
 
-How (:func:`run_small_batch`): circuits are packed into chunks of at most
+How (:func:`run_small_batch`): a run's circuits are grouped by width class
+(all those that fit the default 48 KiB of shared memory per block together,
+each wider width on its own, so one wide circuit never sets the shared memory
+and block of a launch of narrow ones) and packed into chunks of at most
 ``CHUNK_BYTES`` of device buffers (final amplitudes, op stream, circuit
-headers, the pool of their matrices); each chunk is one launch and one copy
-of the amplitudes back to the host. Each circuit's shots are then drawn from
+headers, the pool of their matrices); each chunk is one launch, its shared
+memory sized for its widest circuit, and one copy of the amplitudes back to
+the host. Outputs come back in the job's order whatever the chunks' grouping.
+Each circuit's shots are then drawn from
 its amplitudes by the same code and random stream as
 :func:`~gpu_provider.engine.executor.run_program` (``default_rng(seed)``,
 :func:`~gpu_provider.engine.executor.sample_counts`), on the host, where a
@@ -53,6 +60,7 @@ from .executor import (
 from .kernels import (
     MAX_DIAGONAL_QUBITS,
     MAX_MATRIX_QUBITS,
+    SMALL_DEFAULT_QUBITS,
     SMALL_DIAGONAL,
     SMALL_HEADER_WORDS,
     SMALL_MATRIX,
@@ -118,7 +126,9 @@ def estimated_bytes(program: Program, itemsize: int) -> int:
 
 def _eligible_bytes(program: Program, config: RunConfig, device: Device) -> int | None:
     kernels = batch_kernels(device, config.dtype)
-    if kernels is None or not 1 <= program.num_qubits <= SMALL_MAX_QUBITS[kernels.real] or not is_sampling_friendly(program):
+    if kernels is None or not is_sampling_friendly(program):
+        return None
+    if not 1 <= program.num_qubits <= kernels.small_max_qubits(device.device_id):
         return None
     return _scan(program, np.dtype(config.dtype).itemsize)
 
@@ -129,19 +139,35 @@ def eligible(program: Program, config: RunConfig, device: Device) -> bool:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One launch of a batched run: its circuits (``indices``, ascending, relative to the run's start),
+    all of one width class, and the device bytes their buffers take at most."""
+
+    indices: tuple[int, ...]
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Run:
     """Experiments ``start..stop-1`` of a job: a run of eligible ones (``batched``, cut into
-    ``chunks`` of ``(first, last, bytes)``, indices relative to ``start``) or ones that run one at a time."""
+    ``chunks``, launched in order of their first circuit) or ones that run one at a time."""
 
     start: int
     stop: int
     batched: bool
-    chunks: tuple = ()
+    chunks: tuple[Chunk, ...] = ()
+
+
+def width_class(program: Program, config: RunConfig) -> int:
+    """The widest circuit of ``program``'s launch class: every width that fits the default shared
+    memory shares one class (``SMALL_DEFAULT_QUBITS``); each wider one is its own."""
+    return max(program.num_qubits, SMALL_DEFAULT_QUBITS["float" if np.dtype(config.dtype) == np.complex64 else "double"])
 
 
 def plan(device: Device, items: Sequence[tuple[Program, RunConfig]], limit: int | None = None) -> list[Run]:
-    """``items`` cut into runs: consecutive eligible items of one precision, in chunks of at most
-    ``limit`` (``CHUNK_BYTES``) device bytes each, one circuit at least; and the rest, in order."""
+    """``items`` cut into runs: consecutive eligible items of one precision, grouped by
+    :func:`width_class` into chunks of at most ``limit`` (``CHUNK_BYTES``) device bytes each, one
+    circuit at least; and the rest, in order."""
     limit = CHUNK_BYTES if limit is None else limit
     bounds: list[list] = []  # [start, stop, sizes or None]
     for index, (program, config) in enumerate(items):
@@ -153,25 +179,39 @@ def plan(device: Device, items: Sequence[tuple[Program, RunConfig]], limit: int 
                 last[2].append(size)
         else:
             bounds.append([index, index + 1, None if size is None else [size]])
-    return [Run(start, stop, sizes is not None, _chunks(sizes, limit) if sizes else ()) for start, stop, sizes in bounds]
+    runs = []
+    for start, stop, sizes in bounds:
+        if sizes is None:
+            runs.append(Run(start, stop, False))
+            continue
+        classes = [width_class(program, config) for program, config in items[start:stop]]
+        runs.append(Run(start, stop, True, _chunks(sizes, classes, limit)))
+    return runs
 
 
-def _chunks(sizes: Sequence[int], limit: int) -> tuple:
+def _chunks(sizes: Sequence[int], classes: Sequence[int], limit: int) -> tuple[Chunk, ...]:
+    """Each class's circuits, in order, cut into chunks of at most ``limit`` bytes; all chunks by first circuit."""
+    members: dict[int, list[int]] = {}
+    for index, width in enumerate(classes):
+        members.setdefault(width, []).append(index)
     out = []
-    start, total = 0, 0
-    for index, size in enumerate(sizes):
-        if index > start and total + size > limit:
-            out.append((start, index, total))
-            start, total = index, 0
-        total += size
-    if start < len(sizes):
-        out.append((start, len(sizes), total))
-    return tuple(out)
+    for indices in members.values():
+        current: list[int] = []
+        total = 0
+        for index in indices:
+            if current and total + sizes[index] > limit:
+                out.append(Chunk(tuple(current), total))
+                current, total = [], 0
+            current.append(index)
+            total += sizes[index]
+        out.append(Chunk(tuple(current), total))
+    return tuple(sorted(out, key=lambda chunk: chunk.indices[0]))
 
 
 def reserve_bytes(runs: Sequence[Run]) -> int:
-    """Peak device bytes the bulk path takes for a job's :func:`plan` (its largest chunk) plus the workspace; 0 if none."""
-    peak = max((size for run in runs for _, _, size in run.chunks), default=0)
+    """Peak device bytes the bulk path takes for a job's :func:`plan` (its largest chunk; chunks run
+    one after another) plus the workspace; 0 if none."""
+    peak = max((chunk.bytes for run in runs for chunk in run.chunks), default=0)
     return peak + WORKSPACE_BYTES if peak else 0
 
 
@@ -199,7 +239,8 @@ def pack(programs: Sequence[Program], dtype) -> _Packed:
     """The headers, op stream and matrix pool of ``programs`` (each checked by :func:`eligible`'s rules).
 
     Matrices and diagonals shared between ops (the translator caches gates by
-    name and parameters) are stored once.
+    name and parameters) are stored once. Widths are checked against the
+    engine's most (``SMALL_MAX_QUBITS``); the launch checks its device's.
 
     Raises:
         InvalidInputError: a program the bulk kernel cannot run.
@@ -324,12 +365,13 @@ def run_small_batch(
     items: Sequence[tuple[Program, RunConfig]],
     device: Device,
     execution: Execution | None = None,
-    chunks: Sequence[tuple] | None = None,
+    chunks: Sequence[Chunk] | None = None,
     check_fits: bool = False,
 ) -> list[ExperimentOutput]:
     """Run eligible ``(program, config)`` items (one precision) in bulk; their outputs, as :func:`run_program` gives them.
 
     ``chunks``: the items' :attr:`Run.chunks` from :func:`plan`, which checked them; without it they are checked here.
+    The outputs are in the items' order, whichever chunk ran each.
     ``check_fits``: check each chunk's memory even with an ``execution`` (see :func:`outputs_in_order`).
 
     Raises:
@@ -349,26 +391,29 @@ def run_small_batch(
         chunks = runs[0].chunks
     dtype = items[0][1].dtype
     kernels = batch_kernels(device, dtype)
-    outputs: list[ExperimentOutput] = []
-    for first, last, size in chunks:
-        chunk = items[first:last]
+    outputs: list[ExperimentOutput | None] = [None] * len(items)
+    for planned in chunks:
+        chunk = [items[index] for index in planned.indices]
         if execution is not None:
             execution.poll_cancel()
         if execution is None or check_fits:
-            _check_chunk_fits(device, chunk, size)
+            _check_chunk_fits(device, chunk, planned.bytes)
         started = time.perf_counter()
         amplitudes, offsets = final_amplitudes([program for program, _ in chunk], device, dtype, kernels)
         share = (time.perf_counter() - started) / len(chunk)
         if execution is not None:
             execution.advance(sum(count_ops(program.ops) for program, _ in chunk))
-        for (program, config), offset in zip(chunk, offsets):
+        for index, (program, config), offset in zip(planned.indices, chunk, offsets):
             started = time.perf_counter()
             state = StateVector.view(np, amplitudes[offset : offset + (1 << program.num_qubits)], dtype)
             tally = sample_counts(state, program, config, np.random.default_rng(config.seed), execution)
             statevector = state.to_host() if config.statevector else None
-            outputs.append(experiment_output(program, device, config, tally, statevector, True, share + time.perf_counter() - started))
+            outputs[index] = experiment_output(program, device, config, tally, statevector, True, share + time.perf_counter() - started)
         del amplitudes
-    return outputs
+    missing = [index for index, output in enumerate(outputs) if output is None]
+    if missing:
+        raise InvalidInputError(f"the bulk chunks leave items {missing[:10]} of {len(items)} without a launch")
+    return outputs  # type: ignore[return-value]
 
 
 def _check_chunk_fits(device: Device, chunk: Sequence[tuple[Program, RunConfig]], size: int) -> None:

@@ -781,16 +781,23 @@ __global__ void __launch_bounds__(256) pauli_expectation(
 // ---------------------------------------------------------------------------
 // run_small_circuits<R, N>: whole circuits of at most N qubits, many per launch.
 // A block takes one circuit at a time (grid-stride over circuits), keeps its
-// 2^n amplitudes in shared memory (2^N slots: 32 KiB for N = 12 in float and
-// N = 11 in double), starts from |0...0>, applies the circuit's ops with a
-// barrier after each, and writes the final amplitudes to global memory in
-// canonical order (bit q of the index is qubit q). One launch replaces a
-// launch per gate per circuit: small circuits in bulk are bound by launches,
-// not by memory.
+// 2^n amplitudes in dynamic shared memory, starts from |0...0>, applies the
+// circuit's ops with a barrier after each, and writes the final amplitudes to
+// global memory in canonical order (bit q of the index is qubit q). One launch
+// replaces a launch per gate per circuit: small circuits in bulk are bound by
+// launches, not by memory.
+//
+// The launch sizes the shared state for its widest circuit: 2^shared_qubits
+// amplitudes (shared_mem = 2^shared_qubits * sizeof(cplx) bytes), so a chunk
+// of narrow circuits takes little shared memory and many blocks fit a
+// multiprocessor. N is the widest the engine ever asks for (SMALL_MAX_QUBITS
+// in engine/kernels.py: 14 in float, 13 in double, 128 KiB, which needs the
+// device's opt-in beyond the default 48 KiB per block; the host caps it by
+// the device's limit).
 //
 // headers[SMALL_HEADER_WORDS * c ...]: circuit c's first op and op count in
-// `ops`, its number of qubits n <= N, and the offset of its 2^n amplitudes
-// in `out`. An op is SMALL_OP_WORDS words:
+// `ops`, its number of qubits n <= shared_qubits, and the offset of its 2^n
+// amplitudes in `out`. An op is SMALL_OP_WORDS words:
 //   [0] kind | k << 8, kind SMALL_MATRIX, SMALL_DIAGONAL or SMALL_PHASE
 //   [1] the k targets, packed (matrix or diagonal index bit j <-> target j)
 //   [2] the same targets packed in ascending order (matrices: group bases)
@@ -800,10 +807,12 @@ __global__ void __launch_bounds__(256) pauli_expectation(
 //       whose index & mask == value (controls are never targets)
 // Matrices (k = 1..5) go one group per thread as in apply_matrix, on 32-bit
 // shared-memory indices, with the matrix read through the read-only cache;
-// diagonals (k <= 10) and phases one amplitude per thread. Two resident
-// blocks per multiprocessor cap registers at 128 (ptxas, sm_80/sm_90: float
-// needs no more and spills nothing; double spills ~270 bytes, all of it the
-// k = 5 case: without it, 128 registers and no spills).
+// diagonals (k <= 10) and phases one amplitude per thread. The bounds (512
+// threads, one block) cap registers at 128, as two blocks of 256 would
+// (ptxas, sm_80/sm_90: float needs no more and spills nothing; double spills
+// ~270 bytes, all of it the k = 5 case: without it, 128 registers and no
+// spills); the host runs 512 threads only where a block's state leaves room
+// for one block per multiprocessor (SMALL_BLOCK_* in engine/kernels.py).
 constexpr int SMALL_HEADER_WORDS = 4;
 constexpr int SMALL_OP_WORDS = 6;
 constexpr int SMALL_MATRIX = 0;
@@ -837,21 +846,25 @@ __device__ __forceinline__ void small_matrix(typename complex_of<R>::type* s, co
 }
 
 template <typename R, int N>
-__global__ void __launch_bounds__(256, 2) run_small_circuits(
+__global__ void __launch_bounds__(512, 1) run_small_circuits(
         typename complex_of<R>::type* __restrict__ out,
         const index_t* __restrict__ headers,
         const index_t* __restrict__ ops,
         const typename complex_of<R>::type* __restrict__ pool,
-        index_t circuits) {
+        index_t circuits, int shared_qubits) {
     typedef typename complex_of<R>::type cplx;
-    __shared__ cplx s[1 << N];
+    // The launch's dynamic shared memory, typed per instance through a byte
+    // array (extern __shared__ arrays of different types in one module clash).
+    extern __shared__ __align__(16) unsigned char small_shared[];
+    cplx* const s = reinterpret_cast<cplx*>(small_shared);
+    const int capacity = shared_qubits < N ? shared_qubits : N;
     for (index_t c = blockIdx.x; c < circuits; c += gridDim.x) {
         const index_t* header = headers + SMALL_HEADER_WORDS * c;
         const index_t first = __ldg(header);
         const index_t count = __ldg(header + 1);
         const int n = (int)__ldg(header + 2);
         const index_t offset = __ldg(header + 3);
-        if (n < 0 || n > N) continue;  // never from the host's packing; uniform in the block, so no barrier is skipped by some threads only
+        if (n < 0 || n > capacity) continue;  // never from the host's packing; uniform in the block, so no barrier is skipped by some threads only
         const int size = 1 << n;
         for (int i = threadIdx.x; i < size; i += blockDim.x) s[i] = make_complex<R>(i == 0 ? 1 : 0, 0);
         __syncthreads();

@@ -80,6 +80,7 @@ class FakeStream:
 class FakeDevice:
     def __init__(self, index=0):
         self.id = index
+        self.attributes = {"MultiProcessorCount": 132}
 
     def __enter__(self):
         return self
@@ -101,12 +102,29 @@ class FakePool:
         self.cached = 0
 
 
-def make_fake_cupy(free_bytes: int = 8 << 30, total_bytes: int = 16 << 30) -> types.ModuleType:
+# cudaDevAttrMaxSharedMemoryPerBlockOptin's number, and an H200's value of it (227 KiB).
+SHARED_OPTIN_ATTRIBUTE = 97
+H200_SHARED_OPTIN = 227 << 10
+
+
+def make_fake_cupy(free_bytes: int = 8 << 30, total_bytes: int = 16 << 30, shared_optin: int = H200_SHARED_OPTIN) -> types.ModuleType:
+    """The stand-in; ``module.cuda.runtime.attribute_queries`` lists each ``deviceGetAttribute(attribute, device)`` asked."""
     pool = FakePool()
+    attribute_queries: list = []
+
+    def device_get_attribute(attribute, device):
+        attribute_queries.append((attribute, device))
+        if attribute == SHARED_OPTIN_ATTRIBUTE:
+            return shared_optin
+        raise ValueError(f"the stand-in knows no device attribute {attribute}")
+
     runtime = types.SimpleNamespace(
         getDeviceCount=lambda: 1,
         getDeviceProperties=lambda index: {"name": b"Fake H200"},
         memGetInfo=lambda: (free_bytes, total_bytes),
+        cudaDevAttrMaxSharedMemoryPerBlockOptin=SHARED_OPTIN_ATTRIBUTE,
+        deviceGetAttribute=device_get_attribute,
+        attribute_queries=attribute_queries,
     )
     cuda = types.SimpleNamespace(
         runtime=runtime,

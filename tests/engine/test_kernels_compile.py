@@ -11,6 +11,10 @@
    :class:`~gpu_provider.engine.kernels.Kernels` planning, must match the NumPy
    statevector. That runs the kernels' indexing, tiling and reductions in CI;
    timing and true GPU memory semantics still need ``test_kernels_gpu.py``.
+   Dynamic shared memory (``extern __shared__``) is a buffer of exactly the
+   launch's ``shared_mem`` bytes, filled with NaN bytes and followed by a guard
+   the launch checks; a launch asking for more than the function allows (48 KiB
+   unless its ``max_dynamic_shared_size_bytes`` was raised, as CUDA) fails.
 """
 
 from __future__ import annotations
@@ -264,6 +268,8 @@ EMULATION_HEADER = r"""
 // blocks, so __shared__ (function statics) holds one block at a time.
 #include <cmath>
 #include <condition_variable>
+#include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -324,11 +330,23 @@ inline double __shfl_down_sync(unsigned, double value, int offset) {
     emu_warp_barrier[t / 32].wait();
     return out;
 }
-template <class F> void emu_launch(unsigned grid, unsigned block, F kernel) {
+// Dynamic shared memory: each `extern __shared__ T name[];` of the source is
+// rewritten (see emulated_source in the test) to `T* const name = (T*)emu_dynamic_shared;`.
+unsigned char* emu_dynamic_shared = nullptr;
+// Past the buffer: a guard larger than any shared state (2^N amplitudes, 128 KiB), so an
+// undersized launch is reported, not a crash.
+constexpr std::size_t EMU_GUARD_BYTES = 256 << 10;
+// Returns 0, or 1 if the kernel wrote past the launch's dynamic shared memory.
+template <class F> int emu_launch(unsigned grid, unsigned block, std::size_t shared, F kernel) {
     blockDim = {block, 1, 1};
     gridDim = {grid, 1, 1};
     emu_block_barrier.reset(block);
     for (unsigned w = 0; w * 32 < block; ++w) emu_warp_barrier[w].reset(block - 32 * w < 32 ? block - 32 * w : 32);
+    std::vector<unsigned char> raw(shared + EMU_GUARD_BYTES + 16);
+    unsigned char* base = raw.data() + (16 - reinterpret_cast<std::uintptr_t>(raw.data()) % 16) % 16;
+    std::memset(base, 0xff, shared);  // NaN in float and double: a read before a write shows in the result
+    std::memset(base + shared, 0xa5, EMU_GUARD_BYTES);
+    emu_dynamic_shared = base;
     std::vector<std::thread> threads;
     for (unsigned t = 0; t < block; ++t)
         threads.emplace_back([=] {
@@ -340,8 +358,22 @@ template <class F> void emu_launch(unsigned grid, unsigned block, F kernel) {
             }
         });
     for (auto& thread : threads) thread.join();
+    emu_dynamic_shared = nullptr;
+    for (std::size_t i = 0; i < EMU_GUARD_BYTES; ++i)
+        if (base[shared + i] != 0xa5) return 1;
+    return 0;
 }
 """
+
+_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:\s]+?)\s+(\w+)\[\];")
+_ANY_DYNAMIC_SHARED = re.compile(r"^\s*extern\s+__shared__[^;]*\[\s*\]\s*;", re.MULTILINE)
+
+
+def emulated_source(source: str) -> str:
+    """The .cu text with each ``extern __shared__`` array made a pointer to the launch's dynamic shared memory."""
+    rewritten, count = _DYNAMIC_SHARED.subn(r"\1* const \2 = reinterpret_cast<\1*>(emu_dynamic_shared);", source)
+    assert count >= 1 and not _ANY_DYNAMIC_SHARED.search(rewritten), "the emulation does not know this dynamic shared memory declaration"
+    return rewritten
 
 _C_TYPES = {"u": ctypes.c_uint64, "i": ctypes.c_int32, "p": ctypes.c_void_p}
 # Per kernel: its parameters after the launch shape (p pointer, u uint64, i int32,
@@ -355,8 +387,14 @@ _SIGNATURES = {
     "probability_one": ("puip", "(const {c}*)a0, a1, a2, (double*)a3"),
     "collapse": ("puiiri", "({c}*)a0, a1, a2, a3, a4, a5"),
     "pauli_expectation": ("puuppip", "(const {c}*)a0, a1, a2, (const index_t*)a3, (const double2*)a4, a5, (double*)a6"),
-    "run_small_circuits": ("ppppu", "({c}*)a0, (const index_t*)a1, (const index_t*)a2, (const {c}*)a3, a4"),
+    "run_small_circuits": ("ppppui", "({c}*)a0, (const index_t*)a1, (const index_t*)a2, (const {c}*)a3, a4, a5"),
 }
+# Threads per block each kernel's __launch_bounds__ allows (256 unless named).
+_MAX_BLOCK = {"run_small_circuits": K.SMALL_BLOCK_WIDE}
+# A launch may take this much dynamic shared memory unless the function's limit was raised (CUDA's default).
+DEFAULT_DYNAMIC_SHARED = 48 << 10
+# The opt-in shared memory per block of an sm_90 device (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KiB).
+HOPPER_SHARED_OPTIN = 227 << 10
 
 
 def _wrapper_source(source_path: str) -> str:
@@ -369,8 +407,8 @@ def _wrapper_source(source_path: str) -> str:
         params = ", ".join(f"{types[kind]} a{i}" for i, kind in enumerate(kinds))
         arguments = call.format(c=real + "2")
         lines.append(
-            f'extern "C" void {_symbol(name)}(unsigned grid, unsigned block, {params}) '
-            f"{{ emu_launch(grid, block, [=] {{ {name}({arguments}); }}); }}"
+            f'extern "C" int {_symbol(name)}(unsigned grid, unsigned block, unsigned long long shared, {params}) '
+            f"{{ return emu_launch(grid, block, shared, [=] {{ {name}({arguments}); }}); }}"
         )
     return "\n".join(lines) + "\n"
 
@@ -380,19 +418,44 @@ def _symbol(name: str) -> str:
 
 
 class _EmulatedFunction:
-    """Calls like a cupy.RawKernel: ``function((grid,), (block,), args)``."""
+    """Calls like a cupy.RawKernel: ``function((grid,), (block,), args, shared_mem=0)``.
 
-    def __init__(self, library: ctypes.CDLL, name: str, real: str) -> None:
-        self._signature = _SIGNATURES[name.split("<")[0]][0]
+    ``max_dynamic_shared_size_bytes`` starts at CUDA's 48 KiB and may be raised up
+    to the device's opt-in limit ``shared_optin``, as CUDA allows; a launch asking
+    for more dynamic shared memory than it allows fails.
+    """
+
+    def __init__(self, library: ctypes.CDLL, name: str, real: str, shared_optin: int | None = None) -> None:
+        kernel = name.split("<")[0]
+        self._signature = _SIGNATURES[kernel][0]
+        self._max_block = _MAX_BLOCK.get(kernel, 256)
+        self._shared_optin = shared_optin
+        self._max_dynamic_shared = DEFAULT_DYNAMIC_SHARED
+        self.attribute_sets: list[int] = []
         real_type = ctypes.c_float if real == "float" else ctypes.c_double
         self._function = getattr(library, _symbol(name))
-        self._function.argtypes = [ctypes.c_uint, ctypes.c_uint] + [
+        self._function.restype = ctypes.c_int
+        self._function.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong] + [
             real_type if c == "r" else _C_TYPES[c] for c in self._signature
         ]
         self._scalar_types = {"u": np.uint64, "i": np.int32, "r": np.float32 if real == "float" else np.float64}
 
-    def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
-        assert len(grid) == 1 and len(block) == 1 and 1 <= block[0] <= 256 and grid[0] >= 1
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        return self._max_dynamic_shared
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int) -> None:
+        assert isinstance(value, int) and value >= 0
+        assert self._shared_optin is None or value <= self._shared_optin, f"{value} bytes is over the device's opt-in {self._shared_optin}"
+        self.attribute_sets.append(value)
+        self._max_dynamic_shared = value
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+        assert len(grid) == 1 and len(block) == 1 and 1 <= block[0] <= self._max_block and grid[0] >= 1
+        assert 0 <= shared_mem <= self._max_dynamic_shared, (
+            f"a launch with {shared_mem} bytes of dynamic shared memory, the function allows {self._max_dynamic_shared}"
+        )
         values = []
         for arg, kind in zip(args, self._signature, strict=True):
             if kind == "p":
@@ -402,30 +465,43 @@ class _EmulatedFunction:
                 # The loader must pass exactly the C type the kernel declares.
                 assert type(arg) is self._scalar_types[kind], (arg, kind)
                 values.append(arg.item())
-        self._function(grid[0], block[0], *values)
+        status = self._function(grid[0], block[0], shared_mem, *values)
+        assert status == 0, f"the kernel wrote past its {shared_mem} bytes of dynamic shared memory"
 
 
 class EmulatedKernels(K.Kernels):
-    """The real launch planning, with launches going to the host-compiled kernels."""
+    """The real launch planning, with launches going to the host-compiled kernels.
 
-    def __init__(self, dtype, library: ctypes.CDLL, resident_blocks: int) -> None:
+    ``shared_optin``: the device's opt-in shared memory per block (an sm_90's by
+    default); None asks the real probe (:func:`K.shared_memory_optin`, through
+    whatever ``cupy`` is loaded: the tests' stand-in).
+    """
+
+    def __init__(self, dtype, library: ctypes.CDLL, resident_blocks: int, shared_optin: int | None = HOPPER_SHARED_OPTIN) -> None:
         super().__init__(dtype)
         self._library = library
         self._resident_blocks_value = resident_blocks
+        self._optin = shared_optin
         self.launched: list[str] = []
+        self.occupancy_queries: list[tuple[str, int, int]] = []
 
     def _function(self, name: str):
         assert name in K.instances(self.real)
         self.launched.append(name)
         if name not in self._functions:
-            self._functions[name] = _EmulatedFunction(self._library, name, self.real)
+            optin = self._optin if self._optin is not None else K.shared_memory_optin(0)
+            self._functions[name] = _EmulatedFunction(self._library, name, self.real, optin)
         return self._functions[name]
 
     def _device_id(self, state) -> int:
         return 0
 
-    def _resident_blocks(self, name: str, block: int) -> int:
+    def _resident_blocks(self, name: str, block: int, shared: int = 0) -> int:
+        self.occupancy_queries.append((name, block, shared))
         return self._resident_blocks_value
+
+    def _shared_optin(self, device_id: int) -> int:
+        return self._optin if self._optin is not None else super()._shared_optin(device_id)
 
 
 @pytest.fixture(scope="module")
@@ -435,7 +511,7 @@ def emulated_library(tmp_path_factory) -> ctypes.CDLL:
         pytest.skip("no host C++ compiler to build the emulated kernels")
     folder = tmp_path_factory.mktemp("emulated_kernels")
     source_path = folder / K.SOURCE_NAME
-    source_path.write_text(K.source(), encoding="utf-8")
+    source_path.write_text(emulated_source(K.source()), encoding="utf-8")
     wrapper = folder / "emulated.cpp"
     wrapper.write_text(_wrapper_source(str(source_path)), encoding="utf-8")
     library = folder / "libemulated.so"
@@ -557,41 +633,137 @@ def test_emulated_pauli_expectation_chunks_many_terms(emulated):
 # run_small_circuits: whole circuits per block, many per launch
 
 
+@pytest.mark.parametrize("k, controls", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_controlled_unitary_is_qiskits(k, controls):
+    """The oracle's controlled gates (one unitary on targets then controls) are Qiskit's UnitaryGate.control."""
+    from qiskit.circuit.library import UnitaryGate
+    from qiskit.quantum_info import Operator
+
+    matrix = gpu_checks.random_unitary(np.random.default_rng(k + 3 * controls), 1 << k)
+    for ctrl_state in range(1 << controls):
+        qiskit = Operator(UnitaryGate(matrix).control(controls, ctrl_state=ctrl_state)).data  # controls first, then targets
+        order = list(range(controls, controls + k)) + list(range(controls))  # ours: targets first, then controls
+        ours = Operator(gpu_checks.controlled_unitary(matrix, controls, ctrl_state)).data
+        perm = [sum(((i >> j) & 1) << order[j] for j in range(k + controls)) for i in range(1 << (k + controls))]
+        np.testing.assert_allclose(ours, qiskit[np.ix_(perm, perm)], atol=1e-12)
+
+
 def test_small_circuit_constants_match_the_source():
     source = K.source()
     assert re.search(rf"constexpr int SMALL_HEADER_WORDS = {K.SMALL_HEADER_WORDS};", source)
     assert re.search(rf"constexpr int SMALL_OP_WORDS = {K.SMALL_OP_WORDS};", source)
     for name in ("SMALL_MATRIX", "SMALL_DIAGONAL", "SMALL_PHASE"):
         assert re.search(rf"constexpr int {name} = {getattr(K, name)};", source)
-    # The shared-memory state is 32 KiB in both precisions.
-    assert (1 << K.SMALL_MAX_QUBITS["float"]) * 8 == (1 << K.SMALL_MAX_QUBITS["double"]) * 16 == 32 << 10
-    assert K.small_circuits_block(1) == K.SMALL_BLOCK_MIN and K.small_circuits_block(12) == K.SMALL_BLOCK_MAX
-    assert K.small_circuits_block(7) == 64
+    # The shared state is dynamic; its __launch_bounds__ allow the widest block the host picks.
+    assert re.search(rf"__launch_bounds__\({K.SMALL_BLOCK_WIDE}, 1\) run_small_circuits\(", source)
+    assert re.search(r"extern __shared__ __align__\(16\) unsigned char small_shared\[\];", source)
+    for real in ("float", "double"):
+        # The defaults fit CUDA's 48 KiB without an opt-in, one qubit more does not; the most is 128 KiB.
+        default, most = K.SMALL_DEFAULT_QUBITS[real], K.SMALL_MAX_QUBITS[real]
+        assert K.small_shared_bytes(real, default) <= K.DEFAULT_SHARED_BYTES < K.small_shared_bytes(real, default + 1)
+        assert K.small_shared_bytes(real, most) == 128 << 10
+        assert K.small_circuits_name(real) == f"run_small_circuits<{real}, {most}>"
+        for n in range(1, most + 1):
+            block = K.small_circuits_block(real, n)
+            assert K.SMALL_BLOCK_MIN <= block <= K.SMALL_BLOCK_WIDE and block % 32 == 0
+            assert block <= max(K.SMALL_BLOCK_MIN, 1 << (n - 1))  # no thread without a pair of amplitudes
+    assert K.small_circuits_block("float", 1) == K.SMALL_BLOCK_MIN and K.small_circuits_block("float", 7) == 64
+    # 256 threads up to 64 KiB states (two blocks a multiprocessor by registers); 512 for 128 KiB (one fits by shared memory).
+    assert K.small_circuits_block("float", 12) == K.small_circuits_block("float", 13) == K.SMALL_BLOCK_MAX
+    assert K.small_circuits_block("double", 12) == K.SMALL_BLOCK_MAX
+    assert K.small_circuits_block("float", 14) == K.small_circuits_block("double", 13) == K.SMALL_BLOCK_WIDE
+
+
+@pytest.mark.parametrize(
+    "optin, widths",
+    [
+        (48 << 10, (12, 11)),  # the default only (e.g. sm_60)
+        (96 << 10, (13, 12)),  # sm_70
+        (163 << 10, (14, 13)),  # sm_80
+        (227 << 10, (14, 13)),  # sm_90
+        (1 << 30, (14, 13)),  # never above the engine's most
+        (0, (12, 11)),  # never below the default
+    ],
+)
+def test_small_widest_follows_the_device_limit(optin, widths):
+    assert (K.small_widest("float", optin), K.small_widest("double", optin)) == widths
+
+
+def test_small_circuits_name_every_instance():
+    assert {K.small_circuits_name(real) for real in ("float", "double")} <= set(K.instances())
 
 
 @pytest.mark.parametrize("widths", [range(1, 7), range(7, 10), range(10, 13)], ids=["n1-6", "n7-9", "n10-12"])
 def test_emulated_small_circuits(emulated, widths):
-    """Random circuits of every width the kernel takes (12 in single, 11 in double), mixed in one launch
-    (two resident blocks: grid-stride over circuits), against qiskit.quantum_info.Statevector."""
+    """Random circuits of every width that fits the default 48 KiB (12 in single, 11 in double), mixed in
+    one launch (two resident blocks: grid-stride over circuits), against qiskit.quantum_info.Statevector."""
     precision, kernels = emulated
-    limit = K.SMALL_MAX_QUBITS[kernels.real]
+    limit = K.SMALL_DEFAULT_QUBITS[kernels.real]
     widths = [n for n in widths if n <= limit]
-    if not widths:
-        pytest.skip(f"{precision} runs at most {limit} qubits in bulk")
     kernels.launched.clear()
+    kernels.occupancy_queries.clear()
     gpu_checks.check_small_circuits(np, kernels, precision, widths * 2, seed=widths[0], ops=14)
-    assert kernels.launched == [f"run_small_circuits<{kernels.real}, {limit}>"]
+    name = K.small_circuits_name(kernels.real)
+    assert kernels.launched == [name]
+    # Shared memory for the launch's widest circuit, within the default: the function's limit stays as it is.
+    widest = max(widths)
+    assert kernels.occupancy_queries[-1] == (name, K.small_circuits_block(kernels.real, widest), K.small_shared_bytes(kernels.real, widest))
+    assert kernels._function(name).attribute_sets == []
+
+
+def _wide_widths(real: str) -> list[int]:
+    """The widths past the default, up to the engine's most: 12 and 13 in double, 13 and 14 in single."""
+    return list(range(K.SMALL_DEFAULT_QUBITS[real] + 1, K.SMALL_MAX_QUBITS[real] + 1))
+
+
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_emulated_wide_small_circuits(emulated_library, position):
+    """12- and 13-qubit complex128, 13- and 14-qubit complex64 circuits in dynamic shared memory over 48 KiB
+    (an sm_90's opt-in), each with a plain and a controlled dense matrix on k = 1..5 targets, random
+    diagonals and phases, alone and among narrow circuits in one launch, against Qiskit's Statevector."""
+    for precision, real in (("double", "double"), ("single", "float")):
+        kernels = EmulatedKernels(gpu_checks.DTYPES[precision], emulated_library, resident_blocks=2)
+        name = K.small_circuits_name(real)
+        assert kernels.small_max_qubits(0) == K.SMALL_MAX_QUBITS[real]
+        wide = _wide_widths(real)
+        widths = wide + [3] if position == "first" else [2, 9] + wide[::-1]
+        gpu_checks.check_small_circuits(np, kernels, precision, widths, seed=len(widths) + 7 * len(real), ops=14, matrix_widths=range(1, 6))
+        widest = max(widths)
+        shared = K.small_shared_bytes(real, widest)
+        assert shared > K.DEFAULT_SHARED_BYTES
+        assert kernels.launched == [name]
+        assert kernels.occupancy_queries == [(name, K.small_circuits_block(real, widest), shared)]
+        # The function's limit was raised once, to what this device's widest circuit takes.
+        assert kernels._function(name).attribute_sets == [K.small_shared_bytes(real, K.SMALL_MAX_QUBITS[real])]
+        gpu_checks.check_small_circuits(np, kernels, precision, [wide[0]], seed=5, ops=4)
+        assert kernels._function(name).attribute_sets == [K.small_shared_bytes(real, K.SMALL_MAX_QUBITS[real])]
+
+
+def test_emulated_small_circuits_on_a_device_with_the_default_shared_memory(emulated_library):
+    """A device that allows only 48 KiB per block keeps 12 qubits in single and 11 in double, never raising the limit."""
+    for precision, real in (("double", "double"), ("single", "float")):
+        kernels = EmulatedKernels(gpu_checks.DTYPES[precision], emulated_library, resident_blocks=2, shared_optin=48 << 10)
+        default = K.SMALL_DEFAULT_QUBITS[real]
+        assert kernels.small_max_qubits(0) == default
+        gpu_checks.check_small_circuits(np, kernels, precision, [default, 4], seed=3, ops=8)
+        assert kernels._function(K.small_circuits_name(real)).attribute_sets == []
+        dtype = gpu_checks.DTYPES[precision]
+        out = np.zeros(1 << (default + 1), dtype=dtype)
+        with pytest.raises(ValueError, match=f"at most {default} qubits"):
+            kernels.run_small_circuits(out, np.zeros(K.SMALL_HEADER_WORDS, dtype=np.uint64), np.zeros(0, dtype=np.uint64), out, default + 1)
 
 
 def test_emulated_small_circuit_wider_than_the_shared_state_is_skipped(emulated):
-    """A header naming more qubits than the kernel's shared state holds (the packing never writes one) leaves its output alone."""
+    """A header naming more qubits than the launch's shared state holds (the packing never writes one)
+    leaves its output alone and writes nothing past the dynamic shared memory (the emulation's guard)."""
     precision, kernels = emulated
     dtype = gpu_checks.DTYPES[precision]
     limit = K.SMALL_MAX_QUBITS[kernels.real]
-    headers = np.array([0, 0, limit + 1, 0, 0, 0, 1, 4], dtype=np.uint64)  # a bad circuit, then a one-qubit one with no ops
-    out = np.full(6, 7 + 7j, dtype=dtype)
-    kernels.run_small_circuits(out, headers, np.zeros(0, dtype=np.uint64), np.zeros(1, dtype=dtype), limit)
-    np.testing.assert_array_equal(out, np.array([7 + 7j] * 4 + [1, 0], dtype=dtype))
+    # Two bad circuits (3 qubits in a launch sized for 2, and more than the kernel's N), then a one-qubit one with no ops.
+    headers = np.array([0, 0, 3, 0, 0, 0, limit + 1, 0, 0, 0, 1, 8], dtype=np.uint64)
+    out = np.full(10, 7 + 7j, dtype=dtype)
+    kernels.run_small_circuits(out, headers, np.zeros(0, dtype=np.uint64), np.zeros(1, dtype=dtype), 2)
+    np.testing.assert_array_equal(out, np.array([7 + 7j] * 8 + [1, 0], dtype=dtype))
 
 
 def test_emulated_small_circuits_refuse_bad_input(emulated):
@@ -599,8 +771,9 @@ def test_emulated_small_circuits_refuse_bad_input(emulated):
     dtype = gpu_checks.DTYPES[precision]
     words = np.zeros(K.SMALL_HEADER_WORDS, dtype=np.uint64)
     out = np.zeros(8, dtype=dtype)
-    with pytest.raises(ValueError, match="at most"):
-        kernels.run_small_circuits(out, words, np.zeros(0, dtype=np.uint64), out, 13)
+    limit = kernels.small_max_qubits(0)
+    with pytest.raises(ValueError, match=f"at most {limit}"):
+        kernels.run_small_circuits(out, words, np.zeros(0, dtype=np.uint64), out, limit + 1)
     with pytest.raises(ValueError, match="flat"):
         kernels.run_small_circuits(out.astype(np.complex256), words, np.zeros(0, dtype=np.uint64), out, 3)
     with pytest.raises(ValueError, match="words"):

@@ -17,7 +17,7 @@ import pytest
 from gpu_provider.engine.kernels import (
     MAX_DIAGONAL_QUBITS,
     MAX_MATRIX_QUBITS,
-    SMALL_MAX_QUBITS,
+    SMALL_DEFAULT_QUBITS,
     kernels_for,
 )
 from gpu_provider.engine.statevector import StateVector
@@ -240,11 +240,22 @@ def check_pauli_expectation(xp: Any, kernels: Any, precision: str, n: int, seed:
     assert abs(direct - single) <= 10 * TOLERANCE[precision] * scale
 
 
-def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str = "small"):
+def controlled_unitary(matrix: np.ndarray, controls: int, ctrl_state: int) -> np.ndarray:
+    """``matrix`` (on the low index bits) applied where the ``controls`` high bits equal ``ctrl_state``, identity elsewhere."""
+    size = matrix.shape[0]
+    full = np.eye(size << controls, dtype=np.complex128)
+    start = ctrl_state * size
+    full[start : start + size, start : start + size] = matrix
+    return full
+
+
+def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str = "small", matrix_widths: Sequence[int] = ()):
     """A random gate-only Program on n qubits for the bulk kernel, and its Qiskit circuit (the oracle).
 
-    Dense matrices on 1..5 targets (some with controls), diagonals on 1..min(n, 10)
-    targets, global phases, a width-0 gate; then measurements of every qubit.
+    First, for each k in ``matrix_widths`` (those that fit n), a dense matrix on k
+    random targets and one with a control; then ``ops`` random ones: dense
+    matrices on 1..5 targets (some with controls), diagonals on 1..min(n, 10)
+    targets, global phases; a width-0 gate; then measurements of every qubit.
     """
     from qiskit import QuantumCircuit
     from qiskit.circuit.library import DiagonalGate, UnitaryGate
@@ -260,8 +271,14 @@ def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str =
     circuit = QuantumCircuit(n, n)
     program_ops = []
     kinds = ["matrix", "matrix", "controlled", "diagonal", "phase"]
-    for index in range(ops):
-        kind = kinds[index % len(kinds)] if index < len(kinds) else str(rng.choice(kinds))
+    planned = [(kind, k) for k in matrix_widths if k <= n for kind in ("matrix", "controlled") if kind == "matrix" or k < n]
+    for index in range(len(planned) + ops):
+        if index < len(planned):
+            kind, width = planned[index]
+        else:
+            random_index = index - len(planned)
+            kind = kinds[random_index % len(kinds)] if random_index < len(kinds) else str(rng.choice(kinds))
+            width = None
         if kind == "phase":
             angle = float(rng.uniform(-np.pi, np.pi))
             program_ops.append(GlobalPhase(angle))
@@ -274,17 +291,20 @@ def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str =
             circuit.append(DiagonalGate(list(diagonal)), list(qubits))
         else:
             controls_wanted = min(int(rng.integers(1, 3)), n - 1) if kind == "controlled" else 0
-            k = int(rng.integers(1, min(n - controls_wanted, MAX_MATRIX_QUBITS) + 1))
+            if width is not None:
+                controls_wanted = min(controls_wanted, n - width)
+            k = width if width is not None else int(rng.integers(1, min(n - controls_wanted, MAX_MATRIX_QUBITS) + 1))
             chosen = [int(q) for q in rng.choice(n, size=k + controls_wanted, replace=False)]
             qubits, controls = tuple(chosen[:k]), tuple(chosen[k:])
             matrix = random_unitary(rng, 1 << k)
             ctrl_state = int(rng.integers(0, 1 << len(controls))) if controls else 0
             program_ops.append(Unitary(qubits, matrix, controls, ctrl_state))
-            gate = UnitaryGate(matrix)
             if controls:
-                circuit.append(gate.control(len(controls), ctrl_state=ctrl_state), list(controls) + list(qubits))
+                # The controlled gate as one unitary (Qiskit's synthesis of UnitaryGate.control takes
+                # seconds a gate; test_controlled_unitary_is_qiskits checks this equals it).
+                circuit.append(UnitaryGate(controlled_unitary(matrix, len(controls), ctrl_state)), list(qubits) + list(controls))
             else:
-                circuit.append(gate, list(qubits))
+                circuit.append(UnitaryGate(matrix), list(qubits))
     width_zero = np.array([[np.exp(0.3j)]])
     program_ops.append(Unitary((), width_zero))
     circuit.global_phase += 0.3
@@ -292,15 +312,18 @@ def random_small_program(rng: np.random.Generator, n: int, ops: int, name: str =
     return Program(n, n, tuple(program_ops), name=name), circuit
 
 
-def check_small_circuits(xp: Any, kernels: Any, precision: str, widths: Sequence[int], seed: int, ops: int = 12) -> None:
-    """Random circuits of the given widths in one bulk launch, amplitudes and probabilities against Qiskit's Statevector."""
+def check_small_circuits(
+    xp: Any, kernels: Any, precision: str, widths: Sequence[int], seed: int, ops: int = 12, matrix_widths: Sequence[int] = ()
+) -> None:
+    """Random circuits of the given widths in one bulk launch, amplitudes and probabilities against Qiskit's Statevector
+    (each circuit with a plain and a controlled dense matrix of every width in ``matrix_widths`` first)."""
     from qiskit.quantum_info import Statevector
 
     from gpu_provider.engine import small_batch
 
     rng = np.random.default_rng(seed)
     dtype = DTYPES[precision]
-    pairs = [random_small_program(rng, n, ops, name=f"c{i}") for i, n in enumerate(widths)]
+    pairs = [random_small_program(rng, n, ops, name=f"c{i}", matrix_widths=matrix_widths) for i, n in enumerate(widths)]
     packed = small_batch.pack([program for program, _ in pairs], dtype)
     out = xp.zeros(packed.amplitudes, dtype=dtype)
     kernels.run_small_circuits(out, xp.asarray(packed.headers), xp.asarray(packed.ops), xp.asarray(packed.pool), packed.num_qubits)
@@ -427,10 +450,26 @@ def test_pauli_expectation_kernel_with_more_terms_than_one_launch(cp):
 
 @pytest.mark.parametrize("precision", list(DTYPES))
 def test_small_circuits_in_bulk(cp, precision):
-    """run_small_circuits on every width it takes, many circuits per launch (grid-stride over circuits)."""
-    widest = SMALL_MAX_QUBITS["float" if precision == "single" else "double"]
+    """run_small_circuits on every width up to what the default 48 KiB of shared memory holds,
+    many circuits per launch (grid-stride over circuits)."""
+    widest = SMALL_DEFAULT_QUBITS["float" if precision == "single" else "double"]
     widths = [n for n in range(1, widest + 1) for _ in range(3)]
     check_small_circuits(cp, kernels_for(DTYPES[precision]), precision, widths, seed=11, ops=40)
+
+
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_wide_small_circuits_in_bulk(cp, precision):
+    """The widths past the default 48 KiB (dynamic shared memory opt-in): up to what this device
+    allows (14 in single and 13 in double on sm_80 and sm_90), alone and mixed with narrow ones."""
+    kernels = kernels_for(DTYPES[precision])
+    real = "float" if precision == "single" else "double"
+    widest = kernels.small_max_qubits(cp.cuda.Device().id)
+    if widest <= SMALL_DEFAULT_QUBITS[real]:
+        pytest.skip(f"this device's shared memory per block holds {widest} qubits in {precision}, the default")
+    wide = list(range(SMALL_DEFAULT_QUBITS[real] + 1, widest + 1))
+    matrix_widths = range(1, MAX_MATRIX_QUBITS + 1)
+    check_small_circuits(cp, kernels, precision, wide * 3, seed=12, ops=30, matrix_widths=matrix_widths)
+    check_small_circuits(cp, kernels, precision, [2, widest, 5, widest - 1, 9], seed=13, ops=30, matrix_widths=matrix_widths)
 
 
 @pytest.mark.parametrize("precision", list(DTYPES))
@@ -443,5 +482,26 @@ def test_small_circuits_through_the_backend_match_one_at_a_time(precision):
     backend = GPUSimulator(device="GPU", precision=precision, seed_simulator=5)
     bulk = backend.run(circuits, shots=256).result()
     single = backend.run(circuits, shots=256, batch_small_circuits=False).result()
+    same = sum(bulk.get_counts(i) == single.get_counts(i) for i in range(len(circuits)))
+    assert same >= len(circuits) - 3  # rounding of the probabilities may move a draw across a boundary
+
+
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_wide_small_circuits_through_the_backend_match_one_at_a_time(precision):
+    """Circuits past the default 48 KiB (13-14 qubits in single, 12-13 in double where the device
+    allows), mixed with narrow ones, give the one-at-a-time counts through the bulk path, in order."""
+    import cupy
+
+    from gpu_provider import GPUSimulator
+    from tests.engine.test_small_batch import random_u_cx
+
+    real = "float" if precision == "single" else "double"
+    widest = kernels_for(DTYPES[precision]).small_max_qubits(cupy.cuda.Device().id)
+    widths = [4, widest, 10, SMALL_DEFAULT_QUBITS[real] + 1, widest, 2] * 10
+    circuits = [random_u_cx(n, 10, seed) for seed, n in enumerate(widths)]
+    backend = GPUSimulator(device="GPU", precision=precision, seed_simulator=9)
+    bulk = backend.run(circuits, shots=256).result()
+    single = backend.run(circuits, shots=256, batch_small_circuits=False).result()
+    assert [r.header["name"] for r in bulk.results] == [c.name for c in circuits]
     same = sum(bulk.get_counts(i) == single.get_counts(i) for i in range(len(circuits)))
     assert same >= len(circuits) - 3  # rounding of the probabilities may move a draw across a boundary

@@ -6,7 +6,11 @@ test_kernels_compile.py), so ``run_small_circuits`` really runs: the counts
 of the bulk path are checked against the one-circuit-at-a-time path (on the
 CPU, and on the same emulated GPU), launches are counted, cancel and
 admission are exercised, and circuits the kernel does not take keep their
-place in the job.
+place in the job. The stand-in reports an H200's opt-in shared memory per
+block (227 KiB) unless a test says otherwise, through the kernels' real probe.
+
+The emulated kernels' barriers are process-global: everything here runs them
+from one thread at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -34,10 +39,11 @@ from gpu_provider.engine.program import (
 )
 from gpu_provider.errors import InvalidInputError, InvalidOptionError, JobCancelledError
 from tests.engine import test_kernels_gpu as gpu_checks
-from tests.engine.test_gpu_plumbing import make_fake_cupy
+from tests.engine.test_gpu_plumbing import SHARED_OPTIN_ATTRIBUTE, make_fake_cupy
 from tests.engine.test_kernels_compile import EmulatedKernels, emulated_library  # noqa: F401  (a fixture)
 
-SMALL_NAME = {"double": "run_small_circuits<double, 11>", "single": "run_small_circuits<float, 12>"}
+SMALL_NAME = {"double": "run_small_circuits<double, 13>", "single": "run_small_circuits<float, 14>"}
+REAL = {"double": "double", "single": "float"}
 
 
 def random_u_cx(n: int, layers: int, seed: int) -> QuantumCircuit:
@@ -47,17 +53,29 @@ def random_u_cx(n: int, layers: int, seed: int) -> QuantumCircuit:
     return qc
 
 
-@pytest.fixture
-def emulated_gpu(monkeypatch, emulated_library):  # noqa: F811
-    """A fake GPU whose kernels are the host-compiled .cu file; yields {precision: EmulatedKernels}."""
-    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
+def _install_emulated_gpu(monkeypatch, library, **fake_options) -> dict:
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy(**fake_options))
+    # shared_optin=None: the kernels ask the real probe, which asks the stand-in.
     built = {
-        np.dtype(np.complex128): EmulatedKernels(np.complex128, emulated_library, resident_blocks=4),
-        np.dtype(np.complex64): EmulatedKernels(np.complex64, emulated_library, resident_blocks=4),
+        np.dtype(np.complex128): EmulatedKernels(np.complex128, library, resident_blocks=4, shared_optin=None),
+        np.dtype(np.complex64): EmulatedKernels(np.complex64, library, resident_blocks=4, shared_optin=None),
     }
     monkeypatch.setattr(kernels, "kernels_for", lambda dtype: built[np.dtype(dtype)])
     devices.reset_probe()
-    yield {"double": built[np.dtype(np.complex128)], "single": built[np.dtype(np.complex64)]}
+    return {"double": built[np.dtype(np.complex128)], "single": built[np.dtype(np.complex64)]}
+
+
+@pytest.fixture
+def emulated_gpu(monkeypatch, emulated_library):  # noqa: F811
+    """A fake GPU (an H200's shared memory) whose kernels are the host-compiled .cu file; yields {precision: EmulatedKernels}."""
+    yield _install_emulated_gpu(monkeypatch, emulated_library)
+    devices.reset_probe()
+
+
+@pytest.fixture
+def default_shared_gpu(monkeypatch, emulated_library):  # noqa: F811
+    """The same, on a device that gives a block only the default 48 KiB of shared memory."""
+    yield _install_emulated_gpu(monkeypatch, emulated_library, shared_optin=48 << 10)
     devices.reset_probe()
 
 
@@ -99,10 +117,12 @@ def test_eligibility(emulated_gpu):
     wide_gate = _program([Unitary(tuple(range(6)), np.eye(64))], n=6)
     for program in (mid_measure, with_reset, initialize, wide_gate):
         assert not small_batch.eligible(program, double, gpu), program.ops
-    # Width: 12 qubits in single, 11 in double.
-    twelve = _program([Unitary((11,), H)], n=12)
-    assert small_batch.eligible(twelve, single, gpu) and not small_batch.eligible(twelve, double, gpu)
-    assert not small_batch.eligible(_program([Unitary((12,), H)], n=13), single, gpu)
+    # Width, on an H200's 227 KiB of shared memory per block: 14 qubits in single, 13 in double.
+    thirteen = _program([Unitary((12,), H)], n=13)
+    fourteen = _program([Unitary((13,), H)], n=14)
+    assert small_batch.eligible(fourteen, single, gpu) and not small_batch.eligible(fourteen, double, gpu)
+    assert small_batch.eligible(thirteen, double, gpu)
+    assert not small_batch.eligible(_program([Unitary((14,), H)], n=15), single, gpu)
 
 
 def test_plan_keeps_order_and_splits_at_ineligible_and_precision(emulated_gpu):
@@ -114,7 +134,7 @@ def test_plan_keeps_order_and_splits_at_ineligible_and_precision(emulated_gpu):
     runs = small_batch.plan(gpu, items)
     assert [(r.start, r.stop, r.batched) for r in runs] == [(0, 2, True), (2, 3, False), (3, 4, True), (4, 5, True), (5, 7, False)]
     size = small_batch.estimated_bytes(ok, 16)
-    assert runs[0].chunks == ((0, 2, 2 * size),) and runs[1].chunks == ()
+    assert runs[0].chunks == (small_batch.Chunk((0, 1), 2 * size),) and runs[1].chunks == ()
     assert small_batch.reserve_bytes(runs) == 2 * size + executor.WORKSPACE_BYTES
     assert small_batch.reserve_bytes(small_batch.plan(gpu, [(bad, double)])) == 0
 
@@ -141,8 +161,10 @@ def test_pack_layout_and_shared_matrices():
 def test_pack_refuses_what_the_kernel_cannot_run():
     with pytest.raises(InvalidInputError, match="cannot run"):
         small_batch.pack([_program([Unitary(tuple(range(6)), np.eye(64))], n=6)], np.complex128)
-    with pytest.raises(InvalidInputError, match="1 to 11 qubits"):
-        small_batch.pack([_program([Unitary((0,), H)], n=12)], np.complex128)
+    with pytest.raises(InvalidInputError, match="1 to 13 qubits"):
+        small_batch.pack([_program([Unitary((0,), H)], n=14)], np.complex128)
+    with pytest.raises(InvalidInputError, match="1 to 14 qubits"):
+        small_batch.pack([_program([Unitary((0,), H)], n=15)], np.complex64)
     with pytest.raises(InvalidInputError, match="shape"):
         small_batch.pack([_program([Unitary((0, 1), H)])], np.complex128)
     with pytest.raises(InvalidInputError, match="cannot run"):
@@ -156,9 +178,10 @@ def test_chunks_stay_within_their_bytes(emulated_gpu):
     each = small_batch.estimated_bytes(program, 16)
     assert each == (4 + 3 * 6) * 8 + (1024 + 3 * 4) * 16
     chunks = small_batch.plan(gpu, items, limit=3 * each)[0].chunks
-    assert chunks == ((0, 3, 3 * each), (3, 6, 3 * each), (6, 9, 3 * each), (9, 10, each))
-    assert [c[:2] for c in small_batch.plan(gpu, items, limit=1)[0].chunks] == [(i, i + 1) for i in range(10)]  # one at least
-    assert small_batch.plan(gpu, items)[0].chunks == ((0, 10, 10 * each),)
+    Chunk = small_batch.Chunk
+    assert chunks == (Chunk((0, 1, 2), 3 * each), Chunk((3, 4, 5), 3 * each), Chunk((6, 7, 8), 3 * each), Chunk((9,), each))
+    assert [c.indices for c in small_batch.plan(gpu, items, limit=1)[0].chunks] == [(i,) for i in range(10)]  # one at least
+    assert small_batch.plan(gpu, items)[0].chunks == (Chunk(tuple(range(10)), 10 * each),)
     with pytest.raises(InvalidInputError, match="cannot run"):
         small_batch.estimated_bytes(_program([Reset(0)]), 16)
 
@@ -371,3 +394,183 @@ def test_the_option_is_validated_and_turns_the_path_off(emulated_gpu):
     _clear(emulated_gpu)
     GPUSimulator(device="GPU").run(random_u_cx(2, 1, 0), batch_small_circuits=False, shots=8).result()
     assert _small_launches(emulated_gpu) == 0
+
+
+# ---------------------------------------------------------------------------
+# Wider circuits: dynamic shared memory past 48 KiB, width classes, the device's limit
+
+
+def test_plan_groups_each_run_by_width_class(emulated_gpu):
+    """Widths that fit the default 48 KiB share chunks; each wider one gets its own, so a 14-qubit
+    circuit never sets the shared memory of a launch of narrow ones. Chunks go by first circuit."""
+    gpu = _gpu()
+    single, double = RunConfig(precision="single"), RunConfig(precision="double")
+    widths = [3, 13, 5, 14, 12, 2, 13, 14]
+    items = [(_program([Unitary((n - 1,), H)], n=n, name=f"w{n}"), single) for n in widths]
+    assert [small_batch.width_class(p, c) for p, c in items] == [12, 13, 12, 14, 12, 12, 13, 14]
+    (run,) = small_batch.plan(gpu, items)
+    assert run.batched and [chunk.indices for chunk in run.chunks] == [(0, 2, 4, 5), (1, 6), (3, 7)]
+    sizes = [small_batch.estimated_bytes(p, 8) for p, _ in items]
+    assert [chunk.bytes for chunk in run.chunks] == [sum(sizes[i] for i in chunk.indices) for chunk in run.chunks]
+    # A byte limit cuts within a class, in order.
+    (run,) = small_batch.plan(gpu, items, limit=max(sizes))
+    assert [chunk.indices for chunk in run.chunks] == [(0, 2, 4, 5), (1,), (3,), (6,), (7,)]
+    assert small_batch.reserve_bytes([run]) == max(chunk.bytes for chunk in run.chunks) + executor.WORKSPACE_BYTES
+    doubles = [(_program([Unitary((0,), H)], n=n), double) for n in (11, 12, 4, 13)]
+    (run,) = small_batch.plan(gpu, doubles)
+    assert [chunk.indices for chunk in run.chunks] == [(0, 2), (1,), (3,)]
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_wide_circuits_run_in_bulk_with_the_one_at_a_time_counts(emulated_gpu, precision):
+    """12- and 13-qubit complex128, 13- and 14-qubit complex64 circuits: one bulk launch per width
+    class, no per-gate kernel, and for a seed the counts and memory of batch_small_circuits=False."""
+    real = REAL[precision]
+    wide = list(range(kernels.SMALL_DEFAULT_QUBITS[real] + 1, kernels.SMALL_MAX_QUBITS[real] + 1))
+    circuits = [random_u_cx(n, 2, seed) for seed, n in enumerate(wide + wide[:1])]
+    options = {"shots": 256, "seed_simulator": 17, "precision": precision, "memory": True}
+    _clear(emulated_gpu)
+    bulk = GPUSimulator(device="GPU").run(circuits, **options).result()
+    assert emulated_gpu[precision].launched == [SMALL_NAME[precision]] * len(wide)
+    function = emulated_gpu[precision]._functions[SMALL_NAME[precision]]
+    assert function.attribute_sets == [kernels.small_shared_bytes(real, kernels.SMALL_MAX_QUBITS[real])]  # raised once
+    one_at_a_time = GPUSimulator(device="GPU").run(circuits, batch_small_circuits=False, **options).result()
+    assert SMALL_NAME[precision] not in emulated_gpu[precision].launched[len(wide) :]
+    for i in range(len(circuits)):
+        assert bulk.get_counts(i) == one_at_a_time.get_counts(i), i
+        assert bulk.get_memory(i) == one_at_a_time.get_memory(i), i
+        assert bulk.results[i].header["name"] == circuits[i].name
+
+
+def test_mixed_widths_keep_the_jobs_order(emulated_gpu):
+    """Narrow and wide circuits interleaved, with one that runs one at a time in the middle: three
+    launches (one per width class on each side of it... here classes 12 and 13, then 12 and 14), and
+    every result in the job's order with the counts batch_small_circuits=False gives."""
+    mid = QuantumCircuit(2, 2, name="mid_measure")
+    mid.h(0)
+    mid.measure(0, 0)
+    mid.cx(0, 1)
+    mid.measure(1, 1)
+    circuits = [random_u_cx(n, 1, seed) for seed, n in enumerate([3, 13, 5, 12])] + [mid]
+    circuits += [random_u_cx(n, 1, 10 + seed) for seed, n in enumerate([14, 2, 4])]
+    options = {"shots": 128, "seed_simulator": 23, "precision": "single"}
+    gpu = _gpu()
+    backend = GPUSimulator(device="GPU")
+    items = [(program, config) for _, program, config, _ in backend._prepare(circuits, dict(backend.options.__dict__, **options)).experiments]
+    runs = small_batch.plan(gpu, items)
+    assert [(r.start, r.stop, r.batched) for r in runs] == [(0, 4, True), (4, 5, False), (5, 8, True)]
+    assert [c.indices for c in runs[0].chunks] == [(0, 2, 3), (1,)] and [c.indices for c in runs[2].chunks] == [(0,), (1, 2)]
+    _clear(emulated_gpu)
+    bulk = backend.run(circuits, **options).result()
+    assert emulated_gpu["single"].launched.count(SMALL_NAME["single"]) == 4
+    one_at_a_time = backend.run(circuits, batch_small_circuits=False, **options).result()
+    assert [r.header["name"] for r in bulk.results] == [c.name for c in circuits]
+    for i, circuit in enumerate(circuits):
+        assert bulk.get_counts(i) == one_at_a_time.get_counts(i), i
+        assert sum(bulk.get_counts(i).values()) == 128 and len(next(iter(bulk.get_counts(i)))) == circuit.num_clbits
+
+
+def test_the_device_limit_is_probed_lazily_once_per_device(emulated_gpu):
+    queries = sys.modules["cupy"].cuda.runtime.attribute_queries
+    assert queries == []  # nothing asks before a job plans
+    gpu = _gpu()
+    assert queries == []
+    for precision in ("single", "double"):
+        GPUSimulator(device="GPU", precision=precision).run([random_u_cx(12, 1, 0), random_u_cx(4, 1, 1)], shots=8).result()
+    assert emulated_gpu["double"].small_max_qubits(0) == 13 and emulated_gpu["single"].small_max_qubits(0) == 14
+    assert small_batch.eligible(_program([Unitary((0,), H)], n=13), RunConfig(precision="double"), gpu)
+    assert queries == [(SHARED_OPTIN_ATTRIBUTE, 0)]  # one question for the device, both precisions, every job
+    devices.reset_probe()  # forgets it with the rest of the probe
+    assert emulated_gpu["single"].small_max_qubits(0) == 14
+    assert queries == [(SHARED_OPTIN_ATTRIBUTE, 0)] * 2
+
+
+def test_a_device_with_only_the_default_shared_memory_keeps_12_and_11(default_shared_gpu):
+    """48 KiB per block: 12 qubits in complex64 and 11 in complex128 stay in bulk, one qubit more runs
+    one at a time, and the kernel's shared-memory limit is never raised."""
+    gpu = _gpu()
+    for precision, default in (("single", 12), ("double", 11)):
+        config = RunConfig(precision=precision)
+        assert default_shared_gpu[precision].small_max_qubits(0) == default
+        assert small_batch.eligible(_program([Unitary((0,), H)], n=default), config, gpu)
+        assert not small_batch.eligible(_program([Unitary((0,), H)], n=default + 1), config, gpu)
+        circuits = [random_u_cx(default, 1, 3), random_u_cx(default + 1, 1, 4)]
+        _clear(default_shared_gpu)
+        bulk = GPUSimulator(device="GPU", precision=precision).run(circuits, shots=64, seed_simulator=2).result()
+        launched = default_shared_gpu[precision].launched
+        assert launched.count(SMALL_NAME[precision]) == 1 and len(launched) > 1  # the wider one took the per-gate kernels
+        assert default_shared_gpu[precision]._functions[SMALL_NAME[precision]].attribute_sets == []
+        cpu = GPUSimulator(device="CPU", precision="double").run(circuits, shots=64, seed_simulator=2).result()
+        assert sum(bulk.get_counts(i) == cpu.get_counts(i) for i in range(2)) >= (2 if precision == "double" else 1)
+    with pytest.raises(InvalidInputError, match="at most 12 qubits"):
+        small_batch.final_amplitudes([_program([Unitary((0,), H)], n=13)], gpu, np.complex64)
+
+
+class _RecordedRawKernel:
+    """What Kernels uses of a cupy.RawKernel: launches, ``max_dynamic_shared_size_bytes`` and ``kernel.ptr``."""
+
+    def __init__(self) -> None:
+        self.kernel = types.SimpleNamespace(ptr=42)
+        self.limits: list[int] = []
+        self.launches: list[tuple] = []
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        return self.limits[-1] if self.limits else 48 << 10
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int) -> None:
+        self.limits.append(value)
+
+    def __call__(self, grid, block, args, shared_mem=0) -> None:
+        self.launches.append((grid, block, args, shared_mem))
+
+
+@pytest.mark.parametrize("optin, widest", [(227 << 10, 14), (96 << 10, 13)])
+def test_the_launch_raises_the_limit_once_and_sizes_the_grid_for_its_shared_memory(monkeypatch, optin, widest):
+    """The real Kernels plumbing against the CuPy stand-in: the attribute is set once per device to what
+    its widest circuit takes, before the occupancy query, which gets each launch's dynamic shared memory."""
+    fake = make_fake_cupy(shared_optin=optin)
+    occupancy: list[tuple] = []
+
+    def blocks_per_sm(ptr, block, shared):
+        occupancy.append((ptr, block, shared))
+        return 1 if shared > 64 << 10 else 3
+
+    fake.cuda.driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=blocks_per_sm)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    devices.reset_probe()
+    function = _RecordedRawKernel()
+
+    class Recorded(kernels.Kernels):
+        def _function(self, name):
+            assert name == "run_small_circuits<float, 14>"
+            return function
+
+        def _device_id(self, state) -> int:
+            return 0
+
+    planned = Recorded(np.complex64)
+    assert planned.small_max_qubits(0) == widest
+
+    def launch(n: int, circuits: int) -> tuple:
+        headers = np.array([0, 0, n, 0] * circuits, dtype=np.uint64)
+        out = np.zeros(1 << n, dtype=np.complex64)
+        planned.run_small_circuits(out, headers, np.zeros(0, dtype=np.uint64), np.zeros(1, dtype=np.complex64), n)
+        return function.launches[-1]
+
+    grid, block, args, shared = launch(13, 500)
+    assert function.limits == [(1 << widest) * 8]  # raised to the device's widest, once
+    assert (block, shared, args[-1]) == ((256,), 64 << 10, np.int32(13)) and type(args[-1]) is np.int32
+    assert grid == (min(500, 3 * 132),) and occupancy[-1] == (42, 256, 64 << 10)
+    if widest == 14:
+        grid, block, args, shared = launch(14, 500)
+        assert (grid, block, shared) == ((132,), (512,), 128 << 10) and occupancy[-1] == (42, 512, 128 << 10)
+    else:
+        with pytest.raises(InvalidInputError, match="at most 13 qubits"):
+            launch(14, 1)
+    grid, block, args, shared = launch(4, 2)
+    assert (grid, block, shared) == ((2,), (32,), 16 * 8) and occupancy[-1] == (42, 32, 128)
+    launch(13, 500)
+    assert function.limits == [(1 << widest) * 8] and len(occupancy) == (3 if widest == 14 else 2)  # both cached
+    devices.reset_probe()
