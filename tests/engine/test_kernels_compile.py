@@ -398,8 +398,14 @@ HOPPER_SHARED_OPTIN = 227 << 10
 
 
 def _wrapper_source(source_path: str) -> str:
-    """The emulation, the kernels, and one extern "C" launcher per instance."""
-    lines = [EMULATION_HEADER, f'#include "{source_path}"']
+    """The emulation, the kernels of the .cu file at ``source_path`` (its dynamic shared memory
+    rewritten by :func:`emulated_source`), and one extern "C" launcher per instance.
+
+    Self-contained: the GPU kit (``../shared/gpu/extra_checks.py``) compiles it as it is.
+    """
+    with open(source_path, encoding="utf-8") as fh:
+        kernels_text = emulated_source(fh.read())
+    lines = [EMULATION_HEADER, f'#line 1 "{source_path}"', kernels_text]
     for name in K.instances():
         kernel, real = re.fullmatch(r"(\w+)<(\w+)(?:, \d+)*>", name).groups()
         kinds, call = _SIGNATURES[kernel]
@@ -511,7 +517,7 @@ def emulated_library(tmp_path_factory) -> ctypes.CDLL:
         pytest.skip("no host C++ compiler to build the emulated kernels")
     folder = tmp_path_factory.mktemp("emulated_kernels")
     source_path = folder / K.SOURCE_NAME
-    source_path.write_text(emulated_source(K.source()), encoding="utf-8")
+    source_path.write_text(K.source(), encoding="utf-8")
     wrapper = folder / "emulated.cpp"
     wrapper.write_text(_wrapper_source(str(source_path)), encoding="utf-8")
     library = folder / "libemulated.so"
