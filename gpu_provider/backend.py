@@ -264,6 +264,7 @@ class GPUSimulator(BackendV2):
         itemsize = np.dtype(PRECISIONS[merged["precision"]]).itemsize
         experiments = []
         distributed = []
+        bulk_sizes: list = []  # per circuit, its bulk-kernel bytes where run() found them (see small_batch.plan)
         # What this process may allocate on the device, read once for the whole list (it reads system files).
         capacity = dispatcher_for(device).capacity() if planning_kind is None else 0
         # On a GPU whose bulk kernel will run a job's small circuits, they are not fused: the kernel
@@ -302,7 +303,8 @@ class GPUSimulator(BackendV2):
             if merged["memory"]:
                 _check_memory_output(merged["shots"], device)
             ops_before = program.num_ops
-            if merged["fusion_enable"] and not (bulk and small_batch.eligible(program, config, device)):
+            bulk_size = small_batch.eligible_bytes(program, config, device) if bulk else None
+            if merged["fusion_enable"] and bulk_size is None:
                 width = merged["fusion_max_qubits"]
                 if split:  # a fused gate's targets must fit on one rank
                     width = min(width or default_width(device.kind, merged["precision"]), local_qubits)
@@ -312,7 +314,8 @@ class GPUSimulator(BackendV2):
                 _check_portable(program, circuit.name)
             experiments.append((circuit, program, config, ops_before))
             distributed.append(split)
-        return _Prepared(circuits, device, fallback_reason, seed, merged, experiments, distributed, global_qubits)
+            bulk_sizes.append(bulk_size)
+        return _Prepared(circuits, device, fallback_reason, seed, merged, experiments, distributed, global_qubits, bulk_sizes)
 
     def _submit(self, prepared: "_Prepared", group=None) -> GPUJob:
         device, experiments, merged = prepared.device, prepared.experiments, prepared.merged
@@ -337,7 +340,7 @@ class GPUSimulator(BackendV2):
             # Runs of small circuits that go to the GPU's bulk kernel (none on the CPU, under MPI or when turned off).
             plan = None
             if merged["batch_small_circuits"] and group is None:
-                plan = small_batch.plan(device, [(program, config) for _, program, config, _ in experiments])
+                plan = small_batch.plan(device, [(program, config) for _, program, config, _ in experiments], sizes=prepared.bulk_sizes)
 
             def simulate(execution: Execution) -> Result:
                 if group is None:
@@ -377,6 +380,7 @@ class _Prepared:
     experiments: list
     distributed: list
     global_qubits: int
+    bulk_sizes: list  # per circuit, small_batch.eligible_bytes where run() found it, else None
 
     def digest(self) -> str:
         """The same on every rank given the same circuits and options (the seed aside: rank 0's is taken)."""

@@ -475,7 +475,15 @@ def used_qubits(ops) -> tuple[int, ...]:
     """Sorted qubits that some op in ``ops`` (or in a control-flow body) touches."""
     used: set[int] = set()
     for op in ops:
-        used.update(op_qubits(op))
+        kind = type(op)
+        if kind is Unitary:
+            used.update(op.qubits)
+            if op.controls:
+                used.update(op.controls)
+        elif kind is Diagonal:
+            used.update(op.qubits)
+        else:
+            used.update(op_qubits(op))
     return tuple(sorted(used))
 
 
@@ -575,10 +583,16 @@ def is_sampling_friendly(program: Program) -> bool:
 
 def _only_terminal_measures(program: Program, allow_reset: bool) -> bool:
     measured: set[int] = set()
+    stops = (Store, BreakLoop, ContinueLoop) + CONTROL_FLOW
     for op in program.ops:
+        kind = type(op)
+        if kind is Unitary or kind is Diagonal:  # most ops: a gate, fine unless it touches a measured qubit
+            if measured and (measured.intersection(op.qubits) or (kind is Unitary and measured.intersection(op.controls))):
+                return False
+            continue
         if isinstance(op, Measure):
             measured.add(op.qubit)
-        elif isinstance(op, (Store, BreakLoop, ContinueLoop) + CONTROL_FLOW):
+        elif isinstance(op, stops):
             return False
         elif isinstance(op, Reset) and not allow_reset:
             return False

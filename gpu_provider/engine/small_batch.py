@@ -124,7 +124,9 @@ def estimated_bytes(program: Program, itemsize: int) -> int:
     return size
 
 
-def _eligible_bytes(program: Program, config: RunConfig, device: Device) -> int | None:
+def eligible_bytes(program: Program, config: RunConfig, device: Device) -> int | None:
+    """Device bytes ``program`` adds to a bulk chunk (see :func:`estimated_bytes`), or None where
+    it cannot run through the bulk kernel on ``device`` (see the module's notes)."""
     kernels = batch_kernels(device, config.dtype)
     if kernels is None or not is_sampling_friendly(program):
         return None
@@ -135,7 +137,7 @@ def _eligible_bytes(program: Program, config: RunConfig, device: Device) -> int 
 
 def eligible(program: Program, config: RunConfig, device: Device) -> bool:
     """Whether ``program`` can run through the bulk kernel on ``device`` (see the module's notes)."""
-    return _eligible_bytes(program, config, device) is not None
+    return eligible_bytes(program, config, device) is not None
 
 
 @dataclass(frozen=True)
@@ -164,14 +166,22 @@ def width_class(program: Program, config: RunConfig) -> int:
     return max(program.num_qubits, SMALL_DEFAULT_QUBITS["float" if np.dtype(config.dtype) == np.complex64 else "double"])
 
 
-def plan(device: Device, items: Sequence[tuple[Program, RunConfig]], limit: int | None = None) -> list[Run]:
+def plan(
+    device: Device, items: Sequence[tuple[Program, RunConfig]], limit: int | None = None, sizes: Sequence[int | None] | None = None
+) -> list[Run]:
     """``items`` cut into runs: consecutive eligible items of one precision, grouped by
     :func:`width_class` into chunks of at most ``limit`` (``CHUNK_BYTES``) device bytes each, one
-    circuit at least; and the rest, in order."""
+    circuit at least; and the rest, in order.
+
+    ``sizes``: per item, its :func:`eligible_bytes` on ``device`` where the caller has it already, or
+    None where it does not (then it is found here).
+    """
     limit = CHUNK_BYTES if limit is None else limit
     bounds: list[list] = []  # [start, stop, sizes or None]
     for index, (program, config) in enumerate(items):
-        size = _eligible_bytes(program, config, device)
+        size = sizes[index] if sizes is not None else None
+        if size is None:
+            size = eligible_bytes(program, config, device)
         last = bounds[-1] if bounds else None
         if last is not None and (last[2] is None) == (size is None) and (size is None or items[last[0]][1].precision == config.precision):
             last[1] = index + 1

@@ -226,6 +226,30 @@ def test_circuits_for_the_bulk_kernel_are_not_fused(emulated_gpu):
     assert bulk.get_counts(4) == cpu.get_counts(4)
 
 
+def test_run_checks_each_circuit_for_the_bulk_kernel_once(emulated_gpu, monkeypatch):
+    # run() finds each circuit's bulk bytes while it decides on fusion and hands them to plan().
+    circuits = [random_u_cx(3, 2, seed) for seed in range(6)]
+    calls = []
+    real = small_batch.eligible_bytes
+
+    def counted(program, config, device):
+        calls.append(program.name)
+        return real(program, config, device)
+
+    monkeypatch.setattr(small_batch, "eligible_bytes", counted)
+    result = GPUSimulator(device="GPU", precision="double").run(circuits, shots=32, seed_simulator=2).result()
+    assert sorted(calls) == sorted(c.name for c in circuits)
+    assert all(result.results[i].metadata["fusion_ops_after"] == result.results[i].metadata["fusion_ops_before"] for i in range(6))
+    # Given the sizes, plan() cuts the same runs as without them.
+    from gpu_provider.compiler.translate import translate
+
+    gpu = _gpu()
+    items = [(translate(c), RunConfig(precision="double")) for c in circuits]
+    sizes = [real(program, config, gpu) for program, config in items]
+    assert small_batch.plan(gpu, items, sizes=sizes) == small_batch.plan(gpu, items)
+    assert small_batch.plan(gpu, items, sizes=[None] * len(items)) == small_batch.plan(gpu, items)
+
+
 def test_two_hundred_circuits_take_a_handful_of_launches(emulated_gpu):
     circuits = [random_u_cx(4, 4, seed) for seed in range(200)]
     _clear(emulated_gpu)
