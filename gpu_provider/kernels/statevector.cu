@@ -458,11 +458,11 @@ template <> struct async_traits<double> {
 // blocks per multiprocessor that shared memory allows on sm_90 (228 KiB: six
 // blocks of 33-37 KiB at k <= 4, five of 41 KiB in float and four of 49 KiB in
 // double at k = 5), which ptxas (CUDA 13, sm_80 and sm_90) meets without
-// spilling: float k = 1, 3, 4 in 36-40, 40, 75-79 registers, k = 5 in 125-146;
+// spilling: float k = 1, 3, 4 in 36-38, 40, 75-79 registers, k = 5 in 125-146;
 // double k = 1, 3 in 40 and 80, k = 4, 5 in 128-156 and 198-228. k = 2 keeps its
 // 16 matrix elements in registers across the group loop (as apply_matrix_low
-// does) and spills below 64 registers in float and 126 in double, so it asks
-// for four and two blocks.
+// does): it asks for four blocks in float (64 registers) and two in double
+// (126-128), since one block more spills (48 registers: 40 bytes; 80: 120).
 template <typename R, int K> struct low_async_shape {
     static constexpr int TILE = 1 << async_traits<R>::TILE_LOG;
     static constexpr int BLOCK = (TILE >> K) < 256 ? (TILE >> K) : 256;
