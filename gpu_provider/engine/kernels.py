@@ -482,7 +482,7 @@ def matrix_launch(real: str, num_qubits: int, bits: tuple[int, ...], method: Mat
             np.uint64(pack_bits(sorted(plan.local_targets))),
         )
         # One tile per block at a time; a block's threads split the tile's groups
-        # (low_shape<R, K>::BLOCK in the kernel, for a full tile).
+        # (low_shape<R, K>::BLOCK or low_async_shape<R, K>::BLOCK in the kernel, for a full tile).
         block = min(BLOCK, 1 << (plan.tile_log - k))
         return MatrixLaunch(_matrix_name(real, k, method), block, 1 << (num_qubits - plan.tile_log), scalars)
     if method == "warp":
