@@ -13,7 +13,8 @@ precision the run times, with CUDA events on one stream after a warm-up
 state (cudaMemcpyAsync) and then each kernel pass: ``apply_matrix`` for k = 1..5
 on the low targets (0..k-1), on target 0 with the k-1 highest ("split") and on
 the high ones (n-k..n-1), with each of its kernels that applies ("strided",
-"tiled", "warp" where a target is among bits 0..4, and "strided_multi",
+"tiled", "tiled_async" (the tiled kernel double-buffered with cp.async),
+"warp" where a target is among bits 0..4, and "strided_multi",
 the strided kernel with several groups per thread, at the widths it is built
 for; ``*`` marks the one it picks; :func:`matrix_cases` plans them), and
 ``apply_diagonal`` on two low and two high targets. It prints each pass's
@@ -63,7 +64,7 @@ def matrix_cases(n: int, real: str) -> list[MatrixCase]:
     """The apply_matrix passes one size and real type ("float" or "double") times: k = 1..5 on each placement.
 
     Every kernel that applies is timed, so the margin to the one "auto" picks
-    shows: "strided" and "tiled" always, "warp" where a target is among bits
+    shows: "strided", "tiled" and "tiled_async" always, "warp" where a target is among bits
     0..4 on 32 or more amplitudes, "strided_multi" where apply_matrix_multi is
     built for (real, k) (elsewhere it would only repeat "strided").
     """
@@ -75,7 +76,7 @@ def matrix_cases(n: int, real: str) -> list[MatrixCase]:
         if k > 1:
             placements.insert(1, ("split", (0,) + tuple(range(n - k + 1, n))))  # one lane target, the rest high
         for placement, bits in placements:
-            methods = ["strided", "tiled"]
+            methods = ["strided", "tiled", "tiled_async"]
             if warp_applies(n, bits):
                 methods.append("warp")
             if multi_applies(real, k):

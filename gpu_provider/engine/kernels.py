@@ -13,7 +13,10 @@ How each operation runs (details in the ``.cu`` file):
   the lowest target leaves whole 128-byte lines contiguous for a warp
   ("strided"); otherwise through a shared-memory tile that holds the low bits
   and the high targets, loaded and stored with coalesced accesses ("tiled"),
-  or through warp shuffles ("warp"). "strided_multi" is "strided" with
+  or through warp shuffles ("warp"). "tiled_async" is "tiled" as a persistent
+  loop over each block's tiles with two tile buffers, the next tile copied in
+  asynchronously (cp.async on sm_80+) while the current one is computed and
+  stored. "strided_multi" is "strided" with
   ``MULTI_GROUPS`` groups per thread, each matrix element read once for all of
   them; "auto" picks from the measured tables ``HIGH_TARGET_METHOD`` and
   ``LOW_TARGET_METHOD``.
@@ -61,6 +64,9 @@ CUPY_IMPLIED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 REAL_TYPES = {np.dtype(np.complex64): "float", np.dtype(np.complex128): "double"}
 # log2 of a shared-memory tile in amplitudes; must match tile_traits<R>::TILE_LOG.
 TILE_LOG = {"float": 12, "double": 11}
+# The same for apply_matrix_low_async ("tiled_async"), whose two tile buffers and
+# matrix share the 48 KiB of static shared memory; must match async_traits<R>::TILE_LOG.
+ASYNC_TILE_LOG = {"float": 11, "double": 10}
 # The strided matrix kernel runs when a warp's accesses cover whole lines of this size.
 LINE_BYTES = 128
 # Threads per block; wide matrices take fewer so more blocks fit their registers.
@@ -99,8 +105,8 @@ SMALL_MATRIX, SMALL_DIAGONAL, SMALL_PHASE = 0, 1, 2
 SMALL_BLOCK_MIN, SMALL_BLOCK_MAX, SMALL_BLOCK_WIDE = 32, 256, 512
 SMALL_WIDE_STATE_BYTES = 64 << 10
 
-MatrixMethod = Literal["auto", "strided", "strided_multi", "tiled", "warp"]
-MATRIX_METHODS = ("auto", "strided", "strided_multi", "tiled", "warp")
+MatrixMethod = Literal["auto", "strided", "strided_multi", "tiled", "tiled_async", "warp"]
+MATRIX_METHODS = ("auto", "strided", "strided_multi", "tiled", "tiled_async", "warp")
 # apply_matrix_multi<R, K, G>: groups per thread (G) for the (real type, k) it is
 # built for; elsewhere "strided_multi" runs "strided". G = 2 wherever ptxas
 # (sm_90) fits it without spilling; complex128 k = 5 would hold 64 complex128
@@ -145,6 +151,7 @@ def instances(real: str | None = None) -> list[str]:
             if (r, k) in MULTI_GROUPS:
                 names.append(_multi_name(r, k, MULTI_GROUPS[(r, k)]))
             names.append(_matrix_name(r, k, "tiled"))
+            names.append(_matrix_name(r, k, "tiled_async"))
             names += [_warp_name(r, lane, k - lane) for lane in range(1, k + 1)]
         for vector in sorted({1, STREAM_VECTOR[r]}):
             names += [_stream_name(kernel, r, vector) for kernel in STREAM_KERNELS]
@@ -154,7 +161,7 @@ def instances(real: str | None = None) -> list[str]:
 
 
 def _matrix_name(real: str, k: int, method: str) -> str:
-    kernel = "apply_matrix" if method == "strided" else "apply_matrix_low"
+    kernel = {"strided": "apply_matrix", "tiled": "apply_matrix_low", "tiled_async": "apply_matrix_low_async"}[method]
     return f"{kernel}<{real}, {k}>"
 
 
@@ -461,8 +468,11 @@ def matrix_launch(real: str, num_qubits: int, bits: tuple[int, ...], method: Mat
         # Each thread takes per_thread groups a grid-stride step.
         blocks = -(-groups // (per_thread * MULTI_BLOCK))
         return MatrixLaunch(_multi_name(real, k, per_thread), MULTI_BLOCK, blocks, scalars)
-    if method == "tiled":
-        plan = tile_plan(num_qubits, bits, TILE_LOG[real])
+    if method in ("tiled", "tiled_async"):
+        # "tiled_async" takes the same arguments on its smaller tile; its blocks
+        # loop over their tiles, so the grid is what the device keeps resident
+        # (Kernels._grid), never more than the tiles.
+        plan = tile_plan(num_qubits, bits, (TILE_LOG if method == "tiled" else ASYNC_TILE_LOG)[real])
         scalars = (
             np.uint64(1 << (num_qubits - plan.tile_log)),
             np.int32(plan.low_bits),
@@ -472,9 +482,9 @@ def matrix_launch(real: str, num_qubits: int, bits: tuple[int, ...], method: Mat
             np.uint64(pack_bits(sorted(plan.local_targets))),
         )
         # One tile per block at a time; a block's threads split the tile's groups
-        # (low_shape<R, K>::BLOCK in the kernel, for a full tile).
+        # (low_shape<R, K>::BLOCK or low_async_shape<R, K>::BLOCK in the kernel, for a full tile).
         block = min(BLOCK, 1 << (plan.tile_log - k))
-        return MatrixLaunch(_matrix_name(real, k, "tiled"), block, 1 << (num_qubits - plan.tile_log), scalars)
+        return MatrixLaunch(_matrix_name(real, k, method), block, 1 << (num_qubits - plan.tile_log), scalars)
     if method == "warp":
         if not warp_applies(num_qubits, bits):
             return matrix_launch(real, num_qubits, bits, "tiled")
@@ -548,8 +558,8 @@ class Kernels:
     def apply_matrix(self, state: Any, bits: Sequence[int], matrix: Any, *, method: MatrixMethod = "auto") -> None:
         """Apply the dense ``(2^k, 2^k)`` ``matrix`` to ``bits``; matrix index bit j is ``bits[j]``.
 
-        ``method`` forces one of the kernels: "strided" and "tiled" are correct for
-        every target set, "warp" for sets with a target among bits 0..4 on 5 or more
+        ``method`` forces one of the kernels: "strided", "tiled" and "tiled_async"
+        are correct for every target set, "warp" for sets with a target among bits 0..4 on 5 or more
         qubits (elsewhere it runs "tiled"), "strided_multi" for the widths in
         ``MULTI_GROUPS`` (elsewhere it runs "strided"); "auto" picks from the
         measured tables.

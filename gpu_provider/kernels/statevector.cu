@@ -410,6 +410,179 @@ __global__ void __launch_bounds__(low_shape<R, K>::BLOCK, low_shape<R, K>::MIN_B
 }
 
 // ---------------------------------------------------------------------------
+// apply_matrix_low_async<R, K>: apply_matrix_low as a persistent,
+// double-buffered loop. Each block walks its tiles (grid-stride over tiles, the
+// grid at most what the device keeps resident) with two tile buffers in shared
+// memory: while it applies the matrix to tile i in one buffer and stores it,
+// the asynchronous copy of its next tile (i + gridDim.x) fills the other, so a
+// tile's global reads are in flight during the previous tile's arithmetic and
+// stores instead of after them.
+//
+// Per tile: wait for this thread's copies of tile i; barrier (all of tile i
+// is in shared memory, and every thread has finished storing tile i - 1 from
+// the other buffer); issue the copies of tile i + 1 into that other buffer;
+// apply the matrix to each group of tile i (the same slots, swizzle and
+// matrix_row arithmetic as apply_matrix_low, so the results are bit for bit
+// its results); barrier; store tile i. Two barriers a tile. In place: tiles are
+// disjoint and a block reads and writes only its own, so the copy of tile
+// i + 1 never reads what another block writes, and it overlaps only the store
+// of tile i, a different tile.
+//
+// The copies go global -> shared without registers: on sm_80 and later
+// cp.async (cp.async.cg, 16 bytes through L2 only, for complex128; complex64
+// amplitudes move 8 bytes each through cp.async.ca, the only form below 16
+// bytes, because the swizzle moves single complex64 slots: two neighbouring
+// amplitudes are not always one 16-byte unit in the tile), grouped per tile by
+// cp.async.commit_group and awaited by cp.async.wait_group 0. Older
+// architectures (and the host emulation in the tests) copy synchronously; the
+// loop and its barriers are the same.
+//
+// Two tiles must fit the 48 KiB of static shared memory with the matrix, so
+// the tile is half apply_matrix_low's: ASYNC_TILE_LOG = 11 in float (2 x 16 KiB
+// + 8 KiB matrix at k = 5), 10 in double (2 x 16 KiB + 16 KiB); with
+// n >= ASYNC_TILE_LOG the low bits still number at least ASYNC_TILE_LOG - 5 >= 5,
+// runs of 32 amplitudes (256 or 512 bytes).
+template <typename R> struct async_traits;
+template <> struct async_traits<float> {
+    static constexpr int TILE_LOG = 11;
+    // Resident blocks per SM asked of the register allocator (see low_async_shape).
+    __host__ __device__ static constexpr int min_blocks(int k) { return k == 2 ? 4 : k == 5 ? 5 : 6; }
+};
+template <> struct async_traits<double> {
+    static constexpr int TILE_LOG = 10;
+    __host__ __device__ static constexpr int min_blocks(int k) { return k == 2 ? 2 : k == 5 ? 4 : 6; }
+};
+
+// The shape: BLOCK threads, one group each at most (as low_shape, on the
+// smaller tile); MIN_BLOCKS asks the register allocator for the resident
+// blocks per multiprocessor that shared memory allows on sm_90 (228 KiB: six
+// blocks of 33-37 KiB at k <= 4, five of 41 KiB in float and four of 49 KiB in
+// double at k = 5), which ptxas (CUDA 13, sm_80 and sm_90) meets without
+// spilling: float k = 1, 3, 4 in 36-38, 40, 75-79 registers, k = 5 in 125-146;
+// double k = 1, 3 in 40 and 80, k = 4, 5 in 128-156 and 198-228. k = 2 keeps its
+// 16 matrix elements in registers across the group loop (as apply_matrix_low
+// does): it asks for four blocks in float (64 registers) and two in double
+// (126-128), since one block more spills (48 registers: 40 bytes; 80: 120).
+template <typename R, int K> struct low_async_shape {
+    static constexpr int TILE = 1 << async_traits<R>::TILE_LOG;
+    static constexpr int BLOCK = (TILE >> K) < 256 ? (TILE >> K) : 256;
+    static constexpr int MIN_BLOCKS = async_traits<R>::min_blocks(K);
+};
+
+// One amplitude global -> shared, asynchronously where the architecture has cp.async.
+template <typename R>
+__device__ __forceinline__ void copy_to_shared(typename complex_of<R>::type* shared_slot,
+                                               const typename complex_of<R>::type* global) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned address;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(shared_slot));
+    if constexpr (sizeof(typename complex_of<R>::type) == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(address), "l"(global) : "memory");
+#else
+    *shared_slot = *global;
+#endif
+}
+
+// Close this thread's copies issued so far into one group.
+__device__ __forceinline__ void copy_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Wait until every copy group this thread committed has landed in shared memory.
+__device__ __forceinline__ void copy_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+// The global index of tile t's slot 0 (its low bits and high targets zero).
+template <int K>
+__device__ __forceinline__ index_t tile_base(index_t t, int low_bits, int high_count, const int* high_sorted) {
+    index_t base = t << low_bits;
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+        if (j < high_count) base = insert_zero_bit(base, high_sorted[j]);
+    return base;
+}
+
+template <typename R, int K>
+__global__ void __launch_bounds__(low_async_shape<R, K>::BLOCK, low_async_shape<R, K>::MIN_BLOCKS) apply_matrix_low_async(
+        typename complex_of<R>::type* __restrict__ state,
+        const typename complex_of<R>::type* __restrict__ matrix,
+        index_t tiles, int low_bits, int high_count,
+        index_t packed_high_sorted, index_t packed_local_targets, index_t packed_local_sorted) {
+    typedef typename complex_of<R>::type cplx;
+    typedef low_async_shape<R, K> shape;
+    constexpr int D = 1 << K;
+    __shared__ cplx m[D * D];
+    __shared__ cplx buffers[2][shape::TILE];
+    for (int i = threadIdx.x; i < D * D; i += blockDim.x) m[i] = __ldg(matrix + i);
+
+    int high_sorted[K];  // h <= K of them
+    int local_sorted[K];
+    int slot_mask[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) high_sorted[j] = unpack6(packed_high_sorted, j);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        local_sorted[j] = unpack6(packed_local_sorted, j);
+        slot_mask[j] = swizzle<R>(1 << unpack6(packed_local_targets, j));
+    }
+    const int tile_size = 1 << (low_bits + high_count);
+    const int groups = tile_size >> K;
+    const index_t low_mask = (1ull << low_bits) - 1ull;
+
+    // The first tile's copies; the loop below waits for them.
+    index_t t = blockIdx.x;
+    if (t < tiles) {
+        const index_t base = tile_base<K>(t, low_bits, high_count, high_sorted);
+        for (int s = threadIdx.x; s < tile_size; s += blockDim.x)
+            copy_to_shared<R>(buffers[0] + swizzle<R>(s), state + tile_index<K>(base, s, low_bits, low_mask, high_count, high_sorted));
+    }
+    copy_commit();
+
+    for (int buffer = 0; t < tiles; t += gridDim.x, buffer ^= 1) {
+        copy_wait_all();
+        // Tile t is in buffers[buffer]; every thread is done storing the
+        // previous tile from buffers[buffer ^ 1] (and, the first time, the
+        // matrix is in m).
+        __syncthreads();
+        const index_t next = t + gridDim.x;
+        if (next < tiles) {
+            const index_t next_base = tile_base<K>(next, low_bits, high_count, high_sorted);
+            cplx* const incoming = buffers[buffer ^ 1];
+#pragma unroll 4
+            for (int s = threadIdx.x; s < tile_size; s += blockDim.x)
+                copy_to_shared<R>(incoming + swizzle<R>(s), state + tile_index<K>(next_base, s, low_bits, low_mask, high_count, high_sorted));
+        }
+        copy_commit();
+
+        cplx* const tile = buffers[buffer];
+        for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+            int local = g;
+#pragma unroll
+            for (int j = 0; j < K; ++j) local = insert_zero_bit32(local, local_sorted[j]);
+            const int slot = swizzle<R>(local);
+            cplx v[D];
+#pragma unroll
+            for (int c = 0; c < D; ++c) v[c] = tile[combine<int, K>(c, slot_mask, slot)];
+#pragma unroll(row_unroll<K>())
+            for (int r = 0; r < D; ++r) tile[combine<int, K>(r, slot_mask, slot)] = matrix_row<R, D>(m, v, r);
+        }
+        __syncthreads();
+
+        const index_t base = tile_base<K>(t, low_bits, high_count, high_sorted);
+#pragma unroll 4
+        for (int s = threadIdx.x; s < tile_size; s += blockDim.x)
+            state[tile_index<K>(base, s, low_bits, low_mask, high_count, high_sorted)] = tile[swizzle<R>(s)];
+    }
+}
+
+// ---------------------------------------------------------------------------
 // apply_matrix_warp<R, L, H>: the same product for target sets with L targets
 // among bits 0..4 ("lane targets") and H above them, through registers and
 // warp shuffles: no shared-memory tile, no block barrier.

@@ -1,7 +1,8 @@
 """The planning and reporting of ``benchmarks.gpu_kernels``, without a GPU.
 
 The timing itself needs one; what it times, and how a run's table and JSON
-name each kernel (apply_matrix_multi as "strided_multi" included), is checked here.
+name each kernel (apply_matrix_multi as "strided_multi" and apply_matrix_low_async
+as "tiled_async" included), is checked here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def test_matrix_cases_time_every_kernel_that_applies(real, n):
         assert len(bits) == len(set(bits)) == k and all(0 <= b < n for b in bits)
         expected = {"low": tuple(range(k)), "split": (0,) + tuple(range(n - k + 1, n)), "high": tuple(range(n - k, n))}
         assert bits == expected[case.placement]
-        assert case.methods[:2] == ("strided", "tiled")
+        assert case.methods[:3] == ("strided", "tiled", "tiled_async")
         assert ("warp" in case.methods) == K.warp_applies(n, bits)
         assert ("strided_multi" in case.methods) == K.multi_applies(real, k)
         assert len(set(case.methods)) == len(case.methods)
@@ -45,6 +46,31 @@ def test_multi_group_kernel_is_timed_on_high_and_split_targets_where_built():
         built = {k for (r, k) in K.MULTI_GROUPS if r == real}
         assert timed == {(k, p) for k in built for p in ("low", "split", "high")}
     assert ("double", 5) not in K.MULTI_GROUPS and ("float", 5) in K.MULTI_GROUPS
+
+
+def test_double_buffered_tiled_kernel_is_timed_on_every_placement():
+    """"tiled_async" applies to every target set: timed beside "tiled" on low, split and high targets,
+    never the one "auto" runs (it is not measured yet)."""
+    for real in ("float", "double"):
+        cases = bench.matrix_cases(30, real)
+        assert {(c.k, c.placement) for c in cases if "tiled_async" in c.methods} == {(c.k, c.placement) for c in cases}
+        assert all(c.chosen != "tiled_async" for c in cases)
+        low = next(c for c in cases if (c.k, c.placement) == (4, "low"))
+        assert K.matrix_launch(real, 30, low.bits, "tiled_async").name == f"apply_matrix_low_async<{real}, 4>"
+
+
+def test_table_and_fastest_name_the_double_buffered_kernel(capsys):
+    results = [
+        bench.PassResult("copy", 30, "double", [], "", "memcpy", 1.0, 4000.0, 1.0),
+        bench.PassResult("apply_matrix", 30, "double", [0, 1, 2, 3], "low", "tiled", 1.0, 100.0, 0.45, True),
+        bench.PassResult("apply_matrix", 30, "double", [0, 1, 2, 3], "low", "tiled_async", 1.0, 100.0, 0.70, False),
+        bench.PassResult("apply_matrix", 30, "double", [0, 1, 2, 3], "low", "warp", 1.0, 100.0, 0.40, False),
+    ]
+    bench.print_table(results)
+    lines = capsys.readouterr().out.splitlines()
+    assert any("tiled_async " in line and line.rstrip().endswith("0.700") for line in lines)
+    assert any("tiled* " in line for line in lines)
+    assert bench.fastest_methods(results) == {"30 double k=4 low": {"fastest": "tiled_async", "ratio_to_copy": 0.70, "chosen": "tiled"}}
 
 
 def _pass(method: str, ratio: float, chosen: bool, placement: str = "high") -> bench.PassResult:

@@ -66,6 +66,26 @@ def test_every_instance_compiles_to_ptx(ptx_build):
         assert re.search(rf"\.entry\s+{re.escape(lowered)}\s*\(", ptx_build.ptx), f"{name} ({lowered}) is not in the PTX"
 
 
+def _entry_body(build: K.PTXBuild, name: str) -> str:
+    """The PTX of one kernel entry: from its .entry line to the next entry (or the end)."""
+    lowered = re.escape(build.lowered_names[name])
+    found = re.search(rf"\.entry\s+{lowered}\s*\((.*?)(?=\.entry\s|\Z)", build.ptx, re.DOTALL)
+    assert found, name
+    return found.group(1)
+
+
+def test_async_tiled_kernel_copies_with_cp_async(ptx_build):
+    """On sm_80 and sm_90 apply_matrix_low_async copies tiles with cp.async (16-byte .cg in double,
+    8-byte .ca in float), commits a group per tile and waits for it; apply_matrix_low does not."""
+    for real, copy in (("double", r"cp\.async\.cg\.shared\.global\s*\[[^]]+\],\s*\[[^]]+\],\s*16;"),
+                       ("float", r"cp\.async\.ca\.shared\.global\s*\[[^]]+\],\s*\[[^]]+\],\s*8;")):
+        for k in range(1, K.MAX_MATRIX_QUBITS + 1):
+            body = _entry_body(ptx_build, f"apply_matrix_low_async<{real}, {k}>")
+            assert re.search(copy, body), (real, k)
+            assert "cp.async.commit_group" in body and re.search(r"cp\.async\.wait_group\s+0;", body), (real, k)
+            assert "cp.async" not in _entry_body(ptx_build, f"apply_matrix_low<{real}, {k}>")
+
+
 def test_ptx_is_for_the_requested_architecture(ptx_build):
     digits = ptx_build.arch.split("_")[1]
     assert re.search(rf"^\.target\s+sm_{digits}\b", ptx_build.ptx, re.MULTILINE)
@@ -79,6 +99,7 @@ def test_instances_cover_every_kernel_width_and_precision():
         for k in range(1, K.MAX_MATRIX_QUBITS + 1):
             assert f"apply_matrix<{real}, {k}>" in names
             assert f"apply_matrix_low<{real}, {k}>" in names
+            assert f"apply_matrix_low_async<{real}, {k}>" in names
             # The multi-group strided kernel, where it is built (one G per width and precision).
             multi = {name for name in names if name.startswith(f"apply_matrix_multi<{real}, {k}, ")}
             if K.multi_applies(real, k):
@@ -149,10 +170,23 @@ def test_pack_bits_matches_the_kernels_layout():
     assert K.pack_bits([3, 0, 63]) == 3 | (0 << 6) | (63 << 12)
 
 
+def test_async_tile_constants_match_the_source():
+    """The host's ASYNC_TILE_LOG is async_traits<R>::TILE_LOG; two tiles and the widest matrix fit the
+    48 KiB of static shared memory a block gets on every device (half of apply_matrix_low's tile)."""
+    source = K.source()
+    for real, itemsize in (("float", 8), ("double", 16)):
+        assert re.search(rf"struct async_traits<{real}> \{{\s*static constexpr int TILE_LOG = {K.ASYNC_TILE_LOG[real]};", source)
+        assert re.search(rf"struct tile_traits<{real}> \{{\s*static constexpr int TILE_LOG = {K.TILE_LOG[real]};", source)
+        assert K.ASYNC_TILE_LOG[real] == K.TILE_LOG[real] - 1
+        widest_matrix = (1 << (2 * K.MAX_MATRIX_QUBITS)) * itemsize
+        assert 2 * (1 << K.ASYNC_TILE_LOG[real]) * itemsize + widest_matrix <= K.DEFAULT_SHARED_BYTES
+
+
+@pytest.mark.parametrize("tiles", [K.TILE_LOG, K.ASYNC_TILE_LOG], ids=["tiled", "tiled_async"])
 @pytest.mark.parametrize("real", ["float", "double"])
 @pytest.mark.parametrize("n", [1, 3, 8, 12, 13, 20, 33])
-def test_tile_plans_cover_every_target_set(real, n):
-    tile_log = K.TILE_LOG[real]
+def test_tile_plans_cover_every_target_set(real, n, tiles):
+    tile_log = tiles[real]
     for k in range(1, min(n, K.MAX_MATRIX_QUBITS) + 1):
         # Every target set on small n; on large n those among 16 bits, plus the top ones.
         pool = range(n) if n <= 13 else list(range(14)) + [n - 2, n - 1]
@@ -186,6 +220,19 @@ def test_matrix_launch_plans():
     assert tiled.block == 256
     assert [type(v) for v in tiled.scalars] == [np.uint64, np.int32, np.int32, np.uint64, np.uint64, np.uint64]
     assert K.matrix_launch("double", 20, (0, 19), "strided").name == "apply_matrix<double, 2>"
+    # Double-buffered tiles: half the tile, the same arguments; every tile counts as a block
+    # needed (the grid is capped at the resident blocks, each looping over its tiles).
+    tiled_async = K.matrix_launch("float", 20, (0, 19, 7), "tiled_async")
+    assert tiled_async.name == "apply_matrix_low_async<float, 3>"
+    assert tiled_async.blocks_needed == 1 << (20 - K.ASYNC_TILE_LOG["float"])
+    assert tiled_async.block == 256 and K.matrix_launch("double", 20, (0, 19, 7, 3, 1), "tiled_async").block == 1 << (10 - 5)
+    plan = K.tile_plan(20, (0, 19, 7), K.ASYNC_TILE_LOG["float"])
+    assert plan.low_bits == 10 and plan.high_sorted == (19,) and plan.local_targets == (0, 10, 7)
+    assert [int(v) for v in tiled_async.scalars] == [
+        1 << 9, 10, 1, K.pack_bits([19]), K.pack_bits([0, 10, 7]), K.pack_bits([0, 7, 10])
+    ]
+    assert [type(v) for v in tiled_async.scalars] == [type(v) for v in tiled.scalars]
+    assert K.matrix_launch("double", 4, (0, 2), "tiled_async").blocks_needed == 1  # one tile smaller than a full one
     with pytest.raises(ValueError):
         K.matrix_launch("double", 20, (0, 19), "fastest")
     # Warp: one lane target (bit 0) and two high ones, a warp per 32 x 4 amplitudes.
@@ -382,6 +429,7 @@ _SIGNATURES = {
     "apply_matrix": ("ppuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
     "apply_matrix_multi": ("ppuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
     "apply_matrix_low": ("ppuiiuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4, a5, a6, a7"),
+    "apply_matrix_low_async": ("ppuiiuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4, a5, a6, a7"),
     "apply_matrix_warp": ("ppuuuuu", "({c}*)a0, (const {c}*)a1, a2, a3, a4, a5, a6"),
     "apply_diagonal": ("ppuiu", "({c}*)a0, (const {c}*)a1, a2, a3, a4"),
     "probability_one": ("puip", "(const {c}*)a0, a1, a2, (double*)a3"),
@@ -540,7 +588,8 @@ def emulated(request, emulated_library):
 def test_emulated_apply_matrix(emulated, k):
     precision, kernels = emulated
     n = 13  # several shared-memory tiles in both precisions
-    cases = [("low", "tiled"), ("low", "strided"), ("low", "warp"), ("high", "strided"), ("high", "tiled"), ("mixed", "auto"), ("mixed", "warp")]
+    cases = [("low", "tiled"), ("low", "tiled_async"), ("low", "strided"), ("low", "warp"), ("high", "strided"), ("high", "tiled"),
+             ("high", "tiled_async"), ("mixed", "auto"), ("mixed", "warp")]
     for placement, method in cases:
         seed = 100 * k + gpu_checks.PLACEMENTS.index(placement)
         bits = gpu_checks.place_targets(np.random.default_rng(seed), n, k, placement)
@@ -550,8 +599,38 @@ def test_emulated_apply_matrix(emulated, k):
 @pytest.mark.parametrize("n,bits", [(1, [0]), (3, [2, 0, 1]), (6, [4, 0, 2, 1, 5])])
 def test_emulated_apply_matrix_small_states(emulated, n, bits):
     precision, kernels = emulated
-    for method in ("strided", "strided_multi", "tiled", "warp"):
+    for method in ("strided", "strided_multi", "tiled", "tiled_async", "warp"):
         gpu_checks.check_apply_matrix(np, kernels, precision, n, bits, method, seed=n)
+
+
+def _async_sizes(real: str, k: int) -> list[int]:
+    """From one group (n = k) through part of a tile, one tile, and up to 8 tiles."""
+    tile_log = K.ASYNC_TILE_LOG[real]
+    return sorted({k, k + 1, k + 3, tile_log - 1, tile_log, tile_log + 1, tile_log + 3} - set(range(k)))
+
+
+@pytest.mark.parametrize("k", range(1, K.MAX_MATRIX_QUBITS + 1))
+@pytest.mark.parametrize("resident_blocks", [1, 2, 3])
+def test_emulated_apply_matrix_low_async(emulated_library, resident_blocks, k):
+    """apply_matrix_low_async for k = 1..5 in both precisions: targets 0..k-1, split (low and the highest)
+    and random, on states from n = k to ASYNC_TILE_LOG + 3 (8 tiles), with 1, 2 or 3 resident blocks, so a
+    block loops over several tiles through both buffers (and over uneven shares of them); against NumPy
+    and bit for bit against apply_matrix_low."""
+    for precision in ("double", "single"):
+        kernels = EmulatedKernels(gpu_checks.DTYPES[precision], emulated_library, resident_blocks=resident_blocks)
+        real = kernels.real
+        name, tiled = f"apply_matrix_low_async<{real}, {k}>", f"apply_matrix_low<{real}, {k}>"
+        rng = np.random.default_rng(500 + 10 * k + resident_blocks)
+        for n in _async_sizes(real, k):
+            for index, bits in enumerate(gpu_checks.async_target_sets(rng, n, k)):
+                kernels.launched.clear()
+                kernels.occupancy_queries.clear()
+                kernels._resident.clear()  # ask for the resident blocks again (cached per kernel and block)
+                gpu_checks.check_apply_matrix_async(np, kernels, precision, n, bits, seed=1000 * k + 10 * n + index)
+                assert kernels.launched == [name, tiled, name]
+                plan = K.matrix_launch(real, n, tuple(bits), "tiled_async")
+                assert plan.blocks_needed == 1 << (n - min(n, K.ASYNC_TILE_LOG[real]))
+                assert (name, plan.block, 0) in kernels.occupancy_queries
 
 
 def _multi_target_sets(rng: np.random.Generator, n: int, k: int) -> list[list[int]]:

@@ -31,7 +31,7 @@ TOLERANCE = {"double": 1e-12, "single": 1e-5}
 # kernel meets several tiles and targets above them.
 NUM_QUBITS = 14
 PLACEMENTS = ["low", "high", "mixed"]
-METHODS = ["auto", "strided", "strided_multi", "tiled", "warp"]
+METHODS = ["auto", "strided", "strided_multi", "tiled", "tiled_async", "warp"]
 
 
 # ---------------------------------------------------------------------------
@@ -110,6 +110,29 @@ def check_apply_matrix_multi(xp: Any, kernels: Any, precision: str, n: int, bits
     kernels.apply_matrix(single, list(bits), matrix, method="strided")
     kernels.apply_matrix(multi, list(bits), matrix, method="strided_multi")
     np.testing.assert_array_equal(to_numpy(xp, multi.data), to_numpy(xp, single.data))
+
+
+def check_apply_matrix_async(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], seed: int) -> None:
+    """"tiled_async" against NumPy, and bit for bit against "tiled" (per group the same slots and arithmetic)."""
+    check_apply_matrix(xp, kernels, precision, n, bits, "tiled_async", seed)
+    rng = np.random.default_rng(seed + 1)
+    dtype = DTYPES[precision]
+    initial = random_state(rng, n)
+    matrix = xp.asarray(random_unitary(rng, 1 << len(bits)).astype(dtype))
+    tiled = device_state(xp, n, dtype, initial)
+    double_buffered = device_state(xp, n, dtype, initial)
+    kernels.apply_matrix(tiled, list(bits), matrix, method="tiled")
+    kernels.apply_matrix(double_buffered, list(bits), matrix, method="tiled_async")
+    np.testing.assert_array_equal(to_numpy(xp, double_buffered.data), to_numpy(xp, tiled.data))
+
+
+def async_target_sets(rng: np.random.Generator, n: int, k: int) -> list[list[int]]:
+    """Targets 0..k-1; split (the lower half of them among bits 0.., the rest the highest); a random set; each shuffled."""
+    low = (k + 1) // 2
+    sets = [list(range(k)), list(range(low)) + list(range(n - (k - low), n)), [int(b) for b in rng.choice(n, size=k, replace=False)]]
+    for bits in sets:
+        rng.shuffle(bits)
+    return sets
 
 
 def check_apply_diagonal(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], seed: int) -> None:
@@ -376,6 +399,19 @@ def test_apply_matrix_multi(cp, precision, k, n):
     for index, bits in enumerate(target_sets):
         rng.shuffle(bits)
         check_apply_matrix_multi(cp, kernels_for(DTYPES[precision]), precision, n, bits, seed=100 * n + 10 * k + index)
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 9, 10, 11, 12, NUM_QUBITS, 20])
+@pytest.mark.parametrize("k", range(1, MAX_MATRIX_QUBITS + 1))
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_apply_matrix_tiled_async(cp, precision, k, n):
+    """apply_matrix_low_async ("tiled_async"): low, split and random targets on states from one tile
+    (or less) to many tiles per resident block, against NumPy and bit for bit against "tiled"."""
+    if n < k:
+        pytest.skip("fewer qubits than targets")
+    rng = np.random.default_rng(20 * n + k)
+    for index, bits in enumerate(async_target_sets(rng, n, k)):
+        check_apply_matrix_async(cp, kernels_for(DTYPES[precision]), precision, n, bits, seed=100 * n + 10 * k + index)
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
