@@ -147,6 +147,50 @@ def test_arch_spellings():
 # 2. Host-side planning, and no CUDA at import
 
 
+def test_trial_kernels_compile_in_a_module_of_their_own_on_first_use(monkeypatch):
+    # Kernels "auto" never picks (not yet measured on a GPU) must not add to the compile time of
+    # every job: they live in a second module, built only when one of them is asked for.
+    for real in ("float", "double"):
+        trial, core = K.instances(real, trial=True), K.instances(real, trial=False)
+        assert sorted(trial + core) == sorted(K.instances(real)) and not set(trial) & set(core)
+        assert trial and all(name.split("<")[0] in K.TRIAL_KERNELS for name in trial)
+        assert all(K.is_trial(name) for name in trial) and not any(K.is_trial(name) for name in core)
+    for real, k in ((r, k) for r in ("float", "double") for k in range(1, K.MAX_MATRIX_QUBITS + 1)):
+        bits = tuple(range(k))
+        assert not K.is_trial(K.matrix_launch(real, 14, bits).name)  # what "auto" launches
+        assert not K.is_trial(K.matrix_launch(real, 14, tuple(range(14 - k, 14))).name)
+
+    built = []
+
+    class FakeModule:
+        def __init__(self, code, options, name_expressions):
+            self.names = list(name_expressions)
+            built.append(self.names)
+
+        def compile(self):
+            pass
+
+        def get_function(self, name):
+            assert name in self.names
+            return ("function", name)
+
+    fake_cupy = type(sys)("cupy")
+    fake_cupy.RawModule = FakeModule
+    fake_cupy.cuda = type(sys)("cupy.cuda")
+    fake_cupy.cuda.compiler = type(sys)("cupy.cuda.compiler")
+    fake_cupy.cuda.compiler.CompileException = RuntimeError
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    kernels = K.Kernels(np.complex64)
+    kernels._function("apply_matrix<float, 2>")
+    kernels._function("apply_matrix_low<float, 3>")
+    assert built == [K.instances("float", trial=False)]
+    trial_name = K.instances("float", trial=True)[0]
+    assert kernels._function(trial_name) == ("function", trial_name)
+    assert built == [K.instances("float", trial=False), K.instances("float", trial=True)]
+    kernels._function(K.instances("float", trial=True)[-1])
+    assert len(built) == 2
+
+
 def test_import_and_kernels_for_touch_no_cuda():
     code = (
         "import sys, numpy\n"
