@@ -327,6 +327,51 @@ __device__ __forceinline__ index_t tile_index(index_t base, int s, int low_bits,
     return index;
 }
 
+// The global index of tile t's slot 0 (its low bits and high targets zero).
+template <int K>
+__device__ __forceinline__ index_t tile_base(index_t t, int low_bits, int high_count, const int* high_sorted) {
+    index_t base = t << low_bits;
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+        if (j < high_count) base = insert_zero_bit(base, high_sorted[j]);
+    return base;
+}
+
+// The tiled kernels' packed target arguments, unpacked: the high targets in
+// ascending order, and each target's tile-local bit (sorted, and as a
+// swizzled slot mask).
+template <typename R, int K>
+__device__ __forceinline__ void unpack_tile_targets(index_t packed_high_sorted, index_t packed_local_targets, index_t packed_local_sorted,
+                                                    int* high_sorted, int* local_sorted, int* slot_mask) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) high_sorted[j] = unpack6(packed_high_sorted, j);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        local_sorted[j] = unpack6(packed_local_sorted, j);
+        slot_mask[j] = swizzle<R>(1 << unpack6(packed_local_targets, j));
+    }
+}
+
+// The matrix applied to every group of a tile in shared memory, one group per
+// thread at a time; each group's products in matrix_row's order.
+template <typename R, int K>
+__device__ __forceinline__ void apply_to_tile(typename complex_of<R>::type* tile, const typename complex_of<R>::type* m, int groups,
+                                              const int* local_sorted, const int* slot_mask) {
+    typedef typename complex_of<R>::type cplx;
+    constexpr int D = 1 << K;
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        int local = g;
+#pragma unroll
+        for (int j = 0; j < K; ++j) local = insert_zero_bit32(local, local_sorted[j]);
+        const int slot = swizzle<R>(local);
+        cplx v[D];
+#pragma unroll
+        for (int c = 0; c < D; ++c) v[c] = tile[combine<int, K>(c, slot_mask, slot)];
+#pragma unroll(row_unroll<K>())
+        for (int r = 0; r < D; ++r) tile[combine<int, K>(r, slot_mask, slot)] = matrix_row<R, D>(m, v, r);
+    }
+}
+
 template <typename R, int K>
 __global__ void __launch_bounds__(low_shape<R, K>::BLOCK, low_shape<R, K>::MIN_BLOCKS) apply_matrix_low(
         typename complex_of<R>::type* __restrict__ state,
@@ -343,13 +388,7 @@ __global__ void __launch_bounds__(low_shape<R, K>::BLOCK, low_shape<R, K>::MIN_B
     int high_sorted[K];  // h <= K of them
     int local_sorted[K];
     int slot_mask[K];
-#pragma unroll
-    for (int j = 0; j < K; ++j) high_sorted[j] = unpack6(packed_high_sorted, j);
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-        local_sorted[j] = unpack6(packed_local_sorted, j);
-        slot_mask[j] = swizzle<R>(1 << unpack6(packed_local_targets, j));
-    }
+    unpack_tile_targets<R, K>(packed_high_sorted, packed_local_targets, packed_local_sorted, high_sorted, local_sorted, slot_mask);
     const int tile_size = 1 << (low_bits + high_count);
     const int groups = tile_size >> K;
     const index_t low_mask = (1ull << low_bits) - 1ull;
@@ -361,10 +400,7 @@ __global__ void __launch_bounds__(low_shape<R, K>::BLOCK, low_shape<R, K>::MIN_B
     __syncthreads();
 
     for (index_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-        index_t base = t << low_bits;
-#pragma unroll
-        for (int j = 0; j < K; ++j)
-            if (j < high_count) base = insert_zero_bit(base, high_sorted[j]);
+        const index_t base = tile_base<K>(t, low_bits, high_count, high_sorted);
 
         if (full) {
 #pragma unroll 1
@@ -382,17 +418,7 @@ __global__ void __launch_bounds__(low_shape<R, K>::BLOCK, low_shape<R, K>::MIN_B
         }
         __syncthreads();
 
-        for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-            int local = g;
-#pragma unroll
-            for (int j = 0; j < K; ++j) local = insert_zero_bit32(local, local_sorted[j]);
-            const int slot = swizzle<R>(local);
-            cplx v[D];
-#pragma unroll
-            for (int c = 0; c < D; ++c) v[c] = tile[combine<int, K>(c, slot_mask, slot)];
-#pragma unroll(row_unroll<K>())
-            for (int r = 0; r < D; ++r) tile[combine<int, K>(r, slot_mask, slot)] = matrix_row<R, D>(m, v, r);
-        }
+        apply_to_tile<R, K>(tile, m, groups, local_sorted, slot_mask);
         __syncthreads();
 
         if (full) {
@@ -499,15 +525,6 @@ __device__ __forceinline__ void copy_wait_all() {
 #endif
 }
 
-// The global index of tile t's slot 0 (its low bits and high targets zero).
-template <int K>
-__device__ __forceinline__ index_t tile_base(index_t t, int low_bits, int high_count, const int* high_sorted) {
-    index_t base = t << low_bits;
-#pragma unroll
-    for (int j = 0; j < K; ++j)
-        if (j < high_count) base = insert_zero_bit(base, high_sorted[j]);
-    return base;
-}
 
 template <typename R, int K>
 __global__ void __launch_bounds__(low_async_shape<R, K>::BLOCK, low_async_shape<R, K>::MIN_BLOCKS) apply_matrix_low_async(
@@ -525,13 +542,7 @@ __global__ void __launch_bounds__(low_async_shape<R, K>::BLOCK, low_async_shape<
     int high_sorted[K];  // h <= K of them
     int local_sorted[K];
     int slot_mask[K];
-#pragma unroll
-    for (int j = 0; j < K; ++j) high_sorted[j] = unpack6(packed_high_sorted, j);
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-        local_sorted[j] = unpack6(packed_local_sorted, j);
-        slot_mask[j] = swizzle<R>(1 << unpack6(packed_local_targets, j));
-    }
+    unpack_tile_targets<R, K>(packed_high_sorted, packed_local_targets, packed_local_sorted, high_sorted, local_sorted, slot_mask);
     const int tile_size = 1 << (low_bits + high_count);
     const int groups = tile_size >> K;
     const index_t low_mask = (1ull << low_bits) - 1ull;
@@ -562,17 +573,7 @@ __global__ void __launch_bounds__(low_async_shape<R, K>::BLOCK, low_async_shape<
         copy_commit();
 
         cplx* const tile = buffers[buffer];
-        for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-            int local = g;
-#pragma unroll
-            for (int j = 0; j < K; ++j) local = insert_zero_bit32(local, local_sorted[j]);
-            const int slot = swizzle<R>(local);
-            cplx v[D];
-#pragma unroll
-            for (int c = 0; c < D; ++c) v[c] = tile[combine<int, K>(c, slot_mask, slot)];
-#pragma unroll(row_unroll<K>())
-            for (int r = 0; r < D; ++r) tile[combine<int, K>(r, slot_mask, slot)] = matrix_row<R, D>(m, v, r);
-        }
+        apply_to_tile<R, K>(tile, m, groups, local_sorted, slot_mask);
         __syncthreads();
 
         const index_t base = tile_base<K>(t, low_bits, high_count, high_sorted);
