@@ -98,32 +98,29 @@ def check_apply_matrix(xp: Any, kernels: Any, precision: str, n: int, bits: Sequ
     assert_close(to_numpy(xp, state.data), oracle.to_host(), TOLERANCE[precision])
 
 
-def check_apply_matrix_multi(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], seed: int) -> None:
-    """"strided_multi" against NumPy, and bit for bit against "strided" (per group the same FMA chains)."""
-    check_apply_matrix(xp, kernels, precision, n, bits, "strided_multi", seed)
+def check_same_as(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], method: str, reference: str, seed: int) -> None:
+    """``method`` against NumPy, and bit for bit against ``reference``, the kernel it must match exactly
+    (per group the same slots and FMA chains)."""
+    check_apply_matrix(xp, kernels, precision, n, bits, method, seed)
     rng = np.random.default_rng(seed + 1)
     dtype = DTYPES[precision]
     initial = random_state(rng, n)
     matrix = xp.asarray(random_unitary(rng, 1 << len(bits)).astype(dtype))
-    single = device_state(xp, n, dtype, initial)
-    multi = device_state(xp, n, dtype, initial)
-    kernels.apply_matrix(single, list(bits), matrix, method="strided")
-    kernels.apply_matrix(multi, list(bits), matrix, method="strided_multi")
-    np.testing.assert_array_equal(to_numpy(xp, multi.data), to_numpy(xp, single.data))
+    expected = device_state(xp, n, dtype, initial)
+    got = device_state(xp, n, dtype, initial)
+    kernels.apply_matrix(expected, list(bits), matrix, method=reference)
+    kernels.apply_matrix(got, list(bits), matrix, method=method)
+    np.testing.assert_array_equal(to_numpy(xp, got.data), to_numpy(xp, expected.data))
+
+
+def check_apply_matrix_multi(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], seed: int) -> None:
+    """"strided_multi" against NumPy, and bit for bit against "strided"."""
+    check_same_as(xp, kernels, precision, n, bits, "strided_multi", "strided", seed)
 
 
 def check_apply_matrix_async(xp: Any, kernels: Any, precision: str, n: int, bits: Sequence[int], seed: int) -> None:
-    """"tiled_async" against NumPy, and bit for bit against "tiled" (per group the same slots and arithmetic)."""
-    check_apply_matrix(xp, kernels, precision, n, bits, "tiled_async", seed)
-    rng = np.random.default_rng(seed + 1)
-    dtype = DTYPES[precision]
-    initial = random_state(rng, n)
-    matrix = xp.asarray(random_unitary(rng, 1 << len(bits)).astype(dtype))
-    tiled = device_state(xp, n, dtype, initial)
-    double_buffered = device_state(xp, n, dtype, initial)
-    kernels.apply_matrix(tiled, list(bits), matrix, method="tiled")
-    kernels.apply_matrix(double_buffered, list(bits), matrix, method="tiled_async")
-    np.testing.assert_array_equal(to_numpy(xp, double_buffered.data), to_numpy(xp, tiled.data))
+    """"tiled_async" against NumPy, and bit for bit against "tiled"."""
+    check_same_as(xp, kernels, precision, n, bits, "tiled_async", "tiled", seed)
 
 
 def async_target_sets(rng: np.random.Generator, n: int, k: int) -> list[list[int]]:
