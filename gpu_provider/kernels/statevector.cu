@@ -76,6 +76,17 @@ __device__ __forceinline__ typename complex_of<R>::type matrix_row(
     return make_complex<R>(re_xx - re_yy, im_xy + im_yx);
 }
 
+// The strided kernels' packed targets, unpacked: the targets ascending (where a
+// group's base index gets its zero bits) and each target's bit as a mask.
+template <int K>
+__device__ __forceinline__ void unpack_group_targets(index_t packed_targets, index_t packed_sorted, int* sorted, index_t* mask) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        sorted[j] = unpack6(packed_sorted, j);
+        mask[j] = 1ull << unpack6(packed_targets, j);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // apply_matrix<R, K>: a dense 2^K x 2^K matrix on K targets, one group per thread.
 //
@@ -98,11 +109,7 @@ __global__ void __launch_bounds__(256) apply_matrix(
 
     int sorted[K];
     index_t mask[K];
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-        sorted[j] = unpack6(packed_sorted, j);
-        mask[j] = 1ull << unpack6(packed_targets, j);
-    }
+    unpack_group_targets<K>(packed_targets, packed_sorted, sorted, mask);
     __syncthreads();
 
     const index_t stride = (index_t)gridDim.x * blockDim.x;
@@ -216,11 +223,7 @@ __global__ void __launch_bounds__(multi_shape<R, K, G>::BLOCK, multi_shape<R, K,
 
     int sorted[K];
     index_t mask[K];
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-        sorted[j] = unpack6(packed_sorted, j);
-        mask[j] = 1ull << unpack6(packed_targets, j);
-    }
+    unpack_group_targets<K>(packed_targets, packed_sorted, sorted, mask);
     __syncthreads();
 
     const index_t stride = (index_t)gridDim.x * blockDim.x;
