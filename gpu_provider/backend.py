@@ -122,6 +122,12 @@ class GPUSimulator(BackendV2):
             for a seed, up to rounding. On an
             executor, its GPU workers do the same with their chunks. Other
             circuits and MPI runs are unaffected.
+        shot_branching_enable (bool): shots of a circuit that measures
+            mid-circuit, resets or branches on classical values share one
+            simulation until their outcomes differ (True; Aer's option of the
+            same name, off there by default). Counts keep the distribution of
+            independent shots and memory comes in a random order; a seed gives
+            other samples than with False, which runs every shot on its own.
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
@@ -154,6 +160,7 @@ class GPUSimulator(BackendV2):
             executor=None,
             max_job_size=None,
             batch_small_circuits=True,
+            shot_branching_enable=True,
         )
 
     @raises_qiskit_errors
@@ -287,6 +294,7 @@ class GPUSimulator(BackendV2):
                 statevector=merged["statevector"],
                 precision=merged["precision"],
                 max_loop_iterations=merged["max_loop_iterations"],
+                shot_branching=merged["shot_branching_enable"],
             )
             if merged["statevector"]:  # the full-width vector returned, idle qubits included
                 _check_statevector_output(program, circuit.name, itemsize)
@@ -530,7 +538,7 @@ def _validate_options(options: dict) -> None:
     shots = options["shots"]
     if not _is_int(shots) or not 1 <= shots <= MAX_SHOTS:
         raise InvalidOptionError(f"shots must be an integer from 1 to {MAX_SHOTS:,}, not {shots!r}")
-    for flag in ("memory", "statevector", "fusion_enable", "batch_small_circuits"):
+    for flag in ("memory", "statevector", "fusion_enable", "batch_small_circuits", "shot_branching_enable"):
         if not isinstance(options[flag], (bool, np.bool_)):
             raise InvalidOptionError(f"{flag} must be True or False, not {options[flag]!r}")
     seed = options["seed_simulator"]

@@ -24,29 +24,19 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import CircuitTooLargeError, InvalidInputError, IterationLimitError, JobCancelledError, SimulationError
+from ..errors import CircuitTooLargeError, InvalidInputError, JobCancelledError, SimulationError
 from .devices import PRECISIONS, Device, state_bytes
 from .program import (
     CONTROL_FLOW,
-    BreakLoop,
-    ContinueLoop,
     Diagonal,
-    ForLoop,
     GlobalPhase,
-    IfElse,
     Initialize,
     Measure,
     PauliEvolution,
     Program,
-    Reset,
-    Store,
-    SwitchCase,
     Unitary,
-    Var,
-    WhileLoop,
     any_op,
     count_ops,
-    evaluate,
     expand_state,
     gate_arrays,
     is_sampling_friendly,
@@ -54,6 +44,7 @@ from .program import (
     measurements_are_terminal,
 )
 from .statevector import StateVector
+from .trajectories import Interpreter, Trajectory, saved_states
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +67,9 @@ class RunConfig:
     statevector: bool = False
     precision: str = "double"
     max_loop_iterations: int = 100_000
+    # Shots of a program that measures mid-circuit, resets or branches share one trajectory
+    # until their outcomes differ (see engine/trajectories.py); False runs each shot alone.
+    shot_branching: bool = True
 
     @property
     def dtype(self):
@@ -96,14 +90,6 @@ class ExperimentOutput:
 MAX_STATE_QUBITS = 40
 # Scratch memory a job may use beside its state arrays (sampling chunks, small matrices, Python).
 WORKSPACE_BYTES = 64 << 20
-
-
-class _Break(Exception):
-    pass
-
-
-class _Continue(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------
@@ -445,96 +431,9 @@ def estimated_ops(program: Program, config: RunConfig) -> int:
     return ops if is_sampling_friendly(program) else ops * config.shots
 
 
-class _Shot:
-    """Classical memory and the random stream of one trajectory."""
-
-    __slots__ = ("clbits", "variables", "rng", "config", "execution")
-
-    def __init__(self, num_clbits: int, rng: np.random.Generator, config: RunConfig, execution: Optional[Execution]):
-        self.clbits = [0] * num_clbits
-        self.variables: dict = {}
-        self.rng = rng
-        self.config = config
-        self.execution = execution
-
-
-def _apply_gate(state: StateVector, op) -> None:
-    if isinstance(op, Diagonal):
-        state.apply_diagonal(op.qubits, op.diagonal)
-    elif op.controls:
-        state.apply_controlled(op.controls, op.ctrl_state, op.qubits, op.matrix)
-    else:
-        state.apply_unitary(op.qubits, op.matrix)
-
-
-def _store(shot: _Shot, op: Store) -> None:
-    value = evaluate(op.value, shot.clbits, shot.variables)
-    if isinstance(op.target, Var):
-        shot.variables[op.target.name] = value
-    else:
-        for position, clbit in enumerate(op.target.clbits):
-            shot.clbits[clbit] = (int(value) >> position) & 1
-
-
-def run_ops(state: StateVector, ops, shot: _Shot) -> None:
-    """Interpret ``ops`` on ``state`` for one trajectory."""
-    execution = shot.execution
-    for op in ops:
-        if execution is not None:
-            execution.checkpoint()
-        kind = type(op)
-        if kind is Unitary or kind is Diagonal:
-            _apply_gate(state, op)
-        elif kind is Measure:
-            shot.clbits[op.clbit] = state.measure(op.qubit, shot.rng.random())
-        elif kind is Reset:
-            state.measure(op.qubit, shot.rng.random(), reset=True)
-        elif kind is GlobalPhase:
-            state.apply_phase(op.phase)
-        elif kind is Initialize:
-            state.initialize(op.qubits, op.vector)
-        elif kind is PauliEvolution:
-            state.apply_pauli_evolution(op.qubits, op.x_masks, op.z_masks, op.angles)
-        elif kind is IfElse:
-            body = op.true_body if evaluate(op.condition, shot.clbits, shot.variables) else op.false_body
-            run_ops(state, body, shot)
-        elif kind is WhileLoop:
-            iterations = 0
-            while evaluate(op.condition, shot.clbits, shot.variables):
-                iterations += 1
-                if iterations > shot.config.max_loop_iterations:
-                    raise IterationLimitError(
-                        f"a while_loop ran more than max_loop_iterations={shot.config.max_loop_iterations} "
-                        "iterations; check its condition can become false, or raise the option"
-                    )
-                try:
-                    run_ops(state, op.body, shot)
-                except _Break:
-                    break
-                except _Continue:
-                    continue
-        elif kind is ForLoop:
-            for body in op.iterations:
-                try:
-                    run_ops(state, body, shot)
-                except _Break:
-                    break
-                except _Continue:
-                    continue
-        elif kind is SwitchCase:
-            value = evaluate(op.target, shot.clbits, shot.variables)
-            for values, body in op.cases:
-                if values is None or value in values:
-                    run_ops(state, body, shot)
-                    break
-        elif kind is Store:
-            _store(shot, op)
-        elif kind is BreakLoop:
-            raise _Break()
-        elif kind is ContinueLoop:
-            raise _Continue()
-        else:
-            raise SimulationError(f"the engine cannot run op {op!r}")
+def run_ops(state: StateVector, ops, rng: np.random.Generator, config: RunConfig, execution: Optional[Execution] = None, num_clbits: int = 0) -> None:
+    """Interpret ``ops`` on ``state`` as one trajectory (a single shot: measurements draw from ``rng``)."""
+    Interpreter(rng, config.max_loop_iterations, execution).run(Trajectory.start(state, ops, num_clbits, 1))
 
 
 def _clbit_value(clbits) -> int:
@@ -550,8 +449,9 @@ def _is_prefix_op(op) -> bool:
     return isinstance(op, (Unitary, Diagonal, GlobalPhase, Initialize, PauliEvolution))
 
 
-# The most full-size arrays state_arrays counts for any program (shot by shot, a Pauli
-# evolution's recurrence, a host copy of the state, a wide controlled gate's temporary).
+# The most full-size arrays state_arrays counts for any program, besides the copies that
+# forked trajectories wait on (shots restart copy, a Pauli evolution's recurrence, a host
+# copy of the state, a wide controlled gate's temporary).
 MAX_STATE_ARRAYS = 3 + 4 + 1 + 1
 # memory_needed returns its bound without reading the program's ops while MAX_STATE_ARRAYS
 # states take at most this many bytes: over-reserving that little costs less than the scan.
@@ -562,15 +462,18 @@ def state_arrays(program: Program, config: RunConfig, in_place: bool = False) ->
     """How many full-size arrays a program's run holds at its peak.
 
     With ``in_place`` (the GPU kernels apply every op of the program, see
-    :func:`kernels_cover`): the state alone, plus a snapshot of the prefix when
-    shots run one by one (the state vector asked for is copied to the host, not
-    on the device). Otherwise the state and its scratch buffer; a snapshot of the
-    prefix when shots run one by one; a host copy for ``statevector=True``; and
-    the temporaries of a wide controlled gate applied on a slice of the state.
+    :func:`kernels_cover`): the state alone. Otherwise the state and its scratch
+    buffer; a host copy for ``statevector=True``; and the temporaries of a wide
+    controlled gate applied on a slice of the state. A program whose shots run
+    as trajectories (it measures mid-circuit, resets or branches) also holds the
+    copy its shots restart from when they run one by one, and the copies that
+    forked trajectories wait on (:func:`~gpu_provider.engine.trajectories.saved_states`).
     """
+    sampling = is_sampling_friendly(program)
+    waiting = 0 if sampling else 1 + saved_states(program.num_qubits, np.dtype(config.dtype).itemsize, config.shots, config.shot_branching)
     if in_place:
-        return 1 if is_sampling_friendly(program) else 2
-    arrays = 2 if is_sampling_friendly(program) else 3
+        return 1 + waiting
+    arrays = 2 + waiting
     if any_op(program.ops, PauliEvolution):
         arrays += 4  # its Chebyshev recurrence: three terms and one product temporary
     if config.statevector:
@@ -634,12 +537,16 @@ def memory_needed(program: Program, config: RunConfig, device: Optional[Device] 
     ``num_qubits`` overrides the state's width (one rank's part of a distributed state).
     States so small that ``MAX_STATE_ARRAYS`` of them fit in ``SMALL_STATE_BOUND_BYTES``
     get that bound instead: a many-circuit job of small states then pays no
-    per-circuit scan of its ops, and reserves at most 16 MiB more than it uses.
+    per-circuit scan of its ops, and reserves at most 16 MiB more than it uses
+    (with the copies that forked trajectories may keep, which only a program that
+    measures mid-circuit, resets or branches makes: ``log2(shots)`` small states).
     """
     n = program.num_qubits if num_qubits is None else num_qubits
-    size = state_bytes(n, np.dtype(config.dtype).itemsize)
+    itemsize = np.dtype(config.dtype).itemsize
+    size = state_bytes(n, itemsize)
     if MAX_STATE_ARRAYS * size <= SMALL_STATE_BOUND_BYTES:  # a small state: the bound, without a scan of the ops
-        return MAX_STATE_ARRAYS * size + sampling_table_bytes(n) + WORKSPACE_BYTES
+        waiting = saved_states(program.num_qubits, itemsize, config.shots, config.shot_branching)
+        return (MAX_STATE_ARRAYS + waiting) * size + sampling_table_bytes(n) + WORKSPACE_BYTES
     in_place = device is not None and kernels_cover(program, device, config.dtype)
     arrays = state_arrays(program, config, in_place)
     return arrays * size + sampling_table_bytes(n) + WORKSPACE_BYTES
@@ -668,10 +575,10 @@ class _Tally:
         self.counts: dict = {}
         self.memory: Optional[list] = [] if keep_memory else None
 
-    def add(self, value: int) -> None:
-        self.counts[value] = self.counts.get(value, 0) + 1
+    def add(self, value: int, shots: int = 1) -> None:
+        self.counts[value] = self.counts.get(value, 0) + shots
         if self.memory is not None:
-            self.memory.append(value)
+            self.memory.extend([value] * shots)
 
     def add_many(self, values) -> None:
         if self.memory is not None:
@@ -717,46 +624,69 @@ def run_program(
     else:
         state = new_state(device, program.num_qubits, dtype)
     state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
-    shot = _Shot(program.num_clbits, rng, config, execution)
     statevector = None
+    extra = {}
     if sampling:
         # One simulation; every shot drawn from the final probabilities, a chunk at a time.
-        run_ops(state, tuple(op for op in program.ops if not isinstance(op, Measure)), shot)
+        run_ops(state, tuple(op for op in program.ops if not isinstance(op, Measure)), rng, config, execution, program.num_clbits)
         if config.statevector:
             statevector = state.to_host()
         tally = sample_counts(state, program, config, rng, execution)
     else:
-        measures = [op for op in program.ops if isinstance(op, Measure)]
-        measured = sorted({m.qubit for m in measures})
-        tally = _Tally(config.memory)
+        tally, last, extra = _run_trajectories(program, state, config, rng, execution)
+        if config.statevector:
+            # The last trajectory's state, its terminal measurements removed (as Aer does).
+            statevector = last.to_host()
+    if group is not None:
+        extra["mpi"] = state.metadata()
+    return experiment_output(program, device, config, tally, statevector, sampling, time.perf_counter() - start, extra)
+
+
+def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random.Generator, execution) -> tuple:
+    """Counts (and memory) of a program that measures mid-circuit, resets or branches.
+
+    With ``config.shot_branching`` its shots share trajectories until their
+    outcomes differ (:mod:`gpu_provider.engine.trajectories`); otherwise each
+    shot runs alone from a copy of the state after the gates before the first
+    other op. Returns the tally, the state of the last trajectory run, and
+    metadata on the trajectories.
+    """
+    measures = [op for op in program.ops if isinstance(op, Measure)]
+    measured = sorted({m.qubit for m in measures})
+    tally = _Tally(config.memory)
+    # Terminal measurements (after resets, say) are drawn from each trajectory's final state.
+    terminal = measurements_are_terminal(program)
+    ops = tuple(op for op in program.ops if not isinstance(op, Measure)) if terminal else program.ops
+    last = [state]
+
+    def finish(trajectory: Trajectory) -> None:
+        last[0] = trajectory.state
+        if terminal and measures:
+            for outcomes in sample_outcomes(trajectory.state, measured, trajectory.shots, rng, execution):
+                tally.add_many(_sampled_clbit_values(outcomes, measured, measures, program.num_clbits))
+        else:
+            tally.add(_clbit_value(trajectory.clbits), trajectory.shots)
+
+    limit = saved_states(program.num_qubits, np.dtype(config.dtype).itemsize, config.shots, config.shot_branching)
+    interpreter = Interpreter(rng, config.max_loop_iterations, execution, limit, finish)
+    if config.shot_branching:
+        interpreter.run_all(Trajectory.start(state, ops, program.num_clbits, config.shots))
+        if tally.memory is not None and len(tally.memory) > 1:
+            # Shots come out grouped by trajectory: give them the order of independent shots.
+            tally.memory = [tally.memory[i] for i in rng.permutation(len(tally.memory)).tolist()]
+    else:
         # Shot by shot, from a copy of the common prefix of gates.
-        terminal = measurements_are_terminal(program)
-        ops = tuple(op for op in program.ops if not isinstance(op, Measure)) if terminal else program.ops
         prefix_len = 0
         while prefix_len < len(ops) and _is_prefix_op(ops[prefix_len]):
             prefix_len += 1
-        run_ops(state, ops[:prefix_len], shot)
+        run_ops(state, ops[:prefix_len], rng, config, execution, program.num_clbits)
         prefix = state.snapshot() if config.shots > 1 else None
         rest = ops[prefix_len:]
         for index in range(config.shots):
-            if execution is not None:
-                execution.poll_cancel()
             if index:
                 state.copy_from(prefix)
-            shot.clbits = [0] * program.num_clbits
-            shot.variables = {}
-            run_ops(state, rest, shot)
-            if terminal and measures:
-                # Terminal measurements of a trajectory with resets: one draw from its final state.
-                outcome = state.sample(measured, 1, rng)
-                tally.add_many(_sampled_clbit_values(outcome, measured, measures, program.num_clbits))
-            else:
-                tally.add(_clbit_value(shot.clbits))
-        if config.statevector:
-            # The last trajectory's state, its terminal measurements removed (as Aer does).
-            statevector = state.to_host()
-    extra = {"mpi": state.metadata()} if group is not None else {}
-    return experiment_output(program, device, config, tally, statevector, sampling, time.perf_counter() - start, extra)
+            interpreter.run(Trajectory.start(state, rest, program.num_clbits, 1))
+    return tally, last[0], {"shot_branching": config.shot_branching, "trajectories": interpreter.trajectories}
 
 
 def sample_counts(state: StateVector, program: Program, config: RunConfig, rng: np.random.Generator, execution: Execution | None = None) -> _Tally:
@@ -820,8 +750,8 @@ def evolve(program: Program, state: StateVector, config: RunConfig, execution: O
             "control flow; exact expectation values need a circuit without them (final measurements are ignored)"
         )
     state.reset_to_zero()
-    shot = _Shot(program.num_clbits, np.random.default_rng(config.seed), config, execution)
-    run_ops(state, tuple(op for op in program.ops if not isinstance(op, Measure)), shot)
+    ops = tuple(op for op in program.ops if not isinstance(op, Measure))
+    run_ops(state, ops, np.random.default_rng(config.seed), config, execution, program.num_clbits)
     return state
 
 
@@ -892,5 +822,5 @@ def final_state(program: Program, device: Device, config: RunConfig, execution: 
             raise SimulationError(f"final_state() runs gates only; the program holds {type(op).__name__}")
     device.check_fits(program.num_qubits, np.dtype(config.dtype).itemsize, arrays=2)
     state = new_state(device, program.num_qubits, config.dtype)
-    run_ops(state, program.ops, _Shot(program.num_clbits, np.random.default_rng(config.seed), config, execution))
+    run_ops(state, program.ops, np.random.default_rng(config.seed), config, execution, program.num_clbits)
     return state

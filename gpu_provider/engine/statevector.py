@@ -237,7 +237,7 @@ class StateVector:
         twin.data = self.data.copy()
         twin._buffer = None
         twin.order = list(self.order)
-        twin._device_arrays = {}
+        twin._device_arrays = self._device_arrays  # the program's matrices, read-only: shared by its copies
         return twin
 
     # -- unitary operations --------------------------------------------------

@@ -172,4 +172,7 @@ def test_memory_check_counts_the_evolution_workspace():
     from gpu_provider.engine.executor import RunConfig, state_arrays
 
     assert state_arrays(program, RunConfig()) == 2 + 4
-    assert state_arrays(translate(QuantumCircuit(1, 1)).replace(ops=(P.Reset(0), P.Measure(0, 0))), RunConfig()) == 3
+    shot_by_shot = translate(QuantumCircuit(1, 1)).replace(ops=(P.Reset(0), P.Measure(0, 0)))
+    assert state_arrays(shot_by_shot, RunConfig(shot_branching=False)) == 3
+    # With shot branching, also the copies forked trajectories may keep: log2(shots) of them.
+    assert state_arrays(shot_by_shot, RunConfig(shots=1024)) == 3 + 11

@@ -379,6 +379,7 @@ def test_kernel_programs_reserve_one_state_others_two():
     from gpu_provider.engine.executor import RunConfig, kernels_cover, memory_needed, state_arrays
 
     from gpu_provider.engine.executor import MAX_STATE_ARRAYS, WORKSPACE_BYTES, sampling_table_bytes
+    from gpu_provider.engine.trajectories import saved_states
 
     gpu = _SizedGPU(1 << 40)
     cpu, _ = devices.resolve_device("CPU", 0)
@@ -392,7 +393,8 @@ def test_kernel_programs_reserve_one_state_others_two():
     assert state_arrays(program, config, in_place=True) == 1
     # A small state gets the bound of every array any program may hold, without reading its ops.
     small = translate(random_circuit(12, 3))
-    bound = MAX_STATE_ARRAYS * devices.state_bytes(12, 8) + sampling_table_bytes(12) + WORKSPACE_BYTES
+    waiting = saved_states(12, 8, config.shots)  # the copies a circuit's forked trajectories may keep
+    bound = (MAX_STATE_ARRAYS + waiting) * devices.state_bytes(12, 8) + sampling_table_bytes(12) + WORKSPACE_BYTES
     assert memory_needed(small, config, gpu) == memory_needed(small, config, cpu) == bound
     assert bound >= state_arrays(small, config) * devices.state_bytes(12, 8) + sampling_table_bytes(12) + WORKSPACE_BYTES
     # Initialize and a 7-qubit dense gate need the scratch buffer: counted as before.
@@ -402,9 +404,11 @@ def test_kernel_programs_reserve_one_state_others_two():
     seven = QuantumCircuit(12)
     seven.unitary(random_unitary(1 << 7, seed=1).data, range(7))
     assert not kernels_cover(translate(seven), gpu, config.dtype)
-    # Mid-circuit measurement: the state and the prefix snapshot.
+    # Mid-circuit measurement: the state, the copy its shots restart from one by one, and the
+    # copies forked trajectories may keep (log2(shots) of them; none without shot branching).
     mid = QuantumCircuit(3, 1)
     mid.h(0)
     mid.measure(0, 0)
-    mid.x(0)  # a gate on a measured qubit: shot by shot
-    assert state_arrays(translate(mid), config, in_place=True) == 2
+    mid.x(0)  # a gate on a measured qubit: trajectories
+    assert state_arrays(translate(mid), config, in_place=True) == 2 + 11
+    assert state_arrays(translate(mid), RunConfig(precision="single", shot_branching=False), in_place=True) == 2

@@ -1,0 +1,112 @@
+"""Dynamic circuits (mid-circuit measurement, reset, a condition), end to end, against Qiskit Aer.
+
+    python -m benchmarks.dynamic [--data 5,8] [--rounds 3] [--shots 1024,8192] [--device auto|gpu|cpu]
+                                 [--precision single|double] [--repeats 3] [--out DIR]
+
+The circuit: ``--data`` data qubits in a product of ``ry`` states, ``--rounds``
+rounds of parity checks of neighbouring data qubits, each on an ancilla that
+is measured and reset (``data - 1`` ancillas, reused every round), an ``rx``
+layer between rounds, one ``if_test`` on the first check, final measurements:
+``2 * data - 1`` qubits and ``rounds * (data - 1)`` mid-circuit measurements.
+Timed on ``run(circuit).result()`` (median of --repeats after a warm-up):
+gpu_provider with shot branching (the default) and without
+(``shot_branching_enable=False``, every shot alone), and Aer, shot by shot (its
+default) and with its own ``shot_branching_enable=True``, all on the same
+transpiled circuit and shots. Prints one row per case with the ratios
+Aer / gpu_provider; writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister, transpile
+
+from benchmarks.report import emit
+from gpu_provider import GPUSimulator
+
+
+def syndrome_circuit(data: int, rounds: int) -> QuantumCircuit:
+    qd, qa = QuantumRegister(data, "d"), QuantumRegister(data - 1, "a")
+    checks, final = ClassicalRegister(rounds * (data - 1), "s"), ClassicalRegister(data, "f")
+    circuit = QuantumCircuit(qd, qa, checks, final)
+    for q, angle in enumerate(np.linspace(0.3, 1.9, data)):
+        circuit.ry(float(angle), qd[q])
+    for r in range(rounds):
+        for a in range(data - 1):
+            circuit.cx(qd[a], qa[a])
+            circuit.cx(qd[a + 1], qa[a])
+            circuit.measure(qa[a], checks[r * (data - 1) + a])
+            circuit.reset(qa[a])
+        circuit.rx(0.1, qd)
+    with circuit.if_test((checks[0], 1)):
+        circuit.x(qd[0])
+    circuit.measure(qd, final)
+    return circuit
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    result = fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def measure(data: int, rounds: int, shots: int, device: str, precision: str, repeats: int, aer: bool = True) -> dict:
+    circuit = syndrome_circuit(data, rounds)
+    row = {"data": data, "rounds": rounds, "qubits": circuit.num_qubits, "shots": shots, "precision": precision}
+    for name, branching in (("branching", True), ("shot_by_shot", False)):
+        backend = GPUSimulator(device=device, precision=precision, shot_branching_enable=branching)
+        seconds, result = _median_time(lambda: backend.run(circuit, shots=shots, seed_simulator=1).result(), repeats)
+        row[f"gpu_provider_{name}_s"] = round(seconds, 4)
+        row["device"] = result.results[0].metadata["device"]
+        row[f"trajectories_{name}"] = result.results[0].metadata["trajectories"]
+    if aer:
+        try:
+            from qiskit_aer import AerSimulator
+        except ImportError:
+            return row
+        compiled = transpile(circuit, AerSimulator(), optimization_level=0)
+        for name, branching in (("shot_by_shot", False), ("branching", True)):
+            simulator = AerSimulator(method="statevector", precision=precision, shot_branching_enable=branching)
+            seconds, _ = _median_time(lambda: simulator.run(compiled, shots=shots, seed_simulator=1).result(), repeats)
+            row[f"aer_{name}_s"] = round(seconds, 4)
+        best_aer = min(row["aer_shot_by_shot_s"], row["aer_branching_s"])
+        row["best_aer_over_gpu_provider"] = round(best_aer / row["gpu_provider_branching_s"], 2)
+    return row
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=_ints, default=[5, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shots", type=_ints, default=[1024, 8192])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="double", choices=["single", "double"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-aer", action="store_true", help="time gpu_provider alone")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    for data in args.data:
+        for shots in args.shots:
+            row = measure(data, args.rounds, shots, args.device, args.precision, args.repeats, aer=not args.no_aer)
+            print(row, flush=True)
+            rows.append(row)
+    emit({"rows": rows}, args.out, "dynamic.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
