@@ -61,7 +61,7 @@ from .program import (
     evaluate,
 )
 
-# The state copies that waiting trajectories may hold in all (never fewer than none).
+# The most bytes of state copies that forked trajectories may keep waiting at once.
 BRANCH_BYTES = 256 << 20
 
 
