@@ -1,7 +1,7 @@
 """Dynamic circuits (mid-circuit measurement, reset, a condition), end to end, against Qiskit Aer.
 
     python -m benchmarks.dynamic [--data 5,8] [--rounds 3] [--shots 1024,8192] [--device auto|gpu|cpu]
-                                 [--precision single|double] [--repeats 3] [--out DIR]
+                                 [--precision single|double] [--repeats 3] [--pennylane] [--out DIR]
 
 The circuit: ``--data`` data qubits in a product of ``ry`` states, ``--rounds``
 rounds of parity checks of neighbouring data qubits, each on an ancilla that
@@ -14,6 +14,11 @@ gpu_provider with shot branching (the default) and without
 default) and with its own ``shot_branching_enable=True``, all on the same
 transpiled circuit and shots. Prints one row per case with the ratios
 Aer / gpu_provider; writes JSON to --out.
+
+With ``--pennylane`` the same circuit is also written as a PennyLane QNode
+(``qml.measure(..., reset=True)``, ``qml.cond``, ``qml.counts`` of the data
+wires) and timed with ``mcm_method="one-shot"`` on ``gpu_provider.qubit``
+and on PennyLane's ``default.qubit``.
 """
 
 from __future__ import annotations
@@ -83,6 +88,39 @@ def measure(data: int, rounds: int, shots: int, device: str, precision: str, rep
     return row
 
 
+def pennylane_times(data: int, rounds: int, shots: int, device: str, repeats: int) -> dict:
+    """The circuit as a PennyLane QNode, one-shot, on gpu_provider.qubit and default.qubit (seconds)."""
+    import pennylane as qml
+
+    wires = 2 * data - 1
+
+    def circuit():
+        for q, angle in enumerate(np.linspace(0.3, 1.9, data)):
+            qml.RY(float(angle), q)
+        first = None
+        for _ in range(rounds):
+            for a in range(data - 1):
+                qml.CNOT([a, data + a])
+                qml.CNOT([a + 1, data + a])
+                value = qml.measure(data + a, reset=True)
+                first = value if first is None else first
+            for q in range(data):
+                qml.RX(0.1, q)
+        qml.cond(first, qml.PauliX)(0)
+        return qml.counts(wires=range(data))
+
+    row = {}
+    for name, dev in (
+        ("pennylane_gpu_provider_s", qml.device("gpu_provider.qubit", wires=wires, seed=1, device=device)),
+        ("pennylane_default_qubit_s", qml.device("default.qubit", wires=wires, seed=1)),
+    ):
+        node = qml.set_shots(qml.QNode(circuit, dev, mcm_method="one-shot"), shots)
+        seconds, _ = _median_time(node, repeats)
+        row[name] = round(seconds, 4)
+    row["default_qubit_over_gpu_provider"] = round(row["pennylane_default_qubit_s"] / row["pennylane_gpu_provider_s"], 1)
+    return row
+
+
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
@@ -96,12 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="double", choices=["single", "double"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-aer", action="store_true", help="time gpu_provider alone")
+    parser.add_argument("--pennylane", action="store_true", help="also time the circuit as a PennyLane QNode, one-shot")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     rows = []
     for data in args.data:
         for shots in args.shots:
             row = measure(data, args.rounds, shots, args.device, args.precision, args.repeats, aer=not args.no_aer)
+            if args.pennylane:
+                row.update(pennylane_times(data, args.rounds, shots, args.device, args.repeats))
             print(row, flush=True)
             rows.append(row)
     emit({"rows": rows}, args.out, "dynamic.json")

@@ -65,6 +65,7 @@ from .engine.distributed import (
     run_on_ranks,
 )
 from .engine.executor import RunConfig, device_kernels, evolve, new_state, sample_outcomes
+from .engine.trajectories import Interpreter, Trajectory, saved_states
 from .engine.expectation import pauli_sum
 from .engine.observables import DENSE_MAX_QUBITS, DenseTerm, Observable, apply_observable, expectations, inner, marginal_probabilities
 from .errors import InvalidOptionError
@@ -262,28 +263,32 @@ class GPUQubitDevice(Device):
         wires = self.wires if self.wires is not None else tape.wires
         return _Layout(Wires(wires))
 
-    def _new_state(self, num_qubits: int, ops=()):
+    def _new_state(self, num_qubits: int, ops=(), arrays: int = 2):
+        """A state of ``num_qubits`` qubits, once ``arrays`` of them (its copies, buffers) fit the device."""
         itemsize = np.dtype(PRECISIONS[self._precision]).itemsize
         dtype = PRECISIONS[self._precision]
         group = self._group
         if group is not None and group.global_qubits:
             check_split("pennylane", num_qubits, group.global_qubits, ops)
-            self._device.check_fits(num_qubits - group.global_qubits, itemsize, arrays=2)
+            self._device.check_fits(num_qubits - group.global_qubits, itemsize, arrays=arrays)
             return DistributedStateVector(self._device.xp, num_qubits, dtype, device_kernels(self._device, dtype), group, ops)
-        self._device.check_fits(num_qubits, itemsize, arrays=2)
+        self._device.check_fits(num_qubits, itemsize, arrays=arrays)
         return new_state(self._device, num_qubits, dtype)
 
     def _forward(self, tape: QuantumScript, layout: "_Layout"):
         """The final state of ``tape`` (no mid-circuit measurements), fused, on the engine's device."""
         ops = layout.engine_ops(tape.operations)
-        program = P.Program(layout.num_qubits, 0, tuple(ops), name="pennylane")
-        if self._fusion:
-            width = None
-            if self._group is not None and self._group.global_qubits:  # a fused gate must fit on one rank
-                width = min(default_width(self._device.kind, self._precision), max(layout.num_qubits - self._group.global_qubits, 1))
-            program = fuse(program, self._device.kind, width, precision=self._precision)
+        program = self._fused(P.Program(layout.num_qubits, 0, tuple(ops), name="pennylane"))
         state = self._new_state(layout.num_qubits, program.ops)
         return evolve(program, state, RunConfig(shots=1, precision=self._precision))
+
+    def _fused(self, program: P.Program) -> P.Program:
+        if not self._fusion:
+            return program
+        width = None
+        if self._group is not None and self._group.global_qubits:  # a fused gate must fit on one rank
+            width = min(default_width(self._device.kind, self._precision), max(program.num_qubits - self._group.global_qubits, 1))
+        return fuse(program, self._device.kind, width, precision=self._precision)
 
     def _run_tape(self, tape: QuantumScript):
         layout = self._layout(tape)
@@ -363,33 +368,54 @@ class GPUQubitDevice(Device):
         return mp.process_samples(samples, wire_order=layout.wires)
 
     def _run_one_shot(self, tape: QuantumScript, layout: "_Layout"):
-        """Each shot on the engine: mid-circuit measurements sampled and collapsed there,
-        conditionals decided from them; returns one result per shot, as PennyLane's
-        ``dynamic_one_shot`` expects (the mid-circuit values appended last)."""
-        state = self._new_state(layout.num_qubits)
-        # Each operation's engine ops, built once for all shots.
-        plan = []
+        """Each shot's results, as PennyLane's ``dynamic_one_shot`` expects them (the mid-circuit values last).
+
+        The tape becomes an engine program (a mid-circuit measurement writes a
+        clbit, ``qml.cond`` a switch on the clbits its condition reads) that the
+        engine's interpreter runs with shot branching: shots share a trajectory
+        until their measurements differ. Each trajectory's shots then draw their
+        terminal measurements from its final state; the shots are returned in
+        an order drawn from the device's generator.
+        """
+        clbits: dict = {}  # MidMeasure -> its clbit, in the tape's order
+        ops = []
         for index, op in enumerate(tape.operations):
             if isinstance(op, MidMeasure):
-                plan.append((op, layout.qubit(op.wires[0])))
+                qubit = layout.qubit(op.wires[0])
+                ops.append(P.Measure(qubit, clbits.setdefault(op, len(clbits))))
+                if op.reset:
+                    ops.append(P.Reset(qubit))
             elif isinstance(op, Conditional):
-                plan.append((op, layout.engine_ops([op.base], first=False)))
+                ops.append(_switch_on(op.meas_val, clbits, tuple(layout.engine_ops([op.base], first=False))))
             else:
-                plan.append((None, layout.engine_ops([op], first=index == 0)))
-        results = []
-        for _ in range(tape.shots.total_shots):
-            state.reset_to_zero()
-            mid: dict = {}
-            for op, action in plan:
-                if isinstance(op, MidMeasure):
-                    mid[op] = int(state.measure(action, self._rng.random(), reset=bool(op.reset)))
-                elif op is None or op.meas_val.concretize(mid):
-                    for engine_op in action:
-                        _apply_any(state, engine_op)
-            terminal = tape.measurements[: len(tape.measurements) - len(mid)] if mid else tape.measurements
-            shot = tuple(self._measure_shots(mp, state, layout, 1) for mp in terminal) + tuple(mid.values())
-            results.append(shot[0] if len(tape.measurements) == 1 else shot)
-        return tuple(results)
+                ops.extend(layout.engine_ops([op], first=index == 0))
+        program = self._fused(P.Program(layout.num_qubits, len(clbits), tuple(ops), name="pennylane"))
+        shots = tape.shots.total_shots
+        waiting = saved_states(layout.num_qubits, np.dtype(PRECISIONS[self._precision]).itemsize, shots)
+        state = self._new_state(layout.num_qubits, program.ops, arrays=2 + waiting)
+        terminal = tape.measurements[: len(tape.measurements) - len(clbits)]
+        single = len(tape.measurements) == 1
+        results: list = []
+
+        def finish(trajectory: Trajectory) -> None:
+            mid = tuple(int(trajectory.clbits[bit]) for bit in clbits.values())
+            measured = [self._measure_each_shot(mp, trajectory.state, layout, trajectory.shots) for mp in terminal]
+            for shot in range(trajectory.shots):
+                values = tuple(per_shot[shot] for per_shot in measured) + mid
+                results.append(values[0] if single else values)
+
+        interpreter = Interpreter(self._rng, RunConfig.max_loop_iterations, None, waiting, finish)
+        interpreter.run_all(Trajectory.start(state, program.ops, program.num_clbits, shots))
+        return tuple(results[i] for i in self._rng.permutation(len(results)).tolist())
+
+    def _measure_each_shot(self, mp, state, layout: "_Layout", shots: int) -> list:
+        """``mp`` of each of ``shots`` shots drawn from ``state``, one result a shot."""
+        obs = mp.obs
+        if shots == 1 or not isinstance(mp, SampleMeasurement) or (isinstance(mp, ExpectationMP) and obs is not None and _is_sum(obs)):
+            return [self._measure_shots(mp, state, layout, 1) for _ in range(shots)]
+        rotated = self._rotated(state, layout, obs.diagonalizing_gates() if obs is not None else [])
+        samples = self._sample_bits(rotated, layout, shots)
+        return [mp.process_samples(samples[shot : shot + 1], wire_order=layout.wires) for shot in range(shots)]
 
     def _adjoint(self, tape: QuantumScript):
         """(results, jacobian) of a tape of expectation values: one forward run, one backward sweep."""
@@ -432,11 +458,19 @@ def _jacobian_shape(jac: np.ndarray):
     return tuple(tuple(np.array(j_) for j_ in j) for j in jac)
 
 
-def _apply_any(state, op) -> None:
-    if isinstance(op, P.Initialize):
-        state.initialize(op.qubits, op.vector)
-    else:
-        apply_gate(state, op)
+def _switch_on(condition, clbits: dict, body: tuple) -> P.SwitchCase:
+    """``qml.cond(condition, ...)`` as an engine switch: ``body`` runs for the values of the
+    clbits the condition reads (its measurements' outcomes) for which the condition holds."""
+    unknown = [m for m in condition.measurements if m not in clbits]
+    if unknown:
+        raise DeviceError(f"qml.cond reads mid-circuit measurements {unknown} that the circuit makes only later, or never")
+    bits = tuple(clbits[m] for m in condition.measurements)
+    holds = tuple(
+        sum(outcome << position for position, outcome in enumerate(outcomes))
+        for outcomes, value in condition.branches.items()
+        if bool(value)
+    )
+    return P.SwitchCase(P.Bits(bits), ((holds, body),))
 
 
 def _is_sum(obs) -> bool:

@@ -208,6 +208,48 @@ def test_postselection_one_shot_matches_deferred():
         qml.set_shots(qml.QNode(circuit, qml.device(DEVICE, wires=2), mcm_method="one-shot", postselect_mode="fill-shots"), 10)()
 
 
+def test_one_shot_branches_shots_and_keeps_their_distribution(monkeypatch):
+    """Shots share the engine's trajectories: each gate runs once per path, not once per shot."""
+    from gpu_provider.engine import statevector
+
+    applied = []
+    apply_unitary = statevector.StateVector.apply_unitary
+    monkeypatch.setattr(statevector.StateVector, "apply_unitary", lambda self, *args: applied.append(1) or apply_unitary(self, *args))
+
+    def body():
+        qml.Hadamard(0)
+        qml.RY(1.1, 1)
+        m0 = qml.measure(0)
+        m1 = qml.measure(1, reset=True)
+        qml.cond(m0 + m1 == 1, qml.RY)(0.7, 2)  # a condition on two measurements at once
+        for _ in range(10):
+            qml.RX(0.2, 1)
+            qml.CNOT([1, 2])
+        return m0, m1
+
+    def circuit():
+        m0, m1 = body()
+        return qml.sample(wires=[1, 2]), qml.sample(m0), qml.expval(m1)
+
+    def probabilities():
+        body()
+        return qml.probs(wires=[1, 2])
+
+    shots = 3000
+    exact_probs = qml.QNode(probabilities, qml.device("default.qubit", wires=5), mcm_method="deferred")
+    samples, m0_samples, m1_mean = qml.set_shots(qml.QNode(circuit, qml.device(DEVICE, wires=3, seed=5), mcm_method="one-shot", diff_method=None), shots)()
+    assert len(applied) <= 2 + 4 * 20 + 10  # per path of (m0, m1), not per shot (3000 x 20)
+    assert samples.shape == (shots, 2) and m0_samples.shape == (shots,)
+    p1 = np.sin(0.55) ** 2
+    assert abs(float(m1_mean) - p1) < 5 * np.sqrt(p1 * (1 - p1) / shots)
+    # The shots come in the order of independent shots, not grouped by trajectory.
+    changes = int(np.count_nonzero(np.diff(m0_samples)))
+    assert 1300 < changes < 1700, changes
+    values = samples[:, 0] * 2 + samples[:, 1]
+    observed = np.bincount(values, minlength=4) / shots
+    np.testing.assert_allclose(observed, exact_probs(), atol=5 * np.sqrt(0.25 / shots))
+
+
 # ---------------------------------------------------------------------------
 # gradients
 
