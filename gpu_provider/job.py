@@ -145,8 +145,8 @@ class GPUJob(JobV1):
 
     def __reduce__(self):
         raise TypeError(
-            f"a GPUJob cannot be pickled: it is a handle on a simulation running in this process. "
-            f"Pickle its result (job.result()) or its backend (job.backend()) instead"
+            "a GPUJob cannot be pickled: it is a handle on a simulation running in this process. "
+            "Pickle its result (job.result()) or its backend (job.backend()) instead"
         )
 
     def __repr__(self) -> str:

@@ -240,3 +240,16 @@ def test_branching_on_the_gpu_path_matches_the_cpu(monkeypatch):
         assert gpu.get_memory() == cpu.get_memory()
     finally:
         devices.reset_probe()
+
+
+def test_huge_shot_counts_split_by_one_binomial_draw(monkeypatch):
+    """Past UNIFORM_SHOTS a trajectory's measurement costs one binomial draw, not one uniform a shot."""
+    monkeypatch.setattr(trajectories, "UNIFORM_SHOTS", 64)
+    circuit = QuantumCircuit(2, 2)
+    circuit.h(0)
+    circuit.measure(0, 0)
+    circuit.cx(0, 1)  # a gate after the measurement: trajectories
+    circuit.measure(1, 1)
+    counts = run("CPU", circuit, shots=5000).get_counts()
+    assert set(counts) == {"00", "11"}
+    assert_counts_match(counts, {"00": 0.5, "11": 0.5}, shots=5000)

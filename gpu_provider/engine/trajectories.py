@@ -12,9 +12,11 @@ once per shot. All shots start on one trajectory; at a measurement (or reset)
 of a trajectory that ``n`` shots follow, the number ``k`` of them that read 1
 is drawn from Binomial(n, p1) (one uniform per shot, as the shots would draw
 them alone, so the generator's stream never depends on the last bits of a
-probability, and a seed gives the same samples on both devices). If all read the same outcome the trajectory
-just collapses; otherwise it forks: a copy of the state collapsed to one
-outcome goes on with its shots, the original to the other with the rest.
+probability and a seed gives the same samples on both devices; one binomial
+draw for trajectories of over ``UNIFORM_SHOTS`` shots). If all read the same
+outcome the trajectory just collapses; otherwise it forks: a copy of the state
+collapsed to one outcome takes the shots that read it, and the original goes
+on with the rest.
 Shots in a trajectory share their classical memory, so a condition reads the
 same for all of them. The counts have exactly the distribution of ``n``
 independent trajectories (splitting shots binomially at every measurement is
@@ -311,21 +313,22 @@ class Interpreter:
         del restart
 
 
-# Uniforms drawn at once when a measurement splits a trajectory's shots.
-DRAW_CHUNK = 1 << 20
+# Up to this many shots a trajectory's measurement draws one uniform per shot; above, one binomial.
+UNIFORM_SHOTS = 1 << 20
 
 
 def _count_ones(rng: np.random.Generator, shots: int, p1: float) -> int:
-    """How many of ``shots`` read 1 with probability ``p1``: one uniform per shot, below ``p1``.
+    """How many of ``shots`` read 1 with probability ``p1``: Binomial(shots, p1), exactly.
 
-    Binomial(shots, p1) exactly, drawn as the shots would draw one at a time, so the
-    generator advances by ``shots`` whatever ``p1`` is: the draws that follow do not
-    depend on the last bits of a probability (0 on one device, 1e-33 on another).
+    Up to ``UNIFORM_SHOTS`` shots it is drawn as the shots would draw alone (one
+    uniform each, below ``p1``), so the generator advances by ``shots`` whatever
+    ``p1`` is and the draws that follow do not depend on the last bits of a
+    probability (0 on one device, 1e-33 on another). Above, where drawing a
+    uniform per shot would cost seconds a measurement, one binomial draw.
     """
-    ones = 0
-    for first in range(0, shots, DRAW_CHUNK):
-        ones += int(np.count_nonzero(rng.random(min(DRAW_CHUNK, shots - first)) < p1))
-    return ones
+    if shots > UNIFORM_SHOTS:
+        return int(rng.binomial(shots, p1))
+    return int(np.count_nonzero(rng.random(shots) < p1))
 
 
 def _collapse(trajectory: Trajectory, qubit: int, clbit: Optional[int], outcome: int, p1: float, reset: bool) -> None:
