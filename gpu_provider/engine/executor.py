@@ -449,9 +449,9 @@ def _is_prefix_op(op) -> bool:
     return isinstance(op, (Unitary, Diagonal, GlobalPhase, Initialize, PauliEvolution))
 
 
-# The most full-size arrays state_arrays counts for any program, besides the copies that
-# forked trajectories wait on (shots restart copy, a Pauli evolution's recurrence, a host
-# copy of the state, a wide controlled gate's temporary).
+# The most full-size arrays state_arrays counts for any program, the copies that forked
+# trajectories wait on aside: the state, its scratch buffer and the copy shots restart from,
+# a Pauli evolution's recurrence, a host copy of the state, a wide controlled gate's temporary.
 MAX_STATE_ARRAYS = 3 + 4 + 1 + 1
 # memory_needed returns its bound without reading the program's ops while MAX_STATE_ARRAYS
 # states take at most this many bytes: over-reserving that little costs less than the scan.
