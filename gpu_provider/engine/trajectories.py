@@ -142,7 +142,6 @@ class Interpreter:
         self.limit = limit
         self.finish = finish
         self.waiting: list[Trajectory] = []
-        self.forks = 0
         self.trajectories = 0
 
     def run_all(self, trajectory: Trajectory) -> None:
@@ -291,7 +290,6 @@ class Interpreter:
                 twin = trajectory.fork(state.snapshot(), ones if other else shots - ones)
                 _collapse(twin, qubit, clbit, other, p1, reset)
                 self.waiting.append(twin)
-                self.forks += 1
                 trajectory.shots = shots - twin.shots
             else:
                 self._one_by_one(trajectory, qubit, clbit, reset)
@@ -306,8 +304,6 @@ class Interpreter:
             if shot:
                 state.copy_from(restart)
             single = trajectory.fork(state, 1)
-            if self.execution is not None:
-                self.execution.poll_cancel()
             self._measure(single, qubit, clbit, reset)
             self.run(single)
         del restart
