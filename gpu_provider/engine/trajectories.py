@@ -311,6 +311,8 @@ class Interpreter:
 
 # Up to this many shots a trajectory's measurement draws one uniform per shot; above, one binomial.
 UNIFORM_SHOTS = 1 << 20
+# Uniforms drawn at once (512 KiB): the memory of a split does not grow with the shots.
+UNIFORM_CHUNK = 1 << 16
 
 
 def _count_ones(rng: np.random.Generator, shots: int, p1: float) -> int:
@@ -324,7 +326,10 @@ def _count_ones(rng: np.random.Generator, shots: int, p1: float) -> int:
     """
     if shots > UNIFORM_SHOTS:
         return int(rng.binomial(shots, p1))
-    return int(np.count_nonzero(rng.random(shots) < p1))
+    ones = 0
+    for first in range(0, shots, UNIFORM_CHUNK):  # the same draws as one call, in bounded memory
+        ones += int(np.count_nonzero(rng.random(min(UNIFORM_CHUNK, shots - first)) < p1))
+    return ones
 
 
 def _collapse(trajectory: Trajectory, qubit: int, clbit: Optional[int], outcome: int, p1: float, reset: bool) -> None:
