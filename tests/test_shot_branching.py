@@ -253,3 +253,25 @@ def test_huge_shot_counts_split_by_one_binomial_draw(monkeypatch):
     counts = run("CPU", circuit, shots=5000).get_counts()
     assert set(counts) == {"00", "11"}
     assert_counts_match(counts, {"00": 0.5, "11": 0.5}, shots=5000)
+
+
+def test_cancel_while_trajectories_run_then_the_backend_runs_the_next_job(device):
+    from qiskit.providers import JobStatus
+
+    from tests.helpers import wait_for
+
+    # Every shot reads a fresh random bit 40 times: the shots soon run on trajectories of their own.
+    circuit = QuantumCircuit(14, 1)
+    for _ in range(40):
+        circuit.h(range(14))
+        circuit.measure(0, 0)
+        circuit.reset(0)
+    backend = make_backend(device, fusion_enable=False)
+    job = backend.run(circuit, shots=20_000, seed_simulator=1)
+    assert wait_for(lambda: job.status() == JobStatus.RUNNING)
+    assert wait_for(lambda: job.progress()[0] > 0)
+    assert job.cancel() is True
+    assert job.status() == JobStatus.CANCELLED
+    with pytest.raises(JobError, match="cancelled"):
+        job.result()
+    assert sum(run(device, teleport(), shots=100).get_counts().values()) == 100
