@@ -275,3 +275,26 @@ def test_cancel_while_trajectories_run_then_the_backend_runs_the_next_job(device
     with pytest.raises(JobError, match="cancelled"):
         job.result()
     assert sum(run(device, teleport(), shots=100).get_counts().values()) == 100
+
+
+@pytest.mark.parametrize("branching", [True, False])
+def test_progress_counts_each_op_once_per_shot(branching):
+    """Shared or not, an op counts once for each shot it is applied for: progress ends at ops x shots."""
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine import executor
+
+    circuit = QuantumCircuit(2, 2)
+    circuit.h(0)
+    circuit.measure(0, 0)
+    circuit.x(0)  # a gate on a measured qubit: trajectories
+    circuit.h(1)
+    circuit.measure(1, 1)
+    program = translate(circuit)
+    config = RunConfig(shots=1000, seed=1, shot_branching=branching)
+    cpu, _ = devices.resolve_device("CPU", 0)
+    total = executor.estimated_ops(program, config)
+    execution = executor.Execution(cpu, total, lambda e: None)
+    output = executor.run_program(program, cpu, config, execution)
+    assert total == 5 * 1000
+    assert execution._ops_enqueued == total
+    assert output.metadata["trajectories"] == (4 if branching else 1000)

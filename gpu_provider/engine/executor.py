@@ -115,7 +115,7 @@ class Execution:
         self._checkpoints: collections.deque = collections.deque()
         self._ops_done = 0
         self._ops_enqueued = 0
-        self._ops_recorded = 0
+        self._calls_unrecorded = 0  # checkpoint() calls since the last recorded event
         self._recorded_at = 0.0
         self.result: Any = None
         self.error: Optional[BaseException] = None
@@ -152,16 +152,20 @@ class Execution:
         return True
 
     def checkpoint(self, ops: int = 1, poll: bool = True) -> None:
-        """Count ``ops`` more enqueued, recording an event every few; stop here if cancelled.
+        """Count ``ops`` more enqueued, recording an event every few calls; stop here if cancelled.
 
+        One call is one op enqueued; ``ops`` is what it counts for in progress (an
+        op of a trajectory counts once for each of the shots that share it). An
+        event is recorded every ``CHECKPOINT_OPS`` calls or ``CHECKPOINT_SECONDS``.
         With ``poll=False`` only progress is recorded: a distributed run checks
         cancellation itself, on every rank at once (see ``distributed.RankGroup``).
         """
         if poll and self._cancel.is_set():
             raise JobCancelledError("cancelled at a checkpoint")
         self._ops_enqueued += ops
+        self._calls_unrecorded += 1
         now = time.perf_counter()
-        if self._ops_enqueued - self._ops_recorded < CHECKPOINT_OPS and now - self._recorded_at < CHECKPOINT_SECONDS:
+        if self._calls_unrecorded < CHECKPOINT_OPS and now - self._recorded_at < CHECKPOINT_SECONDS:
             return
         self._record(now)
 
@@ -187,7 +191,7 @@ class Execution:
         # pair sees it not done yet, so progress only ever under-reports.
         event.record()
         checkpoints.append((self._ops_enqueued, event))
-        self._ops_recorded, self._recorded_at = self._ops_enqueued, now
+        self._calls_unrecorded, self._recorded_at = 0, now
 
     def refuse(self, error: BaseException) -> None:
         """End a queued job that can never be admitted, with ``error``."""
@@ -679,7 +683,8 @@ def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random
         prefix_len = 0
         while prefix_len < len(ops) and _is_prefix_op(ops[prefix_len]):
             prefix_len += 1
-        run_ops(state, ops[:prefix_len], rng, config, execution, program.num_clbits)
+        # Gates only, run once for all the shots (and counted in progress for each of them).
+        Interpreter(rng, config.max_loop_iterations, execution).run(Trajectory.start(state, ops[:prefix_len], program.num_clbits, config.shots))
         prefix = state.snapshot() if config.shots > 1 else None
         rest = ops[prefix_len:]
         for index in range(config.shots):

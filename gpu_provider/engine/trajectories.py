@@ -171,11 +171,12 @@ class Interpreter:
             ops = frame.ops
             index = frame.index
             end = len(ops)
+            shots = trajectory.shots  # progress counts an op once for each shot it is applied for
             while index < end:
                 op = ops[index]
                 index += 1
                 if execution is not None:
-                    execution.checkpoint()
+                    execution.checkpoint(shots)
                 kind = type(op)
                 if kind is Unitary:
                     if op.controls:
