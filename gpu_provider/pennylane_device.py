@@ -362,10 +362,13 @@ class GPUQubitDevice(Device):
                 samples = self._sample_bits(rotated, layout, shots)
                 total += float(np.real(coeff)) * float(qml.expval(term).process_samples(samples, wire_order=layout.wires))
             return np.float64(total)
-        gates = obs.diagonalizing_gates() if obs is not None else []
-        rotated = self._rotated(state, layout, gates)
-        samples = self._sample_bits(rotated, layout, shots)
-        return mp.process_samples(samples, wire_order=layout.wires)
+        return mp.process_samples(self._samples_in_basis(mp, state, layout, shots), wire_order=layout.wires)
+
+    def _samples_in_basis(self, mp, state, layout: "_Layout", shots: int) -> np.ndarray:
+        """``shots`` rows of bits drawn from ``state`` in the eigenbasis of ``mp``'s observable."""
+        obs = mp.obs
+        rotated = self._rotated(state, layout, obs.diagonalizing_gates() if obs is not None else [])
+        return self._sample_bits(rotated, layout, shots)
 
     def _run_one_shot(self, tape: QuantumScript, layout: "_Layout"):
         """Each shot's results, as PennyLane's ``dynamic_one_shot`` expects them (the mid-circuit values last).
@@ -413,8 +416,7 @@ class GPUQubitDevice(Device):
         obs = mp.obs
         if shots == 1 or not isinstance(mp, SampleMeasurement) or (isinstance(mp, ExpectationMP) and obs is not None and _is_sum(obs)):
             return [self._measure_shots(mp, state, layout, 1) for _ in range(shots)]
-        rotated = self._rotated(state, layout, obs.diagonalizing_gates() if obs is not None else [])
-        samples = self._sample_bits(rotated, layout, shots)
+        samples = self._samples_in_basis(mp, state, layout, shots)
         return [mp.process_samples(samples[shot : shot + 1], wire_order=layout.wires) for shot in range(shots)]
 
     def _adjoint(self, tape: QuantumScript):

@@ -229,16 +229,10 @@ class Interpreter:
         elif kind is Store:
             _store(trajectory, op)
         elif kind is BreakLoop:
-            while frames and frames[-1].loop is None:
-                frames.pop()
-            if not frames:
-                raise SimulationError("a break_loop outside any loop")
+            _pop_to_loop(frames, "break_loop")
             frames.pop()
         elif kind is ContinueLoop:
-            while frames and frames[-1].loop is None:
-                frames.pop()
-            if not frames:
-                raise SimulationError("a continue_loop outside any loop")
+            _pop_to_loop(frames, "continue_loop")
             self._next_iteration(trajectory)
         else:
             raise SimulationError(f"the engine cannot run op {op!r}")
@@ -331,6 +325,14 @@ def _count_ones(rng: np.random.Generator, shots: int, p1: float) -> int:
     for first in range(0, shots, UNIFORM_CHUNK):  # the same draws as one call, in bounded memory
         ones += int(np.count_nonzero(rng.random(min(UNIFORM_CHUNK, shots - first)) < p1))
     return ones
+
+
+def _pop_to_loop(frames: list, name: str) -> None:
+    """Leave the bodies inside the innermost loop's iteration (``if`` branches, cases)."""
+    while frames and frames[-1].loop is None:
+        frames.pop()
+    if not frames:
+        raise SimulationError(f"a {name} outside any loop")
 
 
 def _collapse(trajectory: Trajectory, qubit: int, clbit: Optional[int], outcome: int, p1: float, reset: bool) -> None:
