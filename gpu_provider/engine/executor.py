@@ -44,7 +44,7 @@ from .program import (
     measurements_are_terminal,
 )
 from .statevector import StateVector
-from .trajectories import Interpreter, Trajectory, saved_states
+from .trajectories import Interpreter, TooManyPaths, Trajectory, saved_states
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class RunConfig:
     # Shots of a program that measures mid-circuit, resets or branches share one trajectory
     # until their outcomes differ (see engine/trajectories.py); False runs each shot alone.
     shot_branching: bool = True
+    # On a GPU, such a program's shots of a small circuit may run one per block, many per
+    # launch (see engine/small_shots.py): where branching finds many paths, or without it.
+    batched_shots: bool = True
 
     @property
     def dtype(self):
@@ -208,6 +211,16 @@ class Execution:
                 callback(kind, message)
             except Exception:  # telling other ranks must never break this job's own ending
                 logger.debug("on_abandon callback failed", exc_info=True)
+
+    @property
+    def enqueued(self) -> int:
+        """Ops counted so far (see :meth:`checkpoint`): a mark for :meth:`rewind`."""
+        return self._ops_enqueued
+
+    def rewind(self, mark: int) -> None:
+        """Count from ``mark`` again (work that is thrown away and redone another way); progress
+        already read never goes back, it waits until the new count passes it."""
+        self._ops_enqueued = min(self._ops_enqueued, int(mark))
 
     def poll_cancel(self) -> None:
         """Stop here if the job was cancelled (a checkpoint between chunks of work that are not ops)."""
@@ -637,7 +650,7 @@ def run_program(
             statevector = state.to_host()
         tally = sample_counts(state, program, config, rng, execution)
     else:
-        tally, last, extra = _run_trajectories(program, state, config, rng, execution)
+        tally, last, extra = _run_trajectories(program, state, config, rng, execution, None if group is not None else device)
         if config.statevector:
             # The last trajectory's state, its terminal measurements removed (as Aer does).
             statevector = last.to_host()
@@ -646,15 +659,43 @@ def run_program(
     return experiment_output(program, device, config, tally, statevector, sampling, time.perf_counter() - start, extra)
 
 
-def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random.Generator, execution) -> tuple:
+def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random.Generator, execution, device: Optional[Device] = None) -> tuple:
     """Counts (and memory) of a program that measures mid-circuit, resets or branches.
 
     With ``config.shot_branching`` its shots share trajectories until their
     outcomes differ (:mod:`gpu_provider.engine.trajectories`); otherwise each
     shot runs alone from a copy of the state after the gates before the first
-    other op. Returns the tally, the state of the last trajectory run, and
-    metadata on the trajectories.
+    other op. On a GPU ``device`` with ``config.batched_shots``, a small program's
+    shots run one per block in one launch instead (:mod:`gpu_provider.engine.small_shots`):
+    without branching, always; with it, once the paths begun pass the budget where
+    that launch costs less. Returns the tally, the state of the last trajectory
+    run, and metadata on the trajectories.
     """
+    batched = None
+    if device is not None and config.batched_shots:
+        from . import small_shots
+
+        batched = small_shots.plan(program, config, device)
+    if batched is None:
+        return _branch_or_shot_by_shot(program, state, config, rng, execution)
+    flat, kernels = batched
+    if config.shot_branching:
+        mark = execution.enqueued if execution is not None else 0
+        try:
+            return _branch_or_shot_by_shot(program, state, config, rng, execution, small_shots.trajectory_budget(flat, config.shots))
+        except TooManyPaths:
+            if execution is not None:
+                execution.rewind(mark)  # the shots start over: progress counts them once
+    tally = _Tally(config.memory)
+    for values in small_shots.run_shots(flat, kernels, device, config, count_ops(program.ops), execution):
+        tally.add_many(values)
+    return tally, state, {"shot_branching": config.shot_branching, "batched_shots": True}
+
+
+def _branch_or_shot_by_shot(
+    program: Program, state, config: RunConfig, rng: np.random.Generator, execution, max_paths: Optional[int] = None
+) -> tuple:
+    """:func:`_run_trajectories` through the interpreter (branching stops past ``max_paths`` paths)."""
     measures = [op for op in program.ops if isinstance(op, Measure)]
     measured = sorted({m.qubit for m in measures})
     tally = _Tally(config.memory)
@@ -672,7 +713,7 @@ def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random
             tally.add(_clbit_value(trajectory.clbits), trajectory.shots)
 
     limit = saved_states(program.num_qubits, np.dtype(config.dtype).itemsize, config.shots, config.shot_branching)
-    interpreter = Interpreter(rng, config.max_loop_iterations, execution, limit, finish)
+    interpreter = Interpreter(rng, config.max_loop_iterations, execution, limit, finish, max_paths)
     if config.shot_branching:
         interpreter.run_all(Trajectory.start(state, ops, program.num_clbits, config.shots))
         if tally.memory is not None and len(tally.memory) > 1:
@@ -691,7 +732,10 @@ def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random
             if index:
                 state.copy_from(prefix)
             interpreter.run(Trajectory.start(state, rest, program.num_clbits, 1))
-    return tally, last[0], {"shot_branching": config.shot_branching, "trajectories": interpreter.trajectories}
+    extra = {"shot_branching": config.shot_branching, "trajectories": interpreter.trajectories}
+    if max_paths is not None:
+        extra["batched_shots"] = False
+    return tally, last[0], extra
 
 
 def sample_counts(state: StateVector, program: Program, config: RunConfig, rng: np.random.Generator, execution: Execution | None = None) -> _Tally:

@@ -96,6 +96,14 @@ ITEMSIZE = {"float": 8, "double": 16}
 SMALL_HEADER_WORDS = 4
 SMALL_OP_WORDS = 6
 SMALL_MATRIX, SMALL_DIAGONAL, SMALL_PHASE = 0, 1, 2
+# run_small_shots' further op kinds (the shots of a circuit that measures mid-circuit,
+# resets or branches; see engine/small_shots.py), its while-loop counters, and the most
+# 64-bit words of clbits a shot keeps in shared memory (2048 clbits).
+SMALL_MEASURE, SMALL_RESET, SMALL_JUMP, SMALL_JUMP_IF, SMALL_LOOP_ENTER, SMALL_LOOP_COUNT = 3, 4, 5, 6, 7, 8
+SMALL_LOOP_SLOTS = 8
+SMALL_CLBIT_WORDS = 32
+# Its shared memory beside the state: 32 doubles of warp partials, then the clbit words.
+SMALL_PARTIAL_BYTES = 32 * 8
 # Its block: one thread per pair of amplitudes of the widest circuit, from
 # SMALL_BLOCK_MIN to SMALL_BLOCK_MAX; up to SMALL_BLOCK_WIDE (its
 # __launch_bounds__, which caps registers at 128 as two blocks of 256 would)
@@ -146,18 +154,29 @@ def _real_names(real: str | None) -> tuple[str, ...]:
 # compiled into a module of their own on first use, so a job that never asks for them (every
 # job with method="auto") never pays their compile time.
 TRIAL_KERNELS = ("apply_matrix_multi", "apply_matrix_low_async")
+# Each kernel's module (compiled on the first launch of one of its instances): "core" for
+# what every job may launch, "trial" for TRIAL_KERNELS, "shots" for run_small_shots, which
+# only the shots of small circuits that measure mid-circuit, reset or branch launch.
+MODULES = ("core", "trial", "shots")
+_MODULE_OF = {**{kernel: "trial" for kernel in TRIAL_KERNELS}, "run_small_shots": "shots"}
+
+
+def module_of(name: str) -> str:
+    """The module (one of ``MODULES``) that kernel instance ``name`` is compiled in."""
+    return _MODULE_OF.get(name.split("<", 1)[0], "core")
 
 
 def is_trial(name: str) -> bool:
     """Whether kernel instance ``name`` belongs to the trial module (see ``TRIAL_KERNELS``)."""
-    return name.split("<", 1)[0] in TRIAL_KERNELS
+    return module_of(name) == "trial"
 
 
-def instances(real: str | None = None, trial: bool | None = None) -> list[str]:
+def instances(real: str | None = None, module: str | None = None) -> list[str]:
     """Every kernel name expression (template instance), for one real type or both; with
-    ``trial`` True or False, only those of the trial module (see ``TRIAL_KERNELS``) or the others."""
-    names = [name for name in _all_instances(real) if trial is None or is_trial(name) == trial]
-    return names
+    ``module``, only those compiled in that one of ``MODULES``."""
+    if module is not None and module not in MODULES:
+        raise InvalidInputError(f"kernel modules are {MODULES}, not {module!r}")
+    return [name for name in _all_instances(real) if module is None or module_of(name) == module]
 
 
 def _all_instances(real: str | None) -> list[str]:
@@ -174,6 +193,7 @@ def _all_instances(real: str | None) -> list[str]:
             names += [_stream_name(kernel, r, vector) for kernel in STREAM_KERNELS]
         names.append(f"pauli_expectation<{r}>")
         names.append(small_circuits_name(r))
+        names.append(small_shots_name(r))
     return names
 
 
@@ -210,6 +230,15 @@ def small_shared_bytes(real: str, num_qubits: int) -> int:
     return (1 << num_qubits) * ITEMSIZE[real]
 
 
+def small_shots_name(real: str) -> str:
+    return f"run_small_shots<{real}, {SMALL_MAX_QUBITS[real]}>"
+
+
+def small_shots_shared_bytes(real: str, num_qubits: int, clbit_words: int) -> int:
+    """Dynamic shared memory a run_small_shots launch takes per block: the state, the warp partials, the clbits."""
+    return small_shared_bytes(real, num_qubits) + SMALL_PARTIAL_BYTES + 8 * clbit_words
+
+
 def small_widest(real: str, shared_limit: int) -> int:
     """The widest circuit run_small_circuits runs with ``shared_limit`` bytes of shared memory per block.
 
@@ -217,7 +246,7 @@ def small_widest(real: str, shared_limit: int) -> int:
     default 48 KiB holds on every device, opt-in or not).
     """
     widest = SMALL_MAX_QUBITS[real]
-    while widest > SMALL_DEFAULT_QUBITS[real] and small_shared_bytes(real, widest) > shared_limit:
+    while widest > SMALL_DEFAULT_QUBITS[real] and small_shots_shared_bytes(real, widest, SMALL_CLBIT_WORDS) > shared_limit:
         widest -= 1
     return widest
 
@@ -547,7 +576,7 @@ class Kernels:
         self.real = REAL_TYPES[self.dtype]
         self._real_scalar = np.float32 if self.real == "float" else np.float64
         self._lock = threading.Lock()
-        self._modules: dict[bool, Any] = {}  # trial (see TRIAL_KERNELS) -> the compiled module
+        self._modules: dict[str, Any] = {}  # one of MODULES -> the compiled module
         self._functions: dict[str, Any] = {}
         self._resident: dict[tuple[int, str, int, int], int] = {}
         self._shared_allowed: set[tuple[int, str]] = set()  # (device, kernel) whose dynamic shared memory limit is raised
@@ -669,6 +698,59 @@ class Kernels:
         grid = self._grid(_Buffer(out), name, block, circuits, shared)
         function((grid,), (block,), (out, headers, ops, pool, np.uint64(circuits), np.int32(num_qubits)), shared_mem=shared)
 
+    def run_small_shots(
+        self,
+        out: Any,
+        ops: Any,
+        pool: Any,
+        words: Any,
+        num_qubits: int,
+        clbit_words: int,
+        first_shot: int,
+        shots: int,
+        key: tuple[int, int],
+        max_iterations: int,
+    ) -> None:
+        """Run shots ``first_shot`` .. ``first_shot + shots - 1`` of one small circuit, one per block, in one launch.
+
+        ``ops`` (uint64, ``SMALL_OP_WORDS`` per op: gates, measurements, resets,
+        jumps and loop counters), ``pool`` (this dtype) and ``words`` (uint64: the
+        conditions' masks and patterns) are device arrays laid out as the .cu
+        file's run_small_shots describes (:mod:`gpu_provider.engine.small_shots`
+        flattens a program to them). ``out`` (uint64, ``(clbit_words + 1) x
+        shots``) receives each shot's clbit words and its status. ``key``: the
+        Philox key of the circuit's uniforms (two 64-bit integers); a shot's draws
+        depend on the key and the shot's index only.
+        """
+        device_id = self._device_id(_Buffer(out))
+        widest = self.small_max_qubits(device_id)
+        if not 1 <= num_qubits <= widest:
+            raise InvalidInputError(f"run_small_shots holds 1 to {widest} qubits in {self.dtype} on GPU {device_id}, not {num_qubits}")
+        if not 1 <= clbit_words <= SMALL_CLBIT_WORDS:
+            raise InvalidInputError(f"run_small_shots keeps 1 to {SMALL_CLBIT_WORDS} words of clbits, not {clbit_words}")
+        for name, array, dtype in (("out", out, np.uint64), ("ops", ops, np.uint64), ("pool", pool, self.dtype), ("words", words, np.uint64)):
+            if array.dtype != dtype or array.ndim != 1:
+                raise InvalidInputError(f"run_small_shots needs {name} as a flat {np.dtype(dtype)} array, not {array.dtype} of shape {array.shape}")
+        if ops.shape[0] % SMALL_OP_WORDS:
+            raise InvalidInputError(f"ops come in words of {SMALL_OP_WORDS}")
+        if out.shape[0] != (clbit_words + 1) * shots:
+            raise InvalidInputError(f"out holds {out.shape[0]} words, not (clbit_words + 1) x shots = {(clbit_words + 1) * shots}")
+        if shots <= 0:
+            return
+        name = small_shots_name(self.real)
+        block = small_circuits_block(self.real, num_qubits)
+        shared = small_shots_shared_bytes(self.real, num_qubits, clbit_words)
+        function = self._function(name)
+        if shared > DEFAULT_SHARED_BYTES:
+            self._allow_dynamic_shared(function, name, device_id, small_shots_shared_bytes(self.real, widest, SMALL_CLBIT_WORDS))
+        grid = self._grid(_Buffer(out), name, block, shots, shared)
+        mask = (1 << 64) - 1
+        args = (
+            out, ops, pool, words, np.uint64(ops.shape[0] // SMALL_OP_WORDS), np.int32(num_qubits), np.uint64(first_shot), np.uint64(shots),
+            np.uint64(key[0] & mask), np.uint64(key[1] & mask), np.int32(clbit_words), np.uint64(max_iterations),
+        )
+        function((grid,), (block,), args, shared_mem=shared)
+
     def _allow_dynamic_shared(self, function: Any, name: str, device_id: int, limit: int) -> None:
         """Let ``function`` take up to ``limit`` bytes of dynamic shared memory per block, once per device.
 
@@ -702,26 +784,26 @@ class Kernels:
         return stream_vector(self.real, int(pointer))
 
     def _function(self, name: str) -> Any:
-        """The launchable kernel ``name``; the first call compiles this dtype's module (the trial
-        kernels' module on the first call for one of them)."""
+        """The launchable kernel ``name``; the first call for an instance of one of ``MODULES``
+        compiles that module of this dtype."""
         function = self._functions.get(name)
         if function is not None:
             return function
-        trial = is_trial(name)
+        group = module_of(name)
         with self._lock:
-            module = self._modules.get(trial)
+            module = self._modules.get(group)
             if module is None:
-                module = self._modules[trial] = self._build_module(trial)
+                module = self._modules[group] = self._build_module(group)
             function = self._functions.get(name)
             if function is None:
                 function = module.get_function(name)
                 self._functions[name] = function
         return function
 
-    def _build_module(self, trial: bool = False) -> Any:
+    def _build_module(self, module: str = "core") -> Any:
         import cupy
 
-        names = instances(self.real, trial)
+        names = instances(self.real, module)
         module = cupy.RawModule(code=source(), options=COMPILE_OPTIONS, name_expressions=names)
         try:
             module.compile()  # compile now, so a failure names the kernels rather than a launch

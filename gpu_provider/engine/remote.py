@@ -38,6 +38,11 @@ class ChunkRun:
     def advance(self, ops: int) -> None:  # the job counts progress per finished chunk, on its side
         self.poll_cancel()
 
+    enqueued = 0  # no count here to mark or rewind (see Execution.rewind)
+
+    def rewind(self, mark: int) -> None:
+        pass
+
     def poll_cancel(self) -> None:
         stop = self._stop
         if stop is not None and stop():

@@ -245,12 +245,69 @@ class _Packed:
         return (self.headers.size + self.ops.size) * _WORD_BYTES + (self.pool.size + self.amplitudes) * self.pool.dtype.itemsize
 
 
-def pack(programs: Sequence[Program], dtype) -> _Packed:
-    """The headers, op stream and matrix pool of ``programs`` (each checked by :func:`eligible`'s rules).
+class OpEncoder:
+    """Gate ops as the bulk kernels' op words (``SMALL_OP_WORDS`` each), their numbers placed
+    once in a pool: matrices and diagonals shared between ops (the translator caches gates by
+    name and parameters) and equal phase factors are stored once."""
 
-    Matrices and diagonals shared between ops (the translator caches gates by
-    name and parameters) are stored once. Widths are checked against the
-    engine's most (``SMALL_MAX_QUBITS``); the launch checks its device's.
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray] = []
+        self.where: dict[Any, int] = {}  # id of a matrix (or a phase's value) -> its offset in the pool
+        self.gates: dict[tuple, tuple] = {}  # this encoder's _gate_words, without the cache's call
+        self.size = 0
+
+    def place(self, key: Any, numbers: np.ndarray) -> int:
+        found = self.where[key] = self.size
+        self.arrays.append(np.asarray(numbers).reshape(-1))
+        self.size += self.arrays[-1].size
+        return found
+
+    def phase(self, value: complex) -> tuple:
+        key = ("phase", value)
+        found = self.where.get(key)
+        return (SMALL_PHASE, 0, 0, self.place(key, np.array([value])) if found is None else found, 0, 0)
+
+    def gate(self, op: Any, n: int, name: str) -> tuple | None:
+        """``op``'s words in an ``n``-qubit circuit; None for a Measure (the kernels' callers handle those).
+
+        Raises:
+            InvalidInputError: an op that is not a gate the kernels apply, or one that does not fit ``n``.
+        """
+        kind = type(op)
+        if kind is Unitary:
+            numbers, gate = op.matrix, (False, op.qubits, op.controls, op.ctrl_state)
+        elif kind is Diagonal:
+            numbers, gate = op.diagonal, (True, op.qubits, (), 0)
+        elif kind is Measure:
+            return None
+        elif kind is GlobalPhase:
+            return self.phase(complex(math.cos(op.phase), math.sin(op.phase)))
+        else:
+            raise InvalidInputError(f"the bulk kernel cannot run {kind.__name__} (in {name!r})")
+        layout = self.gates.get(gate)
+        if layout is None:
+            layout = self.gates[gate] = _gate_words(*gate)
+        word, packed, packed_sorted, mask, value, shape, top = layout
+        if top >= n or numbers.shape != shape:
+            raise InvalidInputError(
+                f"the bulk kernel cannot run {kind.__name__} on {gate[2] + gate[1]} with numbers of shape "
+                f"{numbers.shape} in the {n}-qubit {name!r}"
+            )
+        if not gate[1]:
+            return self.phase(complex(numbers.reshape(-1)[0]))
+        found = self.where.get(id(numbers))
+        return (word, packed, packed_sorted, self.place(id(numbers), numbers) if found is None else found, mask, value)
+
+    def pool(self, dtype) -> np.ndarray:
+        """The numbers placed so far, in ``dtype`` (one zero where there are none: never an empty device array)."""
+        return np.concatenate(self.arrays).astype(dtype) if self.arrays else np.zeros(1, dtype=dtype)
+
+
+def pack(programs: Sequence[Program], dtype) -> _Packed:
+    """The headers, op stream and matrix pool of ``programs`` (each checked by :func:`eligible`'s rules),
+    numbers shared between ops stored once (:class:`OpEncoder`).
+
+    Widths are checked against the engine's most (``SMALL_MAX_QUBITS``); the launch checks its device's.
 
     Raises:
         InvalidInputError: a program the bulk kernel cannot run.
@@ -259,24 +316,9 @@ def pack(programs: Sequence[Program], dtype) -> _Packed:
     headers = np.zeros((len(programs), SMALL_HEADER_WORDS), dtype=np.uint64)
     words = array.array("Q")  # SMALL_OP_WORDS per op, flat (uint64)
     extend = words.extend
-    arrays: list[np.ndarray] = []
-    where: dict[Any, int] = {}  # id of a matrix (or a phase's value) -> its offset in the pool
-    gates: dict[tuple, tuple] = {}  # this pack's _gate_words, without the cache's call
-    pool_size = 0
+    encode = OpEncoder().gate
+    encoder = encode.__self__
     offset = 0
-
-    def place(key: Any, array: np.ndarray) -> int:
-        nonlocal pool_size
-        found = where[key] = pool_size
-        arrays.append(np.asarray(array).reshape(-1))
-        pool_size += arrays[-1].size
-        return found
-
-    def phase(value: complex) -> tuple:
-        key = ("phase", value)
-        found = where.get(key)
-        return (SMALL_PHASE, 0, 0, place(key, np.array([value])) if found is None else found, 0, 0)
-
     limit = SMALL_MAX_QUBITS["float" if dtype == np.complex64 else "double"]
     widest = 0
     for index, program in enumerate(programs):
@@ -284,39 +326,16 @@ def pack(programs: Sequence[Program], dtype) -> _Packed:
         if not 1 <= n <= limit:
             raise InvalidInputError(f"the bulk kernel runs circuits of 1 to {limit} qubits in {dtype}, not {n} ({program.name!r})")
         first = len(words)
+        name = program.name
         for op in program.ops:
-            kind = type(op)
-            if kind is Unitary:
-                numbers, gate = op.matrix, (False, op.qubits, op.controls, op.ctrl_state)
-            elif kind is Diagonal:
-                numbers, gate = op.diagonal, (True, op.qubits, (), 0)
-            elif kind is Measure:
-                continue
-            elif kind is GlobalPhase:
-                extend(phase(complex(math.cos(op.phase), math.sin(op.phase))))
-                continue
-            else:
-                raise InvalidInputError(f"the bulk kernel cannot run {kind.__name__} (in {program.name!r})")
-            layout = gates.get(gate)
-            if layout is None:
-                layout = gates[gate] = _gate_words(*gate)
-            word, packed, packed_sorted, mask, value, shape, top = layout
-            if top >= n or numbers.shape != shape:
-                raise InvalidInputError(
-                    f"the bulk kernel cannot run {kind.__name__} on {gate[2] + gate[1]} with numbers of shape "
-                    f"{numbers.shape} in the {n}-qubit {program.name!r}"
-                )
-            if not gate[1]:
-                extend(phase(complex(numbers.reshape(-1)[0])))
-                continue
-            found = where.get(id(numbers))
-            extend((word, packed, packed_sorted, place(id(numbers), numbers) if found is None else found, mask, value))
+            op_words = encode(op, n, name)
+            if op_words is not None:
+                extend(op_words)
         headers[index] = (first // SMALL_OP_WORDS, (len(words) - first) // SMALL_OP_WORDS, n, offset)
         offset += 1 << n
         widest = max(widest, n)
     ops = np.frombuffer(words, dtype=f"u{words.itemsize}").astype(np.uint64, copy=False) if words else np.zeros(0, dtype=np.uint64)
-    pool = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(1, dtype=dtype)
-    return _Packed(headers.reshape(-1), ops, pool, [int(h) for h in headers[:, 3]], offset, widest)
+    return _Packed(headers.reshape(-1), ops, encoder.pool(dtype), [int(h) for h in headers[:, 3]], offset, widest)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -117,6 +117,10 @@ class Trajectory:
         return Trajectory(state, list(self.clbits), dict(self.variables), [frame.copy() for frame in self.frames], shots)
 
 
+class TooManyPaths(Exception):
+    """Shot branching began more paths than its budget (``Interpreter(max_paths=)``): the caller runs the shots another way."""
+
+
 class _Consumed(Exception):
     """The trajectory's shots were all run one at a time from its last measurement."""
 
@@ -125,7 +129,8 @@ class Interpreter:
     """Runs trajectories to their end, forking at measurements while ``limit`` copies may wait.
 
     ``finish(trajectory)`` is called for every trajectory that reaches the end of
-    the program. :meth:`run_all` runs one and every trajectory it forks.
+    the program. :meth:`run_all` runs one and every trajectory it forks. With
+    ``max_paths``, beginning more paths than that raises :class:`TooManyPaths`.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class Interpreter:
         execution: Any = None,
         limit: int = 0,
         finish: Optional[Callable[[Trajectory], None]] = None,
+        max_paths: Optional[int] = None,
     ) -> None:
         self.rng = rng
         self.max_loop_iterations = max_loop_iterations
@@ -143,6 +149,9 @@ class Interpreter:
         self.finish = finish
         self.waiting: list[Trajectory] = []
         self.trajectories = 0
+        # Paths begun (the first, each fork, each shot run one by one); past max_paths, TooManyPaths.
+        self.max_paths = max_paths
+        self.paths = 1
 
     def run_all(self, trajectory: Trajectory) -> None:
         """Run ``trajectory`` and then every trajectory forked from it, the last forked first."""
@@ -261,10 +270,7 @@ class Interpreter:
 
     def _check_iterations(self, iterations: int) -> None:
         if iterations > self.max_loop_iterations:
-            raise IterationLimitError(
-                f"a while_loop ran more than max_loop_iterations={self.max_loop_iterations} "
-                "iterations; check its condition can become false, or raise the option"
-            )
+            raise iteration_limit_error(self.max_loop_iterations)
 
     # -- measurement -------------------------------------------------------------
 
@@ -279,6 +285,7 @@ class Interpreter:
             if ones == 0 or ones == shots:
                 outcome = 1 if ones else 0
             elif len(self.waiting) < self.limit:
+                self._begin_paths(1)
                 # Fork: the outcome with fewer shots goes on here, the other waits on a copy.
                 outcome = 1 if ones <= shots - ones else 0
                 other = 1 - outcome
@@ -293,6 +300,7 @@ class Interpreter:
 
     def _one_by_one(self, trajectory: Trajectory, qubit: int, clbit: Optional[int], reset: bool) -> None:
         """No copy may wait: run the trajectory's shots one at a time from this measurement on."""
+        self._begin_paths(trajectory.shots - 1)
         state = trajectory.state
         restart = state.snapshot()
         for shot in range(trajectory.shots):
@@ -302,6 +310,12 @@ class Interpreter:
             self._measure(single, qubit, clbit, reset)
             self.run(single)
         del restart
+
+
+    def _begin_paths(self, count: int) -> None:
+        self.paths += count
+        if self.max_paths is not None and self.paths > self.max_paths:
+            raise TooManyPaths(f"{self.paths} paths begun, over the budget of {self.max_paths}")
 
 
 # Up to this many shots a trajectory's measurement draws one uniform per shot; above, one binomial.
@@ -325,6 +339,13 @@ def _count_ones(rng: np.random.Generator, shots: int, p1: float) -> int:
     for first in range(0, shots, UNIFORM_CHUNK):  # the same draws as one call, in bounded memory
         ones += int(np.count_nonzero(rng.random(min(UNIFORM_CHUNK, shots - first)) < p1))
     return ones
+
+
+def iteration_limit_error(limit: int) -> IterationLimitError:
+    """The error of a while loop that ran more than ``limit`` iterations (in any path of the engine)."""
+    return IterationLimitError(
+        f"a while_loop ran more than max_loop_iterations={limit} iterations; check its condition can become false, or raise the option"
+    )
 
 
 def _pop_to_loop(frames: list, name: str) -> None:

@@ -1022,6 +1022,53 @@ __device__ __forceinline__ void small_matrix(typename complex_of<R>::type* s, co
     }
 }
 
+// One gate op of a small circuit (SMALL_MATRIX, SMALL_DIAGONAL or SMALL_PHASE;
+// any other kind is left to the caller) on the 2^n amplitudes in shared memory.
+// The caller puts a barrier after it.
+template <typename R>
+__device__ __forceinline__ void small_gate(typename complex_of<R>::type* s, const index_t* op,
+                                           const typename complex_of<R>::type* __restrict__ pool, int n) {
+    typedef typename complex_of<R>::type cplx;
+    const int size = 1 << n;
+    const int word = (int)__ldg(op);
+    const int kind = word & 0xff;
+    const int k = word >> 8;
+    const index_t targets = __ldg(op + 1);
+    const cplx* numbers = pool + __ldg(op + 3);
+    if (kind == SMALL_MATRIX) {
+        const index_t sorted = __ldg(op + 2);
+        const int control_mask = (int)__ldg(op + 4);
+        const int control_value = (int)__ldg(op + 5);
+        switch (k) {
+            case 1: small_matrix<R, 1>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+            case 2: small_matrix<R, 2>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+            case 3: small_matrix<R, 3>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+            case 4: small_matrix<R, 4>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+            case 5: small_matrix<R, 5>(s, numbers, n, targets, sorted, control_mask, control_value); break;
+            default: break;  // the host sends k = 1..5 only
+        }
+    } else if (kind == SMALL_DIAGONAL) {
+        int bit[10];
+#pragma unroll
+        for (int j = 0; j < 10; ++j) bit[j] = unpack6(targets, j);
+        for (int i = threadIdx.x; i < size; i += blockDim.x) {
+            int sub = 0;
+#pragma unroll
+            for (int j = 0; j < 10; ++j)
+                if (j < k) sub |= ((i >> bit[j]) & 1) << j;
+            const cplx f = __ldg(numbers + sub);
+            const cplx x = s[i];
+            s[i] = make_complex<R>(x.x * f.x - x.y * f.y, x.x * f.y + x.y * f.x);
+        }
+    } else if (kind == SMALL_PHASE) {
+        const cplx f = __ldg(numbers);
+        for (int i = threadIdx.x; i < size; i += blockDim.x) {
+            const cplx x = s[i];
+            s[i] = make_complex<R>(x.x * f.x - x.y * f.y, x.x * f.y + x.y * f.x);
+        }
+    }
+}
+
 template <typename R, int N>
 __global__ void __launch_bounds__(512, 1) run_small_circuits(
         typename complex_of<R>::type* __restrict__ out,
@@ -1047,49 +1094,184 @@ __global__ void __launch_bounds__(512, 1) run_small_circuits(
         __syncthreads();
 
         for (index_t o = first; o < first + count; ++o) {
-            const index_t* op = ops + SMALL_OP_WORDS * o;
-            const int word = (int)__ldg(op);
-            const int kind = word & 0xff;
-            const int k = word >> 8;
-            const index_t targets = __ldg(op + 1);
-            const cplx* numbers = pool + __ldg(op + 3);
-            if (kind == SMALL_MATRIX) {
-                const index_t sorted = __ldg(op + 2);
-                const int control_mask = (int)__ldg(op + 4);
-                const int control_value = (int)__ldg(op + 5);
-                switch (k) {
-                    case 1: small_matrix<R, 1>(s, numbers, n, targets, sorted, control_mask, control_value); break;
-                    case 2: small_matrix<R, 2>(s, numbers, n, targets, sorted, control_mask, control_value); break;
-                    case 3: small_matrix<R, 3>(s, numbers, n, targets, sorted, control_mask, control_value); break;
-                    case 4: small_matrix<R, 4>(s, numbers, n, targets, sorted, control_mask, control_value); break;
-                    case 5: small_matrix<R, 5>(s, numbers, n, targets, sorted, control_mask, control_value); break;
-                    default: break;  // the host sends k = 1..5 only
-                }
-            } else if (kind == SMALL_DIAGONAL) {
-                int bit[10];
-#pragma unroll
-                for (int j = 0; j < 10; ++j) bit[j] = unpack6(targets, j);
-                for (int i = threadIdx.x; i < size; i += blockDim.x) {
-                    int sub = 0;
-#pragma unroll
-                    for (int j = 0; j < 10; ++j)
-                        if (j < k) sub |= ((i >> bit[j]) & 1) << j;
-                    const cplx f = __ldg(numbers + sub);
-                    const cplx x = s[i];
-                    s[i] = make_complex<R>(x.x * f.x - x.y * f.y, x.x * f.y + x.y * f.x);
-                }
-            } else if (kind == SMALL_PHASE) {
-                const cplx f = __ldg(numbers);
-                for (int i = threadIdx.x; i < size; i += blockDim.x) {
-                    const cplx x = s[i];
-                    s[i] = make_complex<R>(x.x * f.x - x.y * f.y, x.x * f.y + x.y * f.x);
-                }
-            }
+            small_gate<R>(s, ops + SMALL_OP_WORDS * o, pool, n);
             __syncthreads();
         }
 
         cplx* target = out + offset;
         for (int i = threadIdx.x; i < size; i += blockDim.x) target[i] = s[i];
         __syncthreads();  // the next circuit's |0...0> overwrites these amplitudes
+    }
+}
+
+// ---------------------------------------------------------------------------
+// run_small_shots<R, N>: the shots of one small circuit that measures
+// mid-circuit, resets or branches, one shot per block at a time (grid-stride
+// over the shots), many shots per launch. A block keeps its shot's 2^n
+// amplitudes and clbits in dynamic shared memory and runs the circuit's flat
+// op stream: the gate ops of run_small_circuits, and
+//   SMALL_MEASURE    [1] qubit, [2] clbit: p1 = the block's sum of |a|^2 over
+//                    the amplitudes with the qubit's bit set (in double, in a
+//                    fixed order: the same in every thread and every run), the
+//                    outcome is u < p1 for the shot's next uniform u, the state
+//                    collapses to it (renormalized) and the clbit takes it;
+//   SMALL_RESET      [1] qubit: the same draw, then the kept half moves to
+//                    the qubit's 0 (no clbit);
+//   SMALL_JUMP       [1] the op to go on at (an index into the stream);
+//   SMALL_JUMP_IF    [1] the op, [2] offset of 2W words in `words` (W masks,
+//                    W patterns), [3] negate: jump where ((clbits & mask) ==
+//                    pattern) != negate, word by word over the W clbit words;
+//   SMALL_LOOP_ENTER [1] slot: the while loop's iteration count starts at 0;
+//   SMALL_LOOP_COUNT [1] slot: one more iteration begins; past
+//                    max_iterations the shot stops with status 1.
+// Conditions, loops and switches are flattened to these by the host
+// (engine/small_shots.py), so every thread of a block follows the same path.
+//
+// The uniforms: Philox4x64-10 (Random123; NumPy's Philox bit generator is the
+// same function), key (key0, key1), counter (draw, shot, 0, 0), the first
+// 64-bit word's top 53 bits as a double in [0, 1): a shot's stream depends on
+// the key and its index only, never on the launch's shape or the other shots.
+//
+// out[(W + 1) * (shot - first_shot) ...]: the shot's W clbit words (clbit c
+// is bit c % 64 of word c / 64), then its status: 0, 1 (a while loop ran past
+// max_iterations) or 2 (a measured qubit's outcome had zero probability).
+// Dynamic shared memory: the 2^shared_qubits amplitudes, 32 doubles of warp
+// partials, then W words of clbits (small_shots_shared_bytes in kernels.py).
+constexpr int SMALL_MEASURE = 3;
+constexpr int SMALL_RESET = 4;
+constexpr int SMALL_JUMP = 5;
+constexpr int SMALL_JUMP_IF = 6;
+constexpr int SMALL_LOOP_ENTER = 7;
+constexpr int SMALL_LOOP_COUNT = 8;
+constexpr int SMALL_LOOP_SLOTS = 8;
+
+__device__ __forceinline__ void philox_mulhilo(index_t a, index_t b, index_t& hi, index_t& lo) {
+    lo = a * b;
+    hi = __umul64hi(a, b);
+}
+
+// Philox4x64-10's first output word for (counter, key).
+__device__ __forceinline__ index_t philox4x64_first(index_t c0, index_t c1, index_t c2, index_t c3, index_t k0, index_t k1) {
+    for (int round = 0; round < 10; ++round) {
+        if (round) {
+            k0 += 0x9E3779B97F4A7C15ull;
+            k1 += 0xBB67AE8584CAA73Bull;
+        }
+        index_t hi0, lo0, hi1, lo1;
+        philox_mulhilo(0xD2E7470EE14C6C93ull, c0, hi0, lo0);
+        philox_mulhilo(0xCA5A826395121157ull, c2, hi1, lo1);
+        const index_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+        c0 = n0;
+        c1 = lo1;
+        c2 = n2;
+        c3 = lo0;
+    }
+    return c0;
+}
+
+// The block's sum of |s[i]|^2 over the i with `bit` set, in every thread (same order everywhere).
+template <typename R>
+__device__ __forceinline__ double small_probability_one(const typename complex_of<R>::type* s, double* partials, int n, int bit) {
+    const int half = 1 << (n - 1);
+    double sum = 0.0;
+    for (int p = threadIdx.x; p < half; p += blockDim.x) {
+        const typename complex_of<R>::type a = s[insert_zero_bit32(p, bit) | (1 << bit)];
+        sum += (double)a.x * (double)a.x + (double)a.y * (double)a.y;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if ((threadIdx.x & 31) == 0) partials[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    double total = 0.0;
+    const int warps = (blockDim.x + 31) >> 5;
+    for (int w = 0; w < warps; ++w) total += partials[w];
+    return total;
+}
+
+template <typename R, int N>
+__global__ void __launch_bounds__(512, 1) run_small_shots(
+        index_t* __restrict__ out,
+        const index_t* __restrict__ ops,
+        const typename complex_of<R>::type* __restrict__ pool,
+        const index_t* __restrict__ words,
+        index_t count, int n, index_t first_shot, index_t shots,
+        index_t key0, index_t key1, int clbit_words, index_t max_iterations) {
+    typedef typename complex_of<R>::type cplx;
+    extern __shared__ __align__(16) unsigned char small_shared[];
+    if (n < 1 || n > N) return;  // never from the host; uniform in the launch
+    const int size = 1 << n;
+    cplx* const s = reinterpret_cast<cplx*>(small_shared);
+    double* const partials = reinterpret_cast<double*>(small_shared + sizeof(cplx) * size);
+    index_t* const clbits = reinterpret_cast<index_t*>(partials + 32);
+    for (index_t shot = first_shot + blockIdx.x; shot < first_shot + shots; shot += gridDim.x) {
+        for (int i = threadIdx.x; i < size; i += blockDim.x) s[i] = make_complex<R>(i == 0 ? 1 : 0, 0);
+        for (int w = threadIdx.x; w < clbit_words; w += blockDim.x) clbits[w] = 0;
+        __syncthreads();
+        index_t iterations[SMALL_LOOP_SLOTS];
+        index_t draws = 0;
+        int status = 0;
+        index_t o = 0;
+        while (o < count) {
+            const index_t* op = ops + SMALL_OP_WORDS * o;
+            const int kind = (int)__ldg(op) & 0xff;
+            ++o;
+            if (kind <= SMALL_PHASE) {
+                small_gate<R>(s, op, pool, n);
+            } else if (kind == SMALL_MEASURE || kind == SMALL_RESET) {
+                const int bit = (int)__ldg(op + 1);
+                double p1 = small_probability_one<R>(s, partials, n, bit);
+                p1 = p1 < 0.0 ? 0.0 : (p1 > 1.0 ? 1.0 : p1);
+                const index_t x = philox4x64_first(draws, shot, 0, 0, key0, key1);
+                ++draws;
+                const double u = (double)(x >> 11) * (1.0 / 9007199254740992.0);
+                const int outcome = u < p1 ? 1 : 0;
+                const double probability = outcome ? p1 : 1.0 - p1;
+                if (probability <= 0.0) {
+                    status = 2;
+                    break;  // uniform in the block: every thread computed the same p1 and u
+                }
+                const R scale = (R)(1.0 / sqrt(probability));
+                const bool reset = kind == SMALL_RESET;
+                const cplx zero = make_complex<R>(0, 0);
+                for (int p = threadIdx.x; p < (size >> 1); p += blockDim.x) {
+                    const int i0 = insert_zero_bit32(p, bit), i1 = i0 | (1 << bit);
+                    const cplx kept = outcome ? s[i1] : s[i0];
+                    const cplx scaled = make_complex<R>(kept.x * scale, kept.y * scale);
+                    if (reset || !outcome) {
+                        s[i0] = scaled;
+                        s[i1] = zero;
+                    } else {
+                        s[i0] = zero;
+                        s[i1] = scaled;
+                    }
+                }
+                if (!reset && threadIdx.x == 0) {
+                    const int clbit = (int)__ldg(op + 2);
+                    const index_t one = 1ull << (clbit & 63);
+                    clbits[clbit >> 6] = outcome ? (clbits[clbit >> 6] | one) : (clbits[clbit >> 6] & ~one);
+                }
+            } else if (kind == SMALL_JUMP) {
+                o = __ldg(op + 1);
+            } else if (kind == SMALL_JUMP_IF) {
+                const index_t* masks = words + __ldg(op + 2);
+                bool match = true;
+                for (int w = 0; w < clbit_words; ++w)
+                    if ((clbits[w] & __ldg(masks + w)) != __ldg(masks + clbit_words + w)) match = false;
+                if (match != (__ldg(op + 3) != 0)) o = __ldg(op + 1);
+            } else if (kind == SMALL_LOOP_ENTER) {
+                iterations[__ldg(op + 1) % SMALL_LOOP_SLOTS] = 0;
+            } else if (kind == SMALL_LOOP_COUNT) {
+                const int slot = (int)(__ldg(op + 1) % SMALL_LOOP_SLOTS);
+                if (++iterations[slot] > max_iterations) {
+                    status = 1;
+                    break;
+                }
+            }
+            __syncthreads();
+        }
+        __syncthreads();  // a break above skips the op's barrier: the clbits are all written after this one
+        index_t* const target = out + (index_t)(clbit_words + 1) * (shot - first_shot);
+        for (int w = threadIdx.x; w < clbit_words; w += blockDim.x) target[w] = clbits[w];
+        if (threadIdx.x == 0) target[clbit_words] = (index_t)status;
+        __syncthreads();  // the next shot's |0...0> and clbits overwrite these
     }
 }

@@ -151,8 +151,9 @@ def test_trial_kernels_compile_in_a_module_of_their_own_on_first_use(monkeypatch
     # Kernels "auto" never picks (not yet measured on a GPU) must not add to the compile time of
     # every job: they live in a second module, built only when one of them is asked for.
     for real in ("float", "double"):
-        trial, core = K.instances(real, trial=True), K.instances(real, trial=False)
-        assert sorted(trial + core) == sorted(K.instances(real)) and not set(trial) & set(core)
+        trial, core, shots = (K.instances(real, module) for module in ("trial", "core", "shots"))
+        assert sorted(trial + core + shots) == sorted(K.instances(real)) and not set(trial) & set(core)
+        assert shots == [K.small_shots_name(real)] and K.small_circuits_name(real) in core
         assert trial and all(name.split("<")[0] in K.TRIAL_KERNELS for name in trial)
         assert all(K.is_trial(name) for name in trial) and not any(K.is_trial(name) for name in core)
     for real, k in ((r, k) for r in ("float", "double") for k in range(1, K.MAX_MATRIX_QUBITS + 1)):
@@ -183,12 +184,14 @@ def test_trial_kernels_compile_in_a_module_of_their_own_on_first_use(monkeypatch
     kernels = K.Kernels(np.complex64)
     kernels._function("apply_matrix<float, 2>")
     kernels._function("apply_matrix_low<float, 3>")
-    assert built == [K.instances("float", trial=False)]
-    trial_name = K.instances("float", trial=True)[0]
+    assert built == [K.instances("float", "core")]
+    trial_name = K.instances("float", "trial")[0]
     assert kernels._function(trial_name) == ("function", trial_name)
-    assert built == [K.instances("float", trial=False), K.instances("float", trial=True)]
-    kernels._function(K.instances("float", trial=True)[-1])
+    assert built == [K.instances("float", "core"), K.instances("float", "trial")]
+    kernels._function(K.instances("float", "trial")[-1])
     assert len(built) == 2
+    kernels._function(K.small_shots_name("float"))
+    assert built[2:] == [[K.small_shots_name("float")]]
 
 
 def test_import_and_kernels_for_touch_no_cuda():
@@ -405,6 +408,9 @@ double emu_lanes[1024];
 inline void __syncthreads() { emu_block_barrier.wait(); }
 template <class T> inline T __ldg(const T* p) { return *p; }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+    return (unsigned long long)(((unsigned __int128)a * b) >> 64);
+}
 template <class T> inline T __shfl_sync(unsigned, T value, int source) {
     const unsigned t = threadIdx.x;
     emu_lanes[t] = (double)value;  // float and double values both round-trip exactly
@@ -480,9 +486,10 @@ _SIGNATURES = {
     "collapse": ("puiiri", "({c}*)a0, a1, a2, a3, a4, a5"),
     "pauli_expectation": ("puuppip", "(const {c}*)a0, a1, a2, (const index_t*)a3, (const double2*)a4, a5, (double*)a6"),
     "run_small_circuits": ("ppppui", "({c}*)a0, (const index_t*)a1, (const index_t*)a2, (const {c}*)a3, a4, a5"),
+    "run_small_shots": ("ppppuiuuuuiu", "(index_t*)a0, (const index_t*)a1, (const {c}*)a2, (const index_t*)a3, a4, a5, a6, a7, a8, a9, a10, a11"),
 }
 # Threads per block each kernel's __launch_bounds__ allows (256 unless named).
-_MAX_BLOCK = {"run_small_circuits": K.SMALL_BLOCK_WIDE}
+_MAX_BLOCK = {"run_small_circuits": K.SMALL_BLOCK_WIDE, "run_small_shots": K.SMALL_BLOCK_WIDE}
 # A launch may take this much dynamic shared memory unless the function's limit was raised (CUDA's default).
 DEFAULT_DYNAMIC_SHARED = 48 << 10
 # The opt-in shared memory per block of an sm_90 device (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KiB).

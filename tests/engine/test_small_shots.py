@@ -1,0 +1,239 @@
+"""Shots of small dynamic circuits, one per block: ``run_small_shots`` and engine/small_shots.py.
+
+The kernel is the real ``.cu`` file compiled for the host (the emulation of
+test_kernels_compile.py); the GPU is the NumPy-backed CuPy stand-in. Oracles:
+NumPy's own Philox bit generator for the kernel's draws, shot by shot; exact
+outcome distributions where they are known; Qiskit Aer otherwise. The
+emulated kernel runs a block's threads as host threads, so shot counts here
+are a few hundred.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister
+from qiskit.circuit.classical import expr
+
+from gpu_provider import GPUSimulator
+from gpu_provider.engine import kernels as K
+from gpu_provider.engine import small_shots
+from gpu_provider.engine.program import (
+    Binary,
+    Bits,
+    Const,
+    ExprOp,
+    IfElse,
+    Measure,
+    Program,
+    Store,
+    Unitary,
+    Var,
+    WhileLoop,
+)
+from gpu_provider.errors import IterationLimitError
+from tests.engine.test_kernels_compile import EmulatedKernels, emulated_library  # noqa: F401  (a fixture)
+from tests.engine.test_small_batch import emulated_gpu  # noqa: F401  (a fixture)
+from tests.helpers import aer_counts, assert_counts_agree, assert_counts_match
+from tests.test_shot_branching import loops_and_switch, syndrome_rounds, teleport
+
+H = np.array([[1, 1], [1, -1]], dtype=complex) / np.sqrt(2)
+SHOTS_NAME = {"double": "run_small_shots<double, 13>", "single": "run_small_shots<float, 14>"}
+
+
+def philox_first(key: tuple[int, int], draw: int, shot: int) -> int:
+    """Philox4x64-10's first word for counter (draw, shot, 0, 0): NumPy's bit generator steps
+    its counter before each block, so it starts one below."""
+    counter = (draw | shot << 64) - 1
+    words = [(counter >> (64 * i)) & ((1 << 64) - 1) for i in range(4)]
+    generator = np.random.Philox(counter=np.array(words, dtype=np.uint64), key=np.array(key, dtype=np.uint64))
+    return int(generator.random_raw(1)[0])
+
+
+def uniform(key, draw, shot) -> float:
+    return (philox_first(key, draw, shot) >> 11) * 2.0**-53
+
+
+def _program(ops, n=1, clbits=2, name="p") -> Program:
+    return Program(num_qubits=n, num_clbits=clbits, ops=tuple(ops), name=name)
+
+
+def _run_flat(kernels, program, shots, key, first=0, max_iterations=1000):
+    flat = small_shots.flatten(program, kernels.dtype)
+    assert flat is not None
+    out = np.zeros((flat.clbit_words + 1) * shots, dtype=np.uint64)
+    kernels.run_small_shots(out, flat.ops, flat.pool, flat.words, flat.num_qubits, flat.clbit_words, first, shots, key, max_iterations)
+    return out.reshape(shots, flat.clbit_words + 1)
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_each_shot_draws_numpys_philox_by_draw_and_shot(emulated_library, precision):  # noqa: F811
+    dtype = np.complex128 if precision == "double" else np.complex64
+    kernels = EmulatedKernels(dtype, emulated_library, resident_blocks=3)
+    h = Unitary((0,), H.astype(dtype))
+    program = _program([h, Measure(0, 0), h, Measure(0, 1)])
+    key = (0x0123456789ABCDEF, 0xFEDCBA9876543210)
+    rows = _run_flat(kernels, program, 24, key)
+    later = _run_flat(kernels, program, 8, key, first=16)  # a shot's draws do not depend on the launch
+    assert (rows[16:] == later).all()
+    assert not rows[:, 1].any()  # status
+    checked = 0
+    for shot in range(24):
+        expected = 0
+        for draw in range(2):
+            u = uniform(key, draw, shot)
+            if abs(u - 0.5) < 1e-6:
+                break
+            expected |= (u < 0.5) << draw
+        else:
+            assert int(rows[shot, 0]) == expected, shot
+            checked += 1
+    assert checked >= 20
+
+
+def test_flatten_refuses_what_the_kernel_cannot_hold():
+    x = Unitary((0,), np.array([[0, 1], [1, 0]], dtype=complex))
+    assert small_shots.flatten(_program([x, Measure(0, 0)]), np.complex128) is not None
+    # A stored variable, a condition on a variable, an ordering comparison: the interpreter's.
+    assert small_shots.flatten(_program([Store(Var("v", 1), Const(1))]), np.complex128) is None
+    assert small_shots.flatten(_program([IfElse(Var("b"), (x,))]), np.complex128) is None
+    less = Binary(ExprOp.LESS, Bits((0, 1)), Const(2))
+    assert small_shots.flatten(_program([IfElse(less, (x,))]), np.complex128) is None
+    # Too many clbits for shared memory.
+    assert small_shots.flatten(_program([x], clbits=64 * K.SMALL_CLBIT_WORDS + 1), np.complex128) is None
+    # While loops nested deeper than the kernel's counters.
+    body: tuple = (x,)
+    for _ in range(K.SMALL_LOOP_SLOTS + 1):
+        body = (WhileLoop(Bits((0,), boolean=True), body),)
+    assert small_shots.flatten(_program(body), np.complex128) is None
+
+
+def test_constant_and_out_of_range_conditions_fold():
+    x = Unitary((0,), np.array([[0, 1], [1, 0]], dtype=complex))
+    never = Binary(ExprOp.EQUAL, Bits((0,)), Const(2))  # one bit never reads 2
+    flat = small_shots.flatten(_program([IfElse(never, (x,), (x, x))]), np.complex128)
+    assert flat.count == 2 and not (flat.ops.reshape(-1, K.SMALL_OP_WORDS)[:, 0] == K.SMALL_JUMP_IF).any()
+
+
+def _backend(**options) -> GPUSimulator:
+    return GPUSimulator(device="GPU", **options)
+
+
+def _shot_launches(emulated) -> int:
+    return sum(name.startswith("run_small_shots") for k in emulated.values() for name in k.launched)
+
+
+def _clear(emulated) -> None:
+    for k in emulated.values():
+        k.launched.clear()
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_teleport_in_one_launch_is_exact(emulated_gpu, precision):  # noqa: F811
+    shots = 600
+    _clear(emulated_gpu)
+    result = _backend(precision=precision).run(teleport(), shots=shots, seed_simulator=3).result()
+    assert _shot_launches(emulated_gpu) == 1
+    metadata = result.results[0].metadata
+    assert metadata["batched_shots"] is True and metadata["shot_branching"] is True
+    p1 = np.sin(0.55) ** 2
+    exact = {f"{out}{m1}{m0}": 0.25 * (p1 if out == "1" else 1 - p1) for out in "01" for m1 in "01" for m0 in "01"}
+    assert_counts_match(result.get_counts(), exact, shots=shots)
+
+
+@pytest.mark.parametrize("make", [lambda: syndrome_rounds(3, 2), loops_and_switch], ids=["syndrome", "loops"])
+def test_dynamic_circuits_agree_with_aer(emulated_gpu, make):  # noqa: F811
+    circuit = make()
+    shots = 400
+    _clear(emulated_gpu)
+    result = _backend(shot_branching_enable=False).run(circuit, shots=shots, seed_simulator=11).result()
+    assert _shot_launches(emulated_gpu) == 1
+    assert result.results[0].metadata["batched_shots"] is True
+    counts = result.get_counts()
+    assert sum(counts.values()) == shots
+    assert_counts_agree(counts, aer_counts(circuit, 4000))
+
+
+def test_expression_conditions_and_wide_clbits_agree_with_aer(emulated_gpu):  # noqa: F811
+    """``expr`` conditions (not, ==, !=), an if/else on a register, and clbits past the first 64-bit word."""
+    qr = QuantumRegister(3)
+    low, pad, high = ClassicalRegister(2, "low"), ClassicalRegister(70, "pad"), ClassicalRegister(2, "high")
+    circuit = QuantumCircuit(qr, low, pad, high)
+    circuit.h(0)
+    circuit.ry(0.8, 1)
+    circuit.measure(0, high[0])
+    circuit.measure(1, high[1])
+    with circuit.if_test(expr.logic_not(high[0])) as otherwise:
+        circuit.x(2)
+    with otherwise:
+        circuit.ry(0.4, 2)
+    with circuit.if_test(expr.not_equal(high, 3)):
+        circuit.h(1)
+    with circuit.if_test(expr.equal(high, 2)):
+        circuit.z(1)
+        circuit.h(1)
+    circuit.measure([1, 2], low)
+    shots = 500
+    _clear(emulated_gpu)
+    result = _backend(shot_branching_enable=False).run(circuit, shots=shots, seed_simulator=5).result()
+    assert _shot_launches(emulated_gpu) == 1
+    counts = {key.replace(" ", "")[:2] + key.replace(" ", "")[-2:]: value for key, value in result.get_counts().items()}
+    reference = {key.replace(" ", "")[:2] + key.replace(" ", "")[-2:]: value for key, value in aer_counts(circuit, 4000).items()}
+    assert_counts_agree(counts, reference)
+
+
+def test_one_path_stays_with_branching_many_paths_go_to_the_kernel(emulated_gpu):  # noqa: F811
+    deterministic = QuantumCircuit(2, 2)
+    deterministic.x(0)
+    deterministic.measure(0, 0)
+    with deterministic.if_test((deterministic.clbits[0], 1)):
+        deterministic.x(1)
+    deterministic.measure(1, 1)
+    _clear(emulated_gpu)
+    result = _backend().run(deterministic, shots=300, seed_simulator=1).result()
+    assert result.get_counts() == {"11": 300}
+    assert result.results[0].metadata["batched_shots"] is False and result.results[0].metadata["trajectories"] == 1
+    assert _shot_launches(emulated_gpu) == 0
+    # The option off: the interpreter, as on the CPU, with the CPU's samples.
+    circuit = syndrome_rounds(3, 2)
+    off = _backend(batched_shots_gpu=False).run(circuit, shots=200, seed_simulator=4).result()
+    cpu = GPUSimulator(device="CPU").run(circuit, shots=200, seed_simulator=4).result()
+    assert off.get_counts() == cpu.get_counts() and "batched_shots" not in off.results[0].metadata
+    assert _shot_launches(emulated_gpu) == 0
+
+
+def test_same_seed_same_memory_in_shot_order(emulated_gpu):  # noqa: F811
+    circuit = syndrome_rounds(3, 2)
+    backend = _backend(shot_branching_enable=False)
+    first = backend.run(circuit, shots=120, seed_simulator=8, memory=True).result()
+    again = backend.run(circuit, shots=120, seed_simulator=8, memory=True).result()
+    other = backend.run(circuit, shots=120, seed_simulator=9, memory=True).result()
+    assert first.get_memory() == again.get_memory() != other.get_memory()
+    assert len(first.get_memory()) == 120
+    from collections import Counter
+
+    assert Counter(first.get_memory()) == Counter(first.get_counts())
+
+
+def test_runaway_loop_is_a_typed_error_and_the_next_job_runs(emulated_gpu):  # noqa: F811
+    circuit = QuantumCircuit(1, 1)
+    circuit.x(0)
+    circuit.measure(0, 0)
+    with circuit.while_loop((circuit.clbits[0], 1)):
+        circuit.x(0)
+        circuit.x(0)
+        circuit.measure(0, 0)
+    backend = _backend(shot_branching_enable=False, max_loop_iterations=20)
+    job = backend.run(circuit, shots=4, seed_simulator=1)
+    with pytest.raises(Exception) as raised:
+        job.result()
+    assert isinstance(raised.value.__cause__, IterationLimitError)
+    assert "max_loop_iterations=20" in str(raised.value)
+    assert backend.run(teleport(), shots=50, seed_simulator=2).result().success
+
+
+def test_progress_ends_at_ops_times_shots(emulated_gpu):  # noqa: F811
+    job = _backend(shot_branching_enable=False).run(teleport(), shots=64, seed_simulator=2)
+    job.result()
+    done, total = job._execution.progress()
+    assert done == total and total > 64
