@@ -9,8 +9,11 @@ is measured and reset (``data - 1`` ancillas, reused every round), an ``rx``
 layer between rounds, one ``if_test`` on the first check, final measurements:
 ``2 * data - 1`` qubits and ``rounds * (data - 1)`` mid-circuit measurements.
 Timed on ``run(circuit).result()`` (median of --repeats after a warm-up):
-gpu_provider with shot branching (the default) and without
-(``shot_branching_enable=False``, every shot alone), and Aer, shot by shot (its
+gpu_provider with shot branching (the default: on a GPU, handing over to
+one launch of all the shots once branching has begun enough paths) and
+without (``shot_branching_enable=False``, ``batched_shots_gpu=False``: every
+shot alone); on a GPU also branching without the hand-over and the one launch
+alone (``batched_shots_gpu``); and Aer, shot by shot (its
 default) and with its own ``shot_branching_enable=True``, all on the same
 transpiled circuit and shots. Prints one row per case with the ratios
 Aer / gpu_provider; writes JSON to --out.
@@ -67,12 +70,19 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
 def measure(data: int, rounds: int, shots: int, device: str, precision: str, repeats: int, aer: bool = True) -> dict:
     circuit = syndrome_circuit(data, rounds)
     row = {"data": data, "rounds": rounds, "qubits": circuit.num_qubits, "shots": shots, "precision": precision}
-    for name, branching in (("branching", True), ("shot_by_shot", False)):
-        backend = GPUSimulator(device=device, precision=precision, shot_branching_enable=branching)
+    modes = [("branching", True, True), ("shot_by_shot", False, False)]
+    for name, branching, batched in modes:
+        backend = GPUSimulator(device=device, precision=precision, shot_branching_enable=branching, batched_shots_gpu=batched)
         seconds, result = _median_time(lambda: backend.run(circuit, shots=shots, seed_simulator=1).result(), repeats)
+        metadata = result.results[0].metadata
         row[f"gpu_provider_{name}_s"] = round(seconds, 4)
-        row["device"] = result.results[0].metadata["device"]
-        row[f"trajectories_{name}"] = result.results[0].metadata["trajectories"]
+        row["device"] = metadata["device"]
+        row[f"trajectories_{name}"] = metadata.get("trajectories")
+        row[f"batched_shots_{name}"] = metadata.get("batched_shots", False)
+        if name == "branching" and "GPU" in metadata["device"]:
+            # On a GPU, also each side of the hand-over alone: the interpreter's branching, and
+            # every shot in one launch of run_small_shots (engine/small_shots.py).
+            modes += [("branching_no_kernel", True, False), ("kernel", False, True)]
     if aer:
         try:
             from qiskit_aer import AerSimulator

@@ -538,3 +538,46 @@ def test_wide_small_circuits_through_the_backend_match_one_at_a_time(precision):
     assert [r.header["name"] for r in bulk.results] == [c.name for c in circuits]
     same = sum(bulk.get_counts(i) == single.get_counts(i) for i in range(len(circuits)))
     assert same >= len(circuits) - 3  # rounding of the probabilities may move a draw across a boundary
+
+
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_small_shots_draw_numpys_philox(cp, precision):
+    """run_small_shots: each shot's measurements are its Philox4x64-10 uniforms (NumPy's generator)."""
+    from tests.engine.test_small_shots import check_philox_draws
+
+    check_philox_draws(cp, kernels_for(DTYPES[precision]), shots=2000)
+
+
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_dynamic_circuits_in_one_launch_agree_with_the_cpu_and_aer(precision):
+    """Teleport (exact), loops with break/continue/switch and syndrome rounds (Aer), and the
+    widest circuit the device's shared memory holds, their shots in one launch each."""
+    import cupy
+    from qiskit import QuantumCircuit
+
+    from gpu_provider import GPUSimulator
+    from tests.helpers import aer_counts, assert_counts_agree, assert_counts_match
+    from tests.test_shot_branching import loops_and_switch, syndrome_rounds, teleport
+
+    backend = GPUSimulator(device="GPU", precision=precision, shot_branching_enable=False)
+    shots = 20_000
+    result = backend.run(teleport(), shots=shots, seed_simulator=3).result()
+    assert result.results[0].metadata["batched_shots"] is True
+    p1 = np.sin(0.55) ** 2
+    exact = {f"{out}{m1}{m0}": 0.25 * (p1 if out == "1" else 1 - p1) for out in "01" for m1 in "01" for m0 in "01"}
+    assert_counts_match(result.get_counts(), exact, shots=shots)
+    for circuit in (loops_and_switch(), syndrome_rounds(5, 3)):
+        counts = backend.run(circuit, shots=shots, seed_simulator=4).result().get_counts()
+        assert_counts_agree(counts, aer_counts(circuit, shots))
+    real = "float" if precision == "single" else "double"
+    widest = kernels_for(DTYPES[precision]).small_max_qubits(cupy.cuda.Device().id)
+    assert widest >= SMALL_DEFAULT_QUBITS[real]
+    wide = QuantumCircuit(widest, 2)
+    wide.h(0)
+    wide.measure(0, 0)
+    with wide.if_test((wide.clbits[0], 1)):
+        for q in range(1, widest):
+            wide.x(q)
+    wide.measure(widest - 1, 1)
+    counts = backend.run(wide, shots=shots, seed_simulator=5).result().get_counts()
+    assert set(counts) == {"00", "11"} and abs(counts["11"] - shots / 2) < 5 * np.sqrt(shots) / 2

@@ -58,37 +58,43 @@ def _program(ops, n=1, clbits=2, name="p") -> Program:
     return Program(num_qubits=n, num_clbits=clbits, ops=tuple(ops), name=name)
 
 
-def _run_flat(kernels, program, shots, key, first=0, max_iterations=1000):
+def _run_flat(xp, kernels, program, shots, key, first=0, max_iterations=1000):
     flat = small_shots.flatten(program, kernels.dtype)
     assert flat is not None
-    out = np.zeros((flat.clbit_words + 1) * shots, dtype=np.uint64)
-    kernels.run_small_shots(out, flat.ops, flat.pool, flat.words, flat.num_qubits, flat.clbit_words, first, shots, key, max_iterations)
-    return out.reshape(shots, flat.clbit_words + 1)
+    out = xp.zeros((flat.clbit_words + 1) * shots, dtype=np.uint64)
+    ops, pool, words = xp.asarray(flat.ops), xp.asarray(flat.pool), xp.asarray(flat.words)
+    kernels.run_small_shots(out, ops, pool, words, flat.num_qubits, flat.clbit_words, first, shots, key, max_iterations)
+    host = out.get() if hasattr(out, "get") else out
+    return host.reshape(shots, flat.clbit_words + 1)
 
 
-@pytest.mark.parametrize("precision", ["double", "single"])
-def test_each_shot_draws_numpys_philox_by_draw_and_shot(emulated_library, precision):  # noqa: F811
-    dtype = np.complex128 if precision == "double" else np.complex64
-    kernels = EmulatedKernels(dtype, emulated_library, resident_blocks=3)
-    h = Unitary((0,), H.astype(dtype))
+def check_philox_draws(xp, kernels, shots: int = 24) -> None:
+    """Each shot's outcomes are its Philox uniforms (draw, shot) against p1, whatever the launch's shots."""
+    h = Unitary((0,), H.astype(kernels.dtype))
     program = _program([h, Measure(0, 0), h, Measure(0, 1)])
     key = (0x0123456789ABCDEF, 0xFEDCBA9876543210)
-    rows = _run_flat(kernels, program, 24, key)
-    later = _run_flat(kernels, program, 8, key, first=16)  # a shot's draws do not depend on the launch
-    assert (rows[16:] == later).all()
+    rows = _run_flat(xp, kernels, program, shots, key)
+    later = _run_flat(xp, kernels, program, shots - shots // 3, key, first=shots // 3)  # a shot's draws do not depend on the launch
+    assert (rows[shots // 3 :] == later).all()
     assert not rows[:, 1].any()  # status
     checked = 0
-    for shot in range(24):
+    for shot in range(shots):
         expected = 0
         for draw in range(2):
             u = uniform(key, draw, shot)
-            if abs(u - 0.5) < 1e-6:
+            if abs(u - 0.5) < 1e-6:  # p1 is 0.5 up to rounding
                 break
             expected |= (u < 0.5) << draw
         else:
             assert int(rows[shot, 0]) == expected, shot
             checked += 1
-    assert checked >= 20
+    assert checked >= shots * 0.8
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_each_shot_draws_numpys_philox_by_draw_and_shot(emulated_library, precision):  # noqa: F811
+    dtype = np.complex128 if precision == "double" else np.complex64
+    check_philox_draws(np, EmulatedKernels(dtype, emulated_library, resident_blocks=3))
 
 
 def test_flatten_refuses_what_the_kernel_cannot_hold():
@@ -237,3 +243,21 @@ def test_progress_ends_at_ops_times_shots(emulated_gpu):  # noqa: F811
     job.result()
     done, total = job._execution.progress()
     assert done == total and total > 64
+
+
+
+def test_chunks_of_shots_draw_what_one_launch_draws(emulated_gpu):  # noqa: F811
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine import devices
+    from gpu_provider.engine.executor import RunConfig
+
+    device, _ = devices.resolve_device("GPU", 0)
+    config = RunConfig(shots=35, seed=12, shot_branching=False)
+    planned = small_shots.plan(translate(teleport()), config, device)
+    assert planned is not None
+    flat, kernels = planned
+    _clear(emulated_gpu)
+    whole = small_shots.run_shots(flat, kernels, device, config, 1)
+    chunked = small_shots.run_shots(flat, kernels, device, config, 1, budget_bytes=10 * 8 * (flat.clbit_words + 1))
+    assert _shot_launches(emulated_gpu) == 1 + 4  # 35 shots, 10 a launch
+    assert np.concatenate(chunked).tolist() == np.concatenate(whole).tolist()
