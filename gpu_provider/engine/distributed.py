@@ -390,6 +390,7 @@ def run_on_ranks(group: "RankGroup", execution, work):
         group.sync()
     except BaseException as exc:
         group.stop_with(exc)
+        group.close_if_stopped_together()
         raise
     group.close()
     return result
@@ -409,6 +410,7 @@ def abandon_on_ranks(group: "RankGroup", kind: str, message: str) -> None:
             group.sync()
         except BaseException:
             pass
+        group.close_if_stopped_together()
 
     threading.Thread(target=stop, name="gpu_provider-mpi-abandon", daemon=True).start()
 
@@ -567,12 +569,21 @@ class RankGroup:
         self._wait(self.data.Iallgather(part, full))
 
     def close(self) -> None:
-        """Free the communicators after a run every rank finished."""
+        """Free the communicators after a run every rank finished (once; later calls do nothing)."""
         for comm in (self.data, self.control):
+            if comm == self.MPI.COMM_NULL:
+                continue
             try:
-                comm.Free()
+                comm.Free()  # mpi4py sets the handle to COMM_NULL
             except Exception:
                 pass
+
+    def close_if_stopped_together(self) -> None:
+        """Free the communicators of a job that stopped early, where a sync point stopped it on
+        every rank (so every rank frees them too, as MPI_Comm_free asks); where it did not
+        (the sync itself failed), they are left: freeing them alone could wait on the others."""
+        if self._stopped_together:
+            self.close()
 
     # -- moving amplitudes ---------------------------------------------------------
 

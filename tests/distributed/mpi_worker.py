@@ -441,10 +441,41 @@ def scenario_pennylane(outdir: str) -> dict:
     }
 
 
+_GROUPS: list = []
+
+
+def _track_groups() -> None:
+    """Keep every RankGroup made, to check that each job's communicators are freed."""
+    from gpu_provider.engine import distributed
+
+    original = distributed.RankGroup.__init__
+
+    def init(self, comm) -> None:
+        original(self, comm)
+        _GROUPS.append(self)
+
+    distributed.RankGroup.__init__ = init
+
+
+def unfreed_communicators(wait: float = 10.0) -> int:
+    """Communicators of this rank's jobs still allocated (a job abandoned on a rank frees its own
+    on a thread, after its first sync: waited for up to ``wait`` seconds)."""
+    deadline = time.monotonic() + wait
+    while True:
+        unfreed = sum(comm != MPI.COMM_NULL for group in _GROUPS for comm in (group.data, group.control))
+        if not unfreed or time.monotonic() > deadline:
+            return unfreed
+        time.sleep(0.05)
+
+
 def main() -> None:
     scenario, outdir = sys.argv[1], sys.argv[2]
+    _track_groups()
     try:
         result = globals()[f"scenario_{scenario}"](outdir)
+        if scenario in ("errors", "cancel", "queued_cancel"):
+            result["jobs"] = len(_GROUPS)
+            result["unfreed_communicators"] = unfreed_communicators()
     except Exception as exc:  # reported, so the test shows which rank failed and how
         result = {"__error__": (type(exc).__name__, str(exc))}
     with open(os.path.join(outdir, f"rank{RANK}.pkl"), "wb") as handle:

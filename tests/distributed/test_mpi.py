@@ -219,6 +219,8 @@ def test_bad_input_and_faults_raise_on_every_rank(tmp_path):
     good.measure_all()
     local = GPUSimulator(device="CPU", seed_simulator=3).run(good, shots=500).result().get_counts()
     assert all(result["after"] == local for result in results)
+    # Both jobs that ran (one failed midway, one good) freed their communicators; the others were refused first.
+    assert all(result["jobs"] == 2 and result["unfreed_communicators"] == 0 for result in results), results
 
 
 def test_cancel_on_one_rank_cancels_every_rank(tmp_path):
@@ -238,6 +240,7 @@ def test_cancel_on_one_rank_cancels_every_rank(tmp_path):
     good.measure_all()
     counts = expected.run(good, shots=500).result().get_counts()
     assert all(result["after"] == counts for result in results)
+    assert all(result["unfreed_communicators"] == 0 for result in results), results
 
 
 def test_cancel_while_queued_on_one_rank_cancels_the_others(tmp_path):
@@ -245,6 +248,7 @@ def test_cancel_while_queued_on_one_rank_cancels_the_others(tmp_path):
     assert results[1]["queued_status"] == "QUEUED" and results[1]["cancel_returned"] is True
     for rank, result in enumerate(results):
         assert result["status"] == "CANCELLED", (rank, result["status"], result["error"])
+        assert result["unfreed_communicators"] == 0, (rank, result)
 
 
 def test_a_rank_that_never_joins_is_a_clear_error_after_the_timeout(tmp_path):
