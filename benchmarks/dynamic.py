@@ -1,6 +1,7 @@
 """Dynamic circuits (mid-circuit measurement, reset, a condition), end to end, against Qiskit Aer.
 
     python -m benchmarks.dynamic [--data 5,8] [--rounds 3] [--shots 1024,8192] [--device auto|gpu|cpu]
+                                 [--circuit syndrome|monitored]
                                  [--precision single|double] [--repeats 3] [--pennylane] [--out DIR]
 
 The circuit: ``--data`` data qubits in a product of ``ry`` states, ``--rounds``
@@ -8,6 +9,10 @@ rounds of parity checks of neighbouring data qubits, each on an ancilla that
 is measured and reset (``data - 1`` ancillas, reused every round), an ``rx``
 layer between rounds, one ``if_test`` on the first check, final measurements:
 ``2 * data - 1`` qubits and ``rounds * (data - 1)`` mid-circuit measurements.
+With ``--circuit monitored``: ``--data`` qubits, ``--rounds`` brickwork layers
+of random two-qubit unitaries each followed by mid-circuit measurements of a
+third of the qubits (:func:`monitored_circuit`): outcomes scatter, so nearly
+every shot takes a path of its own (the case branching cannot help).
 Timed on ``run(circuit).result()`` (median of --repeats after a warm-up):
 gpu_provider with shot branching (the default: on a GPU, handing over to
 one launch of all the shots once branching has begun enough paths) and
@@ -57,6 +62,29 @@ def syndrome_circuit(data: int, rounds: int) -> QuantumCircuit:
     return circuit
 
 
+def monitored_circuit(qubits: int, layers: int, seed: int = 7) -> QuantumCircuit:
+    """A monitored random circuit: brickwork layers of random two-qubit unitaries, each followed by
+    mid-circuit measurements of about a third of the qubits (a fixed random pattern), final
+    measurements of all. Outcomes scatter: nearly every shot takes a path of its own."""
+    from qiskit.circuit.library import UnitaryGate
+    from qiskit.quantum_info import random_unitary
+
+    rng = np.random.default_rng(seed)
+    marks = [sorted(rng.choice(qubits, size=max(1, qubits // 3), replace=False).tolist()) for _ in range(layers)]
+    mid = ClassicalRegister(sum(len(m) for m in marks), "m")
+    final = ClassicalRegister(qubits, "f")
+    circuit = QuantumCircuit(QuantumRegister(qubits, "q"), mid, final)
+    clbit = 0
+    for layer, measured in enumerate(marks):
+        for q in range(layer % 2, qubits - 1, 2):
+            circuit.append(UnitaryGate(random_unitary(4, seed=int(rng.integers(1 << 30)))), [q, q + 1])
+        for q in measured:
+            circuit.measure(q, mid[clbit])
+            clbit += 1
+    circuit.measure(range(qubits), final)
+    return circuit
+
+
 def _median_time(fn, repeats: int) -> tuple[float, object]:
     result = fn()  # warm-up
     times = []
@@ -67,9 +95,11 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def measure(data: int, rounds: int, shots: int, device: str, precision: str, repeats: int, aer: bool = True) -> dict:
-    circuit = syndrome_circuit(data, rounds)
-    row = {"data": data, "rounds": rounds, "qubits": circuit.num_qubits, "shots": shots, "precision": precision}
+def measure(
+    data: int, rounds: int, shots: int, device: str, precision: str, repeats: int, aer: bool = True, kind: str = "syndrome"
+) -> dict:
+    circuit = syndrome_circuit(data, rounds) if kind == "syndrome" else monitored_circuit(data, rounds)
+    row = {"circuit": kind, "data": data, "rounds": rounds, "qubits": circuit.num_qubits, "shots": shots, "precision": precision}
     modes = [("branching", True, True), ("shot_by_shot", False, False)]
     for name, branching, batched in modes:
         backend = GPUSimulator(device=device, precision=precision, shot_branching_enable=branching, batched_shots_gpu=batched)
@@ -139,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=_ints, default=[5, 8])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--circuit", default="syndrome", choices=["syndrome", "monitored"],
+        help="monitored: --data qubits, --rounds layers of random two-qubit gates and mid-circuit measurements",
+    )
     parser.add_argument("--shots", type=_ints, default=[1024, 8192])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="double", choices=["single", "double"])
@@ -150,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for data in args.data:
         for shots in args.shots:
-            row = measure(data, args.rounds, shots, args.device, args.precision, args.repeats, aer=not args.no_aer)
-            if args.pennylane:
+            row = measure(data, args.rounds, shots, args.device, args.precision, args.repeats, aer=not args.no_aer, kind=args.circuit)
+            if args.pennylane and args.circuit == "syndrome":
                 row.update(pennylane_times(data, args.rounds, shots, args.device, args.repeats))
             print(row, flush=True)
             rows.append(row)

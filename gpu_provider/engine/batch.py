@@ -109,6 +109,19 @@ class StateBatch:
         self.data[:, 0] = 1
         self._scratch = None
 
+    @classmethod
+    def over(cls, xp: Any, data, dtype) -> "StateBatch":
+        """A batch over the existing rows ``data`` (B, 2^n, canonical order); nothing is copied."""
+        batch = cls.__new__(cls)
+        batch.xp = xp
+        batch.num_qubits = int(data.shape[1]).bit_length() - 1
+        batch.batch = int(data.shape[0])
+        batch.dtype = np.dtype(dtype)
+        batch.kernels = None
+        batch.data = data
+        batch._scratch = None
+        return batch
+
     def apply_unitary(self, qubits: Sequence[int], matrices: np.ndarray) -> None:
         """``matrices``: one (2^k, 2^k) for every state, or (B, 2^k, 2^k); matrix bit j is ``qubits[j]``."""
         xp, n, k = self.xp, self.num_qubits, len(qubits)

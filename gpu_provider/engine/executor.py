@@ -665,10 +665,11 @@ def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random
     With ``config.shot_branching`` its shots share trajectories until their
     outcomes differ (:mod:`gpu_provider.engine.trajectories`); otherwise each
     shot runs alone from a copy of the state after the gates before the first
-    other op. On a GPU ``device`` with ``config.batched_shots``, a small program's
-    shots run one per block in one launch instead (:mod:`gpu_provider.engine.small_shots`):
-    without branching, always; with it, once the paths begun pass the budget where
-    that launch costs less. Returns the tally, the state of the last trajectory
+    other op. With ``config.batched_shots``, a small program's shots may run as one
+    batch instead (:mod:`gpu_provider.engine.small_shots`; on a GPU one launch, one
+    shot per block; on the CPU the rows of one NumPy batch): once the paths that
+    branching began pass the budget where the batch costs less; on a GPU without
+    branching, always. Returns the tally, the state of the last trajectory
     run, and metadata on the trajectories.
     """
     batched = None
@@ -676,18 +677,19 @@ def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random
         from . import small_shots
 
         batched = small_shots.plan(program, config, device)
+        if batched is not None and batched.kernels is None and not config.shot_branching:
+            batched = None  # on the CPU, shot_branching=False keeps every shot alone
     if batched is None:
         return _branch_or_shot_by_shot(program, state, config, rng, execution)
-    flat, kernels = batched
     if config.shot_branching:
         mark = execution.enqueued if execution is not None else 0
         try:
-            return _branch_or_shot_by_shot(program, state, config, rng, execution, small_shots.trajectory_budget(flat, config.shots))
+            return _branch_or_shot_by_shot(program, state, config, rng, execution, batched.budget(config.shots))
         except TooManyPaths:
             if execution is not None:
                 execution.rewind(mark)  # the shots start over: progress counts them once
     tally = _Tally(config.memory)
-    for values in small_shots.run_shots(flat, kernels, device, config, count_ops(program.ops), execution):
+    for values in batched.run(config, count_ops(program.ops), execution):
         tally.add_many(values)
     return tally, state, {"shot_branching": config.shot_branching, "batched_shots": True}
 

@@ -46,8 +46,10 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import InvalidInputError, SimulationError
+from .batch import StateBatch
 from .kernels import (
     SMALL_CLBIT_WORDS,
+    SMALL_DIAGONAL,
     SMALL_JUMP,
     SMALL_JUMP_IF,
     SMALL_LOOP_COUNT,
@@ -55,6 +57,7 @@ from .kernels import (
     SMALL_LOOP_SLOTS,
     SMALL_MEASURE,
     SMALL_OP_WORDS,
+    SMALL_PHASE,
     SMALL_RESET,
 )
 from .program import (
@@ -78,16 +81,25 @@ from .program import (
     WhileLoop,
 )
 from .small_batch import OpEncoder
+from .statevector import DENSE_CONTROLLED_MAX, controlled_matrix
 from .trajectories import iteration_limit_error
 
 # The most ops a flat program may have (for loops unrolled): 3 MiB of op words.
 FLAT_OPS_MAX = 1 << 16
-# Rough costs that decide when the kernel takes over from branching (see trajectory_budget):
-# "path_op_seconds", one op of one path of the interpreter on a GPU (a launch and its host work);
-# "amplitude_seconds", one op on one amplitude of one shot in the kernel, spread over the GPU.
-# Estimates from the H200's launch rate and shared-memory bandwidth, not yet measured:
-# ``python -m benchmarks.dynamic --device gpu`` times both sides.
-BATCHED_SHOTS_COST = {"path_op_seconds": 10e-6, "amplitude_seconds": 2e-12}
+# Rough costs that decide when the shots' batch takes over from branching (see trajectory_budget),
+# per device kind: "path_op_seconds", one op of one path of the interpreter (on a GPU a launch and
+# its host work); "amplitude_seconds", one op on one amplitude of one shot in the batch (on a GPU
+# the kernel, spread over the device). The GPU's are estimates from the H200's launch rate and
+# shared-memory bandwidth, not yet measured (``python -m benchmarks.dynamic --device gpu`` times
+# both sides); the CPU's are measured on the 2-core machine (docs/benchmarks.md).
+BATCHED_SHOTS_COST = {
+    "GPU": {"path_op_seconds": 10e-6, "amplitude_seconds": 2e-12},
+    "CPU": {"path_op_seconds": 5e-6, "amplitude_seconds": 1.1e-8},
+}
+# On the CPU: the widest state batched (as engine/batch.py), and the bytes of one batch of shots'
+# states (the interpreter's copies may take BRANCH_BYTES; a batch and its temporaries stay below).
+HOST_MAX_QUBITS = 14
+HOST_BATCH_BYTES = 32 << 20
 # The spawn key of the kernel's Philox key under the circuit's seed: a stream of its own.
 _KEY_STREAM = 0x5107
 
@@ -380,25 +392,50 @@ def shot_kernels(device: Any, config: Any) -> Any:
     return kernels if kernels is not None and hasattr(kernels, "run_small_shots") else None
 
 
-def plan(program: Program, config: Any, device: Any) -> Optional[tuple[FlatProgram, Any]]:
-    """``program`` flattened for run_small_shots on ``device`` with the kernels to run it, or None
-    where its shots cannot run there (not a GPU, ``config.batched_shots`` off, too wide, an op or
-    condition the flat form cannot hold)."""
+@dataclass(frozen=True)
+class ShotPlan:
+    """A program's shots as one batch on ``device``: ``flat`` through the GPU's ``kernels``, or,
+    where ``kernels`` is None, through :func:`run_shots_host` (the CPU)."""
+
+    flat: FlatProgram
+    kernels: Any
+    device: Any
+
+    def budget(self, shots: int) -> int:
+        """Paths shot branching may begin before this batch takes over: as many as cost what the
+        batch would for all ``shots`` (``BATCHED_SHOTS_COST`` of the device's kind; one at least).
+        So a circuit costs at most about twice the cheaper of the two ways (the ski-rental bound).
+        At ``shots`` or more the batch never takes over (branching begins at most a path a shot),
+        as it should: it would cost more than a path a shot."""
+        cost = BATCHED_SHOTS_COST["GPU" if self.kernels is not None else "CPU"]
+        batch = shots * (1 << self.flat.num_qubits) * cost["amplitude_seconds"]
+        return max(1, int(batch / cost["path_op_seconds"]))
+
+    def run(self, config: Any, weight: int, execution: Any = None) -> list:
+        """The shots' clbit values (see :func:`run_shots`)."""
+        if self.kernels is not None:
+            return run_shots(self.flat, self.kernels, self.device, config, weight, execution)
+        return run_shots_host(self.flat, self.device.xp, config, weight, execution)
+
+
+def plan(program: Program, config: Any, device: Any) -> Optional[ShotPlan]:
+    """How ``program``'s shots run as one batch on ``device``, or None where they cannot
+    (``config.batched_shots`` off, too wide, an op or condition the flat form cannot hold).
+    On a GPU, through run_small_shots (at most the device's ``small_max_qubits``); on the CPU,
+    as rows of one NumPy batch (at most ``HOST_MAX_QUBITS``)."""
     if not getattr(config, "batched_shots", False) or config.shots < 1:
         return None
     kernels = shot_kernels(device, config)
-    if kernels is None or not 1 <= program.num_qubits <= kernels.small_max_qubits(device.device_id):
+    if kernels is not None:
+        widest = kernels.small_max_qubits(device.device_id)
+    elif device.kind == "CPU":
+        widest = HOST_MAX_QUBITS
+    else:
+        return None
+    if not 1 <= program.num_qubits <= widest:
         return None
     flat = flatten(program, config.dtype)
-    return None if flat is None else (flat, kernels)
-
-
-def trajectory_budget(flat: FlatProgram, shots: int) -> int:
-    """Paths shot branching may begin before the kernel takes over: as many as cost what the
-    kernel would for all ``shots`` (``BATCHED_SHOTS_COST``; one path at least)."""
-    cost = BATCHED_SHOTS_COST
-    kernel = shots * (1 << flat.num_qubits) * cost["amplitude_seconds"]
-    return max(1, int(kernel / cost["path_op_seconds"]))
+    return None if flat is None else ShotPlan(flat, kernels, device)
 
 
 def philox_key(seed: int) -> tuple[int, int]:
@@ -471,3 +508,179 @@ def tally_shots(values: list, tally: Any) -> None:
         tally.add_many(chunk)
 
 
+
+
+# ---------------------------------------------------------------------------
+# The same op stream on the host: every shot a row of one NumPy batch
+
+
+_MASK64 = (1 << 64) - 1
+_PHILOX_M = (0xD2E7470EE14C6C93, 0xCA5A826395121157)
+_PHILOX_W = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)
+
+
+def _mulhilo(a: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The high and low 64-bit words of ``a * m`` (uint64 arrays), through 32-bit halves."""
+    low32 = np.uint64(0xFFFFFFFF)
+    shift = np.uint64(32)
+    m_hi, m_lo = np.uint64(m >> 32), np.uint64(m & 0xFFFFFFFF)
+    a_hi, a_lo = a >> shift, a & low32
+    t = a_lo * m_lo
+    u = a_hi * m_lo + (t >> shift)
+    w = a_lo * m_hi + (u & low32)
+    return a_hi * m_hi + (u >> shift) + (w >> shift), a * np.uint64(m)
+
+
+def philox_uniforms(key: tuple[int, int], draws: np.ndarray, shots: np.ndarray) -> np.ndarray:
+    """The uniforms run_small_shots draws: Philox4x64-10 of counters (draws[i], shots[i], 0, 0)
+    under ``key``, the first word's top 53 bits as doubles in [0, 1)."""
+    c0 = np.asarray(draws, dtype=np.uint64).copy()
+    c1 = np.asarray(shots, dtype=np.uint64).copy()
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = key[0] & _MASK64, key[1] & _MASK64
+    with np.errstate(over="ignore"):
+        for round_ in range(10):
+            if round_:
+                k0, k1 = (k0 + _PHILOX_W[0]) & _MASK64, (k1 + _PHILOX_W[1]) & _MASK64
+            hi0, lo0 = _mulhilo(c0, _PHILOX_M[0])
+            hi1, lo1 = _mulhilo(c2, _PHILOX_M[1])
+            c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
+    return (c0 >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def run_shots_host(flat: FlatProgram, xp: Any, config: Any, weight: int, execution: Any = None, budget_bytes: int = HOST_BATCH_BYTES) -> list:
+    """:func:`run_shots` on the host: each chunk of shots is the rows of one batch of states
+    (:class:`~gpu_provider.engine.batch.StateBatch`), and every op runs once for all the rows at
+    it. Shots whose paths part run their ops in turn (the lowest position first, so paths meet
+    again after a branch), each drawing its uniforms from the same Philox counters as
+    run_small_shots: a seed gives the GPU kernel's samples, up to rounding of the probabilities."""
+    key = philox_key(config.seed)
+    dtype = np.dtype(config.dtype)
+    chunk = max(1, budget_bytes // (3 * dtype.itemsize << flat.num_qubits))
+    values: list = []
+    for first in range(0, config.shots, chunk):
+        if execution is not None:
+            execution.poll_cancel()
+        shots = min(chunk, config.shots - first)
+        rows = _host_chunk(flat, xp, dtype, key, first, shots, config.max_loop_iterations)
+        _check_status(rows[:, -1], config)
+        if flat.clbit_words == 1:
+            values.append(rows[:, 0].copy())
+        else:
+            values.append([int.from_bytes(row.tobytes(), "little") for row in rows[:, :-1]])
+        if execution is not None:
+            execution.advance(weight * shots)
+    return values
+
+
+def _host_chunk(flat: FlatProgram, xp: Any, dtype, key: tuple[int, int], first: int, shots: int, max_iterations: int) -> np.ndarray:
+    """Shots ``first`` .. ``first + shots - 1``: rows of their clbit words and a status word, as run_small_shots writes them."""
+    n, width, end = flat.num_qubits, flat.clbit_words, flat.count
+    ops, words, pool = flat.ops.reshape(-1, SMALL_OP_WORDS), flat.words, flat.pool
+    data = xp.zeros((shots, 1 << n), dtype=dtype)
+    data[:, 0] = 1
+    clbits = np.zeros((shots, width), dtype=np.uint64)
+    status = np.zeros(shots, dtype=np.uint64)
+    pc = np.zeros(shots, dtype=np.int64)
+    draws = np.zeros(shots, dtype=np.uint64)
+    loops = np.zeros((shots, SMALL_LOOP_SLOTS), dtype=np.int64)
+    while True:
+        live = pc < end
+        if not live.any():
+            break
+        p = int(pc[live].min())
+        at = np.nonzero(pc == p)[0]
+        whole = at.size == shots
+        word = [int(w) for w in ops[p]]
+        kind = word[0] & 0xFF
+        following = p + 1
+        if kind <= SMALL_PHASE or kind in (SMALL_MEASURE, SMALL_RESET):
+            rows = data if whole else data[at]  # a copy where only some shots are here
+            if kind <= SMALL_PHASE:
+                _apply_gate(StateBatch.over(xp, rows, dtype), word, pool, n)
+            else:
+                outcome, lost = _measure_rows(xp, rows, word[1], kind == SMALL_RESET, philox_uniforms(key, draws[at], first + at))
+                draws[at] += np.uint64(1)
+                if kind == SMALL_MEASURE:
+                    clbit = word[2]
+                    bit = np.uint64(1 << (clbit & 63))
+                    column = clbits[at, clbit >> 6]
+                    clbits[at, clbit >> 6] = np.where(outcome, column | bit, column & ~bit)
+            if not whole:
+                data[at] = rows
+            if kind in (SMALL_MEASURE, SMALL_RESET) and lost.any():
+                status[at[lost]] = 2
+                pc[at[lost]] = end
+                at = at[~lost]
+        elif kind == SMALL_JUMP:
+            pc[at] = word[1]
+            continue
+        elif kind == SMALL_JUMP_IF:
+            offset = word[2]
+            masks, patterns = words[offset : offset + width], words[offset + width : offset + 2 * width]
+            match = ((clbits[at] & masks) == patterns).all(axis=1)
+            pc[at] = np.where(match != bool(word[3]), word[1], following)
+            continue
+        elif kind == SMALL_LOOP_ENTER:
+            loops[at, word[1] % SMALL_LOOP_SLOTS] = 0
+        elif kind == SMALL_LOOP_COUNT:
+            slot = word[1] % SMALL_LOOP_SLOTS
+            loops[at, slot] += 1
+            over = loops[at, slot] > max_iterations
+            status[at[over]] = 1
+            pc[at[over]] = end
+            at = at[~over]
+        pc[at] = following
+    return np.concatenate([clbits, status[:, None]], axis=1)
+
+
+def _apply_gate(batch: StateBatch, word: list, pool: np.ndarray, n: int) -> None:
+    """One gate op's words (see run_small_circuits) on every row of ``batch``."""
+    kind, k, offset = word[0] & 0xFF, word[0] >> 8, word[3]
+    if kind == SMALL_PHASE:
+        batch.data *= pool[offset]
+        return
+    qubits = tuple((word[1] >> (6 * j)) & 63 for j in range(k))
+    if kind == SMALL_DIAGONAL:
+        batch.apply_diagonal(qubits, pool[offset : offset + (1 << k)])
+        return
+    matrix = pool[offset : offset + (1 << 2 * k)].reshape(1 << k, 1 << k)
+    mask, value = word[4], word[5]
+    controls = tuple(q for q in range(n) if (mask >> q) & 1)
+    if not controls:
+        batch.apply_unitary(qubits, matrix)
+        return
+    state = sum(((value >> c) & 1) << i for i, c in enumerate(controls))
+    if len(controls) + k <= DENSE_CONTROLLED_MAX:
+        batch.apply_unitary(controls + qubits, controlled_matrix(matrix, len(controls), state))
+        return
+    # Many controls: the gate on every amplitude of a copy, kept where the controls hold.
+    xp = batch.xp
+    before = batch.data.copy()
+    batch.apply_unitary(qubits, matrix)
+    index = np.arange(1 << n)
+    keep = xp.asarray((index & mask) != value)
+    batch.data[:, keep] = before[:, keep]
+
+
+def _measure_rows(xp: Any, rows: Any, bit: int, reset: bool, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Measure qubit ``bit`` of every row with its uniform: collapse and renormalize each row (a
+    reset moves the kept half to 0); the outcomes, and the rows whose outcome had no probability."""
+    halves = rows.reshape(rows.shape[0], -1, 2, 1 << bit)
+    ones = halves[:, :, 1, :]
+    p1 = (ones.real.astype(np.float64) ** 2 + ones.imag.astype(np.float64) ** 2).sum(axis=(1, 2))
+    p1 = np.clip(xp.asnumpy(p1) if hasattr(xp, "asnumpy") else p1, 0.0, 1.0)
+    outcome = uniforms < p1
+    probability = np.where(outcome, p1, 1.0 - p1)
+    lost = probability <= 0.0
+    scale = xp.asarray((1.0 / np.sqrt(np.where(lost, 1.0, probability))).astype(rows.real.dtype))[:, None, None]
+    pick = xp.asarray(outcome)[:, None, None]
+    kept = xp.where(pick, halves[:, :, 1, :], halves[:, :, 0, :]) * scale
+    if reset:
+        halves[:, :, 0, :] = kept
+        halves[:, :, 1, :] = 0
+    else:
+        halves[:, :, 0, :] = xp.where(pick, 0, kept)
+        halves[:, :, 1, :] = xp.where(pick, kept, 0)
+    return outcome, lost

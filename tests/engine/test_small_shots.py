@@ -254,10 +254,64 @@ def test_chunks_of_shots_draw_what_one_launch_draws(emulated_gpu):  # noqa: F811
     device, _ = devices.resolve_device("GPU", 0)
     config = RunConfig(shots=35, seed=12, shot_branching=False)
     planned = small_shots.plan(translate(teleport()), config, device)
-    assert planned is not None
-    flat, kernels = planned
+    assert planned is not None and planned.kernels is not None
+    flat, kernels = planned.flat, planned.kernels
     _clear(emulated_gpu)
     whole = small_shots.run_shots(flat, kernels, device, config, 1)
     chunked = small_shots.run_shots(flat, kernels, device, config, 1, budget_bytes=10 * 8 * (flat.clbit_words + 1))
     assert _shot_launches(emulated_gpu) == 1 + 4  # 35 shots, 10 a launch
     assert np.concatenate(chunked).tolist() == np.concatenate(whole).tolist()
+
+
+# ---------------------------------------------------------------------------
+# The same op stream on the CPU: the rows of one NumPy batch
+
+
+def test_philox_uniforms_are_numpys_philox():
+    key = (0x0123456789ABCDEF, 0xFEDCBA9876543210)
+    draws = np.array([0, 1, 5, 0, 7, (1 << 64) - 1], dtype=np.uint64)
+    shots = np.array([0, 0, 3, 1 << 40, 123456789, 2], dtype=np.uint64)
+    expected = [uniform(key, int(d), int(s)) for d, s in zip(draws, shots)]
+    assert small_shots.philox_uniforms(key, draws, shots).tolist() == expected
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_the_host_batch_draws_the_kernels_samples(emulated_library, precision):  # noqa: F811
+    """The NumPy batch and the (host-emulated) CUDA kernel run the same flat stream with the same
+    Philox draws: the same outcomes shot by shot, loops, switches and resets included."""
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine.executor import RunConfig
+
+    dtype = np.complex128 if precision == "double" else np.complex64
+    kernels = EmulatedKernels(dtype, emulated_library, resident_blocks=4)
+    for circuit in (loops_and_switch(), syndrome_rounds(3, 2), teleport()):
+        program = translate(circuit)
+        config = RunConfig(shots=60, seed=17, precision=precision, max_loop_iterations=1000)
+        flat = small_shots.flatten(program, dtype)
+        key = small_shots.philox_key(config.seed)
+        gpu = _run_flat(np, kernels, program, config.shots, key)
+        host = np.concatenate(small_shots.run_shots_host(flat, np, config, 1, budget_bytes=20 * (3 * np.dtype(dtype).itemsize << flat.num_qubits)))
+        assert host.tolist() == gpu[:, 0].tolist(), circuit.name
+
+
+@pytest.mark.parametrize("make", [teleport, loops_and_switch, lambda: syndrome_rounds(3, 2)], ids=["teleport", "loops", "syndrome"])
+def test_the_host_batch_agrees_with_aer_through_the_backend(make, monkeypatch):
+    """On the CPU, branching hands over to the batch past its budget (forced to one path here)."""
+    from gpu_provider.engine.small_shots import ShotPlan
+
+    monkeypatch.setattr(ShotPlan, "budget", lambda self, shots: 1)
+    circuit = make()
+    result = GPUSimulator(device="CPU").run(circuit, shots=4000, seed_simulator=2, memory=True).result()
+    metadata = result.results[0].metadata
+    assert metadata["batched_shots"] is True and "trajectories" not in metadata
+    counts = result.get_counts()
+    assert sum(counts.values()) == 4000 and len(result.get_memory()) == 4000
+    assert_counts_agree(counts, aer_counts(circuit, 8000))
+
+
+def test_the_cpu_keeps_branching_for_few_paths_and_shot_by_shot_when_asked():
+    circuit = syndrome_rounds(3, 2)
+    branching = GPUSimulator(device="CPU").run(teleport(), shots=2000, seed_simulator=2).result()
+    assert branching.results[0].metadata["batched_shots"] is False  # 8 paths: under the budget
+    alone = GPUSimulator(device="CPU", shot_branching_enable=False).run(circuit, shots=50, seed_simulator=2).result()
+    assert "batched_shots" not in alone.results[0].metadata and alone.results[0].metadata["trajectories"] == 50
