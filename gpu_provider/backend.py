@@ -134,9 +134,11 @@ class GPUSimulator(BackendV2):
             constants) run one per thread block, all of them in one kernel
             launch (True; Aer's option of the same name, off there by default).
             With shot branching, only once branching has begun more paths than
-            that launch would cost; without it, always. A seed gives the same
-            samples run after run, other ones than the CPU's, with the same
-            distribution.
+            that launch would cost; without it, always. On the CPU the same
+            hand-over (with shot branching only) runs them as one NumPy batch
+            with the kernel's random draws. A seed gives the same samples run
+            after run; where the batch ran, other ones than the interpreter's,
+            with the same distribution.
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:

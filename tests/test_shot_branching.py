@@ -18,7 +18,7 @@ from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister, qasm3
 from qiskit.quantum_info import Statevector
 
 import gpu_provider
-from gpu_provider.engine import devices, statevector, trajectories
+from gpu_provider.engine import devices, small_shots, statevector, trajectories
 from gpu_provider.engine.executor import RunConfig, memory_needed, state_arrays
 from benchmarks.dynamic import syndrome_circuit
 from gpu_provider.errors import IterationLimitError
@@ -66,15 +66,21 @@ def loops_and_switch() -> QuantumCircuit:
     return circuit
 
 
-@pytest.fixture(params=["branching", "one copy", "no copy", "shot by shot"])
+@pytest.fixture(params=["branching", "one copy", "no copy", "shot by shot", "batch"])
 def mode(request, monkeypatch) -> dict:
-    """How shots run: branching, branching with one or no copy allowed to wait, every shot alone."""
+    """How shots run: branching, branching with one or no copy allowed to wait, every shot alone
+    (all in the interpreter: the batch of engine/small_shots.py kept out), and branching that hands
+    over to that batch at its second path (on the CPU the NumPy batch; test_small_shots.py has the
+    GPU's kernel)."""
     if request.param == "one copy":
         monkeypatch.setattr(trajectories, "saved_states", lambda *args, **kwargs: 1)
         monkeypatch.setattr("gpu_provider.engine.executor.saved_states", lambda *args, **kwargs: 1)
     elif request.param == "no copy":
         monkeypatch.setattr(trajectories, "BRANCH_BYTES", 0)
-    return {"shot_branching_enable": request.param != "shot by shot"}
+    elif request.param == "batch":
+        monkeypatch.setattr(small_shots.ShotPlan, "budget", lambda self, shots: 1)
+        return {"shot_branching_enable": True, "batched_shots_gpu": True}
+    return {"shot_branching_enable": request.param != "shot by shot", "batched_shots_gpu": False}
 
 
 def run(device, circuit, shots=SHOTS, seed=21, **options):
@@ -89,7 +95,11 @@ def test_teleport_is_exact_in_every_mode(device, mode):
     exact = {f"{out}{m1}{m0}": 0.25 * (p1 if out == "1" else 1 - p1) for out in "01" for m1 in "01" for m0 in "01"}
     assert_counts_match(counts, exact, shots=SHOTS)
     metadata = result.results[0].metadata
-    if mode["shot_branching_enable"]:
+    if mode.get("batched_shots_gpu") and metadata["device"] == "CPU":
+        assert metadata["batched_shots"] is True  # its paths parted: past the budget of one
+    if metadata.get("batched_shots"):
+        assert mode.get("batched_shots_gpu", True) and "trajectories" not in metadata
+    elif mode["shot_branching_enable"]:
         assert metadata["shot_branching"] is True
         assert metadata["trajectories"] <= SHOTS
     else:

@@ -1,4 +1,4 @@
-"""Shots of small dynamic circuits in bulk on the GPU: one shot per block, many per launch.
+"""Shots of small dynamic circuits as one batch: on the GPU one shot per block, many per launch.
 
 A circuit that measures mid-circuit, resets or branches on classical values
 cannot be sampled from one final state. Shot branching
@@ -25,13 +25,19 @@ per loop as the interpreter does), ``for`` loops (unrolled), ``break`` and
 anything else (stores, classical variables, other expressions,
 ``initialize``) keeps the interpreter.
 
-When (:func:`trajectory_budget`, used by ``executor._run_trajectories``): with
-shot branching on, the interpreter runs first and the kernel takes over only
-when the paths begun pass a budget: the shots' kernel time, estimated from
-``BATCHED_SHOTS_COST``, over a path's launches. Whichever way a circuit ends
-up, it costs at most about twice the cheaper one (the ski-rental bound): the
-paths run before the switch cost no more than the kernel does. With shot
-branching off, every eligible circuit's shots run here.
+On the CPU (:func:`run_shots_host`) the same stream runs on NumPy: a chunk
+of shots are the rows of one batch of states, each op runs once for all the
+shots at it, and the draws are the kernel's (:func:`philox_uniforms`), so a
+seed gives the GPU's samples, up to rounding of the probabilities.
+
+When (:class:`ShotPlan`, used by ``executor._run_trajectories``): with shot
+branching on, the interpreter runs first and the batch takes over only when
+the paths begun pass a budget: the batch's cost, from ``BATCHED_SHOTS_COST``
+for the device's kind, over a path's. Whichever way a circuit ends up, it
+costs at most about twice the cheaper one (the ski-rental bound): the paths
+run before the switch cost no more than the batch does. With shot branching
+off, every eligible circuit's shots run in the GPU's kernel (the CPU then
+keeps every shot alone).
 
 A seed gives the same samples on every run and every launch shape, but other
 samples than the interpreter's (the draws come from another generator), with
