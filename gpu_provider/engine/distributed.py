@@ -557,6 +557,24 @@ class RankGroup:
     def poll_cancel(self) -> None:
         self.sync()
 
+    # What a batch of shots (engine/small_shots.py) calls: every rank runs the same chunks and
+    # hand-over (a narrow circuit of an MPI job runs whole on each rank), so each chunk's end is
+    # a sync point on all of them.
+
+    def advance(self, ops: int) -> None:
+        self._watch_cancel()
+        if self.execution is not None:
+            self.execution.checkpoint(ops, poll=False)
+        self.sync()
+
+    @property
+    def enqueued(self) -> int:
+        return self.execution.enqueued if self.execution is not None else 0
+
+    def rewind(self, mark: int) -> None:
+        if self.execution is not None:
+            self.execution.rewind(mark)
+
     # -- collectives ------------------------------------------------------------
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:

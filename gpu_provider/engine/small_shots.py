@@ -129,10 +129,6 @@ class FlatProgram:
     def count(self) -> int:
         return self.ops.size // SMALL_OP_WORDS
 
-    @property
-    def device_bytes(self) -> int:
-        return (self.ops.size + self.words.size) * 8 + self.pool.size * self.pool.dtype.itemsize
-
 
 def clbit_words(num_clbits: int) -> int:
     """64-bit words of a shot's clbits (one at least)."""
@@ -464,32 +460,40 @@ def run_shots(
     execution: Any = None,
     budget_bytes: int = 16 << 20,
 ) -> list:
-    """Run ``config.shots`` shots of ``flat`` through run_small_shots, a chunk of shots per launch.
+    """Run ``config.shots`` shots of ``flat`` through run_small_shots, a chunk of shots per launch
+    (their outputs within ``budget_bytes``); see :func:`_in_chunks` for what it returns and raises."""
+    xp = device.xp
+    ops, pool, words = xp.asarray(flat.ops), xp.asarray(flat.pool), xp.asarray(flat.words)
+    key = philox_key(config.seed)
+    width = flat.clbit_words + 1
 
-    Returns the shots' clbit values in shot order, a chunk per launch: uint64 arrays
-    (one clbit word) or lists of Python ints (more). ``weight``: what one shot
-    counts for in progress (the program's ops). Cancellation is checked and
-    progress recorded between launches.
+    def launch(first: int, shots: int) -> np.ndarray:
+        out = xp.empty(width * shots, dtype=np.uint64)
+        kernels.run_small_shots(out, ops, pool, words, flat.num_qubits, flat.clbit_words, first, shots, key, config.max_loop_iterations)
+        return device.to_host(out).reshape(shots, width)
+
+    return _in_chunks(flat, config, weight, execution, shot_chunk(flat, budget_bytes), launch)
+
+
+def _in_chunks(flat: FlatProgram, config: Any, weight: int, execution: Any, chunk: int, run: Any) -> list:
+    """``config.shots`` shots, ``chunk`` at a time through ``run(first, shots)`` (rows of clbit words
+    and a status word, as run_small_shots writes them).
+
+    Returns the shots' clbit values in shot order, a list per chunk: uint64 arrays (one clbit
+    word) or lists of Python ints (more). ``weight``: what one shot counts for in progress (the
+    program's ops). Cancellation is checked and progress recorded between chunks.
 
     Raises:
         IterationLimitError: a while loop of a shot ran past ``config.max_loop_iterations``.
         SimulationError: a shot measured a qubit whose outcome had zero probability.
         JobCancelledError: the job was cancelled.
     """
-    xp = device.xp
-    ops, pool, words = xp.asarray(flat.ops), xp.asarray(flat.pool), xp.asarray(flat.words)
-    key = philox_key(config.seed)
-    chunk = shot_chunk(flat, budget_bytes)
-    width = flat.clbit_words + 1
     values: list = []
     for first in range(0, config.shots, chunk):
         if execution is not None:
             execution.poll_cancel()
         shots = min(chunk, config.shots - first)
-        out = xp.empty(width * shots, dtype=np.uint64)
-        kernels.run_small_shots(out, ops, pool, words, flat.num_qubits, flat.clbit_words, first, shots, key, config.max_loop_iterations)
-        rows = device.to_host(out).reshape(shots, width)
-        del out
+        rows = run(first, shots)
         _check_status(rows[:, -1], config)
         if flat.clbit_words == 1:
             values.append(rows[:, 0].copy())
@@ -506,14 +510,6 @@ def _check_status(status: np.ndarray, config: Any) -> None:
     if (status == 1).any():
         raise iteration_limit_error(config.max_loop_iterations)
     raise SimulationError("a measured qubit's outcome had zero probability in a shot's state (the state lost its norm)")
-
-
-def tally_shots(values: list, tally: Any) -> None:
-    """Add :func:`run_shots`' values to ``tally`` (counts, and memory in shot order)."""
-    for chunk in values:
-        tally.add_many(chunk)
-
-
 
 
 # ---------------------------------------------------------------------------
@@ -564,20 +560,11 @@ def run_shots_host(flat: FlatProgram, xp: Any, config: Any, weight: int, executi
     key = philox_key(config.seed)
     dtype = np.dtype(config.dtype)
     chunk = max(1, budget_bytes // (3 * dtype.itemsize << flat.num_qubits))
-    values: list = []
-    for first in range(0, config.shots, chunk):
-        if execution is not None:
-            execution.poll_cancel()
-        shots = min(chunk, config.shots - first)
-        rows = _host_chunk(flat, xp, dtype, key, first, shots, config.max_loop_iterations)
-        _check_status(rows[:, -1], config)
-        if flat.clbit_words == 1:
-            values.append(rows[:, 0].copy())
-        else:
-            values.append([int.from_bytes(row.tobytes(), "little") for row in rows[:, :-1]])
-        if execution is not None:
-            execution.advance(weight * shots)
-    return values
+
+    def run(first: int, shots: int) -> np.ndarray:
+        return _host_chunk(flat, xp, dtype, key, first, shots, config.max_loop_iterations)
+
+    return _in_chunks(flat, config, weight, execution, chunk, run)
 
 
 def _host_chunk(flat: FlatProgram, xp: Any, dtype, key: tuple[int, int], first: int, shots: int, max_iterations: int) -> np.ndarray:
