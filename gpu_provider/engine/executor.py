@@ -70,8 +70,9 @@ class RunConfig:
     # Shots of a program that measures mid-circuit, resets or branches share one trajectory
     # until their outcomes differ (see engine/trajectories.py); False runs each shot alone.
     shot_branching: bool = True
-    # On a GPU, such a program's shots of a small circuit may run one per block, many per
-    # launch (see engine/small_shots.py): where branching finds many paths, or without it.
+    # Such a program's shots of a small circuit may run as one batch (see engine/small_shots.py:
+    # on a GPU one launch, a shot per block; on the CPU one NumPy batch) where branching finds
+    # many paths, and on a GPU without branching.
     batched_shots: bool = True
 
     @property

@@ -316,8 +316,8 @@ def pack(programs: Sequence[Program], dtype) -> _Packed:
     headers = np.zeros((len(programs), SMALL_HEADER_WORDS), dtype=np.uint64)
     words = array.array("Q")  # SMALL_OP_WORDS per op, flat (uint64)
     extend = words.extend
-    encode = OpEncoder().gate
-    encoder = encode.__self__
+    encoder = OpEncoder()
+    encode = encoder.gate
     offset = 0
     limit = SMALL_MAX_QUBITS["float" if dtype == np.complex64 else "double"]
     widest = 0
