@@ -139,6 +139,11 @@ class GPUSimulator(BackendV2):
             with the kernel's random draws. A seed gives the same samples run
             after run; where the batch ran, other ones than the interpreter's,
             with the same distribution.
+        batched_shots_gpu_max_qubits (int): the widest circuit whose shots
+            ``batched_shots_gpu`` runs in one launch on a GPU (Aer's option of
+            the same name; 16 by default, so the device's shared memory
+            decides: 14 qubits in single precision, 13 in double, on A100,
+            H100 and H200).
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
@@ -173,6 +178,7 @@ class GPUSimulator(BackendV2):
             batch_small_circuits=True,
             shot_branching_enable=True,
             batched_shots_gpu=True,
+            batched_shots_gpu_max_qubits=16,
         )
 
     @raises_qiskit_errors
@@ -308,6 +314,7 @@ class GPUSimulator(BackendV2):
                 max_loop_iterations=merged["max_loop_iterations"],
                 shot_branching=merged["shot_branching_enable"],
                 batched_shots=merged["batched_shots_gpu"],
+                batched_shots_max_qubits=merged["batched_shots_gpu_max_qubits"],
             )
             if merged["statevector"]:  # the full-width vector returned, idle qubits included
                 _check_statevector_output(program, circuit.name, itemsize)
@@ -568,6 +575,9 @@ def _validate_options(options: dict) -> None:
     if not _is_int(threshold) or threshold < 0:
         raise InvalidOptionError(f"fusion_threshold must be a non-negative integer, not {threshold!r}")
     _check_mpi_option(options["mpi"])
+    widest = options["batched_shots_gpu_max_qubits"]
+    if not _is_int(widest) or widest < 1:
+        raise InvalidOptionError(f"batched_shots_gpu_max_qubits must be a positive integer, not {widest!r}")
     cap = options["max_loop_iterations"]
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")

@@ -74,6 +74,8 @@ class RunConfig:
     # on a GPU one launch, a shot per block; on the CPU one NumPy batch) where branching finds
     # many paths, and on a GPU without branching.
     batched_shots: bool = True
+    # The widest circuit whose shots the GPU's kernel runs (its shared memory may allow fewer).
+    batched_shots_max_qubits: int = 16
 
     @property
     def dtype(self):

@@ -423,13 +423,14 @@ class ShotPlan:
 def plan(program: Program, config: Any, device: Any) -> Optional[ShotPlan]:
     """How ``program``'s shots run as one batch on ``device``, or None where they cannot
     (``config.batched_shots`` off, too wide, an op or condition the flat form cannot hold).
-    On a GPU, through run_small_shots (at most the device's ``small_max_qubits``); on the CPU,
+    On a GPU, through run_small_shots (at most the device's ``small_max_qubits`` and
+    ``config.batched_shots_max_qubits``); on the CPU,
     as rows of one NumPy batch (at most ``HOST_MAX_QUBITS``)."""
     if not getattr(config, "batched_shots", False) or config.shots < 1:
         return None
     kernels = shot_kernels(device, config)
     if kernels is not None:
-        widest = kernels.small_max_qubits(device.device_id)
+        widest = min(kernels.small_max_qubits(device.device_id), config.batched_shots_max_qubits)
     elif device.kind == "CPU":
         widest = HOST_MAX_QUBITS
     else:

@@ -315,3 +315,17 @@ def test_the_cpu_keeps_branching_for_few_paths_and_shot_by_shot_when_asked():
     assert branching.results[0].metadata["batched_shots"] is False  # 8 paths: under the budget
     alone = GPUSimulator(device="CPU", shot_branching_enable=False).run(circuit, shots=50, seed_simulator=2).result()
     assert "batched_shots" not in alone.results[0].metadata and alone.results[0].metadata["trajectories"] == 50
+
+
+def test_the_widest_batched_circuit_is_an_option(emulated_gpu):  # noqa: F811
+    circuit = teleport()  # 3 qubits
+    _clear(emulated_gpu)
+    capped = _backend(batched_shots_gpu_max_qubits=2).run(circuit, shots=200, seed_simulator=1).result()
+    assert "trajectories" in capped.results[0].metadata and _shot_launches(emulated_gpu) == 0
+    allowed = _backend(batched_shots_gpu_max_qubits=3).run(circuit, shots=200, seed_simulator=1).result()
+    assert allowed.results[0].metadata["batched_shots"] is True and _shot_launches(emulated_gpu) == 1
+    from gpu_provider.errors import InvalidOptionError
+
+    for bad in (0, -3, 2.5, "16", True):
+        with pytest.raises(InvalidOptionError, match="batched_shots_gpu_max_qubits"):
+            _backend(batched_shots_gpu_max_qubits=bad)
