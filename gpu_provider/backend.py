@@ -133,8 +133,9 @@ class GPUSimulator(BackendV2):
             GPU; gates, measure, reset, and conditions that compare clbits with
             constants) run one per thread block, all of them in one kernel
             launch (True; Aer's option of the same name, off there by default).
-            With shot branching, only once branching has begun more paths than
-            that launch would cost; without it, always. On the CPU the same
+            At once where that launch costs less than one simulation's
+            launches; otherwise, with shot branching, once branching has begun
+            more paths than the launch would cost; without it, always. On the CPU the same
             hand-over (with shot branching only) runs them as one NumPy batch
             with the kernel's random draws. A seed gives the same samples run
             after run; where the batch ran, other ones than the interpreter's,

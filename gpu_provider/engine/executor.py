@@ -672,7 +672,7 @@ def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random
     batch instead (:mod:`gpu_provider.engine.small_shots`; on a GPU one launch, one
     shot per block; on the CPU the rows of one NumPy batch): once the paths that
     branching began pass the budget where the batch costs less; on a GPU without
-    branching, always. Returns the tally, the state of the last trajectory
+    branching, or where the launch costs less than one path, at once. Returns the tally, the state of the last trajectory
     run, and metadata on the trajectories.
     """
     batched = None
@@ -684,7 +684,7 @@ def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random
             batched = None  # on the CPU, shot_branching=False keeps every shot alone
     if batched is None:
         return _branch_or_shot_by_shot(program, state, config, rng, execution)
-    if config.shot_branching:
+    if config.shot_branching and not batched.first(config.shots):
         mark = execution.enqueued if execution is not None else 0
         try:
             return _branch_or_shot_by_shot(program, state, config, rng, execution, batched.budget(config.shots))

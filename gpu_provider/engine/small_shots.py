@@ -30,9 +30,10 @@ of shots are the rows of one batch of states, each op runs once for all the
 shots at it, and the draws are the kernel's (:func:`philox_uniforms`), so a
 seed gives the GPU's samples, up to rounding of the probabilities.
 
-When (:class:`ShotPlan`, used by ``executor._run_trajectories``): with shot
-branching on, the interpreter runs first and the batch takes over only when
-the paths begun pass a budget: the batch's cost, from ``BATCHED_SHOTS_COST``
+When (:class:`ShotPlan`, used by ``executor._run_trajectories``): on a GPU,
+where the launch costs less than one path's launches, the kernel runs at
+once; otherwise, with shot branching on, the interpreter runs first and the
+batch takes over only when the paths begun pass a budget: the batch's cost, from ``BATCHED_SHOTS_COST``
 for the device's kind, over a path's. Whichever way a circuit ends up, it
 costs at most about twice the cheaper one (the ski-rental bound): the paths
 run before the switch cost no more than the batch does. With shot branching
@@ -403,15 +404,25 @@ class ShotPlan:
     kernels: Any
     device: Any
 
+    def _paths_worth(self, shots: int) -> float:
+        """How many paths of the interpreter cost what the batch costs for ``shots`` shots
+        (``BATCHED_SHOTS_COST`` of the device's kind)."""
+        cost = BATCHED_SHOTS_COST["GPU" if self.kernels is not None else "CPU"]
+        return shots * (1 << self.flat.num_qubits) * cost["amplitude_seconds"] / cost["path_op_seconds"]
+
     def budget(self, shots: int) -> int:
         """Paths shot branching may begin before this batch takes over: as many as cost what the
-        batch would for all ``shots`` (``BATCHED_SHOTS_COST`` of the device's kind; one at least).
-        So a circuit costs at most about twice the cheaper of the two ways (the ski-rental bound).
-        At ``shots`` or more the batch never takes over (branching begins at most a path a shot),
-        as it should: it would cost more than a path a shot."""
-        cost = BATCHED_SHOTS_COST["GPU" if self.kernels is not None else "CPU"]
-        batch = shots * (1 << self.flat.num_qubits) * cost["amplitude_seconds"]
-        return max(1, int(batch / cost["path_op_seconds"]))
+        batch would for all ``shots`` (one at least). So a circuit costs at most about twice the
+        cheaper of the two ways (the ski-rental bound). At ``shots`` or more the batch never takes
+        over (branching begins at most a path a shot), as it should: it would cost more than a
+        path a shot."""
+        return max(1, int(self._paths_worth(shots)))
+
+    def first(self, shots: int) -> bool:
+        """Whether the batch runs without branching first: on a GPU, where the whole launch costs
+        less than one path (every op of a path is a launch of its own). On the CPU a batch op has
+        a fixed cost the estimate leaves out, so branching always goes first there."""
+        return self.kernels is not None and self._paths_worth(shots) < 1.0
 
     def run(self, config: Any, weight: int, execution: Any = None) -> list:
         """The shots' clbit values (see :func:`run_shots`)."""

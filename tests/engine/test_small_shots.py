@@ -188,7 +188,14 @@ def test_expression_conditions_and_wide_clbits_agree_with_aer(emulated_gpu):  # 
     assert_counts_agree(counts, reference)
 
 
-def test_one_path_stays_with_branching_many_paths_go_to_the_kernel(emulated_gpu):  # noqa: F811
+def test_small_launches_go_first_one_path_stays_with_branching(emulated_gpu, monkeypatch):  # noqa: F811
+    # Three qubits, 200 shots: the launch costs less than one path's launches, so it runs at once.
+    _clear(emulated_gpu)
+    result = _backend().run(teleport(), shots=200, seed_simulator=1).result()
+    assert result.results[0].metadata["batched_shots"] is True and _shot_launches(emulated_gpu) == 1
+    assert sum(len(k.launched) for k in emulated_gpu.values()) == 1  # nothing but that launch
+    # Where the launch costs more (its cost raised here), branching goes first: one path stays there.
+    monkeypatch.setitem(small_shots.BATCHED_SHOTS_COST["GPU"], "amplitude_seconds", 1e-6)
     deterministic = QuantumCircuit(2, 2)
     deterministic.x(0)
     deterministic.measure(0, 0)
