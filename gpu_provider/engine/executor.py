@@ -635,6 +635,7 @@ def run_program(
         device.check_fits(
             program.num_qubits, np.dtype(dtype).itemsize, arrays=state_arrays(program, config, kernels_cover(program, device, dtype))
         )
+    batched = None
     if group is not None:
         from .distributed import DistributedStateVector
 
@@ -642,6 +643,11 @@ def run_program(
         execution = group  # checkpoints and cancel checks go through the ranks' control channel
         state = DistributedStateVector(device.xp, program.num_qubits, dtype, device_kernels(device, dtype), group, program.ops)
     else:
+        batched = None if sampling else _shot_plan(program, config, device)
+        if batched is not None and batched.kernels is not None and (batched.first(config.shots) or not config.shot_branching):
+            # The kernel runs every shot from |0...0> itself: no state, no interpreter.
+            tally, extra = _run_batch(batched, program, config, execution)
+            return experiment_output(program, device, config, tally, None, sampling, time.perf_counter() - start, extra)
         state = new_state(device, program.num_qubits, dtype)
     state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
     statevector = None
@@ -653,7 +659,7 @@ def run_program(
             statevector = state.to_host()
         tally = sample_counts(state, program, config, rng, execution)
     else:
-        tally, last, extra = _run_trajectories(program, state, config, rng, execution, None if group is not None else device)
+        tally, last, extra = _run_trajectories(program, state, config, rng, execution, None if group is not None else batched)
         if config.statevector:
             # The last trajectory's state, its terminal measurements removed (as Aer does).
             statevector = last.to_host()
@@ -662,26 +668,20 @@ def run_program(
     return experiment_output(program, device, config, tally, statevector, sampling, time.perf_counter() - start, extra)
 
 
-def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random.Generator, execution, device: Optional[Device] = None) -> tuple:
+def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random.Generator, execution, batched: Any = None) -> tuple:
     """Counts (and memory) of a program that measures mid-circuit, resets or branches.
 
     With ``config.shot_branching`` its shots share trajectories until their
     outcomes differ (:mod:`gpu_provider.engine.trajectories`); otherwise each
     shot runs alone from a copy of the state after the gates before the first
-    other op. With ``config.batched_shots``, a small program's shots may run as one
-    batch instead (:mod:`gpu_provider.engine.small_shots`; on a GPU one launch, one
-    shot per block; on the CPU the rows of one NumPy batch): once the paths that
-    branching began pass the budget where the batch costs less; on a GPU without
-    branching, or where the launch costs less than one path, at once. Returns the tally, the state of the last trajectory
-    run, and metadata on the trajectories.
+    other op. With ``batched`` (:func:`_shot_plan`), the program's shots may run as
+    one batch instead (:mod:`gpu_provider.engine.small_shots`; on a GPU one launch,
+    one shot per block; on the CPU the rows of one NumPy batch): once the paths
+    that branching began pass the budget where the batch costs less; on a GPU
+    without branching, or where the launch costs less than one path, at once.
+    Returns the tally, the state of the last trajectory run, and metadata on the
+    trajectories.
     """
-    batched = None
-    if device is not None and config.batched_shots:
-        from . import small_shots
-
-        batched = small_shots.plan(program, config, device)
-        if batched is not None and batched.kernels is None and not config.shot_branching:
-            batched = None  # on the CPU, shot_branching=False keeps every shot alone
     if batched is None:
         return _branch_or_shot_by_shot(program, state, config, rng, execution)
     if config.shot_branching and not batched.first(config.shots):
@@ -691,10 +691,30 @@ def _run_trajectories(program: Program, state, config: RunConfig, rng: np.random
         except TooManyPaths:
             if execution is not None:
                 execution.rewind(mark)  # the shots start over: progress counts them once
+    tally, extra = _run_batch(batched, program, config, execution)
+    return tally, state, extra
+
+
+def _shot_plan(program: Program, config: RunConfig, device: Optional[Device]) -> Any:
+    """How ``program``'s shots may run as one batch on ``device`` (a :class:`~gpu_provider.engine.
+    small_shots.ShotPlan`), or None: no device (a split MPI state), ``batched_shots`` off, not
+    eligible, or the CPU without shot branching (that option keeps every CPU shot alone)."""
+    if device is None or not config.batched_shots:
+        return None
+    from . import small_shots
+
+    batched = small_shots.plan(program, config, device)
+    if batched is not None and batched.kernels is None and not config.shot_branching:
+        return None
+    return batched
+
+
+def _run_batch(batched: Any, program: Program, config: RunConfig, execution) -> tuple:
+    """The tally and metadata of ``program``'s shots run as one batch."""
     tally = _Tally(config.memory)
     for values in batched.run(config, count_ops(program.ops), execution):
         tally.add_many(values)
-    return tally, state, {"shot_branching": config.shot_branching, "batched_shots": True}
+    return tally, {"shot_branching": config.shot_branching, "batched_shots": True}
 
 
 def _branch_or_shot_by_shot(
