@@ -435,9 +435,9 @@ def plan(program: Program, config: Any, device: Any) -> Optional[ShotPlan]:
     """How ``program``'s shots run as one batch on ``device``, or None where they cannot
     (``config.batched_shots`` off, too wide, an op or condition the flat form cannot hold).
     On a GPU, through run_small_shots (at most the device's ``small_max_qubits`` and
-    ``config.batched_shots_max_qubits``); on the CPU,
-    as rows of one NumPy batch (at most ``HOST_MAX_QUBITS``)."""
-    if not getattr(config, "batched_shots", False) or config.shots < 1:
+    ``config.batched_shots_max_qubits``); on the CPU, as rows of one NumPy batch (at most
+    ``HOST_MAX_QUBITS``)."""
+    if not config.batched_shots or config.shots < 1:
         return None
     kernels = shot_kernels(device, config)
     if kernels is not None:
