@@ -103,6 +103,10 @@ BATCHED_SHOTS_COST = {
     "GPU": {"path_op_seconds": 10e-6, "amplitude_seconds": 2e-12},
     "CPU": {"path_op_seconds": 5e-6, "amplitude_seconds": 8e-9},
 }
+# A chunk of shots (a launch, a host batch) is cut to take about CHUNK_SECONDS by those costs, so a
+# cancel waits no longer than that; never fewer shots than fill the device (MIN_CHUNK_SHOTS).
+CHUNK_SECONDS = 0.25
+MIN_CHUNK_SHOTS = {"GPU": 4096, "CPU": 64}
 # On the CPU: the widest state batched (as engine/batch.py), and the bytes of one batch of shots'
 # states (the interpreter's copies may take BRANCH_BYTES; a batch and its temporaries stay below).
 HOST_MAX_QUBITS = 14
@@ -424,11 +428,18 @@ class ShotPlan:
         a fixed cost the estimate leaves out, so branching always goes first there."""
         return self.kernels is not None and self._paths_worth(shots) < 1.0
 
+    def chunk_shots(self) -> int:
+        """Shots per launch (or host batch) for about ``CHUNK_SECONDS`` of work by the costs, so
+        cancellation is checked that often; ``MIN_CHUNK_SHOTS`` at least."""
+        kind = "GPU" if self.kernels is not None else "CPU"
+        per_shot = (1 << self.flat.num_qubits) * max(self.flat.count, 1) * BATCHED_SHOTS_COST[kind]["amplitude_seconds"]
+        return max(MIN_CHUNK_SHOTS[kind], int(CHUNK_SECONDS / per_shot))
+
     def run(self, config: Any, weight: int, execution: Any = None) -> list:
         """The shots' clbit values (see :func:`run_shots`)."""
         if self.kernels is not None:
-            return run_shots(self.flat, self.kernels, self.device, config, weight, execution)
-        return run_shots_host(self.flat, self.device.xp, config, weight, execution)
+            return run_shots(self.flat, self.kernels, self.device, config, weight, execution, max_chunk=self.chunk_shots())
+        return run_shots_host(self.flat, self.device.xp, config, weight, execution, max_chunk=self.chunk_shots())
 
 
 def plan(program: Program, config: Any, device: Any) -> Optional[ShotPlan]:
@@ -471,9 +482,11 @@ def run_shots(
     weight: int,
     execution: Any = None,
     budget_bytes: int = 16 << 20,
+    max_chunk: Optional[int] = None,
 ) -> list:
     """Run ``config.shots`` shots of ``flat`` through run_small_shots, a chunk of shots per launch
-    (their outputs within ``budget_bytes``); see :func:`_in_chunks` for what it returns and raises."""
+    (their outputs within ``budget_bytes``, at most ``max_chunk`` shots); see :func:`_in_chunks`
+    for what it returns and raises."""
     xp = device.xp
     ops, pool, words = xp.asarray(flat.ops), xp.asarray(flat.pool), xp.asarray(flat.words)
     key = philox_key(config.seed)
@@ -484,7 +497,8 @@ def run_shots(
         kernels.run_small_shots(out, ops, pool, words, flat.num_qubits, flat.clbit_words, first, shots, key, config.max_loop_iterations)
         return device.to_host(out).reshape(shots, width)
 
-    return _in_chunks(flat, config, weight, execution, shot_chunk(flat, budget_bytes), launch)
+    chunk = shot_chunk(flat, budget_bytes)
+    return _in_chunks(flat, config, weight, execution, chunk if max_chunk is None else min(chunk, max_chunk), launch)
 
 
 def _in_chunks(flat: FlatProgram, config: Any, weight: int, execution: Any, chunk: int, run: Any) -> list:
@@ -563,7 +577,9 @@ def philox_uniforms(key: tuple[int, int], draws: np.ndarray, shots: np.ndarray) 
     return (c0 >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def run_shots_host(flat: FlatProgram, xp: Any, config: Any, weight: int, execution: Any = None, budget_bytes: int = HOST_BATCH_BYTES) -> list:
+def run_shots_host(
+    flat: FlatProgram, xp: Any, config: Any, weight: int, execution: Any = None, budget_bytes: int = HOST_BATCH_BYTES, max_chunk: Optional[int] = None
+) -> list:
     """:func:`run_shots` on the host: each chunk of shots is the rows of one batch of states
     (:class:`~gpu_provider.engine.batch.StateBatch`), and every op runs once for all the rows at
     it. Shots whose paths part run their ops in turn (the lowest position first, so paths meet
@@ -572,6 +588,8 @@ def run_shots_host(flat: FlatProgram, xp: Any, config: Any, weight: int, executi
     key = philox_key(config.seed)
     dtype = np.dtype(config.dtype)
     chunk = max(1, budget_bytes // (3 * dtype.itemsize << flat.num_qubits))
+    if max_chunk is not None:
+        chunk = min(chunk, max_chunk)
 
     def run(first: int, shots: int) -> np.ndarray:
         return _host_chunk(flat, xp, dtype, key, first, shots, config.max_loop_iterations)

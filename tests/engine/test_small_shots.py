@@ -343,3 +343,39 @@ def test_the_widest_batched_circuit_is_an_option(emulated_gpu):  # noqa: F811
     for bad in (0, -3, 2.5, "16", True):
         with pytest.raises(InvalidOptionError, match="batched_shots_gpu_max_qubits"):
             _backend(batched_shots_gpu_max_qubits=bad)
+
+
+def test_chunks_are_cut_by_time_and_a_cancel_stops_between_them(monkeypatch):
+    """A chunk of shots takes about CHUNK_SECONDS by the costs (never fewer than MIN_CHUNK_SHOTS),
+    and a cancel stops the batch at the next chunk."""
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine import devices
+    from gpu_provider.engine.executor import Execution, RunConfig
+    from gpu_provider.errors import JobCancelledError
+
+    device, _ = devices.resolve_device("CPU", 0)
+    config = RunConfig(shots=1000, seed=1)
+    planned = small_shots.plan(translate(teleport()), config, device)
+    assert planned.chunk_shots() >= config.shots  # a tiny circuit: one chunk
+    monkeypatch.setattr(small_shots, "CHUNK_SECONDS", 0.0)
+    monkeypatch.setitem(small_shots.MIN_CHUNK_SHOTS, "CPU", 100)
+    assert planned.chunk_shots() == 100
+    execution = Execution(device, 10_000, run=lambda _: None)
+    calls = []
+    original = small_shots._host_chunk
+
+    def chunk(*args):
+        calls.append(args[4])  # the chunk's first shot
+        if len(calls) == 2:
+            execution.request_cancel()
+        return original(*args)
+
+    monkeypatch.setattr(small_shots, "_host_chunk", chunk)
+    with pytest.raises(JobCancelledError):
+        planned.run(config, 1, execution)
+    assert calls == [0, 100]
+    # Cut by time or not, a seed gives the same shots.
+    monkeypatch.setattr(small_shots, "_host_chunk", original)
+    cut = np.concatenate(planned.run(config, 1))
+    monkeypatch.setattr(small_shots, "CHUNK_SECONDS", 1e9)
+    assert np.concatenate(planned.run(config, 1)).tolist() == cut.tolist()
