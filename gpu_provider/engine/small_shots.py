@@ -618,21 +618,23 @@ def _host_chunk(flat: FlatProgram, xp: Any, dtype, key: tuple[int, int], first: 
         word = [int(w) for w in ops[p]]
         kind = word[0] & 0xFF
         following = p + 1
-        if kind <= SMALL_PHASE or kind in (SMALL_MEASURE, SMALL_RESET):
+        if kind <= SMALL_PHASE:
             rows = data if whole else data[at]  # a copy where only some shots are here
-            if kind <= SMALL_PHASE:
-                _apply_gate(StateBatch.over(xp, rows, dtype), word, pool, n)
-            else:
-                outcome, lost = _measure_rows(xp, rows, word[1], kind == SMALL_RESET, philox_uniforms(key, draws[at], first + at))
-                draws[at] += np.uint64(1)
-                if kind == SMALL_MEASURE:
-                    clbit = word[2]
-                    bit = np.uint64(1 << (clbit & 63))
-                    column = clbits[at, clbit >> 6]
-                    clbits[at, clbit >> 6] = np.where(outcome, column | bit, column & ~bit)
+            _apply_gate(StateBatch.over(xp, rows, dtype), word, pool, n)
             if not whole:
                 data[at] = rows
-            if kind in (SMALL_MEASURE, SMALL_RESET) and lost.any():
+        elif kind in (SMALL_MEASURE, SMALL_RESET):
+            rows = data if whole else data[at]
+            outcome, lost = _measure_rows(xp, rows, word[1], kind == SMALL_RESET, philox_uniforms(key, draws[at], first + at))
+            if not whole:
+                data[at] = rows
+            draws[at] += np.uint64(1)
+            if kind == SMALL_MEASURE:
+                clbit = word[2]
+                bit = np.uint64(1 << (clbit & 63))
+                column = clbits[at, clbit >> 6]
+                clbits[at, clbit >> 6] = np.where(outcome, column | bit, column & ~bit)
+            if lost.any():
                 status[at[lost]] = 2
                 pc[at[lost]] = end
                 at = at[~lost]
