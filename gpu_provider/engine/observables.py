@@ -192,6 +192,35 @@ def amplitudes(state: StateVector, indices: Sequence[int]) -> np.ndarray:
     return _to_host(state.xp, picked).astype(np.complex128)
 
 
+# Widest reduced density matrix returned (2^k x 2^k complex128 on the host: 4 GiB at 14).
+DENSITY_MATRIX_MAX_QUBITS = 14
+
+
+def reduced_density_matrix(state: StateVector, qubits: Sequence[int]) -> np.ndarray:
+    """The density matrix of ``qubits`` (the rest traced out), complex128 on the host.
+
+    Bit ``j`` of a row or column index is ``qubits[j]``. Computed on the state's device
+    from one reordered copy of the state (``A A^dagger`` with ``A`` of shape 2^k x 2^(n-k)).
+    """
+    _check_qubits(state, qubits)
+    k = len(qubits)
+    if k > DENSITY_MATRIX_MAX_QUBITS:
+        raise InvalidInputError(
+            f"a density matrix of {k} qubits has 4^{k} entries ({(16 << (2 * k)) / 2**30:.0f} GiB); "
+            f"ask for at most {DENSITY_MATRIX_MAX_QUBITS} qubits, or for probabilities or amplitudes instead"
+        )
+    if getattr(state, "distributed", False):
+        raise InvalidInputError("a density matrix of a state split over MPI ranks is not available; ask for probabilities")
+    n = state.num_qubits
+    state.to_canonical()
+    xp = state.xp
+    tensor = state.data.reshape((2,) * n) if n else state.data
+    # Canonical order: axis a holds qubit n-1-a. Rows: qubits[-1] most significant.
+    front = [n - 1 - q for q in reversed(qubits)]
+    matrix = xp.moveaxis(tensor, front, list(range(k))).reshape(1 << k, -1).astype(xp.complex128, copy=False)
+    return _to_host(xp, matrix @ matrix.conj().T)
+
+
 def _is_diagonal(matrix: np.ndarray) -> bool:
     return bool(np.count_nonzero(matrix - np.diag(np.diagonal(matrix))) == 0)
 

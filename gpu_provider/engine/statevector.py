@@ -516,6 +516,23 @@ class StateVector:
             drop[...] = 0
             keep *= scale
 
+    def fold_into_zero(self, qubit: int) -> None:
+        """Add ``qubit``'s |1> half into its |0> half, clear the |1> half, renormalize.
+
+        Amazon Braket's ``reset`` (its ``Reset`` operation). It equals a reset where the
+        qubit is in a definite state (as after a branched measurement); on a qubit
+        entangled with others it is Braket's coherent map, not a measurement.
+        """
+        zero, one = self._halves(qubit)
+        zero += one
+        one[...] = 0
+        xp = self.xp
+        letters = _LETTERS[: zero.ndim]
+        subscripts = f"{letters},{letters}->"
+        norm2 = float(xp.einsum(subscripts, zero.real, zero.real) + xp.einsum(subscripts, zero.imag, zero.imag))
+        if norm2 > 0.0:
+            zero *= self.dtype.type(1.0 / math.sqrt(norm2))
+
     def probabilities(self):
         """|amplitude|^2 in canonical order, as a real array on the device."""
         self.to_canonical()

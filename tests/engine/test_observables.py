@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from qiskit.circuit.random import random_circuit
-from qiskit.quantum_info import Operator, SparsePauliOp, Statevector, random_hermitian
+from qiskit.quantum_info import DensityMatrix, Operator, SparsePauliOp, Statevector, partial_trace, random_hermitian
 
 from gpu_provider.compiler.translate import translate
 from gpu_provider.engine.devices import resolve_device
 from gpu_provider.engine.executor import RunConfig, final_state
-from gpu_provider.engine.observables import amplitudes, marginal_probabilities, tensor_expectation
+from gpu_provider.engine.observables import amplitudes, marginal_probabilities, reduced_density_matrix, tensor_expectation
 from gpu_provider.errors import InvalidInputError, SimulationError
 
 PAULI = {"I": np.eye(2), "X": np.array([[0, 1], [1, 0]]), "Y": np.array([[0, -1j], [1j, 0]]), "Z": np.diag([1.0, -1.0])}
@@ -34,6 +34,33 @@ def test_marginal_probabilities_match_statevector(case):
 def test_amplitudes_match_statevector(case):
     state, exact, tol = case
     np.testing.assert_allclose(amplitudes(state, [0, 5, 63]), exact.data[[0, 5, 63]], atol=tol)
+
+
+def test_reduced_density_matrices_match_qiskit_partial_trace(case):
+    state, exact, tol = case
+    for qubits in ([0], [3, 1], [5, 0, 2], list(range(6))):
+        traced = [q for q in range(6) if q not in qubits]
+        # Qiskit orders the kept qubits ascending (lowest = bit 0); ours puts qubits[j] at bit j.
+        reference = partial_trace(exact, traced).data if traced else DensityMatrix(exact).data
+        ascending = sorted(qubits)
+        k = len(qubits)
+        axes = [k - 1 - ascending.index(q) for q in reversed(qubits)]  # our axis a holds qubits[k-1-a]
+        expected = reference.reshape((2,) * 2 * k).transpose(axes + [k + a for a in axes]).reshape(1 << k, 1 << k)
+        np.testing.assert_allclose(reduced_density_matrix(state, qubits), expected, atol=tol)
+
+
+def test_fold_into_zero_is_braket_reset():
+    device, _ = resolve_device("CPU", 0)
+    circuit = random_circuit(4, 4, seed=5)
+    for qubit in range(4):
+        state = final_state(translate(circuit), device, RunConfig())
+        vector = Statevector(circuit).data.reshape((2,) * 4)  # axis a holds qubit 3-a
+        axis = 3 - qubit
+        zero = np.take(vector, 0, axis=axis) + np.take(vector, 1, axis=axis)
+        expected = np.stack([zero, np.zeros_like(zero)], axis=axis).reshape(-1)
+        expected /= np.linalg.norm(expected)
+        state.fold_into_zero(qubit)
+        np.testing.assert_allclose(state.to_host(), expected, atol=1e-12)
 
 
 def test_pauli_products_match_statevector(case):
