@@ -49,6 +49,7 @@ from pennylane.measurements import (
 from pennylane.operation import StatePrepBase, operation_derivative
 from pennylane.ops import Conditional, MidMeasure
 from pennylane.tape import QuantumScript
+from pennylane.transforms.dynamic_one_shot import gather_mcm
 from pennylane.wires import Wires
 
 from .compiler.fusion import default_width, fuse
@@ -64,7 +65,7 @@ from .engine.distributed import (
     ranks_for,
     run_on_ranks,
 )
-from .engine.executor import RunConfig, device_kernels, evolve, new_state, sample_outcomes
+from .engine.executor import RunConfig, device_kernels, evolve, new_state, run_ops, sample_outcomes
 from .engine.trajectories import Interpreter, Trajectory, saved_states
 from .engine.expectation import pauli_sum
 from .engine.observables import DENSE_MAX_QUBITS, DenseTerm, Observable, apply_observable, expectations, inner, marginal_probabilities
@@ -74,7 +75,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = Path(__file__).parent / "pennylane_qubit.toml"
 # How mid-circuit measurements may run (the capability file says the same).
-MCM_METHODS = ("one-shot", "deferred")
+MCM_METHODS = ("one-shot", "tree-traversal", "deferred", "device")
 
 
 @simulator_tracking
@@ -161,14 +162,20 @@ class GPUQubitDevice(Device):
             updates["grad_on_execution"] = True
         shots_present = bool(circuit is not None and circuit.shots)
         mcm = config.mcm_config
-        method = mcm.mcm_method
+        method = None if mcm.mcm_method is None else str(getattr(mcm.mcm_method, "value", mcm.mcm_method))
         if method is None:
             method = "one-shot" if shots_present else "deferred"
         elif method not in MCM_METHODS:
             raise DeviceError(f"{self.name} runs mid-circuit measurements with mcm_method in {MCM_METHODS}, not {method!r}")
         elif method == "one-shot" and circuit is not None and not shots_present:
-            raise DeviceError("mcm_method='one-shot' samples each shot: it needs shots (use 'deferred' for exact results)")
-        if method == "one-shot" and mcm.postselect_mode == "fill-shots":
+            raise DeviceError("mcm_method='one-shot' samples each shot: it needs shots (use 'tree-traversal' or 'deferred' for exact results)")
+        if method == "device":  # the device's own way, as default.qubit takes it
+            method = "tree-traversal"
+        if method == "tree-traversal" and shots_present:
+            # With shots the engine's shot branching is the tree traversal: shots share a state
+            # until their outcomes differ. PennyLane's one-shot transform gathers their results.
+            method = "one-shot"
+        if method in ("one-shot", "tree-traversal") and mcm.postselect_mode == "fill-shots":
             raise DeviceError("postselect_mode='fill-shots' is supported with mcm_method='deferred' only, as on default.qubit")
         updates["mcm_config"] = replace(mcm, mcm_method=method)
         return replace(config, **updates)
@@ -293,8 +300,8 @@ class GPUQubitDevice(Device):
     def _run_tape(self, tape: QuantumScript):
         layout = self._layout(tape)
         if any(isinstance(op, MidMeasure) for op in tape.operations):
-            if not tape.shots:
-                raise DeviceError(f"{self.name} runs mid-circuit measurements natively only with shots; use mcm_method='deferred' for exact results")
+            if not tape.shots:  # mcm_method="tree-traversal" (deferred and one-shot leave none here)
+                return self._run_tree(tape, layout)
             return self._run_one_shot(tape, layout)
         state = self._forward(tape, layout)
         if not tape.shots:
@@ -411,6 +418,98 @@ class GPUQubitDevice(Device):
         interpreter.run_all(Trajectory.start(state, program.ops, program.num_clbits, shots))
         return tuple(results[i] for i in self._rng.permutation(len(results)).tolist())
 
+    def _run_tree(self, tape: QuantumScript, layout: "_Layout"):
+        """Exact results of a tape with mid-circuit measurements (``mcm_method="tree-traversal"``).
+
+        Depth first over the outcomes, as PennyLane's tree traversal: at a mid-circuit
+        measurement the outcome-0 branch runs on a copy of the state and the outcome-1
+        branch on the state itself, so at most ``n_mcm + 1`` states live at once. A branch
+        of probability 0, or against a postselection, is not visited; ``qml.cond`` reads
+        the branch's outcomes. Each leaf's terminal measurements are exact (those of
+        mid-circuit values through PennyLane's ``gather_mcm``), weighted by the leaf's
+        probability and normalized over the leaves visited, so a postselection
+        conditions them; a variance comes from the weighted first and second moments.
+        With every leaf postselected away the results are NaN, as on default.qubit.
+        """
+        for mp in tape.measurements:
+            if isinstance(mp, StateMeasurement) and not isinstance(mp, (ExpectationMP, VarianceMP, ProbabilityMP)):
+                raise DeviceError(
+                    f"{type(mp).__name__} after mid-circuit measurements has no single state to read; "
+                    "use mcm_method='deferred', or expval / var / probs"
+                )
+        ops = tape.operations
+        depth = sum(isinstance(op, MidMeasure) for op in ops)
+        # The root state, one copy per level of the traversal, and a scratch buffer.
+        state = self._new_state(layout.num_qubits, (), arrays=2 + depth)
+        config = RunConfig(shots=1, precision=self._precision)
+        leaves: list = []  # (weight, per-measurement moments)
+
+        def run(target, pending: list) -> None:
+            if pending:
+                program = self._fused(P.Program(layout.num_qubits, 0, tuple(pending), name="pennylane"))
+                run_ops(target, program.ops, self._rng, config)
+                pending.clear()
+
+        def visit(target, start: int, weight: float, values: dict) -> None:
+            pending: list = []
+            for position in range(start, len(ops)):
+                op = ops[position]
+                if isinstance(op, Conditional):
+                    if op.meas_val.concretize(values):
+                        pending.extend(layout.engine_ops([op.base], first=False))
+                    continue
+                if not isinstance(op, MidMeasure):
+                    pending.extend(layout.engine_ops([op], first=position == 0))
+                    continue
+                run(target, pending)
+                qubit = layout.qubit(op.wires[0])
+                p1 = min(max(target.probability_one(qubit), 0.0), 1.0)
+                branches = [(o, p) for o, p in ((0, 1.0 - p1), (1, p1)) if p > 0.0 and op.postselect in (None, o)]
+                for index, (outcome, probability) in enumerate(branches):
+                    branch = target if index == len(branches) - 1 else target.snapshot()
+                    branch.collapse(qubit, outcome, probability, flip=bool(op.reset))
+                    visit(branch, position + 1, weight * probability, {**values, op: outcome})
+                return
+            run(target, pending)
+            leaves.append((weight, [self._leaf_moments(mp, target, layout, values) for mp in tape.measurements]))
+
+        visit(state, 0, 1.0, {})
+        total = sum(weight for weight, _ in leaves)
+        results = []
+        for index, mp in enumerate(tape.measurements):
+            if total <= 0.0:
+                width = 2 ** len(mp.wires) if isinstance(mp, ProbabilityMP) else None
+                results.append(np.full(width, np.nan) if width else np.float64(np.nan))
+                continue
+            first = sum(weight * moments[index][0] for weight, moments in leaves) / total
+            if isinstance(mp, VarianceMP):
+                second = sum(weight * moments[index][1] for weight, moments in leaves) / total
+                results.append(np.float64(max(second - first * first, 0.0)))
+            else:
+                results.append(np.asarray(first, dtype=np.float64) if isinstance(mp, ProbabilityMP) else np.float64(first))
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def _leaf_moments(self, mp, state, layout: "_Layout", values: dict) -> tuple:
+        """(value, second moment) of ``mp`` at a leaf of the tree: the value is a mean, or a
+        probability vector; the second moment only for a variance."""
+        if mp.mv is not None:  # a function of mid-circuit values: PennyLane evaluates it on one "shot"
+            samples = {measure: np.array([[value]]) for measure, value in values.items()}
+            valid = np.array([[True]])
+            if isinstance(mp, VarianceMP):
+                mean = float(gather_mcm(ExpectationMP(obs=mp.mv), samples, valid))
+                return mean, float(gather_mcm(ExpectationMP(obs=mp.mv * mp.mv), samples, valid))
+            if isinstance(mp, (ExpectationMP, ProbabilityMP)):
+                return np.asarray(gather_mcm(mp, samples, valid), dtype=np.float64), None
+            raise DeviceError(f"{self.name} cannot compute {type(mp).__name__} of mid-circuit values without shots")
+        if isinstance(mp, VarianceMP):
+            if mp.obs is None:
+                probs = marginal_probabilities(state, layout.qubits_big_endian(mp.wires))
+                eigvals = np.asarray(mp.eigvals(), dtype=np.float64)
+                return float(probs @ eigvals), float(probs @ eigvals**2)
+            mean = float(expectations(state, [layout.observable(mp.obs)])[0].real)
+            return mean, _variance(state, mp.obs, layout) + mean * mean
+        return np.asarray(self._measure_exact(mp, state, layout), dtype=np.float64), None
+
     def _measure_each_shot(self, mp, state, layout: "_Layout", shots: int) -> list:
         """``mp`` of each of ``shots`` shots drawn from ``state``, one result a shot."""
         obs = mp.obs
@@ -436,17 +535,41 @@ class GPUQubitDevice(Device):
 
 
 def _tape_parts(tape: QuantumScript) -> list:
-    """A tape as plain values, the same on every rank for the same tape (no per-process hashes)."""
+    """A tape as plain values, the same on every rank for the same tape (no per-process hashes).
+
+    Mid-circuit measurements are named by their place in the tape (their own ids are
+    random per process), with their reset and postselection; a condition or a measured
+    mid-circuit value by the table of its values over the measurements it reads.
+    """
+    index = {op: i for i, op in enumerate(op for op in tape.operations if isinstance(op, MidMeasure))}
+
+    def values(mv) -> tuple:
+        if isinstance(mv, (list, tuple)):
+            return tuple(values(item) for item in mv)
+        order = sorted(mv.measurements, key=index.__getitem__)
+        table = []
+        for bits in range(1 << len(order)):
+            assignment = {m: (bits >> (len(order) - 1 - j)) & 1 for j, m in enumerate(order)}
+            table.append(str(mv.concretize(assignment)))
+        return (tuple(index[m] for m in order), tuple(table))
+
     parts: list = [str(tape.shots)]
     for op in tape.operations:
+        if isinstance(op, MidMeasure):
+            parts.append(("MidMeasure", tuple(str(w) for w in op.wires), bool(op.reset), op.postselect))
+            continue
+        condition = None
+        if isinstance(op, Conditional):
+            condition, op = values(op.meas_val), op.base
         params = []
         for value in op.data:
             try:
                 params.append(np.asarray(qml.math.unwrap(value), dtype=complex))
             except Exception:
                 params.append(str(value))
-        parts.append((type(op).__name__, tuple(str(w) for w in op.wires), params))
-    parts.extend(str(mp) for mp in tape.measurements)
+        parts.append((type(op).__name__, tuple(str(w) for w in op.wires), params, condition))
+    for mp in tape.measurements:
+        parts.append((type(mp).__name__, values(mp.mv)) if mp.mv is not None else str(mp))
     return parts
 
 

@@ -208,6 +208,80 @@ def test_postselection_one_shot_matches_deferred():
         qml.set_shots(qml.QNode(circuit, qml.device(DEVICE, wires=2), mcm_method="one-shot", postselect_mode="fill-shots"), 10)()
 
 
+def _tree_circuits():
+    def feed_forward():
+        qml.RX(0.7, 0)
+        qml.CNOT([0, 1])
+        m0 = qml.measure(0)
+        qml.cond(m0, qml.RY)(0.4, 1)
+        qml.RX(0.3, 2)
+        m1 = qml.measure(1, reset=True)
+        qml.cond(m0 & ~m1, qml.PauliX)(2)
+        qml.CNOT([2, 1])
+        return (qml.expval(qml.Z(1) @ qml.Y(2)), qml.var(qml.Y(2)), qml.probs(wires=[1, 2]), qml.expval(m0 + 2 * m1),
+                qml.var(m1), qml.probs(op=[m0, m1]), qml.probs(op=m0))
+
+    def postselected():
+        qml.Hadamard(0)
+        qml.RY(1.1, 1)
+        m0 = qml.measure(0, postselect=1)
+        qml.cond(m0, qml.CRX)(0.5, [1, 2])
+        qml.cond(~m0, qml.PauliX)(2)  # never runs: that branch is postselected away
+        m1 = qml.measure(1)
+        qml.cond(m1, qml.Hadamard)(2)
+        return qml.expval(qml.Z(2)), qml.probs(wires=[0, 1, 2]), qml.var(qml.X(1) + 0.5 * qml.Z(2)), qml.expval(m1)
+
+    def many():  # eight measurements: 2^8 leaves at most, nine states at once
+        for wire in range(3):
+            qml.RY(0.3 + wire, wire)
+        for round_ in range(4):
+            qml.CNOT([round_ % 3, (round_ + 1) % 3])
+            m = qml.measure(round_ % 3)
+            qml.cond(m, qml.RX)(0.2 * round_ + 0.1, (round_ + 2) % 3)
+            qml.measure((round_ + 1) % 3, reset=True)
+        return qml.expval(qml.Z(0) @ qml.Z(2)), qml.probs(wires=[0, 1, 2])
+
+    return {"feed_forward": feed_forward, "postselected": postselected, "many": many}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["feed_forward", "postselected", "many"])
+def test_tree_traversal_is_exact_as_default_qubit(name, device):
+    circuit = _tree_circuits()[name]
+    exact = qml.QNode(circuit, qml.device("default.qubit", wires=3), mcm_method="tree-traversal")()
+    deferred = qml.QNode(circuit, qml.device("default.qubit", wires=3 + 8), mcm_method="deferred")()
+    ours = qml.QNode(circuit, qml.device(DEVICE, wires=3, device=device), mcm_method="tree-traversal")()
+    device_method = qml.QNode(circuit, qml.device(DEVICE, wires=3, device=device), mcm_method="device")()
+    for mine, by_method, theirs, other in zip(ours, device_method, exact, deferred):
+        np.testing.assert_allclose(mine, theirs, atol=1e-10)
+        np.testing.assert_allclose(mine, other, atol=1e-10)
+        np.testing.assert_allclose(by_method, theirs, atol=1e-10)
+
+
+def test_tree_traversal_edge_cases():
+    def impossible():
+        qml.PauliX(0)
+        qml.measure(0, postselect=0)
+        return qml.expval(qml.Z(1)), qml.probs(wires=[0, 1])
+
+    mean, probs = qml.QNode(impossible, qml.device(DEVICE, wires=2), mcm_method="tree-traversal")()
+    assert np.isnan(mean) and probs.shape == (4,) and np.all(np.isnan(probs))  # as default.qubit
+
+    def state_after_measure():
+        qml.Hadamard(0)
+        qml.measure(0)
+        return qml.state()
+
+    with pytest.raises(DeviceError, match="no single state|mcm_method"):
+        qml.QNode(state_after_measure, qml.device(DEVICE, wires=1), mcm_method="tree-traversal")()
+    # With shots the engine's shot branching runs it, gathered as one-shot results are.
+    circuit = _tree_circuits()["feed_forward"]
+    exact = qml.QNode(circuit, qml.device("default.qubit", wires=3), mcm_method="tree-traversal")()
+    sampled = qml.set_shots(qml.QNode(circuit, qml.device(DEVICE, wires=3, seed=6), mcm_method="tree-traversal"), 6000)()
+    for mine, theirs in zip(sampled, exact):
+        np.testing.assert_allclose(mine, theirs, atol=0.06)
+
+
 def test_one_shot_branches_shots_and_keeps_their_distribution(monkeypatch):
     """Shots share the engine's trajectories: each gate runs once per path, not once per shot."""
     from gpu_provider.engine import statevector
@@ -416,3 +490,24 @@ def test_pennylane_device_suite_passes_what_default_qubit_passes(shots, tmp_path
     # default.qubit differentiates by backpropagation; this device does not (adjoint or parameter-shift).
     assert all("backprop" in name for name in missing), missing
     assert sum(outcome == "passed" for outcome in ours.values()) >= 360
+
+
+def test_tape_digest_parts_name_mid_circuit_measurements_by_place():
+    """What MPI ranks compare: equal for the same circuit built twice (measurement ids are random
+    per build), different where a reset, postselection or condition differs."""
+    from gpu_provider.pennylane_device import _tape_parts
+
+    def build(reset=False, postselect=None, flip=False):
+        def circuit():
+            qml.Hadamard(0)
+            m0 = qml.measure(0, reset=reset, postselect=postselect)
+            m1 = qml.measure(1)
+            qml.cond((~m0 if flip else m0) & m1, qml.RX)(0.4, 1)
+            return qml.expval(m1 + 2 * m0), qml.probs(op=[m1, m0])
+
+        return qml.tape.make_qscript(circuit)()
+
+    same = [_tape_parts(build()) for _ in range(6)]
+    assert all(str(parts) == str(same[0]) for parts in same)
+    for other in (build(reset=True), build(postselect=1), build(flip=True)):
+        assert str(_tape_parts(other)) != str(same[0])

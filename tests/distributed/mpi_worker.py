@@ -408,6 +408,23 @@ def pennylane_counts(device):
     return counts
 
 
+def pennylane_tree(device):
+    """Mid-circuit measurements over the tree of outcomes (exact): wire 0 is a rank bit at first."""
+    import pennylane as qml
+
+    @qml.qnode(device, mcm_method="tree-traversal")
+    def tree(params):
+        qml.RY(params[0], wires=0)
+        qml.CNOT(wires=[0, 9])
+        m0 = qml.measure(0, reset=True)
+        qml.cond(m0, qml.RX)(params[1], wires=4)
+        qml.RY(params[2], wires=0)
+        m1 = qml.measure(9)
+        return qml.expval(qml.PauliZ(4) @ qml.PauliX(0)), qml.probs(wires=[0, 4]), qml.expval(m0 + m1)
+
+    return tree
+
+
 def scenario_pennylane(outdir: str) -> dict:
     import pennylane as qml
 
@@ -429,7 +446,9 @@ def scenario_pennylane(outdir: str) -> dict:
     except Exception as exc:
         refused = (type(exc).__name__, str(exc))
     after = float(energy(params))  # the device still works
+    tree = [np.asarray(value) for value in pennylane_tree(device)(params)]
     return {
+        "tree": tree,
         "refused": refused,
         "after": after,
         "energy": value,

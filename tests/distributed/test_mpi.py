@@ -161,6 +161,7 @@ def test_pennylane_device_splits_states_over_ranks(tmp_path):
     variance, probs, state = exact(params)
     counts = worker.pennylane_counts(qml.device("gpu_provider.qubit", wires=10, device="CPU", seed=5, shots=500))
     expected_counts = dict(counts(params))
+    expected_tree = worker.pennylane_tree(reference)(params)
     for ranks in (2, 4):
         for rank, result in enumerate(run_ranks(ranks, "pennylane", tmp_path)):
             where = f"rank {rank} of {ranks}"
@@ -173,6 +174,8 @@ def test_pennylane_device_splits_states_over_ranks(tmp_path):
             kind, message = result["refused"]  # a dense observable needs the whole state
             assert kind == "InvalidInputError" and "Pauli" in message, (where, kind, message)
             assert abs(result["after"] - expected_energy) < 1e-10, where
+            for mine, theirs in zip(result["tree"], expected_tree):
+                np.testing.assert_allclose(mine, theirs, atol=1e-10, err_msg=where)
 
 
 def test_gpu_path_plumbing_on_a_cupy_stand_in(tmp_path):
