@@ -761,7 +761,7 @@ def _check_memory_output(shots: int, device: Device) -> None:
 def _build_target(num_qubits: int, description: str) -> Target:
     target = Target(description=description, num_qubits=num_qubits)
     for name, op in get_standard_gate_name_mapping().items():
-        if name in ("measure", "reset", "delay", "global_phase") or op.num_qubits > num_qubits:
+        if name in ("measure", "reset", "delay") or op.num_qubits > num_qubits:
             continue
         target.add_instruction(op, name=name)
     target.add_instruction(Measure(), name="measure")
