@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -180,6 +181,7 @@ class GPUSimulator(BackendV2):
             shot_branching_enable=True,
             batched_shots_gpu=True,
             batched_shots_gpu_max_qubits=16,
+            parameter_binds=None,
         )
 
     @raises_qiskit_errors
@@ -262,7 +264,7 @@ class GPUSimulator(BackendV2):
 
     def _prepare_circuits(self, run_input, merged: dict, ranks: Optional[Ranks]) -> "_Prepared":
         _validate_options(merged)
-        circuits = _as_circuit_list(run_input)
+        circuits = _bind_parameters(_as_circuit_list(run_input), merged["parameter_binds"])
         executor = merged["executor"]
         global_qubits = 0
         planning_kind = None  # the device kind fusion plans for when it is not the local device's
@@ -551,6 +553,55 @@ def _as_circuit_list(run_input) -> list[QuantumCircuit]:
     )
 
 
+def _bind_parameters(circuits: list, binds) -> list:
+    """Aer's ``parameter_binds``: one dict per circuit, each parameter to a list of values (all
+    lists of a circuit equally long); a circuit becomes one experiment per position, in order."""
+    if binds is None:
+        return circuits
+    if isinstance(binds, Mapping):
+        binds = [binds]
+    if not isinstance(binds, (list, tuple)) or len(binds) != len(circuits):
+        count = len(binds) if isinstance(binds, (list, tuple)) else type(binds).__name__
+        raise InvalidOptionError(
+            f"parameter_binds needs one dict per circuit ({len(circuits)}), not {count}; "
+            "each maps a circuit's parameters to lists of values, e.g. [{theta: [0.1, 0.2]}]"
+        )
+    bound: list = []
+    for circuit, bind in zip(circuits, binds):
+        if not isinstance(bind, Mapping):
+            raise InvalidOptionError(f"parameter_binds for circuit {circuit.name!r} must be a dict of parameter -> values, not {type(bind).__name__}")
+        if not bind:
+            bound.append(circuit)
+            continue
+        by_name = {parameter.name: parameter for parameter in circuit.parameters}
+        columns: dict = {}
+        for key, values in bind.items():
+            parameter = by_name.get(key) if isinstance(key, str) else key
+            if parameter not in circuit.parameters:
+                raise InvalidOptionError(
+                    f"parameter_binds for circuit {circuit.name!r} names {key!r}, which is not one of its parameters "
+                    f"({sorted(by_name) or 'none'})"
+                )
+            try:
+                column = np.asarray(values, dtype=float).reshape(-1)
+            except (TypeError, ValueError):
+                raise InvalidOptionError(f"parameter_binds values for {key!r} in circuit {circuit.name!r} must be numbers, not {values!r}") from None
+            if not np.all(np.isfinite(column)):
+                raise InvalidOptionError(f"parameter_binds values for {key!r} in circuit {circuit.name!r} must be finite")
+            columns[parameter] = column
+        lengths = {len(column) for column in columns.values()}
+        if len(lengths) != 1 or 0 in lengths:
+            raise InvalidOptionError(
+                f"parameter_binds for circuit {circuit.name!r} give {sorted(lengths)} values for different parameters; "
+                "give every parameter the same, non-zero number of values"
+            )
+        for position in range(lengths.pop()):
+            instance = circuit.assign_parameters({p: float(c[position]) for p, c in columns.items()}, inplace=False)
+            instance.name = circuit.name  # results are found by the circuit's name, as Aer's are
+            bound.append(instance)
+    return bound
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -583,6 +634,9 @@ def _validate_options(options: dict) -> None:
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
     check_executor_options(options["executor"], options["max_job_size"])
+    binds = options["parameter_binds"]
+    if binds is not None and not isinstance(binds, (Mapping, list, tuple)):
+        raise InvalidOptionError(f"parameter_binds must be a list of dicts (one per circuit) or None, not {type(binds).__name__}")
 
 
 def _check_portable(program: Program, name: str) -> None:

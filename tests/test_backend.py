@@ -702,6 +702,74 @@ def test_transpiled_dynamic_circuit(device):
 
 
 # ---------------------------------------------------------------------------
+# Aer's parameter_binds
+
+
+def test_parameter_binds_expand_circuits_as_aer_does(device):
+    theta, phi = Parameter("theta"), Parameter("phi")
+    circuit = QuantumCircuit(3, name="ansatz")
+    circuit.ry(theta, 0)
+    circuit.cx(0, 1)
+    circuit.rz(phi, 1)
+    circuit.rx(theta + 2 * phi, 2)
+    circuit.h(1)
+    circuit.measure_all()
+    fixed = QuantumCircuit(1, name="fixed")
+    fixed.h(0)
+    fixed.measure_all()
+    binds = [{theta: [0.1, 1.3, 2.9], phi: [0.0, -0.7, 0.4]}, {}]
+    backend = make_backend(device)
+    unmeasured = [circuit.remove_final_measurements(inplace=False), fixed.remove_final_measurements(inplace=False)]
+    exact_run = backend.run(unmeasured, shots=1, statevector=True, parameter_binds=binds).result()
+    assert len(exact_run.results) == 4
+    states = [np.asarray(exact_run.get_statevector(i)) for i in range(4)]
+    for index in range(3):
+        exact = Statevector(circuit.remove_final_measurements(inplace=False).assign_parameters(
+            {theta: binds[0][theta][index], phi: binds[0][phi][index]}))
+        assert_state_matches(states[index], exact.data, "double")
+    result = backend.run([circuit, fixed], shots=SHOTS, seed_simulator=5, parameter_binds=binds).result()
+    assert [experiment.header["name"] for experiment in result.results] == ["ansatz"] * 3 + ["fixed"]
+    from qiskit_aer import AerSimulator
+
+    reference = AerSimulator().run([circuit, fixed], shots=SHOTS, seed_simulator=5, parameter_binds=binds).result()
+    for index in range(4):
+        assert_counts_agree(result.get_counts(index), reference.get_counts(index))
+    # Parameters may also be named by string; a lone dict serves a lone circuit.
+    named = backend.run(circuit, shots=10, parameter_binds={"theta": [0.5], "phi": [0.2]}).result()
+    assert len(named.results) == 1
+
+
+@pytest.mark.parametrize(
+    "binds, message",
+    [
+        ([{}], "one dict per circuit"),
+        ("theta", "list of dicts"),
+        ([{Parameter("elsewhere"): [1.0]}, {}], "not one of its parameters"),
+        ([{"theta": [0.1, 0.2], "phi": [0.3]}, {}], "same, non-zero number"),
+        ([{"theta": [], "phi": []}, {}], "same, non-zero number"),
+        ([{"theta": ["a"], "phi": [0.3]}, {}], "must be numbers"),
+        ([{"theta": [float("nan")], "phi": [0.3]}, {}], "finite"),
+    ],
+)
+def test_parameter_binds_errors_are_clear(binds, message):
+    theta, phi = Parameter("theta"), Parameter("phi")
+    circuit = QuantumCircuit(1)
+    circuit.rx(theta, 0)
+    circuit.rz(phi, 0)
+    circuit.measure_all()
+    other = QuantumCircuit(1)
+    other.h(0)
+    other.measure_all()
+    backend = make_backend("CPU")
+    with pytest.raises(InvalidOptionError, match=message):
+        backend.run([circuit, other], shots=10, parameter_binds=binds)
+    bell_counts_are_right(backend)
+    # Bound only in part: the unbound parameter is named.
+    with pytest.raises(UnboundParameterError, match="phi"):
+        backend.run([circuit, other], shots=10, parameter_binds=[{theta: [0.1]}, {}])
+
+
+# ---------------------------------------------------------------------------
 # typed errors, and the backend still works after each
 
 
