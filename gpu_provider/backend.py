@@ -182,6 +182,7 @@ class GPUSimulator(BackendV2):
             batched_shots_gpu=True,
             batched_shots_gpu_max_qubits=16,
             parameter_binds=None,
+            method="automatic",
         )
 
     @raises_qiskit_errors
@@ -634,6 +635,11 @@ def _validate_options(options: dict) -> None:
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
     check_executor_options(options["executor"], options["max_job_size"])
+    if options["method"] not in METHODS:
+        raise InvalidOptionError(
+            f"method={options['method']!r}: gpu_provider simulates state vectors only; use method='statevector' "
+            "(or 'automatic', the same here), or qiskit-aer for other methods"
+        )
     binds = options["parameter_binds"]
     if binds is not None and not isinstance(binds, (Mapping, list, tuple)):
         raise InvalidOptionError(f"parameter_binds must be a list of dicts (one per circuit) or None, not {type(binds).__name__}")
@@ -751,13 +757,25 @@ def _check_duration(name: str):
 # backend. An ideal simulator already does what their accepted values ask (bits
 # classified, qubits reset before each shot, no repetition timing), so they are
 # checked and then need nothing more; a value asking for more is an error.
+def _check_noise_model(value) -> None:
+    if value is not None:
+        raise InvalidOptionError(
+            "noise_model asks for a noisy simulation; gpu_provider simulates ideal (noiseless) statevectors, "
+            "so its answer would not be the one asked for. Run noisy circuits on qiskit-aer's AerSimulator"
+        )
+
+
 IDEAL_RUN_OPTIONS = {
     "meas_level": _check_meas_level,
     "meas_return": _check_meas_return,
     "init_qubits": _check_init_qubits,
     "rep_delay": _check_duration("rep_delay"),
     "rep_time": _check_duration("rep_time"),
+    # Aer's: a noise model cannot be honoured by an ideal simulator; None (no noise) is fine.
+    "noise_model": _check_noise_model,
 }
+# Aer's simulation methods; this simulator has the state vector one ("automatic" picks it).
+METHODS = ("automatic", "statevector")
 
 
 def _check_statevector_output(program: Program, name: str, itemsize: int) -> None:

@@ -71,6 +71,8 @@ def test_run_options_every_simulator_receives_are_accepted_quietly(backend, opti
         ({"meas_return": "sometimes"}, ["meas_return"]),
         ({"init_qubits": False}, ["init_qubits=False", "|0...0>"]),
         ({"rep_delay": -1}, ["rep_delay"]),
+        ({"noise_model": object()}, ["noise_model", "noiseless", "AerSimulator"]),
+        ({"method": "density_matrix"}, ["method='density_matrix'", "statevector"]),
     ],
 )
 def test_run_options_asking_for_what_a_simulator_cannot_give_are_errors(backend, options, words):
@@ -82,8 +84,20 @@ def test_run_options_asking_for_what_a_simulator_cannot_give_are_errors(backend,
 
 
 def test_other_unknown_run_options_still_warn(backend):
-    with pytest.warns(UserWarning, match="Option noise_model is not used by this backend"):
-        assert backend.run(bell(), shots=10, noise_model=None).result().success
+    with pytest.warns(UserWarning, match="Option max_parallel_threads is not used by this backend"):
+        assert backend.run(bell(), shots=10, max_parallel_threads=4).result().success
+
+
+def test_aer_options_that_keep_the_answer_are_accepted(backend):
+    """Code written for AerSimulator: noise_model=None and the state vector method change nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = backend.run(bell(), shots=500, seed_simulator=3, memory=True, noise_model=None, method="statevector").result()
+    plain = backend.run(bell(), shots=500, seed_simulator=3, memory=True).result()
+    assert result.get_memory() == plain.get_memory()
+    backend.set_options(method="automatic")
+    with pytest.raises(InvalidOptionError, match="stabilizer"):
+        backend.set_options(method="stabilizer")
 
 
 def test_errors_are_qiskit_errors_and_keep_their_type_message_and_fields(backend):
