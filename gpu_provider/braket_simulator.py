@@ -49,7 +49,7 @@ from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes
 from .engine.executor import Execution, RunConfig, dispatcher_for, max_qubits_for, memory_needed, new_state, run_ops, sample_outcomes
-from .engine.observables import amplitudes, marginal_probabilities, reduced_density_matrix, tensor_expectation
+from .engine.observables import DENSITY_MATRIX_COPIES, amplitudes, marginal_probabilities, reduced_density_matrix, tensor_expectation
 from .engine.program import Diagonal, GlobalPhase, Program, Unitary
 from .engine.statevector import StateVector
 from .errors import GPUProviderError, SimulationError
@@ -133,7 +133,9 @@ class _EngineSimulation(Simulation):
     def result_values(self, results) -> list:
         """Exact values of Braket result types (JAQCD form), read from one final state."""
         n = self._qubit_count
-        return self._run(lambda state, _: [_exact_value(state, result, n) for result in results], extra_arrays=1)
+        # Probabilities take one state-sized array; a density matrix its copies.
+        extra = DENSITY_MATRIX_COPIES if any(type(result).__name__ == "DensityMatrix" for result in results) else 1
+        return self._run(lambda state, _: [_exact_value(state, result, n) for result in results], extra_arrays=extra)
 
     @property
     def state_vector(self) -> np.ndarray:
@@ -147,7 +149,7 @@ class _EngineSimulation(Simulation):
     @property
     def density_matrix(self) -> np.ndarray:
         n = self._qubit_count
-        return self._run(lambda state, _: reduced_density_matrix(state, list(range(n))), extra_arrays=1)
+        return self._run(lambda state, _: reduced_density_matrix(state, list(range(n))), extra_arrays=DENSITY_MATRIX_COPIES)
 
     def expectation(self, observable) -> float:
         """``<O>`` of a Braket simulator observable (its matrix on its measured qubits)."""

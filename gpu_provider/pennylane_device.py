@@ -437,10 +437,18 @@ class GPUQubitDevice(Device):
                     f"{type(mp).__name__} after mid-circuit measurements has no single state to read; "
                     "use mcm_method='deferred', or expval / var / probs"
                 )
-        ops = tape.operations
-        depth = sum(isinstance(op, MidMeasure) for op in ops)
+        # Each tape op once as engine ops: (measurement, condition, engine ops).
+        steps = []
+        for position, op in enumerate(tape.operations):
+            if isinstance(op, MidMeasure):
+                steps.append((op, None, []))
+            elif isinstance(op, Conditional):
+                steps.append((None, op.meas_val, layout.engine_ops([op.base], first=False)))
+            else:
+                steps.append((None, None, layout.engine_ops([op], first=position == 0)))
+        depth = sum(measure is not None for measure, _, _ in steps)
         # The root state, one copy per level of the traversal, and a scratch buffer.
-        state = self._new_state(layout.num_qubits, (), arrays=2 + depth)
+        state = self._new_state(layout.num_qubits, [eop for _, _, eops in steps for eop in eops], arrays=2 + depth)
         config = RunConfig(shots=1, precision=self._precision)
         leaves: list = []  # (weight, per-measurement moments)
 
@@ -452,14 +460,11 @@ class GPUQubitDevice(Device):
 
         def visit(target, start: int, weight: float, values: dict) -> None:
             pending: list = []
-            for position in range(start, len(ops)):
-                op = ops[position]
-                if isinstance(op, Conditional):
-                    if op.meas_val.concretize(values):
-                        pending.extend(layout.engine_ops([op.base], first=False))
-                    continue
-                if not isinstance(op, MidMeasure):
-                    pending.extend(layout.engine_ops([op], first=position == 0))
+            for position in range(start, len(steps)):
+                op, condition, engine_ops = steps[position]
+                if op is None:
+                    if condition is None or condition.concretize(values):
+                        pending.extend(engine_ops)
                     continue
                 run(target, pending)
                 qubit = layout.qubit(op.wires[0])

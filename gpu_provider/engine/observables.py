@@ -192,15 +192,18 @@ def amplitudes(state: StateVector, indices: Sequence[int]) -> np.ndarray:
     return _to_host(state.xp, picked).astype(np.complex128)
 
 
-# Widest reduced density matrix returned (2^k x 2^k complex128 on the host: 4 GiB at 14).
+# Widest reduced density matrix returned (2^k x 2^k complex128 on the host: 4 GiB at 14),
+# and the state-sized copies computing one takes.
 DENSITY_MATRIX_MAX_QUBITS = 14
+DENSITY_MATRIX_COPIES = 2
 
 
 def reduced_density_matrix(state: StateVector, qubits: Sequence[int]) -> np.ndarray:
     """The density matrix of ``qubits`` (the rest traced out), complex128 on the host.
 
-    Bit ``j`` of a row or column index is ``qubits[j]``. Computed on the state's device
-    from one reordered copy of the state (``A A^dagger`` with ``A`` of shape 2^k x 2^(n-k)).
+    Bit ``j`` of a row or column index is ``qubits[j]``. Computed on the state's device in
+    its precision as ``A A^dagger``, ``A`` the state reordered to 2^k x 2^(n-k): the reorder
+    and the conjugate are two state-sized copies (``DENSITY_MATRIX_COPIES``).
     """
     _check_qubits(state, qubits)
     k = len(qubits)
@@ -217,8 +220,8 @@ def reduced_density_matrix(state: StateVector, qubits: Sequence[int]) -> np.ndar
     tensor = state.data.reshape((2,) * n) if n else state.data
     # Canonical order: axis a holds qubit n-1-a. Rows: qubits[-1] most significant.
     front = [n - 1 - q for q in reversed(qubits)]
-    matrix = xp.moveaxis(tensor, front, list(range(k))).reshape(1 << k, -1).astype(xp.complex128, copy=False)
-    return _to_host(xp, matrix @ matrix.conj().T)
+    matrix = xp.moveaxis(tensor, front, list(range(k))).reshape(1 << k, -1)
+    return _to_host(xp, matrix @ matrix.conj().T).astype(np.complex128)
 
 
 def _is_diagonal(matrix: np.ndarray) -> bool:
