@@ -753,10 +753,6 @@ def _check_duration(name: str):
     return check
 
 
-# Run options Qiskit's own tools (qiskit-experiments, the primitives) pass to every
-# backend. An ideal simulator already does what their accepted values ask (bits
-# classified, qubits reset before each shot, no repetition timing), so they are
-# checked and then need nothing more; a value asking for more is an error.
 def _check_noise_model(value) -> None:
     if value is not None:
         raise InvalidOptionError(
@@ -765,6 +761,10 @@ def _check_noise_model(value) -> None:
         )
 
 
+# Run options Qiskit's own tools (qiskit-experiments, the primitives) pass to every
+# backend. An ideal simulator already does what their accepted values ask (bits
+# classified, qubits reset before each shot, no repetition timing), so they are
+# checked and then need nothing more; a value asking for more is an error.
 IDEAL_RUN_OPTIONS = {
     "meas_level": _check_meas_level,
     "meas_return": _check_meas_return,

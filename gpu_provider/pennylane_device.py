@@ -316,10 +316,8 @@ class GPUQubitDevice(Device):
     def _measure_exact(self, mp, state, layout: "_Layout"):
         if isinstance(mp, (ExpectationMP, VarianceMP)) and mp.obs is None:
             # A function of measured wires (e.g. a deferred mid-circuit measurement's value).
-            probs = marginal_probabilities(state, layout.qubits_big_endian(mp.wires))
-            eigvals = np.asarray(mp.eigvals(), dtype=np.float64)
-            mean = float(probs @ eigvals)
-            return np.float64(mean if isinstance(mp, ExpectationMP) else float(probs @ eigvals**2) - mean * mean)
+            mean, second = _wire_function_moments(mp, state, layout)
+            return np.float64(mean if isinstance(mp, ExpectationMP) else second - mean * mean)
         if isinstance(mp, ExpectationMP):
             return np.float64(expectations(state, [layout.observable(mp.obs)])[0].real)
         if isinstance(mp, VarianceMP):
@@ -508,9 +506,7 @@ class GPUQubitDevice(Device):
             raise DeviceError(f"{self.name} cannot compute {type(mp).__name__} of mid-circuit values without shots")
         if isinstance(mp, VarianceMP):
             if mp.obs is None:
-                probs = marginal_probabilities(state, layout.qubits_big_endian(mp.wires))
-                eigvals = np.asarray(mp.eigvals(), dtype=np.float64)
-                return float(probs @ eigvals), float(probs @ eigvals**2)
+                return _wire_function_moments(mp, state, layout)
             mean = float(expectations(state, [layout.observable(mp.obs)])[0].real)
             return mean, _variance(state, mp.obs, layout) + mean * mean
         return np.asarray(self._measure_exact(mp, state, layout), dtype=np.float64), None
@@ -601,6 +597,13 @@ def _switch_on(condition, clbits: dict, body: tuple) -> P.SwitchCase:
         if bool(value)
     )
     return P.SwitchCase(P.Bits(bits), ((holds, body),))
+
+
+def _wire_function_moments(mp, state, layout: "_Layout") -> tuple[float, float]:
+    """First and second moments of a measurement of a function of wires (``mp.obs`` None)."""
+    probs = marginal_probabilities(state, layout.qubits_big_endian(mp.wires))
+    eigvals = np.asarray(mp.eigvals(), dtype=np.float64)
+    return float(probs @ eigvals), float(probs @ eigvals**2)
 
 
 def _is_sum(obs) -> bool:
