@@ -65,8 +65,8 @@ from .engine.distributed import (
     ranks_for,
     run_on_ranks,
 )
-from .engine.executor import RunConfig, device_kernels, evolve, new_state, run_ops, sample_outcomes
-from .engine.trajectories import Interpreter, Trajectory, saved_states
+from .engine.executor import RunConfig, device_kernels, evolve, new_state, sample_outcomes
+from .engine.trajectories import Interpreter, Trajectory, branch_points, run_exact, saved_states
 from .engine.expectation import pauli_sum
 from .engine.observables import DENSE_MAX_QUBITS, DenseTerm, Observable, apply_observable, expectations, inner, marginal_probabilities
 from .errors import InvalidOptionError
@@ -385,19 +385,7 @@ class GPUQubitDevice(Device):
         terminal measurements from its final state; the shots are returned in
         an order drawn from the device's generator.
         """
-        clbits: dict = {}  # MidMeasure -> its clbit, in the tape's order
-        ops = []
-        for index, op in enumerate(tape.operations):
-            if isinstance(op, MidMeasure):
-                qubit = layout.qubit(op.wires[0])
-                ops.append(P.Measure(qubit, clbits.setdefault(op, len(clbits))))
-                if op.reset:
-                    ops.append(P.Reset(qubit))
-            elif isinstance(op, Conditional):
-                ops.append(_switch_on(op.meas_val, clbits, tuple(layout.engine_ops([op.base], first=False))))
-            else:
-                ops.extend(layout.engine_ops([op], first=index == 0))
-        program = self._fused(P.Program(layout.num_qubits, len(clbits), tuple(ops), name="pennylane"))
+        program, clbits = self._dynamic_program(tape, layout)
         shots = tape.shots.total_shots
         waiting = saved_states(layout.num_qubits, np.dtype(PRECISIONS[self._precision]).itemsize, shots)
         state = self._new_state(layout.num_qubits, program.ops, arrays=2 + waiting)
@@ -416,18 +404,35 @@ class GPUQubitDevice(Device):
         interpreter.run_all(Trajectory.start(state, program.ops, program.num_clbits, shots))
         return tuple(results[i] for i in self._rng.permutation(len(results)).tolist())
 
+    def _dynamic_program(self, tape: QuantumScript, layout: "_Layout") -> tuple:
+        """The tape as a fused engine program (a mid-circuit measurement writes a clbit, then a
+        ``Reset`` for ``reset=True``; ``qml.cond`` a switch on the clbits its condition reads),
+        and each ``MidMeasure``'s clbit, in the tape's order."""
+        clbits: dict = {}
+        ops = []
+        for index, op in enumerate(tape.operations):
+            if isinstance(op, MidMeasure):
+                qubit = layout.qubit(op.wires[0])
+                ops.append(P.Measure(qubit, clbits.setdefault(op, len(clbits))))
+                if op.reset:
+                    ops.append(P.Reset(qubit))
+            elif isinstance(op, Conditional):
+                ops.append(_switch_on(op.meas_val, clbits, tuple(layout.engine_ops([op.base], first=False))))
+            else:
+                ops.extend(layout.engine_ops([op], first=index == 0))
+        return self._fused(P.Program(layout.num_qubits, len(clbits), tuple(ops), name="pennylane")), clbits
+
     def _run_tree(self, tape: QuantumScript, layout: "_Layout"):
         """Exact results of a tape with mid-circuit measurements (``mcm_method="tree-traversal"``).
 
-        Depth first over the outcomes, as PennyLane's tree traversal: at a mid-circuit
-        measurement the outcome-0 branch runs on a copy of the state and the outcome-1
-        branch on the state itself, so at most ``n_mcm + 1`` states live at once. A branch
-        of probability 0, or against a postselection, is not visited; ``qml.cond`` reads
-        the branch's outcomes. Each leaf's terminal measurements are exact (those of
-        mid-circuit values through PennyLane's ``gather_mcm``), weighted by the leaf's
-        probability and normalized over the leaves visited, so a postselection
-        conditions them; a variance comes from the weighted first and second moments.
-        With every leaf postselected away the results are NaN, as on default.qubit.
+        The engine's exact branching (``trajectories.run_exact``) visits every path of
+        outcomes depth first with its probability, a state copy waiting per uncertain
+        measurement on the path (``n_mcm + 1`` states at most), as PennyLane's tree
+        traversal does. At each leaf the terminal measurements are exact (those of
+        mid-circuit values through PennyLane's ``gather_mcm``). Leaves against a
+        postselection are dropped; the rest are averaged by probability, so a
+        postselection conditions the results (NaN where no leaf is left, as on
+        default.qubit); a variance comes from the averaged first and second moments.
         """
         for mp in tape.measurements:
             if isinstance(mp, StateMeasurement) and not isinstance(mp, (ExpectationMP, VarianceMP, ProbabilityMP)):
@@ -435,48 +440,19 @@ class GPUQubitDevice(Device):
                     f"{type(mp).__name__} after mid-circuit measurements has no single state to read; "
                     "use mcm_method='deferred', or expval / var / probs"
                 )
-        # Each tape op once as engine ops: (measurement, condition, engine ops).
-        steps = []
-        for position, op in enumerate(tape.operations):
-            if isinstance(op, MidMeasure):
-                steps.append((op, None, []))
-            elif isinstance(op, Conditional):
-                steps.append((None, op.meas_val, layout.engine_ops([op.base], first=False)))
-            else:
-                steps.append((None, None, layout.engine_ops([op], first=position == 0)))
-        depth = sum(measure is not None for measure, _, _ in steps)
-        # The root state, one copy per level of the traversal, and a scratch buffer.
-        state = self._new_state(layout.num_qubits, [eop for _, _, eops in steps for eop in eops], arrays=2 + depth)
-        config = RunConfig(shots=1, precision=self._precision)
+        program, clbits = self._dynamic_program(tape, layout)
+        depth = branch_points(program.ops)
+        # The root state, one copy per uncertain measurement on a path, and a scratch buffer.
+        state = self._new_state(layout.num_qubits, program.ops, arrays=2 + depth)
         leaves: list = []  # (weight, per-measurement moments)
 
-        def run(target, pending: list) -> None:
-            if pending:
-                program = self._fused(P.Program(layout.num_qubits, 0, tuple(pending), name="pennylane"))
-                run_ops(target, program.ops, self._rng, config)
-                pending.clear()
-
-        def visit(target, start: int, weight: float, values: dict) -> None:
-            pending: list = []
-            for position in range(start, len(steps)):
-                op, condition, engine_ops = steps[position]
-                if op is None:
-                    if condition is None or condition.concretize(values):
-                        pending.extend(engine_ops)
-                    continue
-                run(target, pending)
-                qubit = layout.qubit(op.wires[0])
-                p1 = min(max(target.probability_one(qubit), 0.0), 1.0)
-                branches = [(o, p) for o, p in ((0, 1.0 - p1), (1, p1)) if p > 0.0 and op.postselect in (None, o)]
-                for index, (outcome, probability) in enumerate(branches):
-                    branch = target if index == len(branches) - 1 else target.snapshot()
-                    branch.collapse(qubit, outcome, probability, flip=bool(op.reset))
-                    visit(branch, position + 1, weight * probability, {**values, op: outcome})
+        def finish(trajectory: Trajectory) -> None:
+            values = {measure: int(trajectory.clbits[bit]) for measure, bit in clbits.items()}
+            if any(measure.postselect is not None and values[measure] != measure.postselect for measure in clbits):
                 return
-            run(target, pending)
-            leaves.append((weight, [self._leaf_moments(mp, target, layout, values) for mp in tape.measurements]))
+            leaves.append((trajectory.weight, [self._leaf_moments(mp, trajectory.state, layout, values) for mp in tape.measurements]))
 
-        visit(state, 0, 1.0, {})
+        run_exact(state, program, RunConfig.max_loop_iterations, finish, limit=depth)
         total = sum(weight for weight, _ in leaves)
         results = []
         for index, mp in enumerate(tape.measurements):

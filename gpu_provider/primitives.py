@@ -56,6 +56,7 @@ from .engine.distributed import (
 from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory
 from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
 from .engine.program import is_sampling_friendly
+from .engine.trajectories import branch_points, run_exact
 from .errors import InvalidInputError, InvalidOptionError
 from .job import GPUJob
 
@@ -168,14 +169,17 @@ class _Primitive:
         prepared["seed"] = seed
         return prepared, RankGroup(ranks.comm)
 
-    def _submit(self, device: Device, ops_total: int, work, circuits, group: Optional[RankGroup] = None) -> GPUPrimitiveJob:
+    def _submit(
+        self, device: Device, ops_total: int, work, circuits, group: Optional[RankGroup] = None, branch_copies: int = 0
+    ) -> GPUPrimitiveJob:
         # Reserve what _compile checked for the widest circuit (a state and its
-        # scratch buffer), plus a batch of small states and the workspace, so the
-        # dispatcher's admission control counts this job beside the backend's.
+        # scratch buffer, and the copies exact branching keeps waiting), plus a batch
+        # of small states and the workspace, so the dispatcher's admission control
+        # counts this job beside the backend's.
         itemsize = np.dtype(PRECISIONS[self._backend.options.precision]).itemsize
         widest = max(circuit.num_qubits for circuit in circuits)
         local = widest - (group.global_qubits if group is not None else 0)
-        reserve = 2 * state_bytes(local, itemsize) + BATCH_MAX_AMPLITUDES * itemsize + WORKSPACE_BYTES
+        reserve = (2 + branch_copies) * state_bytes(local, itemsize) + BATCH_MAX_AMPLITUDES * itemsize + WORKSPACE_BYTES
         run = work
         if group is not None:
             reserve += EXCHANGE_BYTES
@@ -276,6 +280,7 @@ class _EstimatorTask:
     values: np.ndarray  # (*param_shape, num_parameters)
     observables: np.ndarray  # object array of PauliSum, obs_shape
     shape: tuple
+    branch_copies: int = 0  # state copies exact branching keeps waiting (a circuit that measures mid-circuit)
 
 
 class EstimatorV2(_Primitive, BaseEstimatorV2):
@@ -320,10 +325,15 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
     def run(self, pubs: Iterable, *, precision: float | None = None) -> GPUPrimitiveJob:
         """Estimate every PUB; returns a submitted :class:`GPUPrimitiveJob`.
 
+        A circuit that measures mid-circuit, resets or branches on its outcomes has
+        no single final state: its expectation values are exact averages over every
+        path of outcomes, weighted by probability (the engine's exact branching), as
+        the observable's expectation in the mixed state the circuit prepares.
+
         Raises:
             ValueError: a PUB that does not validate (parameter count, observable
-                width, negative precision), a circuit with mid-circuit measurement
-                or control flow, or a state too large for the device.
+                width, negative precision), or a state (with the copies exact
+                branching keeps) too large for the device.
         """
         if precision is None:
             precision = self._default_precision
@@ -340,7 +350,8 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
                 results.append(_estimate(task, device, config, execution, seed, reason, group))
             return PrimitiveResult(results, metadata={"version": 2})
 
-        return self._submit(device, prepared["ops_total"], work, [task.pub.circuit for task in tasks], group)
+        circuits = [task.pub.circuit for task in tasks]
+        return self._submit(device, prepared["ops_total"], work, circuits, group, max(task.branch_copies for task in tasks))
 
     def _prepare(self, pubs, precision, ranks) -> dict:
         """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
@@ -353,13 +364,17 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
             for index, observable in np.ndenumerate(pub.observables.sparse_observables_array()):
                 observables[index] = _as_pauli_sum(observable, n)
             values = _parameter_values(pub, compiled)
-            if not compiled.per_binding_translation and not is_sampling_friendly(compiled.template):
-                raise InvalidInputError(
-                    f"circuit {pub.circuit.name!r} measures mid-circuit, resets or uses control flow, so it has no single "
-                    "final state; EstimatorV2 computes exact expectation values of a final state (final measurements are ignored)"
-                )
+            copies = 0
+            template = compiled.template
+            if template is None and values.size:  # translated per binding: the first binding shows the ops
+                template = compiled.bind(values.reshape(-1, values.shape[-1])[0])
+            if template is not None and not is_sampling_friendly(template):
+                # Exact branching: a state copy waits per uncertain measurement on a path.
+                copies = branch_points(template.ops)
+                local = n - (ranks.global_qubits if ranks is not None else 0)
+                device.check_fits(local, np.dtype(PRECISIONS[dtype_name]).itemsize, arrays=2 + copies)
             shape = np.broadcast_shapes(pub.parameter_values.shape, pub.observables.shape)
-            tasks.append(_EstimatorTask(pub, compiled, values, observables, shape))
+            tasks.append(_EstimatorTask(pub, compiled, values, observables, shape, copies))
             ops_total += _ops_estimate(pub, compiled)
         prepared = {"tasks": tasks, "device": device, "dtype": dtype_name, "reason": reason, "ops_total": ops_total}
         if ranks is not None:
@@ -426,8 +441,7 @@ def _estimate(
             program_ops = program.num_ops
             if state is None:
                 state = DistributedStateVector(device.xp, n, config.dtype, device_kernels(device, config.dtype), group, program.ops)
-            final = evolve(program, state, config, group)
-            _store(positions, expectation_values(final, [bc_obs[p] for p in positions]), bc_obs, evs)
+            _store(positions, _expectations(program, state, [bc_obs[p] for p in positions], config, group), bc_obs, evs)
     chunks = [] if group is not None and group.global_qubits else _chunks(list(by_binding.items()), n)
     for chunk in chunks:
         kernels = device_kernels(device, config.dtype)
@@ -446,11 +460,12 @@ def _estimate(
             batch = evolve_batch(programs, device.xp, config.dtype, kernels, execution)
             states = (batch.state(row) for row in range(len(chunk)))
             batched += len(chunk)
-        else:
-            if state is None:
-                state = new_state(device, pub.circuit.num_qubits, config.dtype)
-            states = (evolve(program, state, config, execution) for program in programs)
-        _consume(zip(chunk, states), bc_obs, evs)
+            _consume(zip(chunk, states), bc_obs, evs)
+            continue
+        if state is None:
+            state = new_state(device, pub.circuit.num_qubits, config.dtype)
+        for (_, positions), program in zip(chunk, programs):
+            _store(positions, _expectations(program, state, [bc_obs[p] for p in positions], config, execution), bc_obs, evs)
     del state
     if precision != 0:
         rng = np.random.default_rng(seed)
@@ -465,6 +480,28 @@ def _estimate(
         ),
     }
     return PubResult(data, metadata=metadata)
+
+
+def _expectations(program, state, observables: list, config: RunConfig, execution) -> np.ndarray:
+    """``<O>`` of each observable after ``program`` runs on ``state`` from |0...0>.
+
+    A program that measures mid-circuit, resets or branches has no single final state:
+    its values are the average over every path of outcomes, weighted by the path's
+    probability (the engine's exact branching), i.e. ``Tr(rho O)`` of the mixed state
+    the circuit prepares. ``execution`` is the job's, or an MPI group.
+    """
+    if is_sampling_friendly(program):
+        return expectation_values(evolve(program, state, config, execution), observables)
+    state.reset_to_zero()
+    total = np.zeros(len(observables), dtype=np.complex128)
+    weight = np.zeros(1)
+
+    def finish(trajectory) -> None:
+        total[:] += trajectory.weight * expectation_values(trajectory.state, observables)
+        weight[0] += trajectory.weight
+
+    run_exact(state, program, config.max_loop_iterations, finish, limit=branch_points(program.ops), execution=execution)
+    return total / weight[0]  # 1 up to the paths too light to visit
 
 
 def _consume(finals, bc_obs: np.ndarray, evs: np.ndarray) -> None:

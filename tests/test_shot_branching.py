@@ -308,3 +308,64 @@ def test_progress_counts_each_op_once_per_shot(branching):
     assert total == 5 * 1000
     assert execution._ops_enqueued == total
     assert output.metadata["trajectories"] == (4 if branching else 1000)
+
+
+# ---------------------------------------------------------------------------
+# exact branching (no sampling): every path with its probability
+
+
+def _exact_leaves(circuit: QuantumCircuit, limit: int):
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine.executor import new_state
+
+    program = translate(circuit)
+    device, _ = devices.resolve_device("CPU")
+    state = new_state(device, program.num_qubits, np.complex128)
+    leaves = []
+    trajectories.run_exact(state, program, 1000, lambda t: leaves.append((t.weight, tuple(t.clbits), t.state.to_host())), limit)
+    return program, leaves
+
+
+def translate_ops(circuit):
+    from gpu_provider.compiler.translate import translate
+
+    return translate(circuit).ops
+
+
+def test_exact_branching_visits_every_path_with_its_probability():
+    circuit = QuantumCircuit(3, 3)
+    circuit.ry(1.1, 0)
+    circuit.measure(0, 0)
+    with circuit.if_test((circuit.clbits[0], 1)):
+        circuit.h(1)
+    circuit.measure(1, 1)
+    circuit.measure(2, 2)  # certain: no fork
+    _, leaves = _exact_leaves(circuit, limit=trajectories.branch_points(translate_ops(circuit)))
+    p1 = np.sin(0.55) ** 2
+    expected = {(0, 0, 0): 1 - p1, (1, 0, 0): p1 / 2, (1, 1, 0): p1 / 2}
+    assert {clbits: weight for weight, clbits, _ in leaves} == pytest.approx(expected, abs=1e-14)
+    assert sum(weight for weight, _, _ in leaves) == pytest.approx(1.0, abs=1e-14)
+    for weight, clbits, vector in leaves:  # each leaf's state is the collapsed, normalized one
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-12)
+        index = clbits[0] | (clbits[1] << 1)
+        assert abs(vector[index]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_exact_branching_refuses_more_waiting_copies_than_its_limit():
+    circuit = QuantumCircuit(3, 3)
+    circuit.h([0, 1, 2])
+    circuit.measure([0, 1, 2], [0, 1, 2])
+    assert trajectories.branch_points(translate_ops(circuit)) == 3
+    _, leaves = _exact_leaves(circuit, limit=3)
+    assert len(leaves) == 8 and all(weight == pytest.approx(1 / 8) for weight, _, _ in leaves)
+    with pytest.raises(gpu_provider.errors.SimulationError, match="more than 1 state copies"):
+        _exact_leaves(circuit, limit=1)
+
+
+def test_exact_branching_caps_its_paths(monkeypatch):
+    monkeypatch.setattr(trajectories, "EXACT_MAX_PATHS", 5)
+    circuit = QuantumCircuit(3, 3)
+    circuit.h([0, 1, 2])
+    circuit.measure([0, 1, 2], [0, 1, 2])
+    with pytest.raises(gpu_provider.errors.SimulationError, match="more than 5 paths"):
+        _exact_leaves(circuit, limit=3)

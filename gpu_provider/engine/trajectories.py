@@ -34,6 +34,14 @@ of the trajectory at hand run one at a time from that measurement on, from one
 saved copy of the state there (the array the one-by-one path always reserved).
 ``shot_branching=False`` runs every shot as its own trajectory from a copy of
 the gates before the first measurement, as before.
+
+**Exact branching** (:func:`run_exact`): no sampling at all. At a measurement
+or reset whose outcome is uncertain the trajectory forks into both outcomes,
+each carrying its probability (``Trajectory.weight``); every path of the
+program is visited depth first, and a front end combines what it reads at the
+leaves by their weights (an expectation value of a circuit that measures or
+resets mid-circuit is the weighted sum over its leaves). At most ``limit``
+forked copies wait at once, one per uncertain measurement on the current path.
 """
 
 from __future__ import annotations
@@ -97,16 +105,18 @@ class _Frame:
 
 
 class Trajectory:
-    """One path through a program, followed by ``shots`` shots."""
+    """One path through a program, followed by ``shots`` shots; ``weight`` is its probability
+    under exact branching (1 otherwise)."""
 
-    __slots__ = ("state", "clbits", "variables", "frames", "shots")
+    __slots__ = ("state", "clbits", "variables", "frames", "shots", "weight")
 
-    def __init__(self, state, clbits: list, variables: dict, frames: list, shots: int) -> None:
+    def __init__(self, state, clbits: list, variables: dict, frames: list, shots: int, weight: float = 1.0) -> None:
         self.state = state
         self.clbits = clbits
         self.variables = variables
         self.frames = frames
         self.shots = shots
+        self.weight = weight
 
     @classmethod
     def start(cls, state, ops, num_clbits: int, shots: int) -> "Trajectory":
@@ -114,7 +124,7 @@ class Trajectory:
 
     def fork(self, state, shots: int) -> "Trajectory":
         """A copy of this trajectory's classical memory and position, on ``state``."""
-        return Trajectory(state, list(self.clbits), dict(self.variables), [frame.copy() for frame in self.frames], shots)
+        return Trajectory(state, list(self.clbits), dict(self.variables), [frame.copy() for frame in self.frames], shots, self.weight)
 
 
 class TooManyPaths(Exception):
@@ -141,7 +151,9 @@ class Interpreter:
         limit: int = 0,
         finish: Optional[Callable[[Trajectory], None]] = None,
         max_paths: Optional[int] = None,
+        exact: bool = False,
     ) -> None:
+        self.exact = exact  # fork into every outcome with its probability (rng unused)
         self.rng = rng
         self.max_loop_iterations = max_loop_iterations
         self.execution = execution
@@ -277,6 +289,9 @@ class Interpreter:
     def _measure(self, trajectory: Trajectory, qubit: int, clbit: Optional[int], reset: bool) -> None:
         state = trajectory.state
         p1 = min(max(state.probability_one(qubit), 0.0), 1.0)
+        if self.exact:
+            self._fork_both(trajectory, qubit, clbit, reset, p1)
+            return
         shots = trajectory.shots
         if shots == 1:
             outcome = 1 if self.rng.random() < p1 else 0
@@ -298,6 +313,32 @@ class Interpreter:
                 raise _Consumed()
         _collapse(trajectory, qubit, clbit, outcome, p1, reset)
 
+    def _fork_both(self, trajectory: Trajectory, qubit: int, clbit: Optional[int], reset: bool, p1: float) -> None:
+        """Exact branching: outcome 1 waits on a copy with its probability, outcome 0 goes on here.
+
+        An outcome whose path would weigh less than ``EXACT_MIN_WEIGHT`` is not visited (a
+        loop that repeats until an outcome would otherwise fork until its iteration limit).
+        """
+        weight = trajectory.weight
+        one, zero = weight * p1, weight * (1.0 - p1)
+        if one >= EXACT_MIN_WEIGHT and zero >= EXACT_MIN_WEIGHT:
+            if len(self.waiting) >= self.limit:
+                raise SimulationError(
+                    f"exact branching needs more than {self.limit} state copies waiting at once (one per uncertain "
+                    "measurement or reset on a path); sample with shots instead, or use fewer mid-circuit measurements"
+                )
+            self._begin_paths(1)
+            twin = trajectory.fork(trajectory.state.snapshot(), trajectory.shots)
+            twin.weight = one
+            _collapse(twin, qubit, clbit, 1, p1, reset)
+            self.waiting.append(twin)
+            trajectory.weight = zero
+            _collapse(trajectory, qubit, clbit, 0, p1, reset)
+            return
+        outcome = 1 if one >= zero else 0  # the unvisited outcome's weight, if any, is dropped
+        trajectory.weight = one if outcome else zero
+        _collapse(trajectory, qubit, clbit, outcome, p1, reset)
+
     def _one_by_one(self, trajectory: Trajectory, qubit: int, clbit: Optional[int], reset: bool) -> None:
         """No copy may wait: run the trajectory's shots one at a time from this measurement on."""
         self._begin_paths(trajectory.shots - 1)
@@ -316,6 +357,52 @@ class Interpreter:
         self.paths += count
         if self.max_paths is not None and self.paths > self.max_paths:
             raise TooManyPaths(f"{self.paths} paths begun, over the budget of {self.max_paths}")
+
+
+def branch_points(ops) -> int:
+    """Measurements and resets in ``ops``, loop and branch bodies counted once: the forks exact
+    branching makes along one path of a program without loops, so the copies it keeps waiting."""
+    count = 0
+    for op in ops:
+        kind = type(op)
+        if kind is Measure or kind is Reset:
+            count += 1
+        elif kind is IfElse:
+            count += max(branch_points(op.true_body), branch_points(op.false_body or ()))
+        elif kind is SwitchCase:
+            count += max((branch_points(body) for _, body in op.cases), default=0)
+        elif kind is WhileLoop:
+            count += branch_points(op.body)
+        elif kind is ForLoop and len(op.iterations):  # every iteration's body has the same ops
+            count += len(op.iterations) * branch_points(op.iterations[0])
+    return count
+
+
+# Exact branching: paths lighter than this are not visited; more paths than this are an error.
+EXACT_MIN_WEIGHT = 2.0**-64
+EXACT_MAX_PATHS = 1 << 18
+
+
+def run_exact(state, program, max_loop_iterations: int, finish: Callable[[Trajectory], None], limit: int, execution: Any = None) -> None:
+    """Every path of ``program`` from ``state``, each with its probability, depth first.
+
+    ``finish(trajectory)`` is called at each leaf: ``trajectory.weight`` is the path's
+    probability, ``trajectory.clbits`` its outcomes, ``trajectory.state`` its final state
+    (reused afterwards: read it inside ``finish``). The weights sum to 1 but for paths
+    lighter than ``EXACT_MIN_WEIGHT``, which are not visited: divide by their sum.
+    ``limit`` state copies may wait at once (see :func:`branch_points`).
+
+    Raises:
+        SimulationError: more than ``EXACT_MAX_PATHS`` paths, or more than ``limit`` copies waiting.
+    """
+    interpreter = Interpreter(None, max_loop_iterations, execution, limit, finish, max_paths=EXACT_MAX_PATHS, exact=True)
+    try:
+        interpreter.run_all(Trajectory.start(state, program.ops, program.num_clbits, 1))
+    except TooManyPaths:
+        raise SimulationError(
+            f"exact branching over this circuit's mid-circuit outcomes visits more than {EXACT_MAX_PATHS:,} paths; "
+            "sample it with shots instead"
+        ) from None
 
 
 # Up to this many shots a trajectory's measurement draws one uniform per shot; above, one binomial.
