@@ -466,3 +466,21 @@ def test_run_batch_matches_braket_sv(braket_sv):
     reference = braket_sv.run_batch(circuits, shots=0).results()
     for mine, theirs in zip(ours, reference):
         np.testing.assert_allclose(mine.values[0], theirs.values[0], atol=1e-12)
+
+
+from tests.engine.test_gpu_plumbing import fake_gpu  # noqa: E402,F401  (a fixture)
+
+
+def test_the_gpu_path_through_a_numpy_backed_cupy_stand_in(fake_gpu):  # noqa: F811
+    """Branching, resets, density matrices and exact values on the device path, without a GPU."""
+    exact = (
+        "OPENQASM 3.0; qubit[3] q; h q[0]; cnot q[0], q[1]; ry(0.4) q[0]; reset q[0]; rx(0.3) q[2]; cnot q[1], q[2];\n"
+        "#pragma braket result density_matrix q[2], q[1]\n#pragma braket result probability q[1]\n"
+        "#pragma braket result expectation x(q[0]) @ z(q[2])\n#pragma braket result state_vector"
+    )
+    on_gpu = GPUBraketSimulator(device="GPU").run(Program(source=exact), shots=0)
+    on_cpu = GPUBraketSimulator(device="CPU").run(Program(source=exact), shots=0)
+    _assert_values_match([v.value for v in on_gpu.resultTypes], [v.value for v in on_cpu.resultTypes], 1e-12)
+    source, probabilities = MID_CIRCUIT["entangled_branch"]
+    counts = LocalSimulator(GPUBraketSimulator(device="GPU")).run(Program(source=source), shots=3000, seed=3).result().measurement_counts
+    assert_counts_match(dict(counts), probabilities, shots=3000)

@@ -490,3 +490,15 @@ def test_backend_runs_while_a_primitive_job_holds_the_device():
     finally:
         release.set()
     assert blocker.wait(30)
+
+
+from tests.engine.test_gpu_plumbing import fake_gpu  # noqa: E402,F401  (a fixture)
+
+
+def test_estimator_exact_branching_on_the_gpu_path_of_a_cupy_stand_in(fake_gpu):  # noqa: F811
+    dynamic, deferred = _dynamic_and_deferred()
+    result = EstimatorV2(backend_options={"device": "GPU"}).run([(dynamic, ["ZZI", "XIZ"], [0.8])]).result()[0]
+    state = Statevector(deferred.assign_parameters([0.8]))
+    expected = [state.expectation_value(SparsePauliOp("I" + label)).real for label in ("ZZI", "XIZ")]
+    np.testing.assert_allclose(result.data.evs, expected, atol=1e-10)
+    assert result.metadata["simulator_metadata"]["device"] == "GPU:0"

@@ -408,6 +408,11 @@ def test_the_gpu_device_path_through_a_numpy_backed_cupy_stand_in(fake_gpu):
 
     sampled = qml.set_shots(qml.QNode(coin, qml.device(DEVICE, wires=1, device="GPU", seed=1)), 400)()
     assert set(sampled) == {"0", "1"} and sum(sampled.values()) == 400
+    tree = _tree_circuits()["postselected"]
+    on_gpu = qml.QNode(tree, qml.device(DEVICE, wires=3, device="GPU"), mcm_method="tree-traversal")()
+    exact = qml.QNode(tree, qml.device("default.qubit", wires=3), mcm_method="tree-traversal")()
+    for g, e in zip(on_gpu, exact):
+        np.testing.assert_allclose(g, e, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------
