@@ -167,6 +167,25 @@ def estimator_pubs():
     return qc, observables, values
 
 
+def dynamic_estimator_pub():
+    """A 10-qubit circuit that measures the top qubit (a rank bit at first), branches on it and resets it."""
+    from qiskit.quantum_info import SparsePauliOp
+
+    n = 10
+    qc = QuantumCircuit(n, 1)
+    for q in range(n):
+        qc.ry(0.3 + 0.2 * q, q)
+    for q in range(n - 1):
+        qc.cx(q, q + 1)
+    qc.measure(n - 1, 0)
+    with qc.if_test((qc.clbits[0], 1)):
+        qc.rx(0.7, 0)
+    qc.reset(n - 1)
+    qc.h(n - 1)
+    qc.cx(n - 1, 3)
+    return qc, [SparsePauliOp("Z" * n), SparsePauliOp("X" + "I" * (n - 2) + "Z"), SparsePauliOp("I" * (n - 4) + "Y" + "I" * 3)]
+
+
 def scenario_primitives(outdir: str) -> dict:
     """EstimatorV2 and SamplerV2 over a backend with mpi=True."""
     from gpu_provider.primitives import EstimatorV2, SamplerV2
@@ -178,7 +197,10 @@ def scenario_primitives(outdir: str) -> dict:
     measured = qc.measure_all(inplace=False)
     sampler = SamplerV2(backend=backend, seed=17)
     samples = sampler.run([(measured, values)], shots=500).result()
+    dynamic, dynamic_observables = dynamic_estimator_pub()
+    exact = estimator.run([(dynamic, dynamic_observables)]).result()  # exact branching on split states
     return {
+        "dynamic_evs": np.asarray(exact[0].data.evs),
         "evs": np.asarray(result[0].data.evs),
         "counts": [samples[0].data.meas.get_counts(i) for i in range(len(values))],
     }

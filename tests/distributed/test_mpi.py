@@ -144,9 +144,14 @@ def test_primitives_on_split_states(tmp_path):
     )
     local = SamplerV2(backend=GPUSimulator(device="CPU"), seed=17).run([(qc.measure_all(inplace=False), values)], shots=500).result()
     local_counts = [local[0].data.meas.get_counts(i) for i in range(len(values))]
+    dynamic, dynamic_observables = worker.dynamic_estimator_pub()
+    from gpu_provider.primitives import EstimatorV2
+
+    expected_dynamic = EstimatorV2(backend=GPUSimulator(device="CPU")).run([(dynamic, dynamic_observables)]).result()[0].data.evs
     for ranks in (2, 4):
         for rank, result in enumerate(run_ranks(ranks, "primitives", tmp_path)):
             np.testing.assert_allclose(result["evs"], expected, atol=1e-12, err_msg=f"rank {rank} of {ranks}")
+            np.testing.assert_allclose(result["dynamic_evs"], expected_dynamic, atol=1e-12, err_msg=f"rank {rank} of {ranks}")
             assert result["counts"] == local_counts, f"rank {rank} of {ranks}"
 
 
