@@ -110,7 +110,8 @@ class GPUJob(JobV1):
         Args:
             timeout: seconds to wait for the job; ``None`` waits indefinitely.
             wait: seconds between queries (the wait ends early when the job ends).
-            callback: called after each query as ``callback(job_id, status, job)``.
+            callback: called after each query that finds the job not yet final, as
+                ``callback(job_id, status, job)`` (as Qiskit's ``JobV1``).
 
         Raises:
             JobTimeoutError: if the job does not reach a final state within ``timeout``.
@@ -131,8 +132,6 @@ class GPUJob(JobV1):
             else:
                 self._execution.wait(pause)
             status = self.status()
-        if callback is not None:
-            callback(self.job_id(), status, self)
 
     def circuits(self):
         """The circuits this job runs."""

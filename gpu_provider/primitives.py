@@ -55,7 +55,7 @@ from .engine.distributed import (
 )
 from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory
 from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
-from .engine.program import is_sampling_friendly
+from .engine.program import Measure, is_sampling_friendly
 from .engine.trajectories import branch_points, run_exact
 from .errors import InvalidInputError, InvalidOptionError
 from .job import GPUJob
@@ -177,7 +177,7 @@ class _Primitive:
         # of small states and the workspace, so the dispatcher's admission control
         # counts this job beside the backend's.
         itemsize = np.dtype(PRECISIONS[self._backend.options.precision]).itemsize
-        widest = max(circuit.num_qubits for circuit in circuits)
+        widest = max((circuit.num_qubits for circuit in circuits), default=0)  # run([]): an empty result
         local = widest - (group.global_qubits if group is not None else 0)
         reserve = (2 + branch_copies) * state_bytes(local, itemsize) + BATCH_MAX_AMPLITUDES * itemsize + WORKSPACE_BYTES
         run = work
@@ -273,6 +273,25 @@ def _as_pauli_sum(observable, num_qubits: int) -> PauliSum:
     return pauli_sum(num_qubits, x, z, np.asarray(observable.coeffs, dtype=np.complex128))
 
 
+def _measured_mask(program) -> int:
+    """The qubits a program of gates and final measurements measures, as a bit mask."""
+    mask = 0
+    for op in program.ops:
+        if isinstance(op, Measure):
+            mask |= 1 << op.qubit
+    return mask
+
+
+def _dephased(observable: PauliSum, measured: int) -> PauliSum:
+    """``observable`` after Z measurements of the ``measured`` qubits: only its terms with I or Z there."""
+    keep = (observable.x & np.uint64(measured)) == 0
+    if keep.all():
+        return observable
+    if not keep.any():  # nothing survives: the value is 0
+        return pauli_sum(observable.num_qubits, [0], [0], [0.0])
+    return PauliSum(observable.num_qubits, observable.x[keep], observable.z[keep], observable.coeffs[keep])
+
+
 @dataclass
 class _EstimatorTask:
     pub: EstimatorPub
@@ -351,7 +370,7 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
             return PrimitiveResult(results, metadata={"version": 2})
 
         circuits = [task.pub.circuit for task in tasks]
-        return self._submit(device, prepared["ops_total"], work, circuits, group, max(task.branch_copies for task in tasks))
+        return self._submit(device, prepared["ops_total"], work, circuits, group, max((task.branch_copies for task in tasks), default=0))
 
     def _prepare(self, pubs, precision, ranks) -> dict:
         """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
@@ -368,7 +387,13 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
             template = compiled.template
             if template is None and values.size:  # translated per binding: the first binding shows the ops
                 template = compiled.bind(values.reshape(-1, values.shape[-1])[0])
-            if template is not None and not is_sampling_friendly(template):
+            if template is not None and is_sampling_friendly(template):
+                # Final measurements collapse the state, as mid-circuit ones do (and as Aer's estimator
+                # averages them): terms with X or Y on a measured qubit average to zero.
+                measured = _measured_mask(template)
+                if measured:
+                    observables = np.vectorize(lambda o: _dephased(o, measured), otypes=[object])(observables)
+            elif template is not None:
                 # Exact branching: a state copy waits per uncertain measurement on a path.
                 copies = branch_points(template.ops)
                 local = n - (ranks.global_qubits if ranks is not None else 0)
@@ -469,7 +494,7 @@ def _estimate(
     del state
     if precision != 0:
         rng = np.random.default_rng(seed)
-        evs = rng.normal(evs, precision)
+        evs = np.asarray(rng.normal(evs, precision), dtype=np.float64)  # a 0-d array for a scalar PUB, as Qiskit's
     stds = np.full(task.shape, precision, dtype=np.float64)
     data = DataBin(evs=evs, stds=stds, shape=task.shape)
     metadata = {
@@ -562,9 +587,9 @@ class SamplerV2(_Primitive, BaseSamplerV2):
         if "default_precision" in merged:
             raise InvalidOptionError("the sampler takes shots, not a precision")
         self._default_shots = _check_shots(merged["default_shots"])
-        self._seed = _seed_of(merged["seed"])
-        if isinstance(merged["seed"], np.random.Generator):
-            self._seed = int(merged["seed"].integers(0, 2**62))
+        _seed_of(merged["seed"])  # checks it
+        # An int repeats the samples on every run; a Generator advances (one draw a run), as Qiskit's.
+        self._seed = merged["seed"] if merged["seed"] is None or isinstance(merged["seed"], np.random.Generator) else int(merged["seed"])
         self._init_backend(backend, merged["backend_options"])
 
     @property
@@ -605,7 +630,10 @@ class SamplerV2(_Primitive, BaseSamplerV2):
             values = _parameter_values(pub, compiled)
             tasks.append(_SamplerTask(pub, compiled, values, int(pub.shots)))
             ops_total += _ops_estimate(pub, compiled)
-        seed = self._seed if self._seed is not None else int(np.random.default_rng().integers(0, 2**62))
+        if isinstance(self._seed, np.random.Generator):
+            seed = int(self._seed.integers(0, 2**62))
+        else:
+            seed = self._seed if self._seed is not None else int(np.random.default_rng().integers(0, 2**62))
         prepared = {"tasks": tasks, "device": device, "dtype": dtype_name, "reason": reason, "ops_total": ops_total, "seed": seed}
         if ranks is not None:
             prepared["digest"] = job_digest([(_circuit_parts(t.pub.circuit), t.values, t.shots) for t in tasks], dtype_name)
@@ -613,7 +641,9 @@ class SamplerV2(_Primitive, BaseSamplerV2):
 
 
 def _check_shots(shots) -> int:
-    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or not 1 <= shots <= 10**9:
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)):
+        raise TypeError(f"shots must be an integer, not {shots!r}")  # as Qiskit's reference sampler
+    if not 1 <= shots <= 10**9:
         raise InvalidOptionError(f"shots must be an integer from 1 to 1,000,000,000, not {shots!r}")
     return int(shots)
 

@@ -186,7 +186,11 @@ def test_wait_for_final_state_with_callback(backend):
     assert calls, "the callback was never called"
     for job_id, status, passed_job in calls:
         assert job_id == job.job_id() and passed_job is job and isinstance(status, JobStatus)
-    assert calls[-1][1] == JobStatus.DONE
+    # As Qiskit's JobV1: called only for statuses found before the final one, never again once final.
+    assert all(status not in (JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED) for _, status, _ in calls)
+    done = []
+    job.wait_for_final_state(callback=lambda *args: done.append(args))
+    assert done == []
 
 
 def test_wait_for_final_state_timeout(backend):

@@ -101,10 +101,16 @@ def test_estimator_wide_circuit_with_fusion_and_terminal_measurements():
     qc = efficient_su2(15, reps=1)
     values = rng.uniform(-np.pi, np.pi, qc.num_parameters)
     measured = qc.copy()
-    measured.measure_all()  # final measurements are ignored, as Aer does
+    measured.add_register(ClassicalRegister(2))
+    measured.measure([0, 7], [0, 1])  # two qubits, at the end
     obs = random_observable(rng, 15, 25)
     result = EstimatorV2(backend_options={"device": "CPU"}).run([(measured, obs, values)]).result()[0]
-    expected = Statevector(qc.assign_parameters(values)).expectation_value(obs).real
+    # A final measurement collapses the state (Aer's estimator averages its shots over the collapsed
+    # states): terms with X or Y on a measured qubit average to zero, the others are unchanged.
+    kept = [(label, coeff) for label, coeff in obs.to_list() if not any(label[14 - q] in "XY" for q in (0, 7))]
+    dephased = SparsePauliOp.from_list(kept) if kept else SparsePauliOp("I" * 15, 0.0)
+    expected = Statevector(qc.assign_parameters(values)).expectation_value(dephased).real
+    assert 0 < len(kept) < len(obs)
     assert abs(result.data.evs - expected) < 1e-10
     simulator = result.metadata["simulator_metadata"]
     assert simulator["fusion_ops_after"] < simulator["fusion_ops_before"]
@@ -362,7 +368,8 @@ def test_job_contract_methods():
     assert job.status() in (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE)
     seen = []
     job.wait_for_final_state(timeout=60, wait=0.01, callback=lambda job_id, status, j: seen.append((job_id, status)))
-    assert seen[-1] == (job.job_id(), JobStatus.DONE)
+    # As JobV1's: the callback sees the statuses found before the final one, never the final one.
+    assert all(job_id == job.job_id() and status in (JobStatus.QUEUED, JobStatus.RUNNING) for job_id, status in seen)
     assert job.done() and not job.running() and not job.cancelled() and job.in_final_state()
     assert job.status() is JobStatus.DONE
     result = job.result()
@@ -502,3 +509,49 @@ def test_estimator_exact_branching_on_the_gpu_path_of_a_cupy_stand_in(fake_gpu):
     expected = [state.expectation_value(SparsePauliOp("I" + label)).real for label in ("ZZI", "XIZ")]
     np.testing.assert_allclose(result.data.evs, expected, atol=1e-10)
     assert result.metadata["simulator_metadata"]["device"] == "GPU:0"
+
+
+def test_estimator_final_measurements_collapse_like_mid_circuit_ones():
+    """One semantics, wherever the measurement is: a measured qubit's X and Y terms average to zero."""
+    estimator = EstimatorV2(backend_options={"device": "CPU"})
+    final = QuantumCircuit(2, 2)
+    final.h(0), final.cx(0, 1), final.measure([0, 1], [0, 1])
+    followed = final.copy()
+    followed.x(0), followed.x(0)  # the measurement is no longer final: exact branching
+    for circuit in (final, followed):
+        evs = estimator.run([(circuit, ["XX", "ZZ", "ZI", "YY"])]).result()[0].data.evs
+        np.testing.assert_allclose(evs, [0.0, 1.0, 0.0, 0.0], atol=1e-12)
+
+
+def test_estimator_repeat_until_success_loop_ends_whichever_outcome_is_likelier():
+    """A while loop that repeats with probability 1/2 or 0.7: the exact average of its geometric tail."""
+    estimator = EstimatorV2(backend_options={"device": "CPU"})
+    for p_repeat in (0.5, 0.7):
+        angle = 2 * np.arcsin(np.sqrt(p_repeat))
+        qc = QuantumCircuit(2, 1)
+        qc.ry(angle, 0), qc.measure(0, 0)
+        with qc.while_loop((qc.clbits[0], 1)):
+            qc.reset(0), qc.ry(angle, 0), qc.measure(0, 0), qc.x(1)
+        evs = estimator.run([(qc, ["IZ", "ZI"])]).result()[0].data.evs
+        # Qubit 1 flips once per repeat: <Z_1> = sum_k (1 - p) p^k (-1)^k = (1 - p) / (1 + p).
+        np.testing.assert_allclose(evs, [1.0, (1 - p_repeat) / (1 + p_repeat)], atol=1e-12)
+
+
+def test_primitives_edge_cases_behave_as_qiskits_reference():
+    backend_options = {"device": "CPU"}
+    assert len(EstimatorV2(backend_options=backend_options).run([]).result()) == 0
+    assert len(SamplerV2(backend_options=backend_options).run([]).result()) == 0
+    qc = QuantumCircuit(1)
+    qc.h(0)
+    evs = EstimatorV2(backend_options=backend_options, seed=1).run([(qc, "Z")], precision=0.1).result()[0].data.evs
+    reference = StatevectorEstimator(seed=1).run([(qc, "Z")], precision=0.1).result()[0].data.evs
+    assert isinstance(evs, np.ndarray) and evs.shape == () and evs == pytest.approx(float(reference), abs=1e-12)
+    measured = bell()
+    sampler = SamplerV2(backend_options=backend_options, seed=np.random.default_rng(0))
+    first, second = (sampler.run([measured], shots=32).result()[0].data for _ in range(2))
+    assert first.c.get_bitstrings() != second.c.get_bitstrings()  # a Generator advances between runs
+    again = SamplerV2(backend_options=backend_options, seed=np.random.default_rng(0)).run([measured], shots=32).result()[0].data
+    assert again.c.get_bitstrings() == first.c.get_bitstrings()
+    for shots in (10.0, True, "10"):
+        with pytest.raises(TypeError, match="shots must be an integer"):
+            SamplerV2(backend_options=backend_options).run([measured], shots=shots)

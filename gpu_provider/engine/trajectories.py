@@ -75,16 +75,18 @@ from .program import (
 BRANCH_BYTES = 256 << 20
 
 
-def saved_states(num_qubits: int, itemsize: int, shots: int, branching: bool = True) -> int:
+def saved_states(num_qubits: int, itemsize: int, shots: int, branching: bool = True, size: Optional[int] = None) -> int:
     """How many state copies shot branching may keep waiting at once for ``shots`` shots.
 
     The trajectory that goes on after a fork is the one with fewer shots, so its
     shots at least halve at each fork and no more than ``log2(shots)`` forks
     wait at once; ``BRANCH_BYTES`` caps their memory. Without branching, none.
+    ``size``: a copy's bytes when the state is not a vector of ``2^num_qubits`` amplitudes
+    (a stabilizer tableau).
     """
     if not branching or shots < 2:
         return 0
-    return min(shots.bit_length(), BRANCH_BYTES // state_bytes(num_qubits, itemsize))
+    return min(shots.bit_length(), BRANCH_BYTES // (state_bytes(num_qubits, itemsize) if size is None else size))
 
 
 class _Frame:
@@ -132,7 +134,8 @@ class TooManyPaths(Exception):
 
 
 class _Consumed(Exception):
-    """The trajectory's shots were all run one at a time from its last measurement."""
+    """The trajectory's shots were all run one at a time from its last measurement (or, in exact
+    branching, its path became too light to visit)."""
 
 
 class Interpreter:
@@ -336,6 +339,10 @@ class Interpreter:
             _collapse(trajectory, qubit, clbit, 0, p1, reset)
             return
         outcome = 1 if one >= zero else 0  # the unvisited outcome's weight, if any, is dropped
+        if max(one, zero) < EXACT_MIN_WEIGHT:
+            # Both outcomes too light: the path ends here, unvisited (a repeat-until-success loop
+            # whose repeat is the likelier outcome would otherwise run to its iteration limit).
+            raise _Consumed()
         trajectory.weight = one if outcome else zero
         _collapse(trajectory, qubit, clbit, outcome, p1, reset)
 
