@@ -133,13 +133,45 @@ class GPUQbraidDevice(QuantumDevice):
         jobs = []
         for circuit in circuits:
             try:
-                gpu_job = self._backend.run(circuit, **options)
+                gpu_job = self._backend.run(measure_if_unmeasured(circuit), **options)
             except InvalidOptionError:
                 raise
             except InvalidInputError as exc:
                 raise ProgramValidationError(f"{self.id} cannot run circuit {getattr(circuit, 'name', '')!r}: {exc}") from exc
             jobs.append(GPUQbraidJob(gpu_job.job_id(), job=gpu_job, device=self))
         return jobs if isinstance(run_input, list) else jobs[0]
+
+
+def measure_if_unmeasured(circuit: QuantumCircuit) -> QuantumCircuit:
+    """``circuit`` with every qubit measured when it measures none, as Braket's simulators and
+    qBraid's own treat a program without measurements (a Braket circuit converted by qBraid arrives
+    so: its implicit final measurement is not written, only its bit register). Classical bits
+    that nothing writes or reads are dropped, so the counts hold one bit per qubit."""
+    if not isinstance(circuit, QuantumCircuit) or circuit.num_qubits == 0 or _measures(circuit.data):
+        return circuit
+    if any(instruction.clbits or instruction.operation.name in _CONTROL_FLOW for instruction in circuit.data):
+        return circuit  # its classical bits are in use (a condition, a store): leave it as written
+    measured = QuantumCircuit(name=circuit.name, global_phase=circuit.global_phase, metadata=circuit.metadata)
+    measured.add_bits(circuit.qubits)
+    for register in circuit.qregs:
+        measured.add_register(register)
+    for instruction in circuit.data:
+        measured.append(instruction.operation, instruction.qubits)
+    measured.measure_all()
+    return measured
+
+
+_CONTROL_FLOW = frozenset(("if_else", "while_loop", "for_loop", "switch_case", "box", "store"))
+
+
+def _measures(data) -> bool:
+    for instruction in data:
+        operation = instruction.operation
+        if operation.name == "measure":
+            return True
+        if any(_measures(block.data) for block in getattr(operation, "blocks", ())):
+            return True
+    return False
 
 
 def _qasm2_to_qiskit(source: str) -> QuantumCircuit:
@@ -200,21 +232,32 @@ class GPUQbraidJob(QuantumJob):
             raise TimeoutError(str(exc)) from exc
         except JobError as exc:
             return Result(device_id=self._device_id(), job_id=self.id, success=False, data=GateModelResultData(), status=self.status(), error=str(exc))
-        counts = {key.replace(" ", ""): value for key, value in qiskit_result.get_counts(0).items()}
+        # One experiment per circuit, or one per position of parameter_binds: a list of each then,
+        # as qBraid's own Qiskit result builder gives. Bits are in Qiskit's order (qubit 0 rightmost).
+        experiments = range(len(qiskit_result.results))
+        counts = [{key.replace(" ", ""): value for key, value in qiskit_result.get_counts(i).items()} for i in experiments]
         measurements = None
-        experiment = qiskit_result.results[0]
-        if getattr(experiment.data, "memory", None) is not None:
+        if all(getattr(experiment.data, "memory", None) is not None for experiment in qiskit_result.results):
             import numpy as np
 
-            memory = [bits.replace(" ", "") for bits in qiskit_result.get_memory(0)]
-            measurements = np.array([[int(bit) for bit in bits] for bits in memory], dtype=np.int8)
+            measurements = [
+                np.array([[int(bit) for bit in bits.replace(" ", "")] for bits in qiskit_result.get_memory(i)], dtype=np.int8).reshape(
+                    len(qiskit_result.get_memory(i)), -1
+                )
+                for i in experiments
+            ]
+        single = len(counts) == 1
+        metadata = dict(qiskit_result.results[0].metadata) if single else {"experiments": [dict(e.metadata) for e in qiskit_result.results]}
         return Result(
             device_id=self._device_id(),
             job_id=self.id,
             success=True,
-            data=GateModelResultData(measurement_counts=counts, measurements=measurements),
+            data=GateModelResultData(
+                measurement_counts=counts[0] if single else counts,
+                measurements=(measurements[0] if single else measurements) if measurements is not None else None,
+            ),
             status=self.status(),
-            metadata=dict(experiment.metadata),
+            metadata=metadata,
         )
 
     def _device_id(self) -> str:

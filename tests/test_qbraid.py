@@ -232,3 +232,46 @@ def test_shots_out_of_range(cpu, shots):
 def test_provider_rejects_device_option():
     with pytest.raises(ValueError, match="chosen by the device"):
         load_provider("gpu_provider", device="CPU")
+
+
+def test_programs_without_measurements_measure_every_qubit(cpu):
+    """As Braket's and qBraid's own simulators: a Braket circuit (its final measurement implicit), an
+    OpenQASM 3 program with an unused bit register, a Qiskit circuit with no clbits."""
+    unmeasured = QuantumCircuit(3)
+    unmeasured.x(0), unmeasured.h(1), unmeasured.cx(1, 2)
+    expected = exact_distribution(_measured(unmeasured))
+    qasm = 'OPENQASM 3.0; include "stdgates.inc"; qubit[3] q; bit[3] b; x q[0]; h q[1]; cx q[1], q[2];'
+    programs = [unmeasured, qasm]
+    try:
+        from braket.circuits import Circuit
+    except ImportError:  # the braket extra is not installed
+        pass
+    else:
+        programs.append(Circuit().x(0).h(1).cnot(1, 2))
+    for program in programs:
+        result = cpu.run(program, shots=2000, seed_simulator=3).result()
+        assert result.success
+        assert_counts_match(result.data.get_counts(), expected, shots=2000)  # qubit 0 rightmost, as Qiskit's
+    # A circuit whose bits a condition reads is left as written.
+    conditioned = QuantumCircuit(1, 1)
+    with conditioned.if_test((conditioned.clbits[0], 0)):
+        conditioned.x(0)
+    assert cpu.run(conditioned, shots=10).result().data.get_counts() == {"0": 10}
+
+
+def _measured(circuit: QuantumCircuit) -> QuantumCircuit:
+    out = circuit.copy()
+    out.measure_all()
+    return out
+
+
+def test_parameter_binds_give_one_result_per_experiment(cpu):
+    import numpy as np
+
+    theta = Parameter("t")
+    qc = QuantumCircuit(1, 1)
+    qc.rx(theta, 0)
+    qc.measure(0, 0)
+    result = cpu.run(qc, shots=100, memory=True, parameter_binds=[{theta: [0.0, np.pi]}]).result()
+    assert result.data.get_counts() == [{"0": 100}, {"1": 100}]
+    assert [m.tolist() for m in result.data.measurements] == [[[0]] * 100, [[1]] * 100]
