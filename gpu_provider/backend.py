@@ -71,6 +71,7 @@ from .engine.distributed import (
     run_on_ranks,
 )
 from .engine.program import Program, compact, lazy_loop, measurements_are_terminal
+from .engine.stabilizer import why_not_clifford
 from .errors import CircuitTooLargeError, DeviceUnavailableError, InvalidInputError, InvalidOptionError, UnknownOptionError
 from .executors import check_executor_options, run_chunks
 from .job import GPUJob
@@ -191,8 +192,9 @@ class GPUSimulator(BackendV2):
         known = {key: value for key, value in fields.items() if key in self.options}
         for key in sorted(fields.keys() - known.keys()):
             raise UnknownOptionError(f"{key!r} is not an option of {self.name}; its options are {sorted(self.options)}")
-        _validate_options({**self.options.__dict__, **known})
-        super().set_options(**known)
+        merged = {**self.options.__dict__, **known}
+        _validate_options(merged)
+        super().set_options(**{key: merged[key] for key in known})  # as validated: NumPy integers become ints
         self._target_cache.clear()
 
     # -- target ---------------------------------------------------------------
@@ -204,12 +206,15 @@ class GPUSimulator(BackendV2):
         # Under MPI, 2^k ranks of this device's size hold k more qubits.
         comm = mpi_communicator(self.options.mpi)
         global_qubits = 0 if comm is None else global_qubits_for(comm.Get_size())
-        key = (device.name, self.options.precision, global_qubits)
+        stabilizer = self.options.method == "stabilizer"
+        key = (device.name, self.options.precision, global_qubits, stabilizer)
         target = self._target_cache.get(key)
         if target is None:
             itemsize = np.dtype(PRECISIONS[self.options.precision]).itemsize
             where = device.name if comm is None else f"{comm.Get_size()} ranks of {device.name}"
-            target = _build_target(max_qubits_for(device, itemsize) + global_qubits, f"{self.name} on {where}")
+            # A stabilizer state's width is that of Aer's stabilizer method (its run checks the memory).
+            width = STABILIZER_TARGET_QUBITS if stabilizer else max_qubits_for(device, itemsize) + global_qubits
+            target = _build_target(width, f"{self.name} on {where}")
             self._target_cache[key] = target
         return target
 
@@ -303,6 +308,7 @@ class GPUSimulator(BackendV2):
         for index, circuit in enumerate(circuits):
             # Simulate only the qubits some op touches: a layout-transpiled circuit is as wide as the Target.
             program = compact(translate(circuit, merged["initial_statevector"]))
+            method = _explicit_method(merged, program, circuit.name, ranks)
             if merged["statevector"] and not measurements_are_terminal(program):
                 raise InvalidInputError(
                     f"statevector=True needs a circuit whose measurements are all at the end, without "
@@ -319,6 +325,7 @@ class GPUSimulator(BackendV2):
                 shot_branching=merged["shot_branching_enable"],
                 batched_shots=merged["batched_shots_gpu"],
                 batched_shots_max_qubits=merged["batched_shots_gpu_max_qubits"],
+                method=method,
             )
             if merged["statevector"]:  # the full-width vector returned, idle qubits included
                 _check_statevector_output(program, circuit.name, itemsize)
@@ -329,14 +336,19 @@ class GPUSimulator(BackendV2):
             if split:
                 check_split(circuit.name, program.num_qubits, global_qubits, program.ops)
             if planning_kind is None:
-                _check_fits(device, program, config, itemsize, capacity, num_qubits=local_qubits if split else None)
+                try:
+                    _check_fits(device, program, config, itemsize, capacity, num_qubits=local_qubits if split else None)
+                except CircuitTooLargeError as exc:
+                    # "automatic", as Aer's: a Clifford circuit too wide for a state vector runs as a stabilizer state.
+                    config = _stabilizer_instead(exc, merged, program, config, ranks)
+                    _check_fits(device, program, config, itemsize, capacity)
             if split and merged["statevector"]:
                 _check_gathered_state(program, circuit.name, itemsize)
             if merged["memory"]:
                 _check_memory_output(merged["shots"], device)
             ops_before = program.num_ops
             bulk_size = small_batch.eligible_bytes(program, config, device) if bulk else None
-            if merged["fusion_enable"] and bulk_size is None:
+            if merged["fusion_enable"] and bulk_size is None and config.method == "statevector":
                 width = merged["fusion_max_qubits"]
                 if split:  # a fused gate's targets must fit on one rank
                     width = min(width or default_width(device.kind, merged["precision"]), local_qubits)
@@ -607,11 +619,19 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+_FLAG_OPTIONS = ("memory", "statevector", "fusion_enable", "batch_small_circuits", "shot_branching_enable", "batched_shots_gpu")
+_INT_OPTIONS = (
+    "shots", "seed_simulator", "device_id", "fusion_max_qubits", "fusion_threshold", "max_loop_iterations",
+    "batched_shots_gpu_max_qubits", "max_job_size",
+)
+
+
 def _validate_options(options: dict) -> None:
+    """Check every option's value, raising InvalidOptionError; normalizes them in ``options``."""
     shots = options["shots"]
     if not _is_int(shots) or not 1 <= shots <= MAX_SHOTS:
         raise InvalidOptionError(f"shots must be an integer from 1 to {MAX_SHOTS:,}, not {shots!r}")
-    for flag in ("memory", "statevector", "fusion_enable", "batch_small_circuits", "shot_branching_enable", "batched_shots_gpu"):
+    for flag in _FLAG_OPTIONS:
         if not isinstance(options[flag], (bool, np.bool_)):
             raise InvalidOptionError(f"{flag} must be True or False, not {options[flag]!r}")
     seed = options["seed_simulator"]
@@ -635,10 +655,16 @@ def _validate_options(options: dict) -> None:
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
     check_executor_options(options["executor"], options["max_job_size"])
+    # NumPy integers and booleans pass the checks above; the engine and the Result want Python ones.
+    for key in _INT_OPTIONS:
+        if _is_int(options[key]):
+            options[key] = int(options[key])
+    for key in _FLAG_OPTIONS:
+        options[key] = bool(options[key])
     if options["method"] not in METHODS:
         raise InvalidOptionError(
-            f"method={options['method']!r}: gpu_provider simulates state vectors only; use method='statevector' "
-            "(or 'automatic', the same here), or qiskit-aer for other methods"
+            f"method={options['method']!r}: gpu_provider simulates state vectors, and Clifford circuits as "
+            "stabilizer states; use method='automatic', 'statevector' or 'stabilizer', or qiskit-aer for other methods"
         )
     binds = options["parameter_binds"]
     if binds is not None and not isinstance(binds, (Mapping, list, tuple)):
@@ -774,8 +800,44 @@ IDEAL_RUN_OPTIONS = {
     # Aer's: a noise model cannot be honoured by an ideal simulator; None (no noise) is fine.
     "noise_model": _check_noise_model,
 }
-# Aer's simulation methods; this simulator has the state vector one ("automatic" picks it).
-METHODS = ("automatic", "statevector")
+# Aer's simulation methods that this simulator has: "automatic" runs a state vector, or a stabilizer
+# state for a Clifford circuit whose state vector does not fit (see _stabilizer_instead).
+METHODS = ("automatic", "statevector", "stabilizer")
+# The Target's width with method="stabilizer" (Aer's stabilizer method's): 4 n^2 bytes a state.
+STABILIZER_TARGET_QUBITS = 10_000
+
+
+def _explicit_method(merged: dict, program: Program, name: str, ranks) -> str:
+    """The engine method a circuit starts with: "stabilizer" only when asked for (and possible)."""
+    if merged["method"] != "stabilizer":
+        return "statevector"
+    reason = why_not_clifford(program)
+    if reason is not None:
+        raise InvalidInputError(
+            f"method='stabilizer' simulates Clifford circuits only, and circuit {name!r} is not one: {reason}. "
+            "Use method='statevector' (or 'automatic')"
+        )
+    if ranks is not None:
+        raise InvalidOptionError("method='stabilizer' runs on one process; drop mpi (a stabilizer state is small enough for one)")
+    if merged["statevector"]:
+        raise InvalidOptionError("statevector=True needs method='statevector' (or 'automatic'): a stabilizer state has no state vector")
+    return "stabilizer"
+
+
+def _stabilizer_instead(exc: CircuitTooLargeError, merged: dict, program: Program, config: RunConfig, ranks) -> RunConfig:
+    """``config`` run as a stabilizer state, where method='automatic' may run ``program`` so: it is a
+    Clifford circuit, one process holds it and no state vector was asked for; else ``exc`` is raised."""
+    if merged["method"] != "automatic" or config.method != "statevector" or ranks is not None or merged["statevector"]:
+        raise exc
+    reason = why_not_clifford(program)
+    if reason is not None:
+        raise CircuitTooLargeError(
+            f"{exc}. (A Clifford circuit this wide would run as a stabilizer state, but this one is not: {reason}.)",
+            num_qubits=exc.num_qubits,
+            bytes_needed=exc.bytes_needed,
+            bytes_free=exc.bytes_free,
+        ) from None
+    return dataclasses.replace(config, method="stabilizer")
 
 
 def _check_statevector_output(program: Program, name: str, itemsize: int) -> None:

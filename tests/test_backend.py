@@ -958,3 +958,22 @@ def test_a_child_forked_during_another_threads_run_collects_garbage_again():
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert reported == b"1" and gc.isenabled()
+
+
+def test_numpy_integer_options_run_and_stay_json_serializable():
+    """shots, seeds and widths given as NumPy integers (as from an array) behave as ints, as Aer takes them."""
+    import json
+
+    from gpu_provider import GPUSimulator
+
+    backend = GPUSimulator(device="CPU")
+    qc = QuantumCircuit(1, 1)
+    qc.h(0)
+    qc.measure(0, 0)
+    for branching in (True, False):
+        result = backend.run(qc, shots=np.int64(100), seed_simulator=np.int32(3), shot_branching_enable=np.bool_(branching)).result()
+        assert sum(result.get_counts().values()) == 100 and type(result.results[0].shots) is int
+        json.dumps(result.to_dict(), default=str)
+    backend.set_options(shots=np.int64(50), fusion_threshold=np.int16(3))
+    assert type(backend.options.shots) is int and type(backend.options.fusion_threshold) is int
+    assert sum(backend.run(qc).result().get_counts().values()) == 50

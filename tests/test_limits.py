@@ -338,6 +338,7 @@ def test_a_job_that_could_never_fit_is_refused_from_run(backend, monkeypatch):
     monkeypatch.setattr(devices.CPUDevice, "memory_capacity", lambda self: 80 << 20)
     qc = QuantumCircuit(20, 1)
     qc.h(range(20))  # every qubit used: idle ones would not be simulated
+    qc.t(0)  # not Clifford: "automatic" cannot run it as a stabilizer state either
     qc.measure(19, 0)
     with pytest.raises(CircuitTooLargeError) as info:
         backend.run(qc)
@@ -373,7 +374,7 @@ need = 2 * (16 << n) + WORKSPACE_BYTES
 limit_room(need + (96 << 20))
 room = devices.process_limit_bytes()
 try:
-    backend.run(ghz(28), shots=10)  # 8 GiB: far past the room, whatever the process maps or unmaps meanwhile
+    backend.run(ghz(28), shots=10, method="statevector")  # 8 GiB: far past the room, whatever the process maps or unmaps meanwhile
     refused = ""
 except CircuitTooLargeError as exc:
     refused = str(exc)
@@ -448,7 +449,7 @@ def test_duplicated_qubits_are_refused_from_run(backend):
 
 def test_too_large_in_single_precision_does_not_advise_single(backend):
     qc = QuantumCircuit(40)
-    qc.h(range(40))  # every qubit used: idle ones would not be simulated
+    qc.ry(0.3, range(40))  # every qubit used: idle ones would not be simulated (and not Clifford)
     with pytest.raises(CircuitTooLargeError) as info:
         backend.run(qc, precision="single")
     assert "single" not in str(info.value) and "40-qubit" in str(info.value)

@@ -96,8 +96,9 @@ def test_aer_options_that_keep_the_answer_are_accepted(backend):
     plain = backend.run(bell(), shots=500, seed_simulator=3, memory=True).result()
     assert result.get_memory() == plain.get_memory()
     backend.set_options(method="automatic")
+    backend.set_options(method="stabilizer")  # Clifford circuits as tableaux (tests/test_stabilizer.py)
     with pytest.raises(InvalidOptionError, match="stabilizer"):
-        backend.set_options(method="stabilizer")
+        backend.set_options(method="density_matrix")
 
 
 def test_errors_are_qiskit_errors_and_keep_their_type_message_and_fields(backend):
@@ -117,6 +118,7 @@ def test_errors_are_qiskit_errors_and_keep_their_type_message_and_fields(backend
 
     wide = QuantumCircuit(36)
     wide.h(range(36))
+    wide.t(0)  # not Clifford: no stabilizer state either
     with pytest.raises(QiskitError) as info:
         backend.run(wide)
     assert isinstance(info.value, CircuitTooLargeError) and isinstance(info.value, MemoryError)

@@ -76,6 +76,8 @@ class RunConfig:
     batched_shots: bool = True
     # The widest circuit whose shots the GPU's kernel runs (its shared memory may allow fewer).
     batched_shots_max_qubits: int = 16
+    # "statevector", or "stabilizer" for a Clifford program run as a tableau (engine/stabilizer.py).
+    method: str = "statevector"
 
     @property
     def dtype(self):
@@ -563,6 +565,8 @@ def memory_needed(program: Program, config: RunConfig, device: Optional[Device] 
     """
     n = program.num_qubits if num_qubits is None else num_qubits
     itemsize = np.dtype(config.dtype).itemsize
+    if config.method == "stabilizer":
+        return stabilizer_bytes(program, config)
     size = state_bytes(n, itemsize)
     if MAX_STATE_ARRAYS * size <= SMALL_STATE_BOUND_BYTES:  # a small state: the bound, without a scan of the ops
         waiting = saved_states(program.num_qubits, itemsize, config.shots, config.shot_branching)
@@ -570,6 +574,17 @@ def memory_needed(program: Program, config: RunConfig, device: Optional[Device] 
     in_place = device is not None and kernels_cover(program, device, config.dtype)
     arrays = state_arrays(program, config, in_place)
     return arrays * size + sampling_table_bytes(n) + WORKSPACE_BYTES
+
+
+def stabilizer_bytes(program: Program, config: RunConfig) -> int:
+    """Peak bytes of a program run as stabilizer tableaux: the state, the copies forked trajectories
+    keep, the sampling elimination's copy of the stabilizers, a chunk of draws, a fixed workspace."""
+    from .stabilizer import SAMPLE_CHUNK_BYTES, tableau_bytes
+
+    n = program.num_qubits
+    size = tableau_bytes(n)
+    waiting = 0 if is_sampling_friendly(program) else saved_states(n, 1, config.shots, config.shot_branching, size=size)
+    return (1 + waiting) * size + size + SAMPLE_CHUNK_BYTES + WORKSPACE_BYTES
 
 
 def max_qubits_for(device: Device, itemsize: int) -> int:
@@ -631,12 +646,27 @@ def run_program(
     dtype = config.dtype
     rng = np.random.default_rng(config.seed)
     sampling = is_sampling_friendly(program)
-    if execution is None and group is None:  # under a dispatcher, admission control has reserved the memory
+    if config.method == "stabilizer":
+        if execution is None:
+            needed, free = stabilizer_bytes(program, config), device.memory_capacity()
+            if needed > free:
+                raise CircuitTooLargeError(
+                    f"a {program.num_qubits}-qubit stabilizer state needs {needed:,} bytes on the {device.kind} "
+                    f"but only {free:,} are free; use fewer qubits or another device",
+                    num_qubits=program.num_qubits, bytes_needed=needed, bytes_free=free,
+                )
+    elif execution is None and group is None:  # under a dispatcher, admission control has reserved the memory
         device.check_fits(
             program.num_qubits, np.dtype(dtype).itemsize, arrays=state_arrays(program, config, kernels_cover(program, device, dtype))
         )
     batched = None
-    if group is not None:
+    if config.method == "stabilizer":
+        if group is not None:
+            raise SimulationError("method='stabilizer' runs on one process; a stabilizer state is not split over MPI ranks")
+        from .stabilizer import StabilizerState
+
+        state = StabilizerState(device.xp, program.num_qubits)
+    elif group is not None:
         from .distributed import DistributedStateVector
 
         group.execution = execution
@@ -649,7 +679,8 @@ def run_program(
             tally, extra = _run_batch(batched, program, config, execution)
             return experiment_output(program, device, config, tally, None, sampling, time.perf_counter() - start, extra)
         state = new_state(device, program.num_qubits, dtype)
-    state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
+    if config.method != "stabilizer":
+        state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
     statevector = None
     extra = {}
     if sampling:
@@ -737,7 +768,7 @@ def _branch_or_shot_by_shot(
         else:
             tally.add(_clbit_value(trajectory.clbits), trajectory.shots)
 
-    limit = saved_states(program.num_qubits, np.dtype(config.dtype).itemsize, config.shots, config.shot_branching)
+    limit = saved_states(program.num_qubits, np.dtype(config.dtype).itemsize, config.shots, config.shot_branching, size=getattr(state, "nbytes", None))
     interpreter = Interpreter(rng, config.max_loop_iterations, execution, limit, finish, max_paths)
     if config.shot_branching:
         interpreter.run_all(Trajectory.start(state, ops, program.num_clbits, config.shots))
@@ -797,7 +828,7 @@ def experiment_output(
         memory=memory if config.memory else None,
         statevector=statevector,
         metadata={
-            "method": "statevector",
+            "method": config.method,
             "device": device.name,
             "precision": config.precision,
             "measure_sampling": sampling,

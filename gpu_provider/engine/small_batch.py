@@ -127,6 +127,8 @@ def estimated_bytes(program: Program, itemsize: int) -> int:
 def eligible_bytes(program: Program, config: RunConfig, device: Device) -> int | None:
     """Device bytes ``program`` adds to a bulk chunk (see :func:`estimated_bytes`), or None where
     it cannot run through the bulk kernel on ``device`` (see the module's notes)."""
+    if config.method != "statevector":
+        return None
     kernels = batch_kernels(device, config.dtype)
     if kernels is None or not is_sampling_friendly(program):
         return None

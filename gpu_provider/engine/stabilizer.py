@@ -1,0 +1,502 @@
+"""Clifford circuits as stabilizer tableaux: circuits far wider than a state vector holds.
+
+A program whose every gate is a Clifford (its matrix maps Pauli strings to Pauli
+strings under conjugation), run from |0...0>, keeps a stabilizer state: ``n``
+commuting Pauli strings that fix it, plus ``n`` destabilizers (Aaronson and
+Gottesman, "Improved simulation of stabilizer circuits", 2004). Memory is
+``4 n^2`` bytes instead of ``2^n`` amplitudes, a gate costs a pass over the
+``2n`` rows, a measurement at most a few.
+
+A row is the Pauli ``i^m X^x Z^z`` (``x``, ``z`` bit vectors over the qubits,
+``X^x Z^z`` the product of ``X_q^x_q Z_q^z_q``, ``m`` mod 4). In this form the
+product of two rows is ``i^(m1 + m2 + 2 z1.x2) X^(x1^x2) Z^(z1^z2)``. A gate's
+action is read off its matrix once (cached): the images of the ``4^k`` Pauli
+strings on its ``k`` qubits, built from those of ``X_j`` and ``Z_j``; a gate whose
+images are not Pauli strings is not a Clifford (:func:`why_not_clifford`).
+
+:class:`StabilizerState` offers the methods of
+:class:`~gpu_provider.engine.statevector.StateVector` the interpreter calls
+(gates, ``probability_one``, ``collapse``, ``snapshot``, sampling), so shot
+branching, mid-circuit measurement, reset and control flow run unchanged. Its
+terminal samples come from the state's support, an affine space over GF(2): a
+basis state ``x0`` plus the span of the stabilizers' X parts, all outcomes of
+it equally likely; one elimination, then each shot is random bits times that
+basis. The tableau lives on the state's device (``xp``: NumPy or CuPy).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from .program import Diagonal, ForLoop, GlobalPhase, IfElse, Initialize, Measure, PauliEvolution, Reset, Store, SwitchCase, Unitary, WhileLoop
+from .program import BreakLoop, ContinueLoop, LoopBodies
+
+# The widest gate whose Clifford action is read off its matrix (4^k Pauli images of a 2^k matrix).
+MAX_GATE_QUBITS = 6
+# Tolerance when reading a conjugated matrix as a Pauli string times a power of i.
+_TOLERANCE = 1e-6
+# Shots drawn per chunk: the random bits and their product with the basis stay near this many bytes.
+SAMPLE_CHUNK_BYTES = 32 << 20
+
+
+class NotCliffordError(InvalidInputError):
+    """An op of a program run as a stabilizer state is not a Clifford operation."""
+
+
+def tableau_bytes(num_qubits: int) -> int:
+    """Bytes of one stabilizer state of ``num_qubits`` qubits (X and Z bits of 2n rows, their phases)."""
+    return 2 * (2 * num_qubits) * max(num_qubits, 1) + 2 * num_qubits
+
+
+# -- a gate's action on Pauli strings -----------------------------------------------
+
+
+def _as_pauli(matrix: np.ndarray, k: int) -> Optional[tuple[int, int, int]]:
+    """``(x, z, m)`` with ``matrix == i^m X^x Z^z`` (bit j of x, z for the matrix's bit j), else None."""
+    x = int(np.argmax(np.abs(matrix[:, 0])))
+    c = complex(matrix[x, 0])
+    if abs(abs(c) - 1.0) > _TOLERANCE:
+        return None
+    m = int(round(math.atan2(c.imag, c.real) / (math.pi / 2))) % 4
+    if abs(c - 1j**m) > _TOLERANCE:
+        return None
+    z = 0
+    for j in range(k):
+        value = matrix[x ^ (1 << j), 1 << j] / c
+        if abs(value + 1.0) < _TOLERANCE:
+            z |= 1 << j
+        elif abs(value - 1.0) > _TOLERANCE:
+            return None
+    if not np.allclose(matrix, c * _pauli_matrix(x, z, k), atol=_TOLERANCE):
+        return None
+    return x, z, m
+
+
+@functools.lru_cache(maxsize=None)
+def _pauli_matrix(x: int, z: int, k: int) -> np.ndarray:
+    """``X^x Z^z`` on ``k`` qubits: column b holds (-1)^(z.b) at row b ^ x."""
+    dim = 1 << k
+    columns = np.arange(dim)
+    signs = 1.0 - 2.0 * (_popcount(columns & z) & 1)
+    matrix = np.zeros((dim, dim), dtype=complex)
+    matrix[columns ^ x, columns] = signs
+    return matrix
+
+
+def _popcount(values: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.asarray(values, dtype=np.uint64)).astype(np.int64)
+
+
+class _Table:
+    """A k-qubit Clifford's images of the 4^k Pauli strings ``X^x Z^z``, indexed by ``x | z << k``."""
+
+    __slots__ = ("k", "x", "z", "m", "_on")
+
+    def __init__(self, k: int, x: np.ndarray, z: np.ndarray, m: np.ndarray) -> None:
+        self.k, self.x, self.z, self.m = k, x, z, m  # x, z: (k, 4^k) bits; m: (4^k,) powers of i
+        self._on: dict = {}
+
+    def on(self, xp: Any) -> tuple:
+        """The table's arrays on ``xp``'s device (copied there once)."""
+        if xp is np:
+            return self.x, self.z, self.m
+        arrays = self._on.get(id(xp))
+        if arrays is None:
+            arrays = self._on[id(xp)] = (xp.asarray(self.x), xp.asarray(self.z), xp.asarray(self.m))
+        return arrays
+
+
+def _table(matrix: np.ndarray) -> Optional[_Table]:
+    """The Clifford action of ``matrix`` (cached by its bytes), or None when it is not a Clifford."""
+    matrix = np.asarray(matrix, dtype=complex)
+    return _cached_table(matrix.tobytes(), matrix.shape[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_table(data: bytes, dim: int) -> Optional[_Table]:
+    k = dim.bit_length() - 1
+    if k > MAX_GATE_QUBITS:
+        return None
+    u = np.frombuffer(data, dtype=complex).reshape(dim, dim)
+    adjoint = u.conj().T
+    # Images of the generators: X_j at index 1 << j, Z_j at index 1 << (k + j).
+    generators = []
+    for j in range(2 * k):
+        pauli = _pauli_matrix(1 << j, 0, k) if j < k else _pauli_matrix(0, 1 << (j - k), k)
+        image = _as_pauli(u @ pauli @ adjoint, k)
+        if image is None:
+            return None
+        generators.append(image)
+    size = 1 << (2 * k)
+    xs = np.zeros(size, dtype=np.int64)
+    zs = np.zeros(size, dtype=np.int64)
+    ms = np.zeros(size, dtype=np.int64)
+    # X^x Z^z = (lowest generator) * (the rest): X's commute among themselves, Z's too, and the
+    # lowest set bit is an X bit unless there is none.
+    for index in range(1, size):
+        low = index & -index
+        gx, gz, gm = generators[low.bit_length() - 1]
+        rest = index ^ low
+        rx, rz, rm = xs[rest], zs[rest], ms[rest]
+        xs[index] = gx ^ rx
+        zs[index] = gz ^ rz
+        ms[index] = (gm + rm + 2 * int(_popcount(np.array(gz & rx)))) & 3
+    bits = np.arange(k)
+    x_bits = ((xs[None, :] >> bits[:, None]) & 1).astype(np.uint8)
+    z_bits = ((zs[None, :] >> bits[:, None]) & 1).astype(np.uint8)
+    return _Table(k, x_bits, z_bits, ms.astype(np.uint8))
+
+
+def _controlled(matrix: np.ndarray, num_controls: int, ctrl_state: int) -> np.ndarray:
+    from .statevector import controlled_matrix
+
+    return controlled_matrix(np.asarray(matrix, dtype=complex), num_controls, ctrl_state)
+
+
+def _basis_index(vector: np.ndarray) -> Optional[int]:
+    """b when ``vector`` is a computational basis state |b> times a phase, else None."""
+    vector = np.asarray(vector)
+    b = int(np.argmax(np.abs(vector)))
+    if abs(abs(vector[b]) - 1.0) > _TOLERANCE:
+        return None
+    return b
+
+
+def _evolution_steps(x_masks: Sequence[int], z_masks: Sequence[int], angles: Sequence[float]) -> Optional[list]:
+    """exp(-i sum angle_j P_j) as Clifford steps ``(x, z, quarter_turns)``, when it is one: every angle a
+    multiple of pi/4 and the terms commuting (then the exponential is their product in any order)."""
+    steps = []
+    for x, z, angle in zip(x_masks, z_masks, angles):
+        turns = angle / (math.pi / 4)
+        quarter = int(round(turns))
+        if abs(turns - quarter) > _TOLERANCE:
+            return None
+        if quarter % 4:
+            steps.append((int(x), int(z), quarter % 4))
+    for i, (xi, zi, _) in enumerate(steps):
+        for xj, zj, _ in steps[:i]:
+            if (bin(xi & zj).count("1") + bin(zi & xj).count("1")) & 1:
+                return None
+    return steps
+
+
+# -- which programs are Clifford --------------------------------------------------------
+
+
+def why_not_clifford(program: Any) -> Optional[str]:
+    """None when every op of ``program`` (control-flow bodies included) keeps a stabilizer state a
+    stabilizer state; otherwise why not, naming the first op that does not."""
+    return _why_not(program.ops)
+
+
+def _why_not(ops) -> Optional[str]:
+    for op in ops:
+        kind = type(op)
+        if kind is Unitary:
+            matrix = op.matrix if not op.controls else _controlled(op.matrix, len(op.controls), op.ctrl_state)
+            if _table(matrix) is None:
+                label = f" {op.label!r}" if getattr(op, "label", "") else ""
+                return f"its gate{label} on qubits {tuple(op.controls) + tuple(op.qubits)} is not a Clifford gate"
+        elif kind is Diagonal:
+            if op.qubits and _table(np.diag(np.asarray(op.diagonal, dtype=complex))) is None:
+                label = f" {op.label!r}" if getattr(op, "label", "") else ""
+                return f"its diagonal gate{label} on qubits {tuple(op.qubits)} is not a Clifford gate"
+        elif kind is Initialize:
+            if _basis_index(op.vector) is None:
+                return f"it initializes qubits {tuple(op.qubits)} to a state that is not a computational basis state"
+        elif kind is PauliEvolution:
+            if _evolution_steps(op.x_masks, op.z_masks, op.angles) is None:
+                return f"its Pauli evolution on qubits {tuple(op.qubits)} is not a Clifford (angles must be multiples of pi/4, terms commuting)"
+        elif kind is IfElse:
+            reason = _why_not(op.true_body) or _why_not(op.false_body)
+            if reason:
+                return reason
+        elif kind is WhileLoop:
+            reason = _why_not(op.body)
+            if reason:
+                return reason
+        elif kind is ForLoop:
+            for body in _distinct_bodies(op):
+                reason = _why_not(body)
+                if reason:
+                    return reason
+        elif kind is SwitchCase:
+            for _, body in op.cases:
+                reason = _why_not(body)
+                if reason:
+                    return reason
+        elif kind not in (GlobalPhase, Measure, Reset, Store, BreakLoop, ContinueLoop):
+            return f"it holds a {kind.__name__} op"
+    return None
+
+
+def _distinct_bodies(loop: Any):
+    bodies = loop.iterations
+    if isinstance(bodies, LoopBodies):
+        # Built lazily; the iterations differ only in their parameter, so reading them all is the one
+        # exact check (a wide loop's bodies are built once here and cached).
+        return [bodies.first] if bodies.make is None else (bodies[i] for i in range(len(bodies)))
+    return bodies
+
+
+# -- the state ---------------------------------------------------------------------------
+
+
+class StabilizerState:
+    """An n-qubit stabilizer state on ``xp``'s device, starting in |0...0>.
+
+    ``x[q, r]``, ``z[q, r]``: bits of qubit q in row r (rows 0..n-1 destabilizers,
+    n..2n-1 stabilizers: qubit-major, so a gate touches whole contiguous rows);
+    ``m[r]``: the row's power of i.
+    """
+
+    def __init__(self, xp: Any, num_qubits: int) -> None:
+        self.xp = xp
+        self.num_qubits = num_qubits
+        self.x = xp.zeros((num_qubits, 2 * num_qubits), dtype=xp.uint8)
+        self.z = xp.zeros((num_qubits, 2 * num_qubits), dtype=xp.uint8)
+        self.m = xp.zeros(2 * num_qubits, dtype=xp.uint8)
+        self.reset_to_zero()
+
+    @property
+    def nbytes(self) -> int:
+        return tableau_bytes(self.num_qubits)
+
+    def reset_to_zero(self) -> None:
+        n = self.num_qubits
+        self.x[...] = 0
+        self.z[...] = 0
+        self.m[...] = 0
+        diagonal = self.xp.arange(n)
+        self.x[diagonal, diagonal] = 1  # destabilizer q: X_q
+        self.z[diagonal, diagonal + n] = 1  # stabilizer q: Z_q
+
+    def preload(self, arrays) -> None:
+        """Nothing to upload: gates reach the tableau as small tables of their Pauli images."""
+
+    def snapshot(self) -> "StabilizerState":
+        twin = StabilizerState.__new__(StabilizerState)
+        twin.xp, twin.num_qubits = self.xp, self.num_qubits
+        twin.x, twin.z, twin.m = self.x.copy(), self.z.copy(), self.m.copy()
+        return twin
+
+    def copy_from(self, other: "StabilizerState") -> None:
+        self.x[...] = other.x
+        self.z[...] = other.z
+        self.m[...] = other.m
+
+    # -- gates ---------------------------------------------------------------------
+
+    def apply_unitary(self, qubits: Sequence[int], matrix: np.ndarray) -> None:
+        table = _table(matrix)
+        if table is None:
+            raise NotCliffordError(f"the gate on qubits {tuple(qubits)} is not a Clifford gate; a stabilizer state cannot hold its result")
+        self._apply_table(list(qubits), table)
+
+    def apply_controlled(self, controls: Sequence[int], ctrl_state: int, qubits: Sequence[int], matrix: np.ndarray) -> None:
+        if not controls:
+            self.apply_unitary(qubits, matrix)
+            return
+        self.apply_unitary(tuple(controls) + tuple(qubits), _controlled(matrix, len(controls), ctrl_state))
+
+    def apply_diagonal(self, qubits: Sequence[int], diagonal: np.ndarray) -> None:
+        if qubits:
+            self.apply_unitary(qubits, np.diag(np.asarray(diagonal, dtype=complex)))
+
+    def apply_phase(self, phase: float) -> None:
+        """A global phase does not change the stabilizers."""
+
+    def _apply_table(self, qubits: list, table: _Table) -> None:
+        xp = self.xp
+        k = table.k
+        tx, tz, tm = table.on(xp)
+        xs = self.x[qubits].astype(xp.int64)
+        zs = self.z[qubits].astype(xp.int64)
+        weights = xp.asarray(np.left_shift(1, np.arange(k, dtype=np.int64)))[:, None]
+        index = (xs * weights).sum(axis=0) + ((zs * weights).sum(axis=0) << k)
+        self.m[...] = (self.m + tm[index]) & 3
+        self.x[qubits] = tx[:, index]
+        self.z[qubits] = tz[:, index]
+
+    def initialize(self, qubits: Sequence[int], vector: np.ndarray) -> None:
+        b = _basis_index(vector)
+        if b is None:
+            raise NotCliffordError(f"initializing qubits {tuple(qubits)} to a superposition that is not a basis state needs a state vector")
+        for j, qubit in enumerate(qubits):
+            if (b >> j) & 1:
+                self._flip(qubit)
+
+    def apply_pauli_evolution(self, qubits: Sequence[int], x_masks: Sequence[int], z_masks: Sequence[int], angles: Sequence[float]) -> None:
+        steps = _evolution_steps(x_masks, z_masks, angles)
+        if steps is None:
+            raise NotCliffordError(f"the Pauli evolution on qubits {tuple(qubits)} is not a Clifford operation")
+        xp = self.xp
+        qubits = list(qubits)
+        bits = np.arange(len(qubits))
+        for x_mask, z_mask, quarter in steps:
+            px = xp.asarray(((x_mask >> bits) & 1).astype(np.uint8))[:, None]
+            pz = xp.asarray(((z_mask >> bits) & 1).astype(np.uint8))[:, None]
+            xs, zs = self.x[qubits], self.z[qubits]
+            anti = ((px & zs).sum(axis=0, dtype=xp.int64) + (pz & xs).sum(axis=0, dtype=xp.int64)) & 1  # rows that anticommute with P
+            if quarter == 2:  # conjugation by P itself: those rows change sign
+                self.m[...] = (self.m + 2 * anti) & 3  # uint8 wraps at 256: & 3 keeps it right
+                continue
+            # Q -> (-i)^(quarter) ... : quarter 1 gives -i P Q, quarter 3 gives i P Q (P = i^#Y X^x Z^z).
+            pm = bin(x_mask & z_mask).count("1") + (3 if quarter == 1 else 1)
+            product_m = (self.m.astype(xp.int64) + pm + 2 * (pz & xs).sum(axis=0, dtype=xp.int64)) & 3
+            rows = anti.astype(bool)
+            self.m[...] = xp.where(rows, product_m, self.m).astype(xp.uint8)
+            self.x[qubits] = xp.where(rows[None, :], xs ^ px, xs)
+            self.z[qubits] = xp.where(rows[None, :], zs ^ pz, zs)
+
+    def _flip(self, qubit: int) -> None:
+        """X on ``qubit``: rows with a Z there change sign."""
+        self.m[...] = (self.m + 2 * self.z[qubit]) & 3
+
+    # -- measurement ------------------------------------------------------------------
+
+    def _anticommuting_stabilizer(self, qubit: int) -> Optional[int]:
+        n = self.num_qubits
+        row = self.x[qubit, n:]
+        first = int(row.argmax())
+        return n + first if int(row[first]) else None
+
+    def _determined(self, qubit: int) -> int:
+        """The outcome of Z on ``qubit`` when certain: Z_q (up to sign) is the product of the stabilizers
+        whose destabilizers anticommute with it."""
+        xp = self.xp
+        n = self.num_qubits
+        rows = xp.flatnonzero(self.x[qubit, :n]) + n
+        xs = self.x[:, rows].astype(xp.int64)
+        zs = self.z[:, rows].astype(xp.int64)
+        # i^(sum m) times 2 z_a.x_b for every a < b: the phase of the ordered product.
+        earlier = xp.cumsum(zs, axis=1) - zs
+        phase = int(self.m[rows].astype(xp.int64).sum()) + 2 * int((xs * earlier).sum())
+        return (phase & 3) >> 1
+
+    def probability_one(self, qubit: int) -> float:
+        if self._anticommuting_stabilizer(qubit) is not None:
+            return 0.5
+        return float(self._determined(qubit))
+
+    def collapse(self, qubit: int, outcome: int, probability: float, flip: bool = False) -> None:
+        """Project ``qubit`` onto ``outcome`` (then, with ``flip``, set it to |0>)."""
+        xp = self.xp
+        n = self.num_qubits
+        p = self._anticommuting_stabilizer(qubit)
+        if p is not None:
+            others = xp.flatnonzero(self.x[qubit])
+            others = others[others != p]
+            xp_row, zp_row = self.x[:, p], self.z[:, p]
+            # Row r <- row r * row p for every other row anticommuting with Z_q.
+            sign = (self.z[:, others].astype(xp.int64) * xp_row[:, None]).sum(axis=0)
+            self.m[others] = ((self.m[others].astype(xp.int64) + int(self.m[p]) + 2 * sign) & 3).astype(xp.uint8)
+            self.x[:, others] ^= xp_row[:, None]
+            self.z[:, others] ^= zp_row[:, None]
+            # The destabilizer paired with p becomes the old row p; row p becomes (-1)^outcome Z_q.
+            self.x[:, p - n] = self.x[:, p]
+            self.z[:, p - n] = self.z[:, p]
+            self.m[p - n] = self.m[p]
+            self.x[:, p] = 0
+            self.z[:, p] = 0
+            self.z[qubit, p] = 1
+            self.m[p] = 2 * outcome
+        if flip and outcome:
+            self._flip(qubit)
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def sampling_table(self) -> tuple:
+        """(x0, basis): the state's support is x0 + span(basis rows), every outcome in it equally likely."""
+        n = self.num_qubits
+        to_host = getattr(self.xp, "asnumpy", np.asarray)
+        x = to_host(self.x[:, n:]).T.copy()  # stabilizer rows, qubit columns
+        z = to_host(self.z[:, n:]).T.copy()
+        m = to_host(self.m[n:]).astype(np.int64)
+        return _support(x, z, m)
+
+    def sample_chunk_shots(self) -> int:
+        return max(1, SAMPLE_CHUNK_BYTES // (16 * (self.num_qubits + 1)))
+
+    def sample(self, qubits: Sequence[int], shots: int, rng: np.random.Generator, table=None) -> np.ndarray:
+        """``shots`` outcomes of measuring ``qubits`` (bit j of an outcome for ``qubits[j]``).
+
+        More than 62 qubits give an object array of Python integers."""
+        x0, basis = table if table is not None else self.sampling_table()
+        qubits = list(qubits)
+        offset = x0[qubits]
+        rank = basis.shape[0]
+        if rank:
+            draws = rng.integers(0, 2, size=(shots, rank), dtype=np.uint8).astype(np.float32)
+            bits = (draws @ basis[:, qubits].astype(np.float32)).astype(np.int64) & 1
+            bits = bits.astype(np.uint8) ^ offset[None, :]
+        else:
+            bits = np.broadcast_to(offset, (shots, len(qubits)))
+        if len(qubits) <= 62:
+            return bits.astype(np.int64) @ np.left_shift(np.int64(1), np.arange(len(qubits), dtype=np.int64))
+        packed = np.packbits(bits, axis=1, bitorder="little")
+        values = np.empty(shots, dtype=object)
+        values[:] = [int.from_bytes(row.tobytes(), "little") for row in packed]
+        return values
+
+    def to_host(self) -> np.ndarray:
+        raise NotCliffordError("a stabilizer state has no state vector to return; use method='statevector' for one")
+
+
+def _support(x: np.ndarray, z: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The support of the stabilizer state with rows ``i^m X^x Z^z`` (x, z: rows x qubits bits):
+    Gaussian elimination brings the X parts to a basis of ``rank`` rows; the other rows are then
+    ``(-1)^s Z^z``, each a parity ``z . x0 = s`` every outcome satisfies."""
+    rows, n = x.shape
+    m = m.copy()
+    rank = 0
+    for column in range(n):
+        candidates = np.flatnonzero(x[rank:, column])
+        if not candidates.size:
+            continue
+        pivot = rank + int(candidates[0])
+        if pivot != rank:
+            x[[rank, pivot]] = x[[pivot, rank]]
+            z[[rank, pivot]] = z[[pivot, rank]]
+            m[[rank, pivot]] = m[[pivot, rank]]
+        others = np.flatnonzero(x[:, column])
+        others = others[others != rank]
+        if others.size:
+            sign = (z[others].astype(np.int64) @ x[rank].astype(np.int64)) & 1
+            m[others] = (m[others] + m[rank] + 2 * sign) & 3
+            x[others] ^= x[rank]
+            z[others] ^= z[rank]
+        rank += 1
+        if rank == rows:
+            break
+    basis = x[:rank].copy()
+    # Rows rank.. have no X part: (-1)^(m/2) Z^z. Solve z . x0 = m/2 (mod 2) for one x0.
+    a = z[rank:].copy()
+    b = (m[rank:] >> 1).astype(np.uint8)
+    x0 = np.zeros(n, dtype=np.uint8)
+    pivots = []
+    row = 0
+    for column in range(n):
+        if row == a.shape[0]:
+            break
+        candidates = np.flatnonzero(a[row:, column])
+        if not candidates.size:
+            continue
+        pivot = row + int(candidates[0])
+        if pivot != row:
+            a[[row, pivot]] = a[[pivot, row]]
+            b[[row, pivot]] = b[[pivot, row]]
+        others = np.flatnonzero(a[:, column])
+        others = others[others != row]
+        a[others] ^= a[row]
+        b[others] ^= b[row]
+        pivots.append(column)
+        row += 1
+    for r, column in enumerate(pivots):
+        x0[column] = b[r]
+    return x0, basis

@@ -1,0 +1,300 @@
+"""Clifford circuits as stabilizer states (engine/stabilizer.py, method="stabilizer" and "automatic").
+
+Oracles: ``qiskit.quantum_info.Statevector`` (exact, small circuits),
+``qiskit.quantum_info.StabilizerState`` (exact marginals of wide circuits) and
+Aer's stabilizer method (sampled, wide dynamic circuits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qiskit import QuantumCircuit
+from qiskit.circuit.library import PauliEvolutionGate
+from qiskit.circuit.random import random_clifford_circuit
+from qiskit.quantum_info import Clifford, SparsePauliOp, StabilizerState, Statevector
+
+from gpu_provider import GPUSimulator
+from gpu_provider.compiler.translate import translate
+from gpu_provider.engine import devices
+from gpu_provider.engine.executor import RunConfig, new_state, run_ops
+from gpu_provider.engine.program import PauliEvolution, Program
+from gpu_provider.engine.stabilizer import NotCliffordError, StabilizerState as EngineStabilizer, why_not_clifford
+from gpu_provider.errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError
+from tests.engine.test_gpu_plumbing import fake_gpu  # noqa: F401  (a fixture)
+from tests.helpers import DEVICES, assert_counts_agree, assert_counts_match, exact_distribution
+
+CPU = devices.CPUDevice()
+
+
+def ghz(n: int) -> QuantumCircuit:
+    qc = QuantumCircuit(n, n)
+    qc.h(0)
+    for q in range(n - 1):
+        qc.cx(q, q + 1)
+    qc.measure(range(n), range(n))
+    return qc
+
+
+def measured(circuit: QuantumCircuit) -> QuantumCircuit:
+    out = circuit.copy()
+    out.measure_all()
+    return out
+
+
+# -- the engine's tableau against the state vector ---------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_support_and_marginals_equal_the_state_vector(seed):
+    """Sampled support = the exact support, each outcome equally likely; P(1) per qubit exact."""
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        n = int(rng.integers(1, 7))
+        circuit = random_clifford_circuit(n, int(rng.integers(1, 30)), seed=int(rng.integers(2**31)))
+        program = translate(circuit)
+        assert why_not_clifford(program) is None
+        state = EngineStabilizer(np, n)
+        run_ops(state, program.ops, rng, RunConfig())
+        probabilities = Statevector(circuit).probabilities()
+        support = set(np.flatnonzero(probabilities > 1e-9).tolist())
+        x0, basis = state.sampling_table()
+        assert 2 ** basis.shape[0] == len(support)
+        assert np.allclose(probabilities[sorted(support)], 1 / len(support))
+        assert set(state.sample(list(range(n)), 4000, rng).tolist()) == support
+        for q in range(n):
+            exact = float(sum(p for i, p in enumerate(probabilities) if (i >> q) & 1))
+            assert state.probability_one(q) == pytest.approx(exact, abs=1e-12)
+
+
+def test_collapse_and_reset_follow_the_state_vector():
+    """Measurements (forced outcomes) and resets between Clifford layers, against StateVector.collapse."""
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        n = int(rng.integers(1, 6))
+        tableau, vector = EngineStabilizer(np, n), new_state(CPU, n, np.complex128)
+        for _ in range(3):
+            program = translate(random_clifford_circuit(n, int(rng.integers(1, 12)), seed=int(rng.integers(2**31))))
+            run_ops(tableau, program.ops, rng, RunConfig())
+            run_ops(vector, program.ops, rng, RunConfig())
+            for q in rng.permutation(n)[: int(rng.integers(0, n + 1))].tolist():
+                p1 = vector.probability_one(q)
+                assert tableau.probability_one(q) == pytest.approx(p1, abs=1e-9)
+                outcome = int(rng.random() < p1) if 1e-9 < p1 < 1 - 1e-9 else int(round(p1))
+                flip = bool(rng.integers(2))
+                tableau.collapse(q, outcome, p1 if outcome else 1 - p1, flip)
+                vector.collapse(q, outcome, p1 if outcome else 1 - p1, flip)
+        support = set(np.flatnonzero(np.abs(vector.to_host()) ** 2 > 1e-9).tolist())
+        assert set(tableau.sample(list(range(n)), 3000, rng).tolist()) == support
+
+
+def test_clifford_recognition():
+    qc = QuantumCircuit(3)
+    qc.h(0), qc.s(1), qc.sdg(2), qc.sx(0), qc.cz(0, 2), qc.swap(1, 2), qc.iswap(0, 1), qc.ecr(1, 2), qc.cy(2, 0)
+    qc.rz(np.pi / 2, 1), qc.rx(-np.pi, 2), qc.u(np.pi / 2, 0, np.pi, 0), qc.dcx(0, 1)
+    qc.global_phase = 0.3
+    assert why_not_clifford(translate(qc)) is None
+    for gate in ("t", "ccx", "rz"):
+        bad = qc.copy()
+        if gate == "t":
+            bad.t(1)
+        elif gate == "ccx":
+            bad.ccx(0, 1, 2)
+        else:
+            bad.rz(0.3, 2)
+        assert "not a Clifford" in why_not_clifford(translate(bad))
+    evolution = QuantumCircuit(3)
+    evolution.append(PauliEvolutionGate(SparsePauliOp(["XYZ", "ZZI"]), time=np.pi / 4), [0, 1, 2])
+    assert why_not_clifford(translate(evolution)) is None
+    evolution.append(PauliEvolutionGate(SparsePauliOp(["XII", "ZZI"]), time=np.pi / 8), [0, 1, 2])
+    assert "not a Clifford" in why_not_clifford(translate(evolution))
+    state = EngineStabilizer(np, 1)
+    with pytest.raises(NotCliffordError):
+        state.apply_unitary((0,), np.diag([1, np.exp(0.25j * np.pi)]))
+
+
+def test_pauli_evolution_ops_match_the_state_vector():
+    """The engine's PauliEvolution op (wide evolutions reach it untranslated): multiples of pi/4, commuting terms."""
+    rng = np.random.default_rng(3)
+    qubits = (0, 2, 3, 5)
+    for _ in range(30):
+        prefix = translate(random_clifford_circuit(6, 20, seed=int(rng.integers(2**31))))
+        tableau, vector = EngineStabilizer(np, 6), new_state(CPU, 6, np.complex128)
+        run_ops(tableau, prefix.ops, rng, RunConfig())
+        run_ops(vector, prefix.ops, rng, RunConfig())
+        x, z = int(rng.integers(1, 16)), int(rng.integers(0, 16))
+        # A second term commuting with the first: the first times a Z-string on its own X-free qubits.
+        x2, z2 = x, z ^ (int(rng.integers(0, 16)) & ~x)
+        angles = (float(rng.integers(-7, 8)) * np.pi / 4, float(rng.integers(-7, 8)) * np.pi / 4)
+        op = PauliEvolution(qubits, (x, x2), (z, z2), angles)
+        assert why_not_clifford(Program(6, 0, (op,))) is None
+        tableau.apply_pauli_evolution(op.qubits, op.x_masks, op.z_masks, op.angles)
+        vector.apply_pauli_evolution(op.qubits, op.x_masks, op.z_masks, op.angles)
+        support = set(np.flatnonzero(np.abs(vector.to_host()) ** 2 > 1e-9).tolist())
+        assert set(tableau.sample(list(range(6)), 2000, rng).tolist()) == support
+        for q in range(6):
+            assert tableau.probability_one(q) == pytest.approx(vector.probability_one(q), abs=1e-9)
+    clashing = PauliEvolution((0, 1), (1, 0), (0, 1), (np.pi / 4, np.pi / 4))  # X and Z on qubit 0 do not commute
+    assert "Pauli evolution" in why_not_clifford(Program(2, 0, (clashing,)))
+
+
+def test_pauli_evolution_and_initialize_match_the_state_vector():
+    qc = QuantumCircuit(4)
+    qc.h([0, 1])
+    qc.cx(1, 2)
+    qc.append(PauliEvolutionGate(SparsePauliOp(["XYZI", "ZZIZ"], [1.0, -1.0]), time=3 * np.pi / 4), range(4))
+    qc.append(PauliEvolutionGate(SparsePauliOp("YIXI"), time=np.pi / 2), range(4))
+    prepared = QuantumCircuit(6)
+    prepared.initialize("01", [4, 5])
+    prepared.compose(qc, range(4), inplace=True)
+    backend = GPUSimulator(device="CPU", method="stabilizer", seed_simulator=5)
+    counts = backend.run(measured(prepared), shots=4000).result().get_counts()
+    assert_counts_match(counts, exact_distribution(measured(prepared)), shots=4000)
+
+
+# -- the backend -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_explicit_method_matches_the_exact_distribution(device):
+    backend = GPUSimulator(device=device, method="stabilizer")
+    for seed in range(6):
+        circuit = measured(random_clifford_circuit(5, 25, seed=seed))
+        result = backend.run(circuit, shots=3000, seed_simulator=seed).result()
+        assert result.results[0].metadata["method"] == "stabilizer"
+        assert_counts_match(result.get_counts(), exact_distribution(circuit), shots=3000)
+    # Registers, clbits measured twice, a partial measurement: laid out as for a state vector.
+    qc = QuantumCircuit(4, 3)
+    qc.h(0), qc.cx(0, 1), qc.x(3)
+    qc.measure([0, 1, 3], [2, 0, 1])
+    qc.measure(0, 0)
+    counts = backend.run(qc, shots=2000, seed_simulator=1).result().get_counts()
+    assert_counts_match(counts, exact_distribution(qc), shots=2000)
+
+
+def test_a_seed_repeats_the_samples_and_memory_is_per_shot():
+    backend = GPUSimulator(device="CPU", method="stabilizer")
+    circuit = measured(random_clifford_circuit(9, 40, seed=3))
+    first = backend.run(circuit, shots=500, seed_simulator=42, memory=True).result()
+    second = backend.run(circuit, shots=500, seed_simulator=42, memory=True).result()
+    assert first.get_memory() == second.get_memory()
+    assert len(first.get_memory()) == 500 and sum(first.get_counts().values()) == 500
+
+
+def test_automatic_runs_wide_clifford_circuits_as_stabilizer_states():
+    """A 120-qubit GHZ state and a 150-bit Bernstein-Vazirani circuit: far past any state vector."""
+    backend = GPUSimulator(device="CPU")
+    result = backend.run(ghz(120), shots=1000, seed_simulator=1).result()
+    counts = result.get_counts()
+    assert set(counts) == {"0" * 120, "1" * 120} and sum(counts.values()) == 1000
+    assert 400 < counts["0" * 120] < 600
+    assert result.results[0].metadata["method"] == "stabilizer"
+    secret = np.random.default_rng(0).integers(0, 2, 150)
+    bv = QuantumCircuit(151, 150)
+    bv.x(150), bv.h(range(151))
+    for q in np.flatnonzero(secret).tolist():
+        bv.cx(q, 150)
+    bv.h(range(150))
+    bv.measure(range(150), range(150))
+    counts = backend.run(bv, shots=50).result().get_counts()
+    assert counts == {"".join(str(b) for b in secret[::-1]): 50}
+
+
+def test_wide_random_clifford_marginals_match_stabilizer_state():
+    """80 qubits: the marginal distribution of several triples of qubits, against Qiskit's exact one."""
+    rng = np.random.default_rng(7)
+    circuit = random_clifford_circuit(80, 400, seed=7)
+    exact = StabilizerState(Clifford(circuit))
+    result = GPUSimulator(device="CPU").run(measured(circuit), shots=4000, seed_simulator=9, memory=True).result()
+    memory = result.get_memory()
+    assert result.results[0].metadata["method"] == "stabilizer"
+    for _ in range(8):
+        triple = sorted(rng.choice(80, 3, replace=False).tolist())
+        marginal: dict = {}
+        for shot in memory:
+            key = "".join(shot[79 - q] for q in reversed(triple))
+            marginal[key] = marginal.get(key, 0) + 1
+        assert_counts_match(marginal, exact.probabilities_dict(triple), shots=4000)
+
+
+def _dynamic(n: int, seed: int) -> QuantumCircuit:
+    """Clifford layers with mid-circuit measurements, resets and feed-forward on ``n`` qubits."""
+    rng = np.random.default_rng(seed)
+    qc = QuantumCircuit(n, 6)
+    qc.compose(random_clifford_circuit(n, 3 * n, seed=seed), inplace=True)
+    a, b, c = rng.choice(n, 3, replace=False).tolist()
+    qc.measure(a, 0)
+    qc.reset(b)
+    with qc.if_test((qc.clbits[0], 1)):
+        qc.h(b)
+        qc.cx(b, c)
+    qc.compose(random_clifford_circuit(n, 2 * n, seed=seed + 1), inplace=True)
+    qc.measure(c, 1)
+    with qc.if_test((qc.clbits[1], 0)) as otherwise:
+        qc.x(a)
+    with otherwise:
+        qc.s(a)
+        qc.h(a)
+    qc.measure([a, b, c], [2, 3, 4])
+    qc.measure((a + 1) % n, 5)
+    return qc
+
+
+@pytest.mark.parametrize("branching", [True, False])
+def test_dynamic_clifford_circuits_match_the_state_vector(branching):
+    for seed in range(3):
+        circuit = _dynamic(6, seed)
+        ours = GPUSimulator(device="CPU", method="stabilizer", shot_branching_enable=branching)
+        reference = GPUSimulator(device="CPU", method="statevector")
+        counts = ours.run(circuit, shots=3000, seed_simulator=seed).result().get_counts()
+        expected = reference.run(circuit, shots=3000, seed_simulator=seed + 100).result().get_counts()
+        assert_counts_agree(counts, expected)
+
+
+def test_wide_dynamic_clifford_circuit_against_aer_stabilizer():
+    from qiskit import transpile
+    from qiskit_aer import AerSimulator
+
+    circuit = _dynamic(70, 4)
+    result = GPUSimulator(device="CPU").run(circuit, shots=3000, seed_simulator=2).result()
+    assert result.results[0].metadata["method"] == "stabilizer"
+    aer = AerSimulator(method="stabilizer")
+    expected = aer.run(transpile(circuit, aer, optimization_level=0), shots=3000, seed_simulator=3).result().get_counts()
+    assert_counts_agree(result.get_counts(), expected)
+
+
+def test_errors_name_the_cause_and_leave_the_backend_usable():
+    backend = GPUSimulator(device="CPU")
+    wide = ghz(60)
+    wide.t(3)
+    with pytest.raises(CircuitTooLargeError, match="not a Clifford"):
+        backend.run(wide)
+    with pytest.raises(CircuitTooLargeError):  # a state vector was asked for
+        backend.run(ghz(60), method="statevector")
+    with pytest.raises(InvalidInputError, match="method='stabilizer' simulates Clifford circuits only"):
+        backend.run(wide, method="stabilizer")
+    with pytest.raises(InvalidOptionError, match="statevector=True"):
+        backend.run(ghz(3), method="stabilizer", statevector=True)
+    with pytest.raises(InvalidOptionError, match="method='density_matrix'"):
+        backend.run(ghz(3), method="density_matrix")
+    counts = backend.run(ghz(3), shots=100, seed_simulator=1).result().get_counts()
+    assert set(counts) <= {"000", "111"} and sum(counts.values()) == 100
+
+
+def test_the_target_is_wide_for_the_stabilizer_method():
+    from qiskit import transpile
+
+    backend = GPUSimulator(device="CPU", method="stabilizer")
+    assert backend.target.num_qubits == 10_000
+    assert GPUSimulator(device="CPU").target.num_qubits < 64
+    compiled = transpile(ghz(200), backend, optimization_level=2)
+    counts = backend.run(compiled, shots=200, seed_simulator=4).result().get_counts()
+    assert set(counts) == {"0" * 200, "1" * 200}
+
+
+def test_the_tableau_runs_on_the_device_path_of_a_cupy_stand_in(fake_gpu):  # noqa: F811
+    circuit = _dynamic(6, 1)
+    on_gpu = GPUSimulator(device="GPU", method="stabilizer").run(circuit, shots=3000, seed_simulator=3).result()
+    assert on_gpu.results[0].metadata["device"].startswith("GPU")
+    expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=4).result().get_counts()
+    assert_counts_agree(on_gpu.get_counts(), expected)
