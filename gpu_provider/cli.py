@@ -108,6 +108,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "counts": dict(counts),
             "device": metadata.get("device"),
             "precision": metadata.get("precision"),
+            "method": metadata.get("method"),
             "time_taken": metadata.get("time_taken"),
         }
         if args.memory:
@@ -116,7 +117,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             payload["gpu_unavailable_reason"] = metadata["gpu_unavailable_reason"]
         print(json.dumps(payload, indent=2, sort_keys=True))
         return 0
-    print(f"# {args.file}: {circuit.num_qubits} qubits, {args.shots} shots on {metadata.get('device')} ({metadata.get('precision')}), "
+    how = "a stabilizer state (Clifford circuit)" if metadata.get("method") == "stabilizer" else metadata.get("precision")
+    print(f"# {args.file}: {circuit.num_qubits} qubits, {args.shots} shots on {metadata.get('device')} ({how}), "
           f"{metadata.get('time_taken', 0.0) * 1e3:.2f} ms")
     if metadata.get("gpu_unavailable_reason"):
         print(f"# no GPU used: {metadata['gpu_unavailable_reason']}")

@@ -106,3 +106,17 @@ def test_a_byte_order_mark_is_ignored(tmp_path, capsys):
     path = tmp_path / "bom.qasm"
     path.write_bytes("\ufeffOPENQASM 2.0;\ninclude \"qelib1.inc\";\nqreg q[1];\ncreg c[1];\nx q[0];\nmeasure q -> c;\n".encode("utf-8"))
     assert run_json(capsys, str(path), "--shots", "50", "--device", "cpu")["counts"] == {"1": 50}
+
+
+def test_a_wide_clifford_file_runs_as_a_stabilizer_state(tmp_path, capsys):
+    """A 200-qubit GHZ program (as QASMBench's large ones): far past a state vector, a stabilizer state."""
+    n = 200
+    lines = ["OPENQASM 2.0;", 'include "qelib1.inc";', f"qreg q[{n}];", f"creg c[{n}];", "h q[0];"]
+    lines += [f"cx q[{i}],q[{i + 1}];" for i in range(n - 1)] + [f"measure q[{i}] -> c[{i}];" for i in range(n)]
+    path = tmp_path / "ghz200.qasm"
+    path.write_text("\n".join(lines))
+    report = run_json(capsys, str(path), "--shots", "400", "--seed", "2", "--device", "cpu")
+    assert report["method"] == "stabilizer" and set(report["counts"]) == {"0" * n, "1" * n}
+    assert sum(report["counts"].values()) == 400 and 120 < report["counts"]["0" * n] < 280
+    assert cli.main(["run", str(path), "--shots", "10", "--device", "cpu"]) == 0
+    assert "stabilizer state" in capsys.readouterr().out
