@@ -298,3 +298,14 @@ def test_the_tableau_runs_on_the_device_path_of_a_cupy_stand_in(fake_gpu):  # no
     assert on_gpu.results[0].metadata["device"].startswith("GPU")
     expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=4).result().get_counts()
     assert_counts_agree(on_gpu.get_counts(), expected)
+
+
+def test_an_executor_worker_runs_the_stabilizer_state():
+    """A chunk on an executor's worker checks a tableau's memory, not a 2^n state's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        result = GPUSimulator(device="CPU", executor=pool).run([ghz(90), ghz(4)], shots=200, seed_simulator=1).result()
+    wide, narrow = result.get_counts()
+    assert set(wide) == {"0" * 90, "1" * 90} and set(narrow) == {"0000", "1111"}
+    assert [r.metadata["method"] for r in result.results] == ["stabilizer", "statevector"]

@@ -631,6 +631,24 @@ class _Tally:
             counts[key] = counts.get(key, 0) + number
 
 
+def check_program_fits(program: Program, config: RunConfig, device: Device) -> None:
+    """Raise :class:`CircuitTooLargeError` unless ``program``'s state (a vector, or a stabilizer
+    tableau) fits on ``device`` now."""
+    if config.method == "stabilizer":
+        needed, free = stabilizer_bytes(program, config), device.memory_capacity()
+        if needed > free:
+            raise CircuitTooLargeError(
+                f"a {program.num_qubits}-qubit stabilizer state needs {needed:,} bytes on the {device.kind} "
+                f"but only {free:,} are free; use fewer qubits or another device",
+                num_qubits=program.num_qubits,
+                bytes_needed=needed,
+                bytes_free=free,
+            )
+        return
+    arrays = state_arrays(program, config, kernels_cover(program, device, config.dtype))
+    device.check_fits(program.num_qubits, np.dtype(config.dtype).itemsize, arrays=arrays)
+
+
 def run_program(
     program: Program, device: Device, config: RunConfig, execution: Optional[Execution] = None, group: Any = None
 ) -> ExperimentOutput:
@@ -646,19 +664,8 @@ def run_program(
     dtype = config.dtype
     rng = np.random.default_rng(config.seed)
     sampling = is_sampling_friendly(program)
-    if config.method == "stabilizer":
-        if execution is None:
-            needed, free = stabilizer_bytes(program, config), device.memory_capacity()
-            if needed > free:
-                raise CircuitTooLargeError(
-                    f"a {program.num_qubits}-qubit stabilizer state needs {needed:,} bytes on the {device.kind} "
-                    f"but only {free:,} are free; use fewer qubits or another device",
-                    num_qubits=program.num_qubits, bytes_needed=needed, bytes_free=free,
-                )
-    elif execution is None and group is None:  # under a dispatcher, admission control has reserved the memory
-        device.check_fits(
-            program.num_qubits, np.dtype(dtype).itemsize, arrays=state_arrays(program, config, kernels_cover(program, device, dtype))
-        )
+    if execution is None and group is None:  # under a dispatcher, admission control has reserved the memory
+        check_program_fits(program, config, device)
     batched = None
     if config.method == "stabilizer":
         if group is not None:

@@ -15,12 +15,10 @@ import os
 import socket
 from typing import Callable, Optional, Sequence
 
-import numpy as np
-
 from ..errors import JobCancelledError
 from . import small_batch
 from .devices import resolve_device
-from .executor import ExperimentOutput, RunConfig, kernels_cover, run_program, state_arrays
+from .executor import ExperimentOutput, RunConfig, check_program_fits, run_program
 from .program import Program
 
 
@@ -83,8 +81,7 @@ def run_chunk(
 
     def run_one(position: int) -> ExperimentOutput:
         program, config = items[position]
-        arrays = state_arrays(program, config, kernels_cover(program, resolved, config.dtype))
-        resolved.check_fits(program.num_qubits, np.dtype(config.dtype).itemsize, arrays=arrays)
+        check_program_fits(program, config, resolved)
         return run_program(program, resolved, config, run)
 
     try:
