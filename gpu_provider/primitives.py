@@ -53,11 +53,12 @@ from .engine.distributed import (
     ranks_for,
     run_on_ranks,
 )
-from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory
+from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory, stabilizer_bytes
 from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
 from .engine.program import Measure, is_sampling_friendly
 from .engine.trajectories import branch_points, run_exact
-from .errors import InvalidInputError, InvalidOptionError
+from .engine.stabilizer import why_not_clifford
+from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError
 from .job import GPUJob
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,10 @@ class _Primitive:
             device, reason = resolve_device(options.device, options.device_id)
         return device, options.precision, reason
 
-    def _compile(self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0) -> CompiledCircuit:
+    def _compile(self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0, tableaux: bool = False) -> CompiledCircuit:
+        """``circuit`` compiled once per run. With ``tableaux`` (the sampler), a Clifford circuit may run
+        as a stabilizer state, as the backend's ``method`` option says: then ``compiled.method`` is
+        "stabilizer" (unfused: its gates are read one by one)."""
         key = id(circuit)
         if key not in cache:
             options = self._backend.options
@@ -140,8 +144,21 @@ class _Primitive:
                 width = min(width or default_width(device.kind, options.precision), max(local, 1))
             fusion = FusionOptions(options.fusion_enable, device.kind, width, options.fusion_threshold, options.precision)
             itemsize = np.dtype(PRECISIONS[options.precision]).itemsize
-            device.check_fits(local, itemsize, arrays=2)
+            too_large = None
+            stabilizer = tableaux and not global_qubits and options.method == "stabilizer"
+            if not stabilizer:
+                try:
+                    device.check_fits(local, itemsize, arrays=2)
+                except CircuitTooLargeError as exc:
+                    if not (tableaux and not global_qubits and options.method == "automatic"):
+                        raise
+                    stabilizer, too_large = True, exc
+            if stabilizer:
+                fusion = FusionOptions(False, device.kind, width, options.fusion_threshold, options.precision)
             compiled = compile_circuit(circuit, fusion)
+            if stabilizer:
+                _check_clifford(compiled, too_large)
+                compiled.method = "stabilizer"
             if global_qubits and compiled.template is not None:
                 check_split(circuit.name, circuit.num_qubits, global_qubits, compiled.template.ops)
             cache[key] = (circuit, compiled)  # keep the circuit alive: ids stay unique
@@ -152,7 +169,8 @@ class _Primitive:
         coerced = [_coerce(kind, pub, default, i) for i, pub in enumerate(_pub_list(pubs))]
         global_qubits = ranks.global_qubits if ranks is not None else 0
         cache: dict = {}
-        return [(pub, self._compile(pub.circuit, device, cache, global_qubits)) for pub in coerced]
+        tableaux = kind is SamplerPub
+        return [(pub, self._compile(pub.circuit, device, cache, global_qubits, tableaux)) for pub in coerced]
 
     @staticmethod
     def _agreed(ranks: Optional[Ranks], prepare):
@@ -170,16 +188,27 @@ class _Primitive:
         return prepared, RankGroup(ranks.comm)
 
     def _submit(
-        self, device: Device, ops_total: int, work, circuits, group: Optional[RankGroup] = None, branch_copies: int = 0
+        self,
+        device: Device,
+        ops_total: int,
+        work,
+        circuits,
+        group: Optional[RankGroup] = None,
+        branch_copies: int = 0,
+        tableau_bytes: int = 0,
+        vector_circuits=None,
     ) -> GPUPrimitiveJob:
         # Reserve what _compile checked for the widest circuit (a state and its
         # scratch buffer, and the copies exact branching keeps waiting), plus a batch
         # of small states and the workspace, so the dispatcher's admission control
-        # counts this job beside the backend's.
+        # counts this job beside the backend's. Circuits run as stabilizer states
+        # reserve ``tableau_bytes`` instead (``vector_circuits``: the others).
         itemsize = np.dtype(PRECISIONS[self._backend.options.precision]).itemsize
-        widest = max((circuit.num_qubits for circuit in circuits), default=0)  # run([]): an empty result
+        vectors = circuits if vector_circuits is None else vector_circuits
+        widest = max((circuit.num_qubits for circuit in vectors), default=0)  # run([]): an empty result
         local = widest - (group.global_qubits if group is not None else 0)
         reserve = (2 + branch_copies) * state_bytes(local, itemsize) + BATCH_MAX_AMPLITUDES * itemsize + WORKSPACE_BYTES
+        reserve = max(reserve, tableau_bytes)
         run = work
         if group is not None:
             reserve += EXCHANGE_BYTES
@@ -238,7 +267,7 @@ def _simulator_metadata(
     metadata = {
         "device": device.name,
         "precision": precision,
-        "method": "statevector",
+        "method": getattr(compiled, "method", "statevector"),
         "num_bindings": bindings,
         "batched_bindings": batched,
         "compiled_once": not compiled.per_binding_translation,
@@ -619,7 +648,11 @@ class SamplerV2(_Primitive, BaseSamplerV2):
             results = [_sample(task, device, dtype_name, execution, seeds, reason, group) for task in tasks]
             return PrimitiveResult(results, metadata={"version": 2})
 
-        return self._submit(device, prepared["ops_total"], work, [task.pub.circuit for task in tasks], group)
+        tableaux = [_tableau_reserve(task) for task in tasks if _on_tableau(task.compiled)]
+        vectors = [task.pub.circuit for task in tasks if not _on_tableau(task.compiled)]
+        return self._submit(
+            device, prepared["ops_total"], work, [task.pub.circuit for task in tasks], group, tableau_bytes=max(tableaux, default=0), vector_circuits=vectors
+        )
 
     def _prepare(self, pubs, shots, ranks) -> dict:
         """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
@@ -638,6 +671,39 @@ class SamplerV2(_Primitive, BaseSamplerV2):
         if ranks is not None:
             prepared["digest"] = job_digest([(_circuit_parts(t.pub.circuit), t.values, t.shots) for t in tasks], dtype_name)
         return prepared
+
+
+def _tableau_reserve(task: "_SamplerTask") -> int:
+    """Bytes a sampler task run as stabilizer states needs at once (one parameter set at a time)."""
+    shape = task.values.shape[:-1]
+    if not int(np.prod(shape, dtype=np.int64)):
+        return 0
+    template = task.compiled.template
+    program = template if template is not None else task.compiled.bind(task.values[(0,) * len(shape)])
+    return stabilizer_bytes(program, RunConfig(shots=task.shots, method="stabilizer"))
+
+
+def _on_tableau(compiled: CompiledCircuit) -> bool:
+    return getattr(compiled, "method", "statevector") == "stabilizer"
+
+
+def _check_clifford(compiled: CompiledCircuit, too_large: Optional[CircuitTooLargeError]) -> None:
+    """A circuit the sampler will run as a stabilizer state must be Clifford; checked now unless its
+    parameters decide (then for each parameter set as it runs)."""
+    if compiled.parameters:
+        return
+    reason = why_not_clifford(compiled.bind(np.zeros(0)))
+    if reason is None:
+        return
+    name = compiled.circuit.name
+    if too_large is not None:
+        raise CircuitTooLargeError(
+            f"{too_large}. (A Clifford circuit this wide would run as a stabilizer state, but {name!r} is not: {reason}.)",
+            num_qubits=too_large.num_qubits,
+            bytes_needed=too_large.bytes_needed,
+            bytes_free=too_large.bytes_free,
+        ) from None
+    raise InvalidInputError(f"method='stabilizer' samples Clifford circuits only, and circuit {name!r} is not one: {reason}")
 
 
 def _check_shots(shots) -> int:
@@ -663,6 +729,18 @@ def _sample(
     split = group is not None and group.global_qubits > 0
     # Split over MPI ranks: one parameter set at a time, each run split (run_program with the group).
     chunks = [[index] for index in np.ndindex(*shape)] if split else _chunks(list(np.ndindex(*shape)), circuit.num_qubits)
+    if _on_tableau(compiled):  # a stabilizer state per parameter set
+        chunks = []
+        for index in np.ndindex(*shape):
+            program = compiled.bind(task.values[index])
+            program_ops = program.num_ops
+            reason = why_not_clifford(program)
+            if reason is not None:
+                raise InvalidInputError(f"circuit {circuit.name!r} runs as a stabilizer state, but with parameters {task.values[index].tolist()} {reason}")
+            config = RunConfig(shots=task.shots, seed=int(seeds.integers(0, 2**62)), memory=True, precision=precision, method="stabilizer")
+            memory = run_program(program, device, config, execution).memory or [0] * task.shots
+            for name, bits in registers:
+                arrays[name][index] = _register_bytes(memory, bits, task.shots, circuit.num_clbits)
     for chunk in chunks:
         configs = [RunConfig(shots=task.shots, seed=int(seeds.integers(0, 2**62)), memory=True, precision=precision) for _ in chunk]
         kernels = device_kernels(device, configs[0].dtype)

@@ -309,3 +309,36 @@ def test_an_executor_worker_runs_the_stabilizer_state():
     wide, narrow = result.get_counts()
     assert set(wide) == {"0" * 90, "1" * 90} and set(narrow) == {"0000", "1111"}
     assert [r.metadata["method"] for r in result.results] == ["stabilizer", "statevector"]
+
+
+def test_sampler_runs_wide_clifford_circuits_as_stabilizer_states():
+    from qiskit.circuit import Parameter
+
+    from gpu_provider import EstimatorV2, SamplerV2
+
+    sampler = SamplerV2(backend_options={"device": "CPU"}, seed=1)
+    result = sampler.run([ghz(100)], shots=600).result()[0]
+    counts = result.data.c.get_counts()
+    assert set(counts) == {"0" * 100, "1" * 100} and 200 < counts["0" * 100] < 400
+    assert result.data.c.num_bits == 100 and result.metadata["simulator_metadata"]["method"] == "stabilizer"
+    # Parameters decide Clifford-ness: multiples of pi/2 run, others fail the job with the reason.
+    theta = Parameter("t")
+    qc = QuantumCircuit(80, 2)
+    qc.h(0), qc.rz(theta, 0), qc.h(0), qc.cx(0, 79), qc.measure([0, 79], [0, 1])
+    bits = sampler.run([(qc, [[0.0], [np.pi], [np.pi / 2]])], shots=400).result()[0].data.c
+    assert bits.shape == (3,) and bits.get_counts(0) == {"00": 400} and bits.get_counts(1) == {"11": 400}
+    assert set(bits.get_counts(2)) == {"00", "11"} and 120 < bits.get_counts(2)["00"] < 280
+    from qiskit.providers import JobError
+
+    with pytest.raises(JobError, match="not a Clifford"):
+        sampler.run([(qc, [0.3])]).result()
+    not_clifford = ghz(100)
+    not_clifford.t(0)
+    with pytest.raises(CircuitTooLargeError, match="not a Clifford"):
+        sampler.run([not_clifford])
+    with pytest.raises(CircuitTooLargeError):  # the estimator's Pauli masks hold 64 qubits: no tableau there
+        EstimatorV2(backend_options={"device": "CPU"}).run([(ghz(100).remove_final_measurements(inplace=False), "Z" * 100)])
+    explicit = SamplerV2(backend_options={"device": "CPU", "method": "stabilizer"}, seed=2)
+    circuit = measured(random_clifford_circuit(5, 20, seed=9))
+    counts = explicit.run([circuit], shots=3000).result()[0].data.meas.get_counts()
+    assert_counts_match(counts, exact_distribution(circuit), shots=3000)
