@@ -109,7 +109,7 @@ def test_teleport_is_exact_in_every_mode(device, mode):
 def test_branching_runs_each_path_once(device):
     """Two mid-circuit measurements of |+>: four paths, four trajectories for any number of shots."""
     result = run(device, teleport(), shots=100_000)
-    assert result.results[0].metadata["trajectories"] == 8  # m0, m1 and the final read of out
+    assert result.results[0].metadata["trajectories"] == 4  # m0 and m1; the final read of out is drawn per path
     assert sum(result.get_counts().values()) == 100_000
 
 
@@ -142,7 +142,7 @@ def test_memory_is_in_the_order_of_independent_shots(device):
     counts = result.get_counts()
     assert len(memory) == 2000
     assert {key: memory.count(key) for key in set(memory)} == counts
-    assert result.results[0].metadata["trajectories"] == 4
+    assert result.results[0].metadata["trajectories"] == 2  # measure 0 forks; the final measure 1 is drawn per path
     # Grouped by trajectory, the list would change value 3 times; independent shots change
     # value with probability 3/4 at each of 1999 steps (mean 1499, sd about 19).
     changes = sum(a != b for a, b in zip(memory, memory[1:]))
@@ -307,7 +307,7 @@ def test_progress_counts_each_op_once_per_shot(branching):
     output = executor.run_program(program, cpu, config, execution)
     assert total == 5 * 1000
     assert execution._ops_enqueued == total
-    assert output.metadata["trajectories"] == (4 if branching else 1000)
+    assert output.metadata["trajectories"] == (2 if branching else 1000)  # measure 0 forks; measure 1 is drawn
 
 
 # ---------------------------------------------------------------------------

@@ -759,21 +759,36 @@ def _branch_or_shot_by_shot(
     program: Program, state, config: RunConfig, rng: np.random.Generator, execution, max_paths: Optional[int] = None
 ) -> tuple:
     """:func:`_run_trajectories` through the interpreter (branching stops past ``max_paths`` paths)."""
-    measures = [op for op in program.ops if isinstance(op, Measure)]
-    measured = sorted({m.qubit for m in measures})
     tally = _Tally(config.memory)
-    # Terminal measurements (after resets, say) are drawn from each trajectory's final state.
+    # Terminal measurements (after resets, say) are drawn from each trajectory's final state; so are
+    # the measurements that end a program that measured or branched before (a measure_all after
+    # feed-forward), on top of each trajectory's clbits: a draw per shot, not a collapse per qubit.
     terminal = measurements_are_terminal(program)
-    ops = tuple(op for op in program.ops if not isinstance(op, Measure)) if terminal else program.ops
+    if terminal:
+        ops = tuple(op for op in program.ops if not isinstance(op, Measure))
+        final = [op for op in program.ops if isinstance(op, Measure)]
+    else:
+        cut = len(program.ops)
+        while cut and type(program.ops[cut - 1]) is Measure:
+            cut -= 1
+        ops, final = program.ops[:cut], list(program.ops[cut:])
+    measured = sorted({m.qubit for m in final})
+    written = sum(1 << m.clbit for m in final)
     last = [state]
 
     def finish(trajectory: Trajectory) -> None:
         last[0] = trajectory.state
-        if terminal and measures:
-            for outcomes in sample_outcomes(trajectory.state, measured, trajectory.shots, rng, execution):
-                tally.add_many(_sampled_clbit_values(outcomes, measured, measures, program.num_clbits))
-        else:
+        if not final:
             tally.add(_clbit_value(trajectory.clbits), trajectory.shots)
+            return
+        if execution is not None:  # progress counts the final measurements once for each shot, as ops
+            execution.checkpoint(len(final) * trajectory.shots)
+        kept = 0 if terminal else _clbit_value(trajectory.clbits) & ~written
+        for outcomes in sample_outcomes(trajectory.state, measured, trajectory.shots, rng, execution):
+            values = _sampled_clbit_values(outcomes, measured, final, program.num_clbits)
+            if kept:
+                values = values | kept if isinstance(values, np.ndarray) and program.num_clbits <= 62 else [v | kept for v in values]
+            tally.add_many(values)
 
     limit = saved_states(program.num_qubits, np.dtype(config.dtype).itemsize, config.shots, config.shot_branching, size=getattr(state, "nbytes", None))
     interpreter = Interpreter(rng, config.max_loop_iterations, execution, limit, finish, max_paths)
