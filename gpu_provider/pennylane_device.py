@@ -163,8 +163,11 @@ class GPUQubitDevice(Device):
         shots_present = bool(circuit is not None and circuit.shots)
         mcm = config.mcm_config
         method = None if mcm.mcm_method is None else str(getattr(mcm.mcm_method, "value", mcm.mcm_method))
+        postselects = circuit is not None and any(isinstance(op, MidMeasure) and op.postselect is not None for op in circuit.operations)
         if method is None:
-            method = "one-shot" if shots_present else "deferred"
+            # Without shots a postselection runs as the tree traversal (exact): PennyLane's deferral
+            # needs a Projector gate, which this device does not apply.
+            method = "one-shot" if shots_present else ("tree-traversal" if postselects else "deferred")
         elif method not in MCM_METHODS:
             raise DeviceError(f"{self.name} runs mid-circuit measurements with mcm_method in {MCM_METHODS}, not {method!r}")
         elif method == "one-shot" and circuit is not None and not shots_present:
@@ -175,6 +178,11 @@ class GPUQubitDevice(Device):
             # With shots the engine's shot branching is the tree traversal: shots share a state
             # until their outcomes differ. PennyLane's one-shot transform gathers their results.
             method = "one-shot"
+        if method == "deferred" and postselects:
+            raise DeviceError(
+                f"{self.name} postselects with mcm_method='tree-traversal' (exact, the default without shots) or "
+                "'one-shot' (with shots); 'deferred' would need a Projector gate, which it does not apply"
+            )
         if method in ("one-shot", "tree-traversal") and mcm.postselect_mode == "fill-shots":
             raise DeviceError("postselect_mode='fill-shots' is supported with mcm_method='deferred' only, as on default.qubit")
         updates["mcm_config"] = replace(mcm, mcm_method=method)
@@ -603,7 +611,19 @@ def _exact_measurement(mp) -> bool:
 
 
 def _sample_measurement(mp) -> bool:
-    return isinstance(mp, SampleMeasurement)
+    return isinstance(mp, SampleMeasurement) and (mp.obs is None or _samples_in_eigenbasis(mp.obs))
+
+
+def _samples_in_eigenbasis(obs) -> bool:
+    """Whether shots can measure ``obs``: every factor or term rotates into its eigenbasis (a
+    SparseHamiltonian does not; default.qubit refuses it with shots too)."""
+    operands = getattr(obs, "operands", None)
+    if operands is not None:  # sums, products
+        return all(_samples_in_eigenbasis(o) for o in operands)
+    base = getattr(obs, "base", None)
+    if base is not None:  # scalar products, adjoints, powers
+        return _samples_in_eigenbasis(base)
+    return obs.has_diagonalizing_gates
 
 
 def _adjoint_ops(op) -> bool:

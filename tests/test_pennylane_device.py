@@ -267,6 +267,27 @@ def test_tree_traversal_edge_cases():
     mean, probs = qml.QNode(impossible, qml.device(DEVICE, wires=2), mcm_method="tree-traversal")()
     assert np.isnan(mean) and probs.shape == (4,) and np.all(np.isnan(probs))  # as default.qubit
 
+    def impossible_after_rounding():  # P(1) = 1 only up to rounding here: still impossible, still NaN
+        qml.Hadamard(0)
+        qml.PauliX(1)
+        qml.measure(1, postselect=0)
+        return qml.expval(qml.Z(0)), qml.probs(wires=[0, 1])
+
+    for name in (DEVICE, "default.qubit"):
+        mean, probs = qml.QNode(impossible_after_rounding, qml.device(name, wires=2), mcm_method="tree-traversal")()
+        assert np.isnan(mean) and np.all(np.isnan(probs)), name
+    for precision in ("double", "single"):
+        device = qml.device(DEVICE, wires=2, precision=precision)
+
+        def rounded():
+            qml.Hadamard(1)
+            qml.RY(0.3, 0)
+            qml.Hadamard(1)  # back to |0> up to rounding
+            qml.measure(1, postselect=1)
+            return qml.expval(qml.Z(0))
+
+        assert np.isnan(qml.QNode(rounded, device, mcm_method="tree-traversal")()), precision
+
     def state_after_measure():
         qml.Hadamard(0)
         qml.measure(0)
@@ -516,3 +537,31 @@ def test_tape_digest_parts_name_mid_circuit_measurements_by_place():
     assert all(str(parts) == str(same[0]) for parts in same)
     for other in (build(reset=True), build(postselect=1), build(flip=True)):
         assert str(_tape_parts(other)) != str(same[0])
+
+
+def test_postselection_without_shots_runs_by_default_and_deferred_says_why_not():
+    def circuit():
+        qml.RY(1.1, 0)
+        qml.CNOT([0, 1])
+        qml.measure(0, postselect=1)
+        return qml.expval(qml.Z(1)), qml.probs(wires=[1])
+
+    ours = qml.QNode(circuit, qml.device(DEVICE, wires=2))()  # no mcm_method: exact, as default.qubit's
+    theirs = qml.QNode(circuit, qml.device("default.qubit", wires=2))()
+    for mine, reference in zip(ours, theirs):
+        np.testing.assert_allclose(mine, reference, atol=1e-12)
+    with pytest.raises(DeviceError, match="tree-traversal"):
+        qml.QNode(circuit, qml.device(DEVICE, wires=2), mcm_method="deferred")()
+
+
+def test_a_sparse_hamiltonian_with_shots_is_refused_before_running():
+    hamiltonian = qml.SparseHamiltonian(qml.Hamiltonian([1.0, 0.5], [qml.Z(0), qml.X(1)]).sparse_matrix(), wires=[0, 1])
+
+    def circuit():
+        qml.RX(0.3, 0)
+        return qml.expval(hamiltonian)
+
+    exact = qml.QNode(circuit, qml.device(DEVICE, wires=2))()
+    assert exact == pytest.approx(np.cos(0.3), abs=1e-12)
+    with pytest.raises(DeviceError, match="SparseHamiltonian"):
+        qml.set_shots(qml.QNode(circuit, qml.device(DEVICE, wires=2)), 100)()

@@ -322,6 +322,13 @@ class Interpreter:
         An outcome whose path would weigh less than ``EXACT_MIN_WEIGHT`` is not visited (a
         loop that repeats until an outcome would otherwise fork until its iteration limit).
         """
+        # A probability within rounding of 0 or 1 is that: its branch's state would be rounding
+        # noise (a postselection on it would read a value instead of NaN).
+        rounding = _rounding(trajectory.state)
+        if p1 < rounding:
+            p1 = 0.0
+        elif p1 > 1.0 - rounding:
+            p1 = 1.0
         weight = trajectory.weight
         one, zero = weight * p1, weight * (1.0 - p1)
         if one >= EXACT_MIN_WEIGHT and zero >= EXACT_MIN_WEIGHT:
@@ -364,6 +371,15 @@ class Interpreter:
         self.paths += count
         if self.max_paths is not None and self.paths > self.max_paths:
             raise TooManyPaths(f"{self.paths} paths begun, over the budget of {self.max_paths}")
+
+
+def _rounding(state) -> float:
+    """Probabilities this close to 0 or 1 are rounding in ``state``'s precision (64 ulps of its
+    real type; a stabilizer state's probabilities are exact)."""
+    dtype = getattr(state, "dtype", None)
+    if dtype is None:
+        return 0.0
+    return 64 * float(np.finfo(np.dtype(dtype)).eps)
 
 
 def branch_points(ops) -> int:
