@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -118,6 +119,23 @@ class _Primitive:
     def backend(self) -> GPUSimulator:
         """The :class:`~gpu_provider.GPUSimulator` whose options (device, precision, fusion) this primitive uses."""
         return self._backend
+
+    @classmethod
+    def from_backend(cls, backend: GPUSimulator, **options):
+        """A primitive on ``backend`` (Aer's constructor of the same name): its options are the backend's."""
+        return cls(backend=backend, **options)
+
+    @property
+    def options(self) -> SimpleNamespace:
+        """Aer's view of the options: ``default_precision`` or ``default_shots``, ``backend_options``
+        (the backend's current options) and ``run_options`` (the seed)."""
+        fields = {"default_precision": self._default_precision} if hasattr(self, "_default_precision") else {"default_shots": self._default_shots}
+        seed = self._seed
+        return SimpleNamespace(
+            **fields,
+            backend_options=dict(self._backend.options.__dict__),
+            run_options={} if seed is None else {"seed_simulator": seed},
+        )
 
     def _ranks(self) -> Optional[Ranks]:
         """The MPI ranks when the backend's ``mpi`` option is on (each circuit's state is split over them)."""

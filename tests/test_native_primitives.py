@@ -555,3 +555,14 @@ def test_primitives_edge_cases_behave_as_qiskits_reference():
     for shots in (10.0, True, "10"):
         with pytest.raises(TypeError, match="shots must be an integer"):
             SamplerV2(backend_options=backend_options).run([measured], shots=shots)
+
+
+def test_aer_style_options_and_from_backend():
+    backend = GPUSimulator(device="CPU", precision="single")
+    estimator = EstimatorV2.from_backend(backend, options={"default_precision": 0.01, "run_options": {"seed_simulator": 3}})
+    sampler = SamplerV2.from_backend(backend, default_shots=77)
+    assert estimator.backend is backend and sampler.backend is backend
+    assert estimator.options.default_precision == 0.01 and estimator.options.run_options == {"seed_simulator": 3}
+    assert estimator.options.backend_options["precision"] == "single"
+    assert sampler.options.default_shots == 77 and sampler.options.run_options == {}
+    assert sampler.run([bell()]).result()[0].data.c.num_shots == 77
