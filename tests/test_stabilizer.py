@@ -342,3 +342,21 @@ def test_sampler_runs_wide_clifford_circuits_as_stabilizer_states():
     circuit = measured(random_clifford_circuit(5, 20, seed=9))
     counts = explicit.run([circuit], shots=3000).result()[0].data.meas.get_counts()
     assert_counts_match(counts, exact_distribution(circuit), shots=3000)
+
+
+def test_wide_gates_are_judged_without_building_their_matrices():
+    """A 30-control mcx in a 45-qubit circuit: refused at once, by width, not by a 2^31-row matrix."""
+    import time
+
+    from qiskit.circuit.library import MCXGate
+
+    qc = QuantumCircuit(45, 1)
+    qc.h(range(45))
+    qc.append(MCXGate(30), range(31))
+    qc.measure(0, 0)
+    start = time.perf_counter()
+    with pytest.raises(CircuitTooLargeError, match="wider than the 6 qubits"):
+        GPUSimulator(device="CPU").run(qc)
+    assert time.perf_counter() - start < 5
+    with pytest.raises(NotCliffordError):
+        EngineStabilizer(np, 8).apply_controlled(tuple(range(7)), 0, (7,), np.array([[0, 1], [1, 0]]))

@@ -112,9 +112,27 @@ class _Table:
 
 
 def _table(matrix: np.ndarray) -> Optional[_Table]:
-    """The Clifford action of ``matrix`` (cached by its bytes), or None when it is not a Clifford."""
+    """The Clifford action of ``matrix`` (cached by its bytes), or None when it is not a Clifford
+    (or acts on more than ``MAX_GATE_QUBITS`` qubits)."""
+    if matrix.shape[0] > 1 << MAX_GATE_QUBITS:
+        return None
     matrix = np.asarray(matrix, dtype=complex)
     return _cached_table(matrix.tobytes(), matrix.shape[0])
+
+
+def _gate_table(qubits: Sequence[int], matrix: np.ndarray, controls: Sequence[int] = (), ctrl_state: int = 0) -> Optional[_Table]:
+    """The table of a (controlled) gate, without building a matrix wider than ``MAX_GATE_QUBITS``."""
+    if len(qubits) + len(controls) > MAX_GATE_QUBITS:
+        return None
+    if controls:
+        matrix = _controlled(matrix, len(controls), ctrl_state)
+    return _table(matrix)
+
+
+def _diagonal_table(qubits: Sequence[int], diagonal: np.ndarray) -> Optional[_Table]:
+    if len(qubits) > MAX_GATE_QUBITS:
+        return None
+    return _table(np.diag(np.asarray(diagonal, dtype=complex)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -198,14 +216,11 @@ def _why_not(ops) -> Optional[str]:
     for op in ops:
         kind = type(op)
         if kind is Unitary:
-            matrix = op.matrix if not op.controls else _controlled(op.matrix, len(op.controls), op.ctrl_state)
-            if _table(matrix) is None:
-                label = f" {op.label!r}" if getattr(op, "label", "") else ""
-                return f"its gate{label} on qubits {tuple(op.controls) + tuple(op.qubits)} is not a Clifford gate"
+            if _gate_table(op.qubits, op.matrix, op.controls, op.ctrl_state) is None:
+                return _not_clifford("gate", op, tuple(op.controls) + tuple(op.qubits))
         elif kind is Diagonal:
-            if op.qubits and _table(np.diag(np.asarray(op.diagonal, dtype=complex))) is None:
-                label = f" {op.label!r}" if getattr(op, "label", "") else ""
-                return f"its diagonal gate{label} on qubits {tuple(op.qubits)} is not a Clifford gate"
+            if op.qubits and _diagonal_table(op.qubits, op.diagonal) is None:
+                return _not_clifford("diagonal gate", op, tuple(op.qubits))
         elif kind is Initialize:
             if _basis_index(op.vector) is None:
                 return f"it initializes qubits {tuple(op.qubits)} to a state that is not a computational basis state"
@@ -233,6 +248,13 @@ def _why_not(ops) -> Optional[str]:
         elif kind not in (GlobalPhase, Measure, Reset, Store, BreakLoop, ContinueLoop):
             return f"it holds a {kind.__name__} op"
     return None
+
+
+def _not_clifford(kind: str, op: Any, qubits: tuple) -> str:
+    label = f" {op.label!r}" if getattr(op, "label", "") else ""
+    if len(qubits) > MAX_GATE_QUBITS:
+        return f"its {kind}{label} on {len(qubits)} qubits {qubits} is wider than the {MAX_GATE_QUBITS} qubits a Clifford gate is read on"
+    return f"its {kind}{label} on qubits {qubits} is not a Clifford gate"
 
 
 def _distinct_bodies(loop: Any):
@@ -293,20 +315,20 @@ class StabilizerState:
     # -- gates ---------------------------------------------------------------------
 
     def apply_unitary(self, qubits: Sequence[int], matrix: np.ndarray) -> None:
-        table = _table(matrix)
-        if table is None:
-            raise NotCliffordError(f"the gate on qubits {tuple(qubits)} is not a Clifford gate; a stabilizer state cannot hold its result")
-        self._apply_table(list(qubits), table)
+        self._apply(tuple(qubits), _gate_table(qubits, matrix))
 
     def apply_controlled(self, controls: Sequence[int], ctrl_state: int, qubits: Sequence[int], matrix: np.ndarray) -> None:
-        if not controls:
-            self.apply_unitary(qubits, matrix)
-            return
-        self.apply_unitary(tuple(controls) + tuple(qubits), _controlled(matrix, len(controls), ctrl_state))
+        # Controls are the low bits of the controlled matrix.
+        self._apply(tuple(controls) + tuple(qubits), _gate_table(qubits, matrix, controls, ctrl_state))
 
     def apply_diagonal(self, qubits: Sequence[int], diagonal: np.ndarray) -> None:
         if qubits:
-            self.apply_unitary(qubits, np.diag(np.asarray(diagonal, dtype=complex)))
+            self._apply(tuple(qubits), _diagonal_table(qubits, diagonal))
+
+    def _apply(self, qubits: tuple, table: Optional[_Table]) -> None:
+        if table is None:
+            raise NotCliffordError(f"the gate on qubits {qubits} is not a Clifford gate; a stabilizer state cannot hold its result")
+        self._apply_table(list(qubits), table)
 
     def apply_phase(self, phase: float) -> None:
         """A global phase does not change the stabilizers."""
