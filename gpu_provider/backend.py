@@ -71,7 +71,7 @@ from .engine.distributed import (
     run_on_ranks,
 )
 from .engine.program import Program, compact, lazy_loop, measurements_are_terminal
-from .engine.stabilizer import why_not_clifford
+from .engine.stabilizer import require_clifford
 from .errors import CircuitTooLargeError, DeviceUnavailableError, InvalidInputError, InvalidOptionError, UnknownOptionError
 from .executors import check_executor_options, run_chunks
 from .job import GPUJob
@@ -340,7 +340,7 @@ class GPUSimulator(BackendV2):
                     _check_fits(device, program, config, itemsize, capacity, num_qubits=local_qubits if split else None)
                 except CircuitTooLargeError as exc:
                     # "automatic", as Aer's: a Clifford circuit too wide for a state vector runs as a stabilizer state.
-                    config = _stabilizer_instead(exc, merged, program, config, ranks)
+                    config = _stabilizer_instead(exc, merged, program, circuit.name, config, ranks)
                     _check_fits(device, program, config, itemsize, capacity)
             if split and merged["statevector"]:
                 _check_gathered_state(program, circuit.name, itemsize)
@@ -811,12 +811,7 @@ def _explicit_method(merged: dict, program: Program, name: str, ranks) -> str:
     """The engine method a circuit starts with: "stabilizer" only when asked for (and possible)."""
     if merged["method"] != "stabilizer":
         return "statevector"
-    reason = why_not_clifford(program)
-    if reason is not None:
-        raise InvalidInputError(
-            f"method='stabilizer' simulates Clifford circuits only, and circuit {name!r} is not one: {reason}. "
-            "Use method='statevector' (or 'automatic')"
-        )
+    require_clifford(program, name)
     if ranks is not None:
         raise InvalidOptionError("method='stabilizer' runs on one process; drop mpi (a stabilizer state is small enough for one)")
     if merged["statevector"]:
@@ -824,19 +819,12 @@ def _explicit_method(merged: dict, program: Program, name: str, ranks) -> str:
     return "stabilizer"
 
 
-def _stabilizer_instead(exc: CircuitTooLargeError, merged: dict, program: Program, config: RunConfig, ranks) -> RunConfig:
+def _stabilizer_instead(exc: CircuitTooLargeError, merged: dict, program: Program, name: str, config: RunConfig, ranks) -> RunConfig:
     """``config`` run as a stabilizer state, where method='automatic' may run ``program`` so: it is a
     Clifford circuit, one process holds it and no state vector was asked for; else ``exc`` is raised."""
     if merged["method"] != "automatic" or config.method != "statevector" or ranks is not None or merged["statevector"]:
         raise exc
-    reason = why_not_clifford(program)
-    if reason is not None:
-        raise CircuitTooLargeError(
-            f"{exc}. (A Clifford circuit this wide would run as a stabilizer state, but this one is not: {reason}.)",
-            num_qubits=exc.num_qubits,
-            bytes_needed=exc.bytes_needed,
-            bytes_free=exc.bytes_free,
-        ) from None
+    require_clifford(program, name, too_large=exc)
     return dataclasses.replace(config, method="stabilizer")
 
 

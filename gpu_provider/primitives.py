@@ -58,7 +58,7 @@ from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kerne
 from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
 from .engine.program import Measure, is_sampling_friendly
 from .engine.trajectories import branch_points, run_exact
-from .engine.stabilizer import why_not_clifford
+from .engine.stabilizer import require_clifford, why_not_clifford
 from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError
 from .job import GPUJob
 
@@ -708,20 +708,8 @@ def _on_tableau(compiled: CompiledCircuit) -> bool:
 def _check_clifford(compiled: CompiledCircuit, too_large: Optional[CircuitTooLargeError]) -> None:
     """A circuit the sampler will run as a stabilizer state must be Clifford; checked now unless its
     parameters decide (then for each parameter set as it runs)."""
-    if compiled.parameters:
-        return
-    reason = why_not_clifford(compiled.bind(np.zeros(0)))
-    if reason is None:
-        return
-    name = compiled.circuit.name
-    if too_large is not None:
-        raise CircuitTooLargeError(
-            f"{too_large}. (A Clifford circuit this wide would run as a stabilizer state, but {name!r} is not: {reason}.)",
-            num_qubits=too_large.num_qubits,
-            bytes_needed=too_large.bytes_needed,
-            bytes_free=too_large.bytes_free,
-        ) from None
-    raise InvalidInputError(f"method='stabilizer' samples Clifford circuits only, and circuit {name!r} is not one: {reason}")
+    if not compiled.parameters:
+        require_clifford(compiled.bind(np.zeros(0)), compiled.circuit.name, too_large)
 
 
 def _check_shots(shots) -> int:

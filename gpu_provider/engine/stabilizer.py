@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import CircuitTooLargeError, InvalidInputError
 from .program import Diagonal, ForLoop, GlobalPhase, IfElse, Initialize, Measure, PauliEvolution, Reset, Store, SwitchCase, Unitary, WhileLoop
 from .program import BreakLoop, ContinueLoop, LoopBodies
 
@@ -248,6 +248,26 @@ def _why_not(ops) -> Optional[str]:
         elif kind not in (GlobalPhase, Measure, Reset, Store, BreakLoop, ContinueLoop):
             return f"it holds a {kind.__name__} op"
     return None
+
+
+def require_clifford(program: Any, name: str, too_large: Optional[CircuitTooLargeError] = None) -> None:
+    """Raise unless ``program`` (circuit ``name``) can run as a stabilizer state: the ``too_large``
+    error of its state vector, with the reason it is not Clifford, when that is why a stabilizer
+    state was tried ("automatic"); else an :class:`InvalidInputError` (method="stabilizer")."""
+    reason = why_not_clifford(program)
+    if reason is None:
+        return
+    if too_large is not None:
+        raise CircuitTooLargeError(
+            f"{too_large}. (A Clifford circuit this wide would run as a stabilizer state, but {name!r} is not: {reason}.)",
+            num_qubits=too_large.num_qubits,
+            bytes_needed=too_large.bytes_needed,
+            bytes_free=too_large.bytes_free,
+        ) from None
+    raise InvalidInputError(
+        f"method='stabilizer' simulates Clifford circuits only, and circuit {name!r} is not one: {reason}. "
+        "Use method='statevector' (or 'automatic')"
+    )
 
 
 def _not_clifford(kind: str, op: Any, qubits: tuple) -> str:
@@ -474,51 +494,47 @@ def _support(x: np.ndarray, z: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, n
     """The support of the stabilizer state with rows ``i^m X^x Z^z`` (x, z: rows x qubits bits):
     Gaussian elimination brings the X parts to a basis of ``rank`` rows; the other rows are then
     ``(-1)^s Z^z``, each a parity ``z . x0 = s`` every outcome satisfies."""
-    rows, n = x.shape
     m = m.copy()
-    rank = 0
-    for column in range(n):
-        candidates = np.flatnonzero(x[rank:, column])
-        if not candidates.size:
-            continue
-        pivot = rank + int(candidates[0])
-        if pivot != rank:
-            x[[rank, pivot]] = x[[pivot, rank]]
-            z[[rank, pivot]] = z[[pivot, rank]]
-            m[[rank, pivot]] = m[[pivot, rank]]
-        others = np.flatnonzero(x[:, column])
-        others = others[others != rank]
-        if others.size:
-            sign = (z[others].astype(np.int64) @ x[rank].astype(np.int64)) & 1
-            m[others] = (m[others] + m[rank] + 2 * sign) & 3
-            x[others] ^= x[rank]
-            z[others] ^= z[rank]
-        rank += 1
-        if rank == rows:
-            break
+
+    def multiply(targets: np.ndarray, row: int) -> None:  # rows ``targets`` times row ``row``: their phases
+        sign = (z[targets].astype(np.int64) @ x[row].astype(np.int64)) & 1
+        m[targets] = (m[targets] + m[row] + 2 * sign) & 3
+
+    rank = len(_row_reduce(x, [z], [m], multiply))
     basis = x[:rank].copy()
-    # Rows rank.. have no X part: (-1)^(m/2) Z^z. Solve z . x0 = m/2 (mod 2) for one x0.
-    a = z[rank:].copy()
-    b = (m[rank:] >> 1).astype(np.uint8)
-    x0 = np.zeros(n, dtype=np.uint8)
-    pivots = []
-    row = 0
-    for column in range(n):
-        if row == a.shape[0]:
+    # Rows rank.. have no X part: (-1)^(m/2) Z^z. Solve z . x0 = m/2 (mod 2) for one x0 (free bits 0).
+    parities = z[rank:].copy()
+    values = (m[rank:] >> 1).astype(np.uint8)
+    x0 = np.zeros(x.shape[1], dtype=np.uint8)
+    for row, column in enumerate(_row_reduce(parities, [values])):
+        x0[column] = values[row]
+    return x0, basis
+
+
+def _row_reduce(bits: np.ndarray, added: list, swapped: Sequence = (), before_adding=None) -> list[int]:
+    """Bring ``bits`` (rows x columns over GF(2)) to reduced row echelon form in place; returns the
+    pivot columns, row i's pivot first. Rows of each ``added`` array are swapped and added (XOR)
+    with those of ``bits``; rows of each ``swapped`` array only swapped, ``before_adding(targets,
+    row)`` called before rows ``targets`` have row ``row`` added."""
+    rows, columns = bits.shape
+    pivots: list[int] = []
+    for column in range(columns):
+        row = len(pivots)
+        if row == rows:
             break
-        candidates = np.flatnonzero(a[row:, column])
+        candidates = np.flatnonzero(bits[row:, column])
         if not candidates.size:
             continue
         pivot = row + int(candidates[0])
         if pivot != row:
-            a[[row, pivot]] = a[[pivot, row]]
-            b[[row, pivot]] = b[[pivot, row]]
-        others = np.flatnonzero(a[:, column])
-        others = others[others != row]
-        a[others] ^= a[row]
-        b[others] ^= b[row]
+            for array in (bits, *added, *swapped):
+                array[[row, pivot]] = array[[pivot, row]]
+        targets = np.flatnonzero(bits[:, column])
+        targets = targets[targets != row]
+        if targets.size:
+            if before_adding is not None:
+                before_adding(targets, row)
+            for array in (bits, *added):
+                array[targets] ^= array[row]
         pivots.append(column)
-        row += 1
-    for r, column in enumerate(pivots):
-        x0[column] = b[r]
-    return x0, basis
+    return pivots
