@@ -102,12 +102,16 @@ class _Table:
         self._on: dict = {}
 
     def on(self, xp: Any) -> tuple:
-        """The table's arrays on ``xp``'s device (copied there once)."""
+        """The table's arrays on ``xp``'s current device (copied there once per device)."""
         if xp is np:
             return self.x, self.z, self.m
-        arrays = self._on.get(id(xp))
+        try:
+            key = (id(xp), xp.cuda.runtime.getDevice())
+        except Exception:  # an array module without CUDA's runtime (a stand-in)
+            key = (id(xp), 0)
+        arrays = self._on.get(key)
         if arrays is None:
-            arrays = self._on[id(xp)] = (xp.asarray(self.x), xp.asarray(self.z), xp.asarray(self.m))
+            arrays = self._on[key] = (xp.asarray(self.x), xp.asarray(self.z), xp.asarray(self.m))
         return arrays
 
 
