@@ -497,48 +497,62 @@ class StabilizerState:
 def _support(x: np.ndarray, z: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The support of the stabilizer state with rows ``i^m X^x Z^z`` (x, z: rows x qubits bits):
     Gaussian elimination brings the X parts to a basis of ``rank`` rows; the other rows are then
-    ``(-1)^s Z^z``, each a parity ``z . x0 = s`` every outcome satisfies."""
-    m = m.copy()
+    ``(-1)^s Z^z``, each a parity ``z . x0 = s`` every outcome satisfies. Rows are packed 64
+    qubits to a word for the elimination."""
+    n = x.shape[1]
+    xw, zw = _pack(x), _pack(z)
+    m = m.astype(np.int64)
 
     def multiply(targets: np.ndarray, row: int) -> None:  # rows ``targets`` times row ``row``: their phases
-        sign = (z[targets].astype(np.int64) @ x[row].astype(np.int64)) & 1
+        sign = np.bitwise_count(zw[targets] & xw[row]).sum(axis=1, dtype=np.int64) & 1
         m[targets] = (m[targets] + m[row] + 2 * sign) & 3
 
-    rank = len(_row_reduce(x, [z], [m], multiply))
-    basis = x[:rank].copy()
+    rank = len(_row_reduce(xw, [zw], [m], multiply))
+    basis = np.unpackbits(xw[:rank].view(np.uint8), axis=1, count=n, bitorder="little")
     # Rows rank.. have no X part: (-1)^(m/2) Z^z. Solve z . x0 = m/2 (mod 2) for one x0 (free bits 0).
-    parities = z[rank:].copy()
+    parities = zw[rank:].copy()
     values = (m[rank:] >> 1).astype(np.uint8)
-    x0 = np.zeros(x.shape[1], dtype=np.uint8)
+    x0 = np.zeros(n, dtype=np.uint8)
     for row, column in enumerate(_row_reduce(parities, [values])):
         x0[column] = values[row]
     return x0, basis
 
 
-def _row_reduce(bits: np.ndarray, added: list, swapped: Sequence = (), before_adding=None) -> list[int]:
-    """Bring ``bits`` (rows x columns over GF(2)) to reduced row echelon form in place; returns the
-    pivot columns, row i's pivot first. Rows of each ``added`` array are swapped and added (XOR)
-    with those of ``bits``; rows of each ``swapped`` array only swapped, ``before_adding(targets,
-    row)`` called before rows ``targets`` have row ``row`` added."""
-    rows, columns = bits.shape
+def _pack(bits: np.ndarray) -> np.ndarray:
+    """Rows of 0/1 bytes as rows of uint64 words, column c at bit c % 64 of word c // 64."""
+    packed = np.packbits(bits, axis=1, bitorder="little")
+    width = -(-packed.shape[1] // 8) * 8
+    padded = np.zeros((bits.shape[0], max(width, 8)), dtype=np.uint8)
+    padded[:, : packed.shape[1]] = packed
+    return padded.view("<u8")
+
+
+def _row_reduce(words: np.ndarray, added: list, swapped: Sequence = (), before_adding=None) -> list[int]:
+    """Bring ``words`` (rows of bits over GF(2), packed by :func:`_pack`) to reduced row echelon
+    form in place; returns the pivot columns, row i's pivot first. Rows of each ``added`` array are
+    swapped and added (XOR) with those of ``words``; rows of each ``swapped`` array only swapped;
+    ``before_adding(targets, row)`` is called before rows ``targets`` have row ``row`` added."""
+    rows = words.shape[0]
     pivots: list[int] = []
-    for column in range(columns):
+    for column in range(64 * words.shape[1]):
         row = len(pivots)
         if row == rows:
             break
-        candidates = np.flatnonzero(bits[row:, column])
+        bit = (words[:, column >> 6] >> np.uint64(column & 63)) & np.uint64(1)
+        candidates = np.flatnonzero(bit[row:])
         if not candidates.size:
             continue
         pivot = row + int(candidates[0])
         if pivot != row:
-            for array in (bits, *added, *swapped):
+            for array in (words, *added, *swapped):
                 array[[row, pivot]] = array[[pivot, row]]
-        targets = np.flatnonzero(bits[:, column])
+            bit[[row, pivot]] = bit[[pivot, row]]
+        targets = np.flatnonzero(bit)
         targets = targets[targets != row]
         if targets.size:
             if before_adding is not None:
                 before_adding(targets, row)
-            for array in (bits, *added):
+            for array in (words, *added):
                 array[targets] ^= array[row]
         pivots.append(column)
     return pivots
