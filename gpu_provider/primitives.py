@@ -55,10 +55,10 @@ from .engine.distributed import (
     run_on_ranks,
 )
 from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory, stabilizer_bytes
-from .engine.expectation import PauliSum, batch_expectation_values, expectation_values, pauli_sum
+from .engine.expectation import MAX_MASK_QUBITS, PauliSum, batch_expectation_values, expectation_values, pauli_sum
 from .engine.program import Measure, is_sampling_friendly
 from .engine.trajectories import branch_points, run_exact
-from .engine.stabilizer import require_clifford, why_not_clifford
+from .engine.stabilizer import StabilizerState, require_clifford, why_not_clifford
 from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError
 from .job import GPUJob
 
@@ -150,7 +150,7 @@ class _Primitive:
         return device, options.precision, reason
 
     def _compile(self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0, tableaux: bool = False) -> CompiledCircuit:
-        """``circuit`` compiled once per run. With ``tableaux`` (the sampler), a Clifford circuit may run
+        """``circuit`` compiled once per run. With ``tableaux``, a Clifford circuit may run
         as a stabilizer state, as the backend's ``method`` option says: then ``compiled.method`` is
         "stabilizer" (unfused: its gates are read one by one)."""
         key = id(circuit)
@@ -187,8 +187,7 @@ class _Primitive:
         coerced = [_coerce(kind, pub, default, i) for i, pub in enumerate(_pub_list(pubs))]
         global_qubits = ranks.global_qubits if ranks is not None else 0
         cache: dict = {}
-        tableaux = kind is SamplerPub
-        return [(pub, self._compile(pub.circuit, device, cache, global_qubits, tableaux)) for pub in coerced]
+        return [(pub, self._compile(pub.circuit, device, cache, global_qubits, tableaux=True)) for pub in coerced]
 
     @staticmethod
     def _agreed(ranks: Optional[Ranks], prepare):
@@ -311,6 +310,13 @@ def _as_pauli_sum(observable, num_qubits: int) -> PauliSum:
     indices = np.asarray(observable.indices, dtype=np.uint64)
     boundaries = np.asarray(observable.boundaries, dtype=np.int64)
     count = observable.num_terms
+    if num_qubits > MAX_MASK_QUBITS:  # a stabilizer state's observable: Python-integer masks
+        x_masks, z_masks = [], []
+        for term in range(count):
+            letters = range(boundaries[term], boundaries[term + 1])
+            x_masks.append(sum(1 << int(indices[i]) for i in letters if int(bit_terms[i]) & 2))
+            z_masks.append(sum(1 << int(indices[i]) for i in letters if int(bit_terms[i]) & 1))
+        return pauli_sum(num_qubits, x_masks, z_masks, np.asarray(observable.coeffs, dtype=np.complex128))
     owner = np.repeat(np.arange(count), np.diff(boundaries))
     x = np.zeros(count, dtype=np.uint64)
     z = np.zeros(count, dtype=np.uint64)
@@ -331,7 +337,10 @@ def _measured_mask(program) -> int:
 
 def _dephased(observable: PauliSum, measured: int) -> PauliSum:
     """``observable`` after Z measurements of the ``measured`` qubits: only its terms with I or Z there."""
-    keep = (observable.x & np.uint64(measured)) == 0
+    if observable.x.dtype == object:  # Python-integer masks (wider than 64 qubits)
+        keep = np.array([(int(x) & measured) == 0 for x in observable.x], dtype=bool)
+    else:
+        keep = (observable.x & np.uint64(measured)) == 0
     if keep.all():
         return observable
     if not keep.any():  # nothing survives: the value is 0
@@ -417,7 +426,18 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
             return PrimitiveResult(results, metadata={"version": 2})
 
         circuits = [task.pub.circuit for task in tasks]
-        return self._submit(device, prepared["ops_total"], work, circuits, group, max((task.branch_copies for task in tasks), default=0))
+        tableaux = [_tableau_reserve(task) for task in tasks if _on_tableau(task.compiled)]
+        vectors = [task.pub.circuit for task in tasks if not _on_tableau(task.compiled)]
+        return self._submit(
+            device,
+            prepared["ops_total"],
+            work,
+            circuits,
+            group,
+            max((task.branch_copies for task in tasks if not _on_tableau(task.compiled)), default=0),
+            tableau_bytes=max(tableaux, default=0),
+            vector_circuits=vectors,
+        )
 
     def _prepare(self, pubs, precision, ranks) -> dict:
         """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
@@ -443,6 +463,7 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
             elif template is not None:
                 # Exact branching: a state copy waits per uncertain measurement on a path.
                 copies = branch_points(template.ops)
+            if template is not None and copies and not _on_tableau(compiled):
                 local = n - (ranks.global_qubits if ranks is not None else 0)
                 device.check_fits(local, np.dtype(PRECISIONS[dtype_name]).itemsize, arrays=2 + copies)
             shape = np.broadcast_shapes(pub.parameter_values.shape, pub.observables.shape)
@@ -505,7 +526,14 @@ def _estimate(
     batched = 0
     compiled = task.compiled
     n = pub.circuit.num_qubits
-    if group is not None and group.global_qubits:
+    tableau = _on_tableau(compiled)
+    if tableau:  # a stabilizer state, one binding at a time, on the job's device
+        state = StabilizerState(device.xp, n)
+        for binding, positions in by_binding.items():
+            program = _clifford_binding(compiled, task.values[binding])
+            program_ops = program.num_ops
+            _store(positions, _expectations(program, state, [bc_obs[p] for p in positions], config, execution), bc_obs, evs)
+    elif group is not None and group.global_qubits:
         # Split over the MPI ranks: one binding at a time on one DistributedStateVector;
         # expectation_values reduces over the ranks, so every rank gets every value.
         for binding, positions in by_binding.items():
@@ -514,7 +542,7 @@ def _estimate(
             if state is None:
                 state = DistributedStateVector(device.xp, n, config.dtype, device_kernels(device, config.dtype), group, program.ops)
             _store(positions, _expectations(program, state, [bc_obs[p] for p in positions], config, group), bc_obs, evs)
-    chunks = [] if group is not None and group.global_qubits else _chunks(list(by_binding.items()), n)
+    chunks = [] if tableau or (group is not None and group.global_qubits) else _chunks(list(by_binding.items()), n)
     for chunk in chunks:
         kernels = device_kernels(device, config.dtype)
         if len(chunk) > 1 and compiled.can_batch:
@@ -691,14 +719,26 @@ class SamplerV2(_Primitive, BaseSamplerV2):
         return prepared
 
 
-def _tableau_reserve(task: "_SamplerTask") -> int:
-    """Bytes a sampler task run as stabilizer states needs at once (one parameter set at a time)."""
+def _tableau_reserve(task) -> int:
+    """Bytes a task run as stabilizer states needs at once (one parameter set at a time)."""
     shape = task.values.shape[:-1]
     if not int(np.prod(shape, dtype=np.int64)):
         return 0
     template = task.compiled.template
     program = template if template is not None else task.compiled.bind(task.values[(0,) * len(shape)])
-    return stabilizer_bytes(program, RunConfig(shots=task.shots, method="stabilizer"))
+    # The estimator's exact branching keeps a copy per uncertain measurement on a path: as shot
+    # branching with that many forks (2^copies shots) would.
+    shots = getattr(task, "shots", None) or 1 << max(getattr(task, "branch_copies", 0), 0)
+    return stabilizer_bytes(program, RunConfig(shots=shots, method="stabilizer"))
+
+
+def _clifford_binding(compiled: CompiledCircuit, values: np.ndarray):
+    """The Program of one parameter set of a circuit run as a stabilizer state (it must be Clifford)."""
+    program = compiled.bind(values)
+    reason = why_not_clifford(program)
+    if reason is not None:
+        raise InvalidInputError(f"circuit {compiled.circuit.name!r} runs as a stabilizer state, but with parameters {np.asarray(values).tolist()} {reason}")
+    return program
 
 
 def _on_tableau(compiled: CompiledCircuit) -> bool:
@@ -738,11 +778,8 @@ def _sample(
     if _on_tableau(compiled):  # a stabilizer state per parameter set
         chunks = []
         for index in np.ndindex(*shape):
-            program = compiled.bind(task.values[index])
+            program = _clifford_binding(compiled, task.values[index])
             program_ops = program.num_ops
-            reason = why_not_clifford(program)
-            if reason is not None:
-                raise InvalidInputError(f"circuit {circuit.name!r} runs as a stabilizer state, but with parameters {task.values[index].tolist()} {reason}")
             config = RunConfig(shots=task.shots, seed=int(seeds.integers(0, 2**62)), memory=True, precision=precision, method="stabilizer")
             memory = run_program(program, device, config, execution).memory or [0] * task.shots
             for name, bits in registers:

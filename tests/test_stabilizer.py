@@ -336,8 +336,9 @@ def test_sampler_runs_wide_clifford_circuits_as_stabilizer_states():
     not_clifford.t(0)
     with pytest.raises(CircuitTooLargeError, match="not a Clifford"):
         sampler.run([not_clifford])
-    with pytest.raises(CircuitTooLargeError):  # the estimator's Pauli masks hold 64 qubits: no tableau there
-        EstimatorV2(backend_options={"device": "CPU"}).run([(ghz(100).remove_final_measurements(inplace=False), "Z" * 100)])
+    unmeasured = ghz(100).remove_final_measurements(inplace=False)
+    evs = EstimatorV2(backend_options={"device": "CPU"}).run([(unmeasured, ["Z" * 100, "X" * 100, "Z" * 99 + "I"])]).result()[0].data.evs
+    np.testing.assert_allclose(evs, [1.0, 1.0, 0.0], atol=1e-12)  # the GHZ state's Z...Z and X...X are +1
     explicit = SamplerV2(backend_options={"device": "CPU", "method": "stabilizer"}, seed=2)
     circuit = measured(random_clifford_circuit(5, 20, seed=9))
     counts = explicit.run([circuit], shots=3000).result()[0].data.meas.get_counts()
@@ -360,3 +361,49 @@ def test_wide_gates_are_judged_without_building_their_matrices():
     assert time.perf_counter() - start < 5
     with pytest.raises(NotCliffordError):
         EngineStabilizer(np, 8).apply_controlled(tuple(range(7)), 0, (7,), np.array([[0, 1], [1, 0]]))
+
+
+def test_estimator_runs_wide_clifford_circuits_as_stabilizer_states():
+    """127 qubits (a heavy-hex device's width): Pauli sums against Qiskit's StabilizerState."""
+    from qiskit.quantum_info import Pauli
+
+    from gpu_provider import EstimatorV2
+
+    rng = np.random.default_rng(4)
+    n = 127
+    circuit = random_clifford_circuit(n, 600, seed=3)
+    exact = StabilizerState(Clifford(circuit))
+    stabilizers = [label.lstrip("+-") for label in exact.clifford.to_labels(mode="S")[:3]]
+    observables = [
+        SparsePauliOp(["".join(rng.choice(list("IXYZ"), n)) for _ in range(3)] + stabilizers[i : i + 2], rng.normal(size=5))
+        for i in range(2)
+    ]
+    result = EstimatorV2(backend_options={"device": "CPU"}).run([(circuit, observables)]).result()[0]
+    expected = [sum(c.real * exact.expectation_value(Pauli(label)) for label, c in o.to_list()) for o in observables]
+    np.testing.assert_allclose(result.data.evs, expected, atol=1e-12)
+    assert result.metadata["simulator_metadata"]["method"] == "stabilizer"
+    assert np.all(np.abs(expected) > 1e-6)  # the stabilizer terms do not vanish
+    # Final measurements collapse (X/Y terms on measured qubits drop); the first qubit's stabilizer sign stays.
+    measured = circuit.copy()
+    measured.add_register(__import__("qiskit").ClassicalRegister(1))
+    measured.measure(0, 0)
+    z_only = "".join("Z" if c in "ZY" else "I" for c in stabilizers[0])
+    terms = SparsePauliOp([stabilizers[0], z_only[:-1] + ("Z" if stabilizers[0][-1] != "I" else "I")])
+    ours = EstimatorV2(backend_options={"device": "CPU"}).run([(measured, terms)]).result()[0].data.evs
+    kept = [(label, c) for label, c in terms.to_list() if label[-1] not in "XY"]
+    collapsed = sum(c.real * exact.expectation_value(Pauli(label)) for label, c in kept) if kept else 0.0
+    # Measuring qubit 0 leaves every term that commutes with Z_0 unchanged; the others average to 0.
+    assert ours == pytest.approx(collapsed, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_estimator_dynamic_clifford_circuits_match_the_state_vector_estimator(seed):
+    """Exact branching over a tableau: the same averages as over a state vector."""
+    from gpu_provider import EstimatorV2
+
+    circuit = _dynamic(6, seed)
+    observables = [SparsePauliOp(label) for label in ("ZZIIII", "XIXIII", "IYZIXI", "ZIIIIZ", "IIIXII")]
+    tableau = EstimatorV2(backend_options={"device": "CPU", "method": "stabilizer"}).run([(circuit, observables)]).result()[0]
+    vector = EstimatorV2(backend_options={"device": "CPU"}).run([(circuit, observables)]).result()[0]
+    assert tableau.metadata["simulator_metadata"]["method"] == "stabilizer"
+    np.testing.assert_allclose(tableau.data.evs, vector.data.evs, atol=1e-10)

@@ -60,10 +60,14 @@ def pauli_sum(num_qubits: int, x, z, coeffs) -> PauliSum:
     """A :class:`PauliSum` of Hermitian Pauli strings: term t is ``coeffs[t]`` times the
     tensor product with X where only ``x`` is set, Z where only ``z`` is, Y where both are.
 
-    The ``i`` of each ``Y = i X Z`` is folded into the coefficient here.
+    The ``i`` of each ``Y = i X Z`` is folded into the coefficient here. Wider than
+    ``MAX_MASK_QUBITS`` qubits (a stabilizer state's observables), the masks are Python
+    integers (an object array) instead of uint64.
     """
-    if not 0 <= num_qubits <= MAX_MASK_QUBITS:
-        raise InvalidInputError(f"Pauli observables are supported on up to {MAX_MASK_QUBITS} qubits, not {num_qubits}")
+    if num_qubits > MAX_MASK_QUBITS:
+        return _wide_pauli_sum(num_qubits, x, z, coeffs)
+    if not 0 <= num_qubits:
+        raise InvalidInputError(f"a Pauli observable needs a non-negative number of qubits, not {num_qubits}")
     x = np.asarray(x, dtype=np.uint64).reshape(-1)
     z = np.asarray(z, dtype=np.uint64).reshape(-1)
     coeffs = np.asarray(coeffs, dtype=np.complex128).reshape(-1)
@@ -76,6 +80,27 @@ def pauli_sum(num_qubits: int, x, z, coeffs) -> PauliSum:
         raise InvalidInputError("a Pauli coefficient is NaN or infinite")
     num_y = _popcount(x & z)
     return PauliSum(num_qubits, x, z, coeffs * (1j ** (num_y % 4)))
+
+
+def _wide_pauli_sum(num_qubits: int, x, z, coeffs) -> PauliSum:
+    x = np.array([int(v) for v in np.asarray(x, dtype=object).reshape(-1)], dtype=object)
+    z = np.array([int(v) for v in np.asarray(z, dtype=object).reshape(-1)], dtype=object)
+    coeffs = np.asarray(coeffs, dtype=np.complex128).reshape(-1)
+    if not x.shape == z.shape == coeffs.shape:
+        raise InvalidInputError(f"x, z and coeffs must have one entry per term, got {x.shape}, {z.shape}, {coeffs.shape}")
+    if any((a | b) >> num_qubits or a < 0 or b < 0 for a, b in zip(x, z)):
+        raise InvalidInputError(f"a Pauli term acts on a qubit outside 0..{num_qubits - 1}")
+    if not np.all(np.isfinite(coeffs)):
+        raise InvalidInputError("a Pauli coefficient is NaN or infinite")
+    num_y = np.array([(a & b).bit_count() for a, b in zip(x, z)], dtype=np.int64)
+    return PauliSum(num_qubits, x, z, coeffs * (1j ** (num_y % 4)))
+
+
+def mask_bits(masks: np.ndarray, num_qubits: int) -> np.ndarray:
+    """(terms, num_qubits) 0/1 bytes of uint64 or Python-integer masks, column q for qubit q."""
+    data = b"".join(int(v).to_bytes(-(-num_qubits // 8) or 1, "little") for v in masks)
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(len(masks), -1)
+    return np.unpackbits(rows, axis=1, count=num_qubits, bitorder="little")
 
 
 def _popcount(masks: np.ndarray) -> np.ndarray:
@@ -116,8 +141,9 @@ def expectation_values(state, observables: Sequence[PauliSum]) -> np.ndarray:
     and every X-mask group costs one pass over the state. The state is not
     moved or copied to the host.
     """
-    if getattr(state, "distributed", False):  # split over MPI ranks: engine.distributed reduces over them
-        return state.expectation_values(observables)
+    own = getattr(state, "expectation_values", None)
+    if own is not None:  # a state split over MPI ranks (reduced over them), or a stabilizer state
+        return own(observables)
     n = state.num_qubits
     for index, observable in enumerate(observables):
         if observable.num_qubits != n:
