@@ -167,7 +167,7 @@ def _cached_table(data: bytes, dim: int) -> Optional[_Table]:
         rx, rz, rm = xs[rest], zs[rest], ms[rest]
         xs[index] = gx ^ rx
         zs[index] = gz ^ rz
-        ms[index] = (gm + rm + 2 * int(_popcount(np.array(gz & rx)))) & 3
+        ms[index] = (gm + rm + 2 * (gz & int(rx)).bit_count()) & 3
     bits = np.arange(k)
     x_bits = ((xs[None, :] >> bits[:, None]) & 1).astype(np.uint8)
     z_bits = ((zs[None, :] >> bits[:, None]) & 1).astype(np.uint8)
