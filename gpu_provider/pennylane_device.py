@@ -159,7 +159,8 @@ class GPUQubitDevice(Device):
         if config.use_device_jacobian_product is None:
             updates["use_device_jacobian_product"] = False
         if updates.get("use_device_gradient", config.use_device_gradient) and config.grad_on_execution is None:
-            updates["grad_on_execution"] = True
+            # With device_vjp=True the VJP comes after the forward run (PennyLane's reverse pass).
+            updates["grad_on_execution"] = not updates.get("use_device_jacobian_product", config.use_device_jacobian_product)
         shots_present = bool(circuit is not None and circuit.shots)
         mcm = config.mcm_config
         method = None if mcm.mcm_method is None else str(getattr(mcm.mcm_method, "value", mcm.mcm_method))
@@ -271,6 +272,24 @@ class GPUQubitDevice(Device):
         results = tuple(p[0] for p in pairs)
         jacobians = tuple(p[1] for p in pairs)
         return (results[0], jacobians[0]) if single else (results, jacobians)
+
+    def supports_vjp(self, execution_config: Optional[ExecutionConfig] = None, circuit: Optional[QuantumScript] = None) -> bool:
+        """``device_vjp=True``: the same adjoint Jacobian as :meth:`supports_derivatives`, contracted with the cotangents."""
+        return self.supports_derivatives(execution_config, circuit)
+
+    def compute_vjp(self, circuits, cotangents, execution_config: Optional[ExecutionConfig] = None):
+        single = isinstance(circuits, QuantumScript)
+        batch, cotangents = ((circuits,), (cotangents,)) if single else (circuits, cotangents)
+        vjps = tuple(_vjp(tape, self._adjoint(tape)[1], dy) for tape, dy in zip(batch, cotangents))
+        return vjps[0] if single else vjps
+
+    def execute_and_compute_vjp(self, circuits, cotangents, execution_config: Optional[ExecutionConfig] = None):
+        single = isinstance(circuits, QuantumScript)
+        batch, cotangents = ((circuits,), (cotangents,)) if single else (circuits, cotangents)
+        pairs = [self._adjoint(tape) for tape in batch]
+        results = tuple(result for result, _ in pairs)
+        vjps = tuple(_vjp(tape, jacobian, dy) for tape, (_, jacobian), dy in zip(batch, pairs, cotangents))
+        return (results[0], vjps[0]) if single else (results, vjps)
 
     # -- internals -------------------------------------------------------------
 
@@ -604,6 +623,15 @@ def _variance(state, obs, layout: "_Layout") -> float:
         applied = apply_observable(state, observable)
         square = inner(applied, applied).real
     return float(square - mean * mean)
+
+
+def _vjp(tape: QuantumScript, jacobian, cotangent):
+    """The cotangent contracted with the tape's adjoint Jacobian, in PennyLane's shapes."""
+    from pennylane.gradients.vjp import compute_vjp_multi, compute_vjp_single
+
+    if len(tape.measurements) == 1:
+        return compute_vjp_single(cotangent, jacobian)
+    return compute_vjp_multi(cotangent, jacobian)
 
 
 def _exact_measurement(mp) -> bool:

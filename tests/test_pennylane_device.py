@@ -565,3 +565,31 @@ def test_a_sparse_hamiltonian_with_shots_is_refused_before_running():
     assert exact == pytest.approx(np.cos(0.3), abs=1e-12)
     with pytest.raises(DeviceError, match="SparseHamiltonian"):
         qml.set_shots(qml.QNode(circuit, qml.device(DEVICE, wires=2)), 100)()
+
+
+def test_device_vjp_contracts_the_adjoint_jacobian(monkeypatch):
+    """device_vjp=True: the device's VJP (adjoint Jacobian times the cotangents), as default.qubit's."""
+    from gpu_provider.pennylane_device import GPUQubitDevice
+
+    calls = []
+    original = GPUQubitDevice.execute_and_compute_vjp
+    monkeypatch.setattr(GPUQubitDevice, "execute_and_compute_vjp", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original_vjp = GPUQubitDevice.compute_vjp
+    monkeypatch.setattr(GPUQubitDevice, "compute_vjp", lambda self, *a, **k: calls.append(2) or original_vjp(self, *a, **k))
+
+    def circuit(a, b):
+        qml.RX(a, 0)
+        qml.RY(b, 1)
+        qml.CNOT([0, 1])
+        qml.RZ(a * b, 2)
+        qml.Hadamard(2)
+        return qml.expval(qml.Z(1)), qml.expval(qml.X(2) @ qml.Z(0) + 0.5 * qml.Y(1))
+
+    a, b = pnp.array(0.3, requires_grad=True), pnp.array(0.7, requires_grad=True)
+    results = {}
+    for name in (DEVICE, "default.qubit"):
+        qnode = qml.QNode(circuit, qml.device(name, wires=3), diff_method="adjoint", device_vjp=True)
+        results[name] = (qml.grad(lambda a, b: 2 * qnode(a, b)[0] + qnode(a, b)[1])(a, b), qml.jacobian(lambda a, b: pnp.stack(qnode(a, b)))(a, b))
+    assert calls, "the device's VJP was not used"
+    for mine, theirs in zip(results[DEVICE], results["default.qubit"]):
+        np.testing.assert_allclose(np.asarray(mine, dtype=float), np.asarray(theirs, dtype=float), atol=1e-10)
