@@ -2,13 +2,16 @@
 
 Run from the repository root::
 
-    python -m benchmarks.stabilizer [--device cpu|gpu] [--families ghz,clifford,dynamic]
+    python -m benchmarks.stabilizer [--device cpu|gpu] [--families ghz,clifford,dynamic,repetition]
                                     [--sizes 100,500,1000] [--shots 1000] [--repeats 3] [--out bench-out]
 
 Families: ``ghz`` (H and a CX chain, every qubit measured), ``clifford``
 (Qiskit's ``random_clifford_circuit`` with 10 gates per qubit, every qubit
 measured), ``dynamic`` (the clifford circuit with a mid-circuit measurement,
-a reset and a conditioned CX every 50 qubits, then every qubit measured). One
+a reset and a conditioned CX every 50 qubits, then every qubit measured),
+``repetition`` (a repetition code: n/2 data qubits in |+>, n/2 - 1 ancillas
+measuring neighbouring parities and reset, 5 rounds, then the data measured:
+random syndromes, no feed-forward, so Pauli frames here). One
 timed call is ``backend.run(circuit, shots=...).result()`` for both, with
 ``method="stabilizer"``; Aer's circuit is transpiled to its basis beforehand
 (not timed). Each simulator gets one warm-up call on the smallest size, then
@@ -32,6 +35,25 @@ def circuit(family: str, n: int):
     from qiskit import QuantumCircuit
     from qiskit.circuit.random import random_clifford_circuit
 
+    if family == "repetition":
+        from qiskit import ClassicalRegister, QuantumRegister
+
+        d = n // 2
+        data, ancillas = QuantumRegister(d, "d"), QuantumRegister(d - 1, "a")
+        qc = QuantumCircuit(data, ancillas)
+        qc.h(data)
+        for r in range(5):
+            register = ClassicalRegister(d - 1, f"s{r}")
+            qc.add_register(register)
+            for i in range(d - 1):
+                qc.cx(data[i], ancillas[i])
+                qc.cx(data[i + 1], ancillas[i])
+            qc.measure(ancillas, register)
+            qc.reset(ancillas)
+        final = ClassicalRegister(d, "out")
+        qc.add_register(final)
+        qc.measure(data, final)
+        return qc
     if family == "ghz":
         qc = QuantumCircuit(n)
         qc.h(0)
@@ -57,7 +79,7 @@ def circuit(family: str, n: int):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    parser.add_argument("--families", default="ghz,clifford,dynamic")
+    parser.add_argument("--families", default="ghz,clifford,dynamic,repetition")
     parser.add_argument("--sizes", default="100,500,1000")
     parser.add_argument("--shots", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from qiskit import QuantumCircuit
+from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister
 from qiskit.circuit.library import PauliEvolutionGate
 from qiskit.circuit.random import random_clifford_circuit
 from qiskit.quantum_info import Clifford, SparsePauliOp, StabilizerState, Statevector
@@ -407,3 +407,74 @@ def test_estimator_dynamic_clifford_circuits_match_the_state_vector_estimator(se
     vector = EstimatorV2(backend_options={"device": "CPU"}).run([(circuit, observables)]).result()[0]
     assert tableau.metadata["simulator_metadata"]["method"] == "stabilizer"
     np.testing.assert_allclose(tableau.data.evs, vector.data.evs, atol=1e-10)
+
+
+def _measure_reset_circuit(seed: int) -> QuantumCircuit:
+    """Clifford layers with mid-circuit measurements and resets, no feed-forward: Pauli frames."""
+    r = np.random.default_rng(seed)
+    n = int(r.integers(2, 7))
+    qc = QuantumCircuit(n)
+    mid = ClassicalRegister(5, "m")
+    qc.add_register(mid)
+    qc.add_register(ClassicalRegister(n, "f"))
+    for _ in range(int(r.integers(2, 6))):
+        qc.compose(random_clifford_circuit(n, int(r.integers(1, 3 * n + 1)), seed=int(r.integers(1 << 30))), inplace=True)
+        q = int(r.integers(n))
+        qc.measure(q, mid[int(r.integers(5))])
+        if r.integers(2):
+            qc.reset(q)
+    qc.measure(range(n), qc.cregs[1])
+    return qc
+
+
+def test_pauli_frames_match_the_state_vector():
+    for seed in range(12):
+        circuit = _measure_reset_circuit(seed)
+        result = GPUSimulator(device="CPU", method="stabilizer").run(circuit, shots=3000, seed_simulator=seed, memory=True).result()
+        metadata = result.results[0].metadata
+        assert metadata.get("pauli_frames") or metadata["measure_sampling"]
+        expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=seed + 50).result().get_counts()
+        assert_counts_agree(result.get_counts(), expected)
+        memory = result.get_memory()
+        assert {key: memory.count(key) for key in set(memory)} == result.get_counts()
+
+
+def test_a_wide_repetition_code_runs_as_pauli_frames_with_consistent_syndromes():
+    """61 data qubits in |+>, 60 ancillas, 5 rounds: round 0's syndromes are random, later rounds repeat
+    them, and the final data bits reproduce them (every shot exactly), with 180 clbits per shot."""
+    d, rounds = 61, 5
+    data, ancillas = QuantumRegister(d, "d"), QuantumRegister(d - 1, "a")
+    circuit = QuantumCircuit(data, ancillas)
+    syndromes = [ClassicalRegister(d - 1, f"s{r}") for r in range(rounds)]
+    for register in syndromes:
+        circuit.add_register(register)
+    final = ClassicalRegister(d, "out")
+    circuit.add_register(final)
+    circuit.h(data)
+    for r in range(rounds):
+        for i in range(d - 1):
+            circuit.cx(data[i], ancillas[i])
+            circuit.cx(data[i + 1], ancillas[i])
+        circuit.measure(ancillas, syndromes[r])
+        circuit.reset(ancillas)
+    circuit.measure(data, final)
+    result = GPUSimulator(device="CPU").run(circuit, shots=400, seed_simulator=3, memory=True).result()
+    assert result.results[0].metadata["method"] == "stabilizer" and result.results[0].metadata["pauli_frames"]
+    ones = np.zeros(d - 1)
+    for shot in result.get_memory():
+        registers = shot.split(" ")[::-1]  # s0 ... s4, out (each written high bit first)
+        bits = [register[::-1] for register in registers]
+        out = [int(b) for b in bits[-1]]
+        parity = [out[i] ^ out[i + 1] for i in range(d - 1)]
+        for r in range(rounds):
+            assert [int(b) for b in bits[r]] == parity
+        ones += parity
+    assert np.all((ones > 120) & (ones < 280))  # each syndrome bit about half the 400 shots
+
+
+def test_pauli_frames_on_the_device_path_of_a_cupy_stand_in(fake_gpu):  # noqa: F811
+    circuit = _measure_reset_circuit(3)
+    on_gpu = GPUSimulator(device="GPU", method="stabilizer").run(circuit, shots=3000, seed_simulator=3).result()
+    assert on_gpu.results[0].metadata["device"].startswith("GPU") and on_gpu.results[0].metadata["pauli_frames"]
+    expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=4).result().get_counts()
+    assert_counts_agree(on_gpu.get_counts(), expected)

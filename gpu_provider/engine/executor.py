@@ -670,8 +670,13 @@ def run_program(
     if config.method == "stabilizer":
         if group is not None:
             raise SimulationError("method='stabilizer' runs on one process; a stabilizer state is not split over MPI ranks")
-        from .stabilizer import StabilizerState
+        from .stabilizer import StabilizerState, frames_fit, sample_frames
 
+        if not sampling and config.shots > 1 and frames_fit(program):
+            # Mid-circuit measurements and resets without feed-forward: all shots at once as Pauli frames.
+            tally = _Tally(config.memory)
+            tally.add_many(sample_frames(program, config.shots, rng, execution, xp=device.xp))
+            return experiment_output(program, device, config, tally, None, sampling, time.perf_counter() - start, {"pauli_frames": True})
         state = StabilizerState(device.xp, program.num_qubits)
     elif group is not None:
         from .distributed import DistributedStateVector
