@@ -478,3 +478,15 @@ def test_pauli_frames_on_the_device_path_of_a_cupy_stand_in(fake_gpu):  # noqa: 
     assert on_gpu.results[0].metadata["device"].startswith("GPU") and on_gpu.results[0].metadata["pauli_frames"]
     expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=4).result().get_counts()
     assert_counts_agree(on_gpu.get_counts(), expected)
+
+
+def test_pauli_frames_in_chunks_of_shots(monkeypatch):
+    """Shots past FRAME_CHUNK_SHOTS run chunk by chunk (memory independent of the shots), same distribution."""
+    from gpu_provider.engine import stabilizer
+
+    monkeypatch.setattr(stabilizer, "FRAME_CHUNK_SHOTS", 96)  # 3000 shots: 31 full chunks and a partial one
+    circuit = _measure_reset_circuit(5)
+    result = GPUSimulator(device="CPU", method="stabilizer").run(circuit, shots=3000, seed_simulator=8, memory=True).result()
+    assert result.results[0].metadata["pauli_frames"] and len(result.get_memory()) == 3000
+    expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=9).result().get_counts()
+    assert_counts_agree(result.get_counts(), expected)

@@ -579,12 +579,15 @@ def memory_needed(program: Program, config: RunConfig, device: Optional[Device] 
 def stabilizer_bytes(program: Program, config: RunConfig) -> int:
     """Peak bytes of a program run as stabilizer tableaux: the state, the copies forked trajectories
     keep, the sampling elimination's copy of the stabilizers, a chunk of draws, a fixed workspace."""
-    from .stabilizer import SAMPLE_CHUNK_BYTES, tableau_bytes
+    from .stabilizer import FRAME_BYTES, SAMPLE_CHUNK_BYTES, tableau_bytes
 
     n = program.num_qubits
     size = tableau_bytes(n)
-    waiting = 0 if is_sampling_friendly(program) else saved_states(n, 1, config.shots, config.shot_branching, size=size)
-    return (1 + waiting) * size + size + SAMPLE_CHUNK_BYTES + WORKSPACE_BYTES
+    if is_sampling_friendly(program):
+        return 2 * size + SAMPLE_CHUNK_BYTES + WORKSPACE_BYTES
+    waiting = saved_states(n, 1, config.shots, config.shot_branching, size=size)
+    # Forked tableaux (with feed-forward), or a chunk of Pauli frames (without).
+    return (1 + waiting) * size + size + max(SAMPLE_CHUNK_BYTES, FRAME_BYTES) + WORKSPACE_BYTES
 
 
 def max_qubits_for(device: Device, itemsize: int) -> int:
@@ -675,7 +678,8 @@ def run_program(
         if not sampling and config.shots > 1 and frames_fit(program):
             # Mid-circuit measurements and resets without feed-forward: all shots at once as Pauli frames.
             tally = _Tally(config.memory)
-            tally.add_many(sample_frames(program, config.shots, rng, execution, xp=device.xp))
+            for values in sample_frames(program, config.shots, rng, execution, xp=device.xp):
+                tally.add_many(values)
             return experiment_output(program, device, config, tally, None, sampling, time.perf_counter() - start, {"pauli_frames": True})
         state = StabilizerState(device.xp, program.num_qubits)
     elif group is not None:

@@ -545,53 +545,70 @@ def frames_fit(program: Any) -> bool:
     return all(type(op) in _FRAME_OPS for op in program.ops)
 
 
+# Shots whose frames are held at once (4096 words a qubit), fewer where their words would pass
+# FRAME_BYTES: memory does not grow with the shots.
+FRAME_CHUNK_SHOTS = 1 << 18
+FRAME_BYTES = 64 << 20
+
+
 def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution: Any = None, xp: Any = np):
-    """Each shot's clbit integer for a Clifford ``program`` that measures or resets mid-circuit.
+    """Each shot's clbit integer for a Clifford ``program`` that measures or resets mid-circuit,
+    yielded a chunk of at most ``FRAME_CHUNK_SHOTS`` shots at a time.
 
     Pauli-frame sampling (as Stim's): one reference run on a tableau, taking outcome 0 wherever
-    an outcome is random; then every shot at once as a Pauli frame (the Pauli that takes the
-    reference state to that shot's), 64 shots to a word per qubit. A gate maps frames by its
-    symplectic matrix; a measurement's outcome is the reference's, flipped where the frame has
-    an X there; after a measurement or reset a random Z joins the frame (the state is a Z
-    eigenstate there, so it changes nothing, but it randomizes the later outcomes exactly as
-    the collapse would). Cost: one tableau run, plus a few word operations per op per 64 shots.
+    an outcome is random; then every shot of a chunk at once as a Pauli frame (the Pauli that
+    takes the reference state to that shot's), 64 shots to a word per qubit. A gate maps frames
+    by its symplectic matrix; a measurement's outcome is the reference's, flipped where the frame
+    has an X there; after a measurement or reset a random Z joins the frame (the state is a Z
+    eigenstate there, so it changes nothing, but it randomizes the later outcomes exactly as the
+    collapse would). Cost: one tableau run, plus a few word operations per op per 64 shots.
     More than 62 clbits give Python integers. The frames and the reference live on ``xp``'s device.
     """
     n = program.num_qubits
-    words = -(-shots // 64)
     reference = StabilizerState(xp, n)
-    frame_x = xp.zeros((n, words), dtype=xp.uint64)
-    frame_z = xp.asarray(_random_words(rng, (n, words)))
-    outcome_of: dict = {}  # clbit -> (reference outcome, flip words) of its last measurement
+    steps = []  # the reference run: (qubits, table) for a gate, (qubit, clbit or None, outcome) otherwise
     for op in program.ops:
         kind = type(op)
         if kind is Unitary:
             qubits = tuple(op.controls) + tuple(op.qubits)
             table = _gate_table(op.qubits, op.matrix, op.controls, op.ctrl_state)
-            reference._apply(qubits, table)
-            _map_frames(frame_x, frame_z, qubits, table)
         elif kind is Diagonal and op.qubits:
-            table = _diagonal_table(op.qubits, op.diagonal)
-            reference._apply(tuple(op.qubits), table)
-            _map_frames(frame_x, frame_z, tuple(op.qubits), table)
+            qubits, table = tuple(op.qubits), _diagonal_table(op.qubits, op.diagonal)
         elif kind is Measure or kind is Reset:
-            q = op.qubit
-            p1 = reference.probability_one(q)
+            p1 = reference.probability_one(op.qubit)
             outcome = 1 if p1 == 1.0 else 0
-            reference.collapse(q, outcome, p1 if outcome else 1.0 - p1, flip=kind is Reset)
-            if kind is Measure:
-                outcome_of[op.clbit] = (outcome, frame_x[q].copy())
-            else:
-                frame_x[q] = 0
-            frame_z[q] = xp.asarray(_random_words(rng, (words,)))
-        if execution is not None:
-            execution.checkpoint(shots)
-    values = np.zeros(shots, dtype=np.int64) if program.num_clbits <= 62 else np.zeros(shots, dtype=object)
+            reference.collapse(op.qubit, outcome, p1 if outcome else 1.0 - p1, flip=kind is Reset)
+            steps.append((op.qubit, op.clbit if kind is Measure else None, outcome))
+            continue
+        else:
+            continue
+        reference._apply(qubits, table)
+        steps.append((qubits, table))
     to_host = getattr(xp, "asnumpy", np.asarray)
-    for clbit, (outcome, flips) in outcome_of.items():
-        bits = np.unpackbits(to_host(flips).astype("<u8").view(np.uint8), bitorder="little")[:shots].astype(np.int64) ^ outcome
-        values = values | (bits << clbit) if values.dtype != object else values + np.array([b << clbit for b in bits.tolist()], dtype=object)
-    return values
+    chunk = min(FRAME_CHUNK_SHOTS, 64 * max(1, FRAME_BYTES // (8 * (2 * n + program.num_clbits + 8))))
+    for first in range(0, shots, chunk):
+        count = min(chunk, shots - first)
+        words = -(-count // 64)
+        frame_x = xp.zeros((n, words), dtype=xp.uint64)
+        frame_z = xp.asarray(_random_words(rng, (n, words)))
+        outcome_of: dict = {}  # clbit -> (reference outcome, flip words) of its last measurement
+        for step in steps:
+            if len(step) == 2:
+                _map_frames(frame_x, frame_z, *step)
+            else:
+                q, clbit, outcome = step
+                if clbit is not None:
+                    outcome_of[clbit] = (outcome, frame_x[q].copy())
+                else:
+                    frame_x[q] = 0
+                frame_z[q] = xp.asarray(_random_words(rng, (words,)))
+            if execution is not None:
+                execution.checkpoint(count)
+        values = np.zeros(count, dtype=np.int64) if program.num_clbits <= 62 else np.zeros(count, dtype=object)
+        for clbit, (outcome, flips) in outcome_of.items():
+            bits = np.unpackbits(to_host(flips).astype("<u8").view(np.uint8), bitorder="little")[:count].astype(np.int64) ^ outcome
+            values = values | (bits << clbit) if values.dtype != object else values + np.array([b << clbit for b in bits.tolist()], dtype=object)
+        yield values
 
 
 def _random_words(rng: np.random.Generator, shape: tuple) -> np.ndarray:
