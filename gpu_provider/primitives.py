@@ -204,28 +204,20 @@ class _Primitive:
         prepared["seed"] = seed
         return prepared, RankGroup(ranks.comm)
 
-    def _submit(
-        self,
-        device: Device,
-        ops_total: int,
-        work,
-        circuits,
-        group: Optional[RankGroup] = None,
-        branch_copies: int = 0,
-        tableau_bytes: int = 0,
-        vector_circuits=None,
-    ) -> GPUPrimitiveJob:
-        # Reserve what _compile checked for the widest circuit (a state and its
-        # scratch buffer, and the copies exact branching keeps waiting), plus a batch
-        # of small states and the workspace, so the dispatcher's admission control
-        # counts this job beside the backend's. Circuits run as stabilizer states
-        # reserve ``tableau_bytes`` instead (``vector_circuits``: the others).
+    def _submit(self, device: Device, ops_total: int, work, tasks: list, group: Optional[RankGroup] = None) -> GPUPrimitiveJob:
+        # Reserve what _compile checked for the widest circuit run as a state vector (a
+        # state and its scratch buffer, and the copies exact branching keeps waiting),
+        # plus a batch of small states and the workspace, so the dispatcher's admission
+        # control counts this job beside the backend's; or, where larger, what the
+        # largest task run as stabilizer states needs.
         itemsize = np.dtype(PRECISIONS[self._backend.options.precision]).itemsize
-        vectors = circuits if vector_circuits is None else vector_circuits
-        widest = max((circuit.num_qubits for circuit in vectors), default=0)  # run([]): an empty result
+        vectors = [task for task in tasks if not _on_tableau(task.compiled)]
+        widest = max((task.pub.circuit.num_qubits for task in vectors), default=0)  # run([]): an empty result
+        branch_copies = max((getattr(task, "branch_copies", 0) for task in vectors), default=0)
         local = widest - (group.global_qubits if group is not None else 0)
         reserve = (2 + branch_copies) * state_bytes(local, itemsize) + BATCH_MAX_AMPLITUDES * itemsize + WORKSPACE_BYTES
-        reserve = max(reserve, tableau_bytes)
+        reserve = max([reserve] + [_tableau_reserve(task) for task in tasks if _on_tableau(task.compiled)])
+        circuits = [task.pub.circuit for task in tasks]
         run = work
         if group is not None:
             reserve += EXCHANGE_BYTES
@@ -425,19 +417,7 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
                 results.append(_estimate(task, device, config, execution, seed, reason, group))
             return PrimitiveResult(results, metadata={"version": 2})
 
-        circuits = [task.pub.circuit for task in tasks]
-        tableaux = [_tableau_reserve(task) for task in tasks if _on_tableau(task.compiled)]
-        vectors = [task.pub.circuit for task in tasks if not _on_tableau(task.compiled)]
-        return self._submit(
-            device,
-            prepared["ops_total"],
-            work,
-            circuits,
-            group,
-            max((task.branch_copies for task in tasks if not _on_tableau(task.compiled)), default=0),
-            tableau_bytes=max(tableaux, default=0),
-            vector_circuits=vectors,
-        )
+        return self._submit(device, prepared["ops_total"], work, tasks, group)
 
     def _prepare(self, pubs, precision, ranks) -> dict:
         """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
@@ -694,11 +674,7 @@ class SamplerV2(_Primitive, BaseSamplerV2):
             results = [_sample(task, device, dtype_name, execution, seeds, reason, group) for task in tasks]
             return PrimitiveResult(results, metadata={"version": 2})
 
-        tableaux = [_tableau_reserve(task) for task in tasks if _on_tableau(task.compiled)]
-        vectors = [task.pub.circuit for task in tasks if not _on_tableau(task.compiled)]
-        return self._submit(
-            device, prepared["ops_total"], work, [task.pub.circuit for task in tasks], group, tableau_bytes=max(tableaux, default=0), vector_circuits=vectors
-        )
+        return self._submit(device, prepared["ops_total"], work, tasks, group)
 
     def _prepare(self, pubs, shots, ranks) -> dict:
         """Coerce, validate and compile every PUB (the work of ``run()`` before the job)."""
@@ -746,7 +722,7 @@ def _on_tableau(compiled: CompiledCircuit) -> bool:
 
 
 def _check_clifford(compiled: CompiledCircuit, too_large: Optional[CircuitTooLargeError]) -> None:
-    """A circuit the sampler will run as a stabilizer state must be Clifford; checked now unless its
+    """A circuit a primitive will run as a stabilizer state must be Clifford; checked now unless its
     parameters decide (then for each parameter set as it runs)."""
     if not compiled.parameters:
         require_clifford(compiled.bind(np.zeros(0)), compiled.circuit.name, too_large)
