@@ -2,13 +2,16 @@
 
 Run from the repository root::
 
-    python -m benchmarks.stabilizer [--device cpu|gpu] [--families ghz,clifford,dynamic,repetition]
+    python -m benchmarks.stabilizer [--device cpu|gpu] [--families ghz,clifford,dynamic,feedback,repetition]
                                     [--sizes 100,500,1000] [--shots 1000] [--repeats 3] [--out bench-out]
 
 Families: ``ghz`` (H and a CX chain, every qubit measured), ``clifford``
 (Qiskit's ``random_clifford_circuit`` with 10 gates per qubit, every qubit
 measured), ``dynamic`` (the clifford circuit with a mid-circuit measurement,
-a reset and a conditioned CX every 50 qubits, then every qubit measured),
+a reset and a conditioned CX every 50 qubits, then every qubit measured: a
+path per shot), ``feedback`` (the same with Pauli feed-forward instead: every 50
+qubits one is measured, then flipped back to |0> by a conditioned X (an active
+reset) while its neighbour takes a conditioned Z; Pauli frames),
 ``repetition`` (a repetition code: n/2 data qubits in |+>, n/2 - 1 ancillas
 measuring neighbouring parities and reset, 5 rounds, then the data measured:
 random syndromes, no feed-forward, so Pauli frames here). One
@@ -61,16 +64,21 @@ def circuit(family: str, n: int):
             qc.cx(q, q + 1)
     else:
         qc = random_clifford_circuit(n, 10 * n, seed=n)
-        if family == "dynamic":
+        if family in ("dynamic", "feedback"):
             from qiskit import ClassicalRegister
 
             register = ClassicalRegister(max(1, n // 50), "mid")
             qc.add_register(register)
             for i, q in enumerate(range(0, n - 1, 50)):
                 qc.measure(q, register[i])
-                qc.reset(q)
-                with qc.if_test((register[i], 1)):
-                    qc.cx(q + 1, q)
+                if family == "dynamic":
+                    qc.reset(q)
+                    with qc.if_test((register[i], 1)):
+                        qc.cx(q + 1, q)
+                else:
+                    with qc.if_test((register[i], 1)):
+                        qc.x(q)
+                        qc.z(q + 1)
                 qc.h(q)
     qc.measure_all()
     return qc
@@ -79,7 +87,7 @@ def circuit(family: str, n: int):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    parser.add_argument("--families", default="ghz,clifford,dynamic,repetition")
+    parser.add_argument("--families", default="ghz,clifford,dynamic,feedback,repetition")
     parser.add_argument("--sizes", default="100,500,1000")
     parser.add_argument("--shots", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)

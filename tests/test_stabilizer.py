@@ -490,3 +490,145 @@ def test_pauli_frames_in_chunks_of_shots(monkeypatch):
     assert result.results[0].metadata["pauli_frames"] and len(result.get_memory()) == 3000
     expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=9).result().get_counts()
     assert_counts_agree(result.get_counts(), expected)
+
+
+def _feedback_circuit(seed: int) -> QuantumCircuit:
+    """Clifford layers, mid-circuit measurements and Pauli feed-forward: ``if`` on a bit, on a register
+    (with ``else``), ``switch``, classical expressions, nested conditionals, ``for`` loops of them."""
+    from qiskit.circuit.classical import expr
+
+    r = np.random.default_rng(seed)
+    n = int(r.integers(2, 7))
+    qc = QuantumCircuit(n)
+    mid = ClassicalRegister(4, "m")
+    qc.add_register(mid)
+    qc.add_register(ClassicalRegister(n, "f"))
+
+    def paulis():
+        for _ in range(int(r.integers(1, 3))):
+            (qc.x, qc.y, qc.z)[int(r.integers(3))](int(r.integers(n)))
+
+    for _ in range(int(r.integers(2, 7))):
+        qc.compose(random_clifford_circuit(n, int(r.integers(1, 3 * n + 1)), seed=int(r.integers(1 << 30))), inplace=True)
+        q, c = int(r.integers(n)), mid[int(r.integers(4))]
+        kind = int(r.integers(6))
+        if kind == 5:
+            with qc.for_loop(range(int(r.integers(1, 4)))):
+                qc.h(q)
+                qc.measure(q, c)
+                with qc.if_test((c, 1)):
+                    qc.x(q)
+            continue
+        qc.measure(q, c)
+        if kind == 0:
+            with qc.if_test((c, int(r.integers(2)))):
+                paulis()
+        elif kind == 1:
+            with qc.if_test((mid, int(r.integers(16)))) as otherwise:
+                paulis()
+            with otherwise:
+                paulis()
+        elif kind == 2:
+            with qc.switch(mid) as case:
+                with case(0, 3, 5):
+                    paulis()
+                with case(1, 2):
+                    paulis()
+                with case(case.DEFAULT):
+                    paulis()
+        elif kind == 3:
+            with qc.if_test(expr.logic_or(expr.equal(mid[0], mid[1]), expr.less(mid, int(r.integers(16))))):
+                paulis()
+                with qc.if_test((mid[2], 1)):
+                    paulis()
+        else:
+            with qc.if_test(expr.bit_xor(mid[0], mid[3])):
+                paulis()
+    qc.measure(range(n), qc.cregs[1])
+    return qc
+
+
+def test_pauli_feed_forward_runs_as_frames_and_matches_the_state_vector():
+    for seed in range(12):
+        circuit = _feedback_circuit(seed)
+        result = GPUSimulator(device="CPU", method="stabilizer").run(circuit, shots=3000, seed_simulator=seed).result()
+        assert result.results[0].metadata["pauli_frames"]
+        expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=seed + 50).result().get_counts()
+        assert_counts_agree(result.get_counts(), expected)
+
+
+def _teleportations(pairs: int) -> QuantumCircuit:
+    """``pairs`` qubits in |+i> teleported at once (a Bell pair each, X and Z corrections conditioned
+    on the two outcomes), then rotated back to |0> and measured: 0 in every shot when the
+    corrections are right; the 2 * pairs Bell measurements are uniformly random."""
+    sources, links, targets = (QuantumRegister(pairs, name) for name in ("s", "l", "t"))
+    bell = ClassicalRegister(2 * pairs, "bell")
+    out = ClassicalRegister(pairs, "out")
+    qc = QuantumCircuit(sources, links, targets, bell, out)
+    for i in range(pairs):
+        qc.h(sources[i])
+        qc.s(sources[i])
+        qc.h(links[i])
+        qc.cx(links[i], targets[i])
+        qc.cx(sources[i], links[i])
+        qc.h(sources[i])
+        qc.measure(sources[i], bell[2 * i])
+        qc.measure(links[i], bell[2 * i + 1])
+        with qc.if_test((bell[2 * i + 1], 1)):
+            qc.x(targets[i])
+        with qc.if_test((bell[2 * i], 1)):
+            qc.z(targets[i])
+        qc.sdg(targets[i])
+        qc.h(targets[i])
+        qc.measure(targets[i], out[i])
+    return qc
+
+
+def test_wide_teleportation_corrections_are_exact_in_every_shot():
+    pairs = 40  # 120 qubits: a tableau, the corrections as Pauli frames
+    result = GPUSimulator(device="CPU").run(_teleportations(pairs), shots=500, seed_simulator=2, memory=True).result()
+    metadata = result.results[0].metadata
+    assert metadata["method"] == "stabilizer" and metadata["pauli_frames"]
+    ones = np.zeros(2 * pairs)
+    for shot in result.get_memory():
+        out, bell = shot.split(" ")
+        assert out == "0" * pairs
+        ones += [int(b) for b in bell[::-1]]
+    assert np.all((ones > 170) & (ones < 330))  # each Bell outcome about half the 500 shots
+
+
+def test_feed_forward_that_is_not_a_pauli_keeps_the_trajectories():
+    from qiskit.circuit.classical import expr, types
+
+    from gpu_provider.engine.stabilizer import frames_fit
+
+    qc = QuantumCircuit(3, 2)
+    qc.h(0)
+    qc.measure(0, 0)
+    with qc.if_test((qc.clbits[0], 1)):
+        qc.cx(0, 1)  # a conditioned Clifford that is not a Pauli
+    qc.measure(1, 1)
+    assert not frames_fit(translate(qc))
+    flag = expr.Var.new("flag", types.Bool())
+    qv = QuantumCircuit(2, 1)
+    qv.add_uninitialized_var(flag)
+    qv.h(0)
+    qv.measure(0, 0)
+    qv.store(flag, qv.clbits[0])
+    with qv.if_test(flag):
+        qv.x(1)  # a Pauli, but conditioned on a classical variable
+    assert not frames_fit(translate(qv))
+    for circuit in (qc, qv):
+        circuit.measure_all()
+        result = GPUSimulator(device="CPU", method="stabilizer").run(circuit, shots=2000, seed_simulator=1).result()
+        assert not result.results[0].metadata.get("pauli_frames")
+        expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=2000, seed_simulator=5).result().get_counts()
+        assert_counts_agree(result.get_counts(), expected)
+
+
+def test_pauli_feed_forward_on_the_device_path_of_a_cupy_stand_in(fake_gpu):  # noqa: F811
+    circuit = _feedback_circuit(4)
+    on_gpu = GPUSimulator(device="GPU", method="stabilizer").run(circuit, shots=3000, seed_simulator=3).result()
+    assert on_gpu.results[0].metadata["device"].startswith("GPU") and on_gpu.results[0].metadata["pauli_frames"]
+    expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=4).result().get_counts()
+    assert_counts_agree(on_gpu.get_counts(), expected)

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import CircuitTooLargeError, InvalidInputError
 from .program import Diagonal, ForLoop, GlobalPhase, IfElse, Initialize, Measure, PauliEvolution, Reset, Store, SwitchCase, Unitary, WhileLoop
+from .program import Binary, Bits, Cast, Const, Index, Unary, evaluate
 from .program import BreakLoop, ContinueLoop, LoopBodies
 
 # The widest gate whose Clifford action is read off its matrix (4^k Pauli images of a 2^k matrix).
@@ -537,12 +538,121 @@ class StabilizerState:
 # -- Pauli frames: every shot of a measuring program at once ---------------------------------
 
 _FRAME_OPS = (Unitary, Diagonal, GlobalPhase, Measure, Reset)
+# Clbits a conditional run on frames may read (its Pauli is tabulated over their 2^k values).
+FRAME_CONDITION_BITS = 8
 
 
 def frames_fit(program: Any) -> bool:
     """Whether ``program``'s shots can run as Pauli frames (:func:`sample_frames`): Clifford gates,
-    measurements and resets only, no control flow or classical store (outcomes steer nothing)."""
-    return all(type(op) in _FRAME_OPS for op in program.ops)
+    measurements, resets and ``for`` loops of them, and feed-forward of Paulis only (``if``/``switch``
+    on at most ``FRAME_CONDITION_BITS`` clbits whose bodies are Pauli gates, such as teleportation's
+    corrections or an active reset). No classical variables, ``while`` loops or other conditioned
+    gates: those keep the per-shot trajectories."""
+    return _frame_ops_fit(program.ops)
+
+
+def _frame_ops_fit(ops) -> bool:
+    for op in ops:
+        kind = type(op)
+        if kind in _FRAME_OPS:
+            continue
+        if kind is ForLoop:
+            if not all(_frame_ops_fit(body) for body in _distinct_bodies(op)):
+                return False
+        elif kind is IfElse or kind is SwitchCase:
+            if _feedback_clbits(op) is None:
+                return False
+        else:
+            return False
+    return True
+
+
+def _feedback_clbits(op: Any) -> Optional[tuple]:
+    """The clbits a conditional of Pauli gates reads (nested conditionals included), sorted; None when
+    it is not one frames run: a body holds another op, a condition reads a classical variable, or it
+    reads more than ``FRAME_CONDITION_BITS`` clbits."""
+    clbits: set = set()
+    if not _pauli_feedback_fits((op,), clbits) or len(clbits) > FRAME_CONDITION_BITS:
+        return None
+    return tuple(sorted(clbits))
+
+
+def _pauli_feedback_fits(ops, clbits: set) -> bool:
+    for op in ops:
+        kind = type(op)
+        if kind is GlobalPhase:
+            continue
+        if kind is Unitary or kind is Diagonal:
+            if _op_pauli(op) is None:
+                return False
+        elif kind is IfElse:
+            if not (_expr_clbits(op.condition, clbits) and _pauli_feedback_fits(op.true_body, clbits) and _pauli_feedback_fits(op.false_body, clbits)):
+                return False
+        elif kind is SwitchCase:
+            if not (_expr_clbits(op.target, clbits) and all(_pauli_feedback_fits(body, clbits) for _, body in op.cases)):
+                return False
+        else:
+            return False
+    return True
+
+
+def _expr_clbits(expr: Any, clbits: set) -> bool:
+    """Add the clbits ``expr`` reads to ``clbits``; False when it reads a classical variable."""
+    if isinstance(expr, Bits):
+        clbits.update(expr.clbits)
+        return True
+    if isinstance(expr, Const):
+        return True
+    if isinstance(expr, (Unary, Cast)):
+        return _expr_clbits(expr.operand, clbits)
+    if isinstance(expr, Binary):
+        return _expr_clbits(expr.left, clbits) and _expr_clbits(expr.right, clbits)
+    if isinstance(expr, Index):
+        return _expr_clbits(expr.target, clbits) and _expr_clbits(expr.index, clbits)
+    return False
+
+
+def _op_pauli(op: Any) -> Optional[tuple[int, int]]:
+    """``(x, z)`` qubit masks of a gate that is the Pauli ``X^x Z^z`` up to a phase, else None."""
+    if type(op) is Diagonal:
+        d = np.asarray(op.diagonal, dtype=complex)
+        if not op.qubits:
+            return 0, 0
+        c = d[0]
+        z = sum(1 << j for j in range(len(op.qubits)) if abs(d[1 << j] + c) < _TOLERANCE)
+        if abs(abs(c) - 1.0) > _TOLERANCE or not np.allclose(d, c * (1.0 - 2.0 * (_popcount(np.arange(d.size) & z) & 1)), atol=_TOLERANCE):
+            return None
+        return 0, sum(1 << q for j, q in enumerate(op.qubits) if (z >> j) & 1)
+    if op.controls or len(op.qubits) > MAX_GATE_QUBITS:
+        return None
+    pauli = _as_pauli(np.asarray(op.matrix, dtype=complex), len(op.qubits))
+    if pauli is None:
+        return None
+    x, z, _ = pauli
+    return (
+        sum(1 << q for j, q in enumerate(op.qubits) if (x >> j) & 1),
+        sum(1 << q for j, q in enumerate(op.qubits) if (z >> j) & 1),
+    )
+
+
+def _feedback_pauli(ops, clbits: dict) -> tuple[int, int]:
+    """The Pauli (x, z masks, phase dropped) a conditional's ops apply for the clbit values ``clbits``."""
+    x = z = 0
+    for op in ops:
+        kind = type(op)
+        body = ()
+        if kind is Unitary or kind is Diagonal:
+            px, pz = _op_pauli(op)
+            x, z = x ^ px, z ^ pz
+        elif kind is IfElse:
+            body = op.true_body if evaluate(op.condition, clbits, {}) else op.false_body
+        elif kind is SwitchCase:
+            value = evaluate(op.target, clbits, {})
+            body = next((body for values, body in op.cases if values is None or value in values), ())
+        if body:
+            bx, bz = _feedback_pauli(body, clbits)
+            x, z = x ^ bx, z ^ bz
+    return x, z
 
 
 # Shots whose frames are held at once (4096 words a qubit), fewer where their words would pass
@@ -552,8 +662,8 @@ FRAME_BYTES = 64 << 20
 
 
 def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution: Any = None, xp: Any = np):
-    """Each shot's clbit integer for a Clifford ``program`` that measures or resets mid-circuit,
-    yielded a chunk of at most ``FRAME_CHUNK_SHOTS`` shots at a time.
+    """Each shot's clbit integer for a Clifford ``program`` that measures or resets mid-circuit
+    (:func:`frames_fit`), yielded a chunk of at most ``FRAME_CHUNK_SHOTS`` shots at a time.
 
     Pauli-frame sampling (as Stim's): one reference run on a tableau, taking outcome 0 wherever
     an outcome is random; then every shot of a chunk at once as a Pauli frame (the Pauli that
@@ -561,29 +671,71 @@ def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution:
     by its symplectic matrix; a measurement's outcome is the reference's, flipped where the frame
     has an X there; after a measurement or reset a random Z joins the frame (the state is a Z
     eigenstate there, so it changes nothing, but it randomizes the later outcomes exactly as the
-    collapse would). Cost: one tableau run, plus a few word operations per op per 64 shots.
-    More than 62 clbits give Python integers. The frames and the reference live on ``xp``'s device.
+    collapse would). A conditional Pauli ``P(c)`` (``c`` the clbits it reads) joins the frames as
+    ``P(c) P(c_ref)``: the reference took ``P(c_ref)``, and Paulis commute up to a phase. ``P`` is
+    tabulated over the clbits' values; each shot's is picked by word operations on its outcomes.
+    Cost: one tableau run, plus a few word operations per op per 64 shots. More than 62 clbits
+    give Python integers. The frames and the reference live on ``xp``'s device.
     """
     n = program.num_qubits
     reference = StabilizerState(xp, n)
-    steps = []  # the reference run: (qubits, table) for a gate, (qubit, clbit or None, outcome) otherwise
-    for op in program.ops:
-        kind = type(op)
-        if kind is Unitary:
-            qubits = tuple(op.controls) + tuple(op.qubits)
-            table = _gate_table(op.qubits, op.matrix, op.controls, op.ctrl_state)
-        elif kind is Diagonal and op.qubits:
-            qubits, table = tuple(op.qubits), _diagonal_table(op.qubits, op.diagonal)
-        elif kind is Measure or kind is Reset:
-            p1 = reference.probability_one(op.qubit)
-            outcome = 1 if p1 == 1.0 else 0
-            reference.collapse(op.qubit, outcome, p1 if outcome else 1.0 - p1, flip=kind is Reset)
-            steps.append((op.qubit, op.clbit if kind is Measure else None, outcome))
-            continue
-        else:
-            continue
-        reference._apply(qubits, table)
-        steps.append((qubits, table))
+    reference_bits: dict = {}  # clbit -> the reference's outcome
+    # The reference run: ("gate", qubits, table), ("measure", qubit, clbit or None for a reset, outcome),
+    # ("feedback", clbits read, {(0 for x or 1 for z, qubit): the assignments whose Pauli differs from the reference's there}).
+    steps: list = []
+    tables: dict = {}  # id(conditional) -> (its clbits, its Pauli per assignment)
+
+    def run(ops) -> None:
+        for op in ops:
+            kind = type(op)
+            if kind is Unitary:
+                qubits = tuple(op.controls) + tuple(op.qubits)
+                table = _gate_table(op.qubits, op.matrix, op.controls, op.ctrl_state)
+            elif kind is Diagonal and op.qubits:
+                qubits, table = tuple(op.qubits), _diagonal_table(op.qubits, op.diagonal)
+            elif kind is Measure or kind is Reset:
+                p1 = reference.probability_one(op.qubit)
+                outcome = 1 if p1 == 1.0 else 0
+                reference.collapse(op.qubit, outcome, p1 if outcome else 1.0 - p1, flip=kind is Reset)
+                if kind is Measure:
+                    reference_bits[op.clbit] = outcome
+                steps.append(("measure", op.qubit, op.clbit if kind is Measure else None, outcome))
+                continue
+            elif kind is ForLoop:
+                for body in op.iterations:
+                    run(body)
+                continue
+            elif kind is IfElse or kind is SwitchCase:
+                feedback(op)
+                continue
+            else:
+                continue
+            reference._apply(qubits, table)
+            steps.append(("gate", qubits, table))
+
+    def feedback(op) -> None:
+        known = tables.get(id(op))
+        if known is None:
+            clbits = _feedback_clbits(op)
+            paulis = [_feedback_pauli((op,), {c: (a >> i) & 1 for i, c in enumerate(clbits)}) for a in range(1 << len(clbits))]
+            known = tables[id(op)] = (op, clbits, paulis)
+        _, clbits, paulis = known
+        mine = sum(reference_bits.get(c, 0) << i for i, c in enumerate(clbits))
+        x_ref, z_ref = paulis[mine]
+        for q in _bits_of(x_ref):
+            reference._apply((q,), _table(_pauli_matrix(1, 0, 1)))
+        for q in _bits_of(z_ref):
+            reference._apply((q,), _table(_pauli_matrix(0, 1, 1)))
+        toggles: dict = {}
+        for a, (x, z) in enumerate(paulis):
+            for q in _bits_of(x ^ x_ref):
+                toggles.setdefault((0, q), []).append(a)
+            for q in _bits_of(z ^ z_ref):
+                toggles.setdefault((1, q), []).append(a)
+        if toggles:
+            steps.append(("feedback", clbits, toggles))
+
+    run(program.ops)
     to_host = getattr(xp, "asnumpy", np.asarray)
     chunk = min(FRAME_CHUNK_SHOTS, 64 * max(1, FRAME_BYTES // (8 * (2 * n + program.num_clbits + 8))))
     for first in range(0, shots, chunk):
@@ -593,10 +745,12 @@ def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution:
         frame_z = xp.asarray(_random_words(rng, (n, words)))
         outcome_of: dict = {}  # clbit -> (reference outcome, flip words) of its last measurement
         for step in steps:
-            if len(step) == 2:
-                _map_frames(frame_x, frame_z, *step)
+            if step[0] == "gate":
+                _map_frames(frame_x, frame_z, step[1], step[2])
+            elif step[0] == "feedback":
+                _feed_frames(frame_x, frame_z, outcome_of, step[1], step[2])
             else:
-                q, clbit, outcome = step
+                _, q, clbit, outcome = step
                 if clbit is not None:
                     outcome_of[clbit] = (outcome, frame_x[q].copy())
                 else:
@@ -609,6 +763,46 @@ def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution:
             bits = np.unpackbits(to_host(flips).astype("<u8").view(np.uint8), bitorder="little")[:count].astype(np.int64) ^ outcome
             values = values | (bits << clbit) if values.dtype != object else values + np.array([b << clbit for b in bits.tolist()], dtype=object)
         yield values
+
+
+def _bits_of(mask: int):
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+def _feed_frames(frame_x, frame_z, outcome_of: dict, clbits: tuple, toggles: dict) -> None:
+    """A conditional Pauli on the frames: for each (x or z, qubit) in ``toggles``, flip the frame bit of
+    the shots whose clbit values (read from ``outcome_of``) are one of the listed assignments."""
+    zeros = frame_x[0] ^ frame_x[0]
+    ones = ~zeros
+    values = []  # each clbit's value per shot, as words
+    for c in clbits:
+        if c in outcome_of:
+            outcome, flips = outcome_of[c]
+            values.append(~flips if outcome else flips)
+        else:
+            values.append(zeros)
+    minterms: dict = {}
+
+    def minterm(a: int):
+        words = minterms.get(a)
+        if words is None:
+            words = ones
+            for i, value in enumerate(values):
+                words = words & (value if (a >> i) & 1 else ~value)
+            minterms[a] = words
+        return words
+
+    for (which, q), assignments in toggles.items():
+        mask = zeros
+        for a in assignments:
+            mask = mask | minterm(a)
+        if which == 0:
+            frame_x[q] ^= mask
+        else:
+            frame_z[q] ^= mask
 
 
 def _random_words(rng: np.random.Generator, shape: tuple) -> np.ndarray:
