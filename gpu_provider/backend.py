@@ -41,7 +41,7 @@ from qiskit.transpiler import Target
 
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, default_width, fuse, fusion_limits
-from .compiler.translate import EAGER_LOOP_ITERATIONS, translate
+from .compiler.translate import DENSE_MAX_QUBITS, EAGER_LOOP_ITERATIONS, translate
 from .engine import small_batch
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes, too_large_error
 from .engine.executor import (
@@ -71,7 +71,7 @@ from .engine.distributed import (
     run_on_ranks,
 )
 from .engine.program import Program, compact, lazy_loop, measurements_are_terminal
-from .engine.stabilizer import require_clifford
+from .engine.stabilizer import MAX_GATE_QUBITS, require_clifford, why_not_clifford
 from .errors import CircuitTooLargeError, DeviceUnavailableError, InvalidInputError, InvalidOptionError, UnknownOptionError
 from .executors import check_executor_options, run_chunks
 from .job import GPUJob
@@ -307,7 +307,8 @@ class GPUSimulator(BackendV2):
         bulk = merged["batch_small_circuits"] and ranks is None and executor is None
         for index, circuit in enumerate(circuits):
             # Simulate only the qubits some op touches: a layout-transpiled circuit is as wide as the Target.
-            program = compact(translate(circuit, merged["initial_statevector"]))
+            # A stabilizer state reads gates of up to MAX_GATE_QUBITS qubits: wider ones expand.
+            program = compact(translate(circuit, merged["initial_statevector"], dense_max_qubits=_dense_width(merged["method"])))
             method = _explicit_method(merged, program, circuit.name, ranks)
             if merged["statevector"] and not measurements_are_terminal(program):
                 raise InvalidInputError(
@@ -340,7 +341,7 @@ class GPUSimulator(BackendV2):
                     _check_fits(device, program, config, itemsize, capacity, num_qubits=local_qubits if split else None)
                 except CircuitTooLargeError as exc:
                     # "automatic", as Aer's: a Clifford circuit too wide for a state vector runs as a stabilizer state.
-                    config = _stabilizer_instead(exc, merged, program, circuit.name, config, ranks)
+                    program, config = _stabilizer_instead(exc, merged, circuit, program, config, ranks)
                     _check_fits(device, program, config, itemsize, capacity)
             if split and merged["statevector"]:
                 _check_gathered_state(program, circuit.name, itemsize)
@@ -819,13 +820,22 @@ def _explicit_method(merged: dict, program: Program, name: str, ranks) -> str:
     return "stabilizer"
 
 
-def _stabilizer_instead(exc: CircuitTooLargeError, merged: dict, program: Program, name: str, config: RunConfig, ranks) -> RunConfig:
-    """``config`` run as a stabilizer state, where method='automatic' may run ``program`` so: it is a
-    Clifford circuit, one process holds it and no state vector was asked for; else ``exc`` is raised."""
+def _dense_width(method: str) -> int:
+    """The widest gate translation builds as one matrix for ``method`` (see :func:`translate`)."""
+    return MAX_GATE_QUBITS if method == "stabilizer" else DENSE_MAX_QUBITS
+
+
+def _stabilizer_instead(exc: CircuitTooLargeError, merged: dict, circuit, program: Program, config: RunConfig, ranks) -> tuple:
+    """``(program, config)`` run as a stabilizer state, where method='automatic' may run ``circuit`` so:
+    it is a Clifford circuit, one process holds it and no state vector was asked for; else ``exc`` is
+    raised. A program that is not Clifford as translated is translated again for a tableau (its gates
+    wider than a tableau reads expanded into their definitions) before it is judged."""
     if merged["method"] != "automatic" or config.method != "statevector" or ranks is not None or merged["statevector"]:
         raise exc
-    require_clifford(program, name, too_large=exc)
-    return dataclasses.replace(config, method="stabilizer")
+    if why_not_clifford(program) is not None:
+        program = compact(translate(circuit, merged["initial_statevector"], dense_max_qubits=_dense_width("stabilizer")))
+    require_clifford(program, circuit.name, too_large=exc)
+    return program, dataclasses.replace(config, method="stabilizer")
 
 
 def _check_statevector_output(program: Program, name: str, itemsize: int) -> None:

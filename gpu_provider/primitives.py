@@ -58,7 +58,7 @@ from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kerne
 from .engine.expectation import MAX_MASK_QUBITS, PauliSum, batch_expectation_values, expectation_values, pauli_sum
 from .engine.program import Measure, is_sampling_friendly
 from .engine.trajectories import branch_points, run_exact
-from .engine.stabilizer import StabilizerState, require_clifford, why_not_clifford
+from .engine.stabilizer import MAX_GATE_QUBITS, StabilizerState, require_clifford, why_not_clifford
 from .errors import CircuitTooLargeError, InvalidInputError, InvalidOptionError
 from .job import GPUJob
 
@@ -171,9 +171,11 @@ class _Primitive:
                     if not (tableaux and not global_qubits and options.method == "automatic"):
                         raise
                     stabilizer, too_large = True, exc
-            if stabilizer:
+            if stabilizer:  # unfused, gates wider than a tableau reads expanded
                 fusion = FusionOptions(False, device.kind, width, options.fusion_threshold, options.precision)
-            compiled = compile_circuit(circuit, fusion)
+                compiled = compile_circuit(circuit, fusion, dense_max_qubits=MAX_GATE_QUBITS)
+            else:
+                compiled = compile_circuit(circuit, fusion)
             if stabilizer:
                 _check_clifford(compiled, too_large)
                 compiled.method = "stabilizer"

@@ -147,9 +147,9 @@ def test_estimator_compiles_each_circuit_once(monkeypatch):
     calls = []
     original = compiler_parameters.translate_template
 
-    def counting(circuit, evaluate):
+    def counting(circuit, evaluate, *args):
         calls.append(circuit.name)
-        return original(circuit, evaluate)
+        return original(circuit, evaluate, *args)
 
     monkeypatch.setattr(compiler_parameters, "translate_template", counting)
     qc = ansatz(3)

@@ -345,6 +345,42 @@ def test_sampler_runs_wide_clifford_circuits_as_stabilizer_states():
     assert_counts_match(counts, exact_distribution(circuit), shots=3000)
 
 
+def test_clifford_objects_wider_than_a_tableau_reads_are_expanded():
+    """Qiskit's Clifford-typed objects wider than the 6 qubits a tableau reads a gate on (a Clifford, a
+    PermutationGate, a LinearFunction) expand into Clifford gates: for method="stabilizer", for the
+    "automatic" fallback of a 70-qubit circuit and in the primitives. Exact oracle: Qiskit's StabilizerState."""
+    from qiskit.circuit.library import LinearFunction, PermutationGate
+    from qiskit.quantum_info import Pauli, random_clifford
+
+    from gpu_provider import EstimatorV2
+
+    rng = np.random.default_rng(11)
+    n = 70
+    circuit = random_clifford_circuit(n, 150, seed=11)
+    circuit.append(random_clifford(8, seed=12), rng.choice(n, 8, replace=False).tolist())
+    circuit.append(PermutationGate(rng.permutation(9).tolist()), rng.choice(n, 9, replace=False).tolist())
+    matrix = np.eye(7, dtype=bool)
+    matrix[0, 1:] = True
+    circuit.append(LinearFunction(matrix), rng.choice(n, 7, replace=False).tolist())
+    circuit.compose(random_clifford_circuit(n, 150, seed=13), inplace=True)
+    exact = StabilizerState(Clifford(circuit))
+    labels = [exact.clifford.to_labels(mode="S")[i].lstrip("+-") for i in (0, 5)] + ["".join(rng.choice(list("IZ"), n)) for _ in range(2)]
+    evs = EstimatorV2(backend_options={"device": "CPU"}).run([(circuit, labels)]).result()[0]
+    assert evs.metadata["simulator_metadata"]["method"] == "stabilizer"
+    np.testing.assert_allclose(evs.data.evs, [exact.expectation_value(Pauli(label)) for label in labels], atol=1e-12)
+    for method in ("automatic", "stabilizer"):
+        result = GPUSimulator(device="CPU", method=method).run(measured(circuit), shots=3000, seed_simulator=3, memory=True).result()
+        assert result.results[0].metadata["method"] == "stabilizer"
+        memory = result.get_memory()
+        for _ in range(3):
+            pair = sorted(rng.choice(n, 2, replace=False).tolist())
+            marginal: dict = {}
+            for shot in memory:
+                key = "".join(shot[n - 1 - q] for q in reversed(pair))
+                marginal[key] = marginal.get(key, 0) + 1
+            assert_counts_match(marginal, exact.probabilities_dict(pair), shots=3000)
+
+
 def test_wide_gates_are_judged_without_building_their_matrices():
     """A 30-control mcx in a 45-qubit circuit: refused at once, by width, not by a 2^31-row matrix."""
     import time

@@ -29,7 +29,7 @@ from ..engine.batch import Column, dense_matrix, gate_span, column_of
 from ..engine.program import is_sampling_friendly
 from ..errors import InvalidInputError
 from .fusion import DEFAULT_FUSION_THRESHOLD, fuse, merge_block
-from .translate import GateSlot, NeedsBinding, PhaseSlot, translate, translate_template
+from .translate import DENSE_MAX_QUBITS, GateSlot, NeedsBinding, PhaseSlot, translate, translate_template
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class CompiledCircuit:
     num_slots: int = 0
     ops_before: int = 0
     fusion: FusionOptions = field(default_factory=FusionOptions)
+    dense_max_qubits: int = DENSE_MAX_QUBITS  # translation's widest dense gate (see translate)
 
     @property
     def num_parameters(self) -> int:
@@ -91,7 +92,7 @@ class CompiledCircuit:
             raise InvalidInputError(f"parameter values for circuit {self.circuit.name!r} must be finite numbers")
         if self.template is None:
             bound = self.circuit.assign_parameters(values, inplace=False) if self.parameters else self.circuit
-            return _fused(translate(bound), self.fusion, None)
+            return _fused(translate(bound, dense_max_qubits=self.dense_max_qubits), self.fusion, None)
         if not self.num_slots:
             return self.template
         evaluate = _Evaluator({p: i for i, p in enumerate(self.parameters)}, values)
@@ -297,19 +298,21 @@ def _fused(program: P.Program, fusion: FusionOptions, sources: Optional[dict]) -
     return fuse(program, fusion.device_kind, fusion.max_qubits, fusion.threshold, sources, precision=fusion.precision)
 
 
-def compile_circuit(circuit: QuantumCircuit, fusion: Optional[FusionOptions] = None) -> CompiledCircuit:
-    """Translate and fuse ``circuit`` (parameters may be unbound) once."""
+def compile_circuit(circuit: QuantumCircuit, fusion: Optional[FusionOptions] = None, dense_max_qubits: int = DENSE_MAX_QUBITS) -> CompiledCircuit:
+    """Translate and fuse ``circuit`` (parameters may be unbound) once; gates wider than
+    ``dense_max_qubits`` are expanded (a stabilizer state asks for its gate width)."""
     fusion = fusion or FusionOptions()
     parameters = tuple(circuit.parameters)
     index = {p: i for i, p in enumerate(parameters)}
     generic = _Evaluator(index, np.linspace(0.37, 2.71, len(parameters)) if parameters else np.zeros(0))
     try:
-        template, slots = translate_template(circuit, generic)
+        template, slots = translate_template(circuit, generic, dense_max_qubits)
     except NeedsBinding as reason:
         logger.debug("circuit %r is translated per binding: %s", circuit.name, reason)
-        compiled = CompiledCircuit(circuit, parameters, None, fusion=fusion)
+        compiled = CompiledCircuit(circuit, parameters, None, fusion=fusion, dense_max_qubits=dense_max_qubits)
         # Translate one binding now, so unsupported instructions raise before any job exists.
-        compiled.ops_before = translate(circuit.assign_parameters(generic.values, inplace=False) if parameters else circuit).num_ops
+        bound = circuit.assign_parameters(generic.values, inplace=False) if parameters else circuit
+        compiled.ops_before = translate(bound, dense_max_qubits=dense_max_qubits).num_ops
         return compiled
     ops_before = template.num_ops
     sources: dict = {}
@@ -322,4 +325,6 @@ def compile_circuit(circuit: QuantumCircuit, fusion: Optional[FusionOptions] = N
             plan.append(("block", tuple(slots[id(g)][1] if id(g) in slots else g for g in sources[id(op)][1])))
         else:
             plan.append(("op", op))
-    return CompiledCircuit(circuit, parameters, fused, tuple(plan), num_slots=len(slots), ops_before=ops_before, fusion=fusion)
+    return CompiledCircuit(
+        circuit, parameters, fused, tuple(plan), num_slots=len(slots), ops_before=ops_before, fusion=fusion, dense_max_qubits=dense_max_qubits
+    )

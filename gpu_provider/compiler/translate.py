@@ -47,10 +47,14 @@ EAGER_LOOP_ITERATIONS = 1024
 MAX_DEFINITION_DEPTH = 200
 
 
-def translate(circuit: QuantumCircuit, initial_state: Optional[np.ndarray] = None) -> P.Program:
+def translate(circuit: QuantumCircuit, initial_state: Optional[np.ndarray] = None, dense_max_qubits: int = DENSE_MAX_QUBITS) -> P.Program:
     """Compile ``circuit`` into a :class:`Program`; raise a typed error if it cannot run.
 
     ``initial_state`` (2^n amplitudes, Qiskit order, normalized) replaces |0...0>.
+    Gates wider than ``dense_max_qubits`` that have a definition (or one Qiskit's high-level
+    synthesis gives: a permutation, a Clifford, a linear function) are expanded into it rather
+    than built as one dense matrix; a stabilizer state, which reads a gate's Clifford action off
+    a matrix of at most 6 qubits, asks for that width.
     """
     if not isinstance(circuit, QuantumCircuit):
         raise InvalidInputError(f"expected a qiskit QuantumCircuit, got {type(circuit).__name__}")
@@ -64,7 +68,7 @@ def translate(circuit: QuantumCircuit, initial_state: Optional[np.ndarray] = Non
         raise InvalidInputError(
             f"circuit {circuit.name!r} declares input variables; give them values with stores instead"
         )
-    translator = _Translator(circuit)
+    translator = _Translator(circuit, dense_max_qubits=dense_max_qubits)
     return _translate_with(translator, circuit, initial_state)
 
 
@@ -287,8 +291,9 @@ class PhaseSlot:
 
 
 class _Translator:
-    def __init__(self, circuit: QuantumCircuit, evaluate=None) -> None:
+    def __init__(self, circuit: QuantumCircuit, evaluate=None, dense_max_qubits: int = DENSE_MAX_QUBITS) -> None:
         self.circuit = circuit
+        self.dense_max_qubits = dense_max_qubits
         self.fresh = set(range(circuit.num_qubits))  # qubits still in |0>, top level only
         # Template mode (evaluate given): parametrized gates become slots, keyed by id(op).
         self.evaluate = evaluate
@@ -561,7 +566,7 @@ class _Translator:
         if priced is not None:
             ops.extend(priced)
             return
-        if op.num_qubits <= DENSE_MAX_QUBITS or getattr(op, "definition", None) is None:
+        if op.num_qubits <= self.dense_max_qubits or _definition(op) is None:
             matrix = self._matrix(op)
             if matrix is not None:
                 is_diag, data = _classify(matrix)
@@ -588,7 +593,7 @@ class _Translator:
         return matrix
 
     def expand(self, op: Instruction, qargs, cargs, qubits, clbits, ops: list, top: bool) -> None:
-        definition = getattr(op, "definition", None)
+        definition = _definition(op)
         if definition is None:
             raise UnsupportedInstructionError(
                 f"instruction {op.name!r} has neither a matrix nor a definition; "
@@ -702,6 +707,36 @@ class _Translator:
             ops.append(P.SwitchCase(target_expr, tuple(cases)))
 
 
+def _definition(op) -> Optional[QuantumCircuit]:
+    """``op``'s definition, or for a high-level object without one (a ``PermutationGate``, a
+    ``Clifford``, an ``AnnotatedOperation``) the circuit Qiskit's ``HighLevelSynthesis`` makes of it
+    (cached per op object, which the cache keeps alive); None when neither exists."""
+    definition = getattr(op, "definition", None)
+    if definition is not None or not hasattr(op, "num_qubits"):
+        return definition
+    cached = _SYNTHESIZED.get(id(op))
+    if cached is not None and cached[0] is op:
+        return cached[1]
+    try:
+        from qiskit.transpiler.passes import HighLevelSynthesis
+
+        wrapper = QuantumCircuit(op.num_qubits, getattr(op, "num_clbits", 0))
+        wrapper.append(op, wrapper.qubits, wrapper.clbits)
+        synthesized = HighLevelSynthesis()(wrapper)
+    except Exception:  # nothing Qiskit can synthesize either
+        synthesized = None
+    if synthesized is not None and any(instruction.operation.name == op.name for instruction in synthesized.data):
+        synthesized = None  # left as it was
+    if len(_SYNTHESIZED) >= 256:
+        _SYNTHESIZED.clear()
+    _SYNTHESIZED[id(op)] = (op, synthesized)
+    return synthesized
+
+
+# id(op) -> (op, the circuit HighLevelSynthesis made of it, or None).
+_SYNTHESIZED: dict = {}
+
+
 def _is_default(value) -> bool:
     from qiskit.circuit.controlflow import CASE_DEFAULT
 
@@ -734,7 +769,7 @@ def _generic_values(seed: int):
     return evaluate
 
 
-def translate_template(circuit: QuantumCircuit, evaluate) -> tuple[P.Program, dict]:
+def translate_template(circuit: QuantumCircuit, evaluate, dense_max_qubits: int = DENSE_MAX_QUBITS) -> tuple[P.Program, dict]:
     """Translate a circuit whose gates may hold unbound parameters, once.
 
     Each parametrized standard gate (and parametrized global phase) becomes an
@@ -751,6 +786,6 @@ def translate_template(circuit: QuantumCircuit, evaluate) -> tuple[P.Program, di
         raise InvalidInputError(
             f"circuit {circuit.name!r} declares input variables; give them values with stores instead"
         )
-    translator = _Translator(circuit, evaluate)
+    translator = _Translator(circuit, evaluate, dense_max_qubits)
     program = _translate_with(translator, circuit, None)
     return program, translator.slots

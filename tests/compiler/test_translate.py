@@ -582,6 +582,43 @@ def test_library_operations_and_bare_operations(name):
     assert_program_matches(circuit)
 
 
+def test_wide_high_level_objects_without_a_definition_are_synthesized():
+    """A 12-qubit PermutationGate and Clifford have no definition in Qiskit 2 and are wider than a dense
+    matrix is built for: Qiskit's HighLevelSynthesis gives their circuits. Narrower dense widths
+    (a stabilizer state asks for 6) expand a 7-qubit permutation and Clifford the same way.
+    Oracles: Statevector (the permutation after an entangled state, phases included) and Qiskit's
+    Clifford algebra (the Clifford after Clifford gates: exact probabilities; Statevector would build
+    the 12-qubit Clifford's 4096 x 4096 operator, which takes a minute)."""
+    from qiskit.circuit.library import PermutationGate
+    from qiskit.quantum_info import Clifford, StabilizerState, random_clifford
+
+    from gpu_provider.engine.stabilizer import MAX_GATE_QUBITS
+
+    rng = np.random.default_rng(3)
+    circuit = QuantumCircuit(13)
+    random_entangled_state(circuit, rng)
+    circuit.append(PermutationGate(rng.permutation(12).tolist()), random_positions(rng, 13, 12))
+    program = assert_program_matches(circuit, atol=1e-10)
+    assert max(len(op.qubits) for op in flat_gate_ops(program)) <= 10
+    clifford = QuantumCircuit(13)
+    clifford.h(range(0, 13, 2))
+    clifford.cx(0, 5)
+    clifford.s(7)
+    clifford.append(random_clifford(12, seed=4), random_positions(rng, 13, 12))
+    probabilities = np.abs(reference_evolve(translate(clifford))) ** 2
+    exact = StabilizerState(Clifford(clifford)).probabilities()
+    np.testing.assert_allclose(probabilities, exact, atol=1e-10)
+    narrow = QuantumCircuit(8)
+    random_entangled_state(narrow, rng)
+    narrow.append(PermutationGate(rng.permutation(7).tolist()), range(7))
+    narrow.append(random_clifford(7, seed=5), range(1, 8))
+    expected = Statevector(narrow).data
+    assert any(len(op.qubits) == 7 for op in flat_gate_ops(translate(narrow)))
+    program = translate(narrow, dense_max_qubits=MAX_GATE_QUBITS)
+    assert all(len(op.qubits) + len(getattr(op, "controls", ())) <= MAX_GATE_QUBITS for op in flat_gate_ops(program))
+    np.testing.assert_allclose(reference_evolve(program), expected, atol=1e-10, rtol=0)
+
+
 def test_store_to_one_bit_of_a_variable_or_register():
     circuit = QuantumCircuit(1, 3)
     value = circuit.add_var("value", expr.lift(0b101, types.Uint(3)))
