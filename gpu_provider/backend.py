@@ -340,8 +340,13 @@ class GPUSimulator(BackendV2):
                 try:
                     _check_fits(device, program, config, itemsize, capacity, num_qubits=local_qubits if split else None)
                 except CircuitTooLargeError as exc:
-                    # "automatic", as Aer's: a Clifford circuit too wide for a state vector runs as a stabilizer state.
-                    program, config = _stabilizer_instead(exc, merged, circuit, program, config, ranks)
+                    # A CPU state without its scratch buffer, where that fits; "automatic", as Aer's, runs
+                    # a Clifford circuit too wide for a state vector as a stabilizer state (first choice).
+                    in_place = None if split else _in_place_instead(device, program, config, capacity)
+                    if in_place is not None and not (merged["method"] == "automatic" and why_not_clifford(program) is None):
+                        config = in_place
+                    else:
+                        program, config = _stabilizer_instead(exc, merged, circuit, program, config, ranks)
                     _check_fits(device, program, config, itemsize, capacity)
             if split and merged["statevector"]:
                 _check_gathered_state(program, circuit.name, itemsize)
@@ -823,6 +828,15 @@ def _explicit_method(merged: dict, program: Program, name: str, ranks) -> str:
 def _dense_width(method: str) -> int:
     """The widest gate translation builds as one matrix for ``method`` (see :func:`translate`)."""
     return MAX_GATE_QUBITS if method == "stabilizer" else DENSE_MAX_QUBITS
+
+
+def _in_place_instead(device: Device, program: Program, config: RunConfig, capacity: int) -> Optional[RunConfig]:
+    """``config`` with a CPU state in place (no scratch buffer, :attr:`RunConfig.in_place`) where
+    the run then fits in ``capacity``; None where it would not, or the device is not the CPU."""
+    if device.kind != "CPU" or config.method != "statevector":
+        return None
+    in_place = dataclasses.replace(config, in_place=True)
+    return in_place if memory_needed(program, in_place, device) <= capacity else None
 
 
 def _stabilizer_instead(exc: CircuitTooLargeError, merged: dict, circuit, program: Program, config: RunConfig, ranks) -> tuple:

@@ -397,6 +397,50 @@ print(json.dumps({"room": room, "need": need, "refused": refused, "results": res
     assert out["serial"]
 
 
+def test_a_state_whose_two_copies_do_not_fit_runs_in_place():
+    """Under a limit with room for one 22-qubit state (64 MiB) and the workspace but not two, a
+    non-Clifford circuit runs in place (no scratch buffer) instead of being refused: a random
+    circuit, wide controlled gates and a Pauli evolution, then their inverse and H on three qubits,
+    so exactly the 8 outcomes of those three qubits come out. A 20-qubit circuit keeps its buffer."""
+    out = run_child(
+        LIMITED
+        + """
+import numpy as np
+from qiskit.circuit.library import PauliEvolutionGate, UnitaryGate
+from qiskit.quantum_info import SparsePauliOp, random_unitary
+from gpu_provider.engine.executor import WORKSPACE_BYTES
+
+def circuit(n):
+    rng = np.random.default_rng(n)
+    u = QuantumCircuit(n)
+    for layer in range(3):
+        for q in range(n):
+            u.u(*rng.uniform(0, 3, 3), q)
+        for q in range(layer % 2, n - 1, 2):
+            u.cx(q, q + 1)
+    u.append(UnitaryGate(random_unitary(8, seed=n)), [n - 1, 3, 10])
+    u.mcx(list(range(1, 8)), n - 2)
+    u.append(PauliEvolutionGate(SparsePauliOp(["XYZ", "ZZX"], [0.3, 0.7]), time=1.0), [0, n - 3, 7])
+    qc = u.compose(u.inverse())
+    qc.h([0, 1, 2])
+    qc.measure_all()
+    return qc
+
+n = 22
+circuits = circuit(n), circuit(20)  # built first: their imports map memory too
+limit_room((16 << n) + WORKSPACE_BYTES + (48 << 20))  # one state, not two
+wide = backend.run(circuits[0], shots=4000, seed_simulator=1, method="statevector").result(timeout=300)
+narrow = backend.run(circuits[1], shots=100, seed_simulator=1).result(timeout=300)
+print(json.dumps({"counts": wide.get_counts(), "in_place": wide.results[0].metadata.get("in_place"),
+                  "narrow": narrow.results[0].metadata.get("in_place"), "narrow_keys": sorted(narrow.get_counts())}))
+"""
+    )
+    assert out["in_place"] is True and out["narrow"] is None
+    expected = {"0" * 19 + format(b, "03b") for b in range(8)}
+    assert set(out["counts"]) == expected and all(350 < c < 650 for c in out["counts"].values())
+    assert set(out["narrow_keys"]) <= {"0" * 17 + format(b, "03b") for b in range(8)}
+
+
 def test_memory_output_for_too_many_shots_is_refused_under_a_limit():
     out = run_child(
         LIMITED

@@ -78,6 +78,9 @@ class RunConfig:
     batched_shots_max_qubits: int = 16
     # "statevector", or "stabilizer" for a Clifford program run as a tableau (engine/stabilizer.py).
     method: str = "statevector"
+    # A NumPy state vector without its scratch buffer (StateVector.in_place): how a CPU runs a
+    # state of which two copies do not fit. run() sets it only then (it costs a pass per dense gate).
+    in_place: bool = False
 
     @property
     def dtype(self):
@@ -444,8 +447,8 @@ def device_kernels(device: Device, dtype) -> Any:
     return kernels_for(np.dtype(dtype))
 
 
-def new_state(device: Device, num_qubits: int, dtype) -> StateVector:
-    return StateVector(device.xp, num_qubits, dtype, device_kernels(device, dtype))
+def new_state(device: Device, num_qubits: int, dtype, in_place: bool = False) -> StateVector:
+    return StateVector(device.xp, num_qubits, dtype, device_kernels(device, dtype), in_place=in_place)
 
 
 def estimated_ops(program: Program, config: RunConfig) -> int:
@@ -484,36 +487,29 @@ def state_arrays(program: Program, config: RunConfig, in_place: bool = False) ->
     """How many full-size arrays a program's run holds at its peak.
 
     With ``in_place`` (the GPU kernels apply every op of the program, see
-    :func:`kernels_cover`): the state alone. Otherwise the state and its scratch
-    buffer; a host copy for ``statevector=True``; and the temporaries of a wide
-    controlled gate applied on a slice of the state. A program whose shots run
-    as trajectories (it measures mid-circuit, resets or branches) also holds the
-    copy its shots restart from when they run one by one, and the copies that
-    forked trajectories wait on (:func:`~gpu_provider.engine.trajectories.saved_states`).
+    :func:`kernels_cover`): the state alone. With ``config.in_place`` (a NumPy state
+    without its buffer): the state, a host copy for ``statevector=True``, and the
+    Chebyshev recurrence of a Pauli evolution too wide for a dense matrix. Otherwise
+    the state and its scratch buffer, a host copy for ``statevector=True``, and the
+    recurrence of any Pauli evolution. A program whose shots run as trajectories (it
+    measures mid-circuit, resets or branches) also holds the copy its shots restart
+    from when they run one by one, and the copies that forked trajectories wait on
+    (:func:`~gpu_provider.engine.trajectories.saved_states`). Wide controlled gates
+    work on a slice of the state in place, a chunk at a time.
     """
+    from .statevector import IN_PLACE_EVOLUTION_QUBITS
+
     sampling = is_sampling_friendly(program)
     waiting = 0 if sampling else 1 + saved_states(program.num_qubits, np.dtype(config.dtype).itemsize, config.shots, config.shot_branching)
     if in_place:
         return 1 + waiting
-    arrays = 2 + waiting
-    if any_op(program.ops, PauliEvolution):
+    arrays = (1 if config.in_place else 2) + waiting
+    widest = IN_PLACE_EVOLUTION_QUBITS if config.in_place else -1
+    if any_op(program.ops, PauliEvolution, lambda op: len(op.qubits) > widest):
         arrays += 4  # its Chebyshev recurrence: three terms and one product temporary
     if config.statevector:
         arrays += 1
-    if _has_wide_controlled(program.ops):
-        arrays += 1
     return arrays
-
-
-def _has_wide_controlled(ops) -> bool:
-    from .statevector import DENSE_CONTROLLED_MAX
-
-    for op in ops:
-        if isinstance(op, Unitary) and op.controls and len(op.controls) + len(op.qubits) > DENSE_CONTROLLED_MAX:
-            return True
-        if isinstance(op, CONTROL_FLOW) and any(_has_wide_controlled(body) for body in op_bodies(op)):
-            return True
-    return False
 
 
 def kernels_cover(program: Program, device: Device, dtype) -> bool:
@@ -593,13 +589,14 @@ def stabilizer_bytes(program: Program, config: RunConfig) -> int:
 def max_qubits_for(device: Device, itemsize: int) -> int:
     """The widest circuit of gates and final measurements the device's memory holds.
 
-    On a GPU the kernels work in place: the state, its sampling table and the
-    workspace (so an H200's 141 GB hold 34 qubits in complex64, 33 in
-    complex128); on the CPU the state and one scratch buffer. A circuit that
-    needs more (shot by shot, ``initialize``, wide gates) is checked by ``run()``.
+    The state, its sampling table and the workspace: on a GPU the kernels work in
+    place (so an H200's 141 GB hold 34 qubits in complex64, 33 in complex128), and
+    a CPU state too wide for its scratch buffer runs in place
+    (:attr:`RunConfig.in_place`). A circuit that needs more (shot by shot, wide
+    Pauli evolutions) is checked by ``run()``.
     """
     total = device.total_bytes()
-    arrays = 1 if device.kind == "GPU" else 2
+    arrays = 1  # the GPU kernels, or a CPU state in place (RunConfig.in_place)
     n = 1
     while n < MAX_STATE_QUBITS and arrays * state_bytes(n + 1, itemsize) + sampling_table_bytes(n + 1) + WORKSPACE_BYTES <= total:
         n += 1
@@ -694,7 +691,7 @@ def run_program(
             # The kernel runs every shot from |0...0> itself: no state, no interpreter.
             tally, extra = _run_batch(batched, program, config, execution)
             return experiment_output(program, device, config, tally, None, sampling, time.perf_counter() - start, extra)
-        state = new_state(device, program.num_qubits, dtype)
+        state = new_state(device, program.num_qubits, dtype, in_place=config.in_place)
     if config.method != "stabilizer":
         state.preload(gate_arrays(program.ops))  # one host-to-device copy for the gates' matrices
     statevector = None
@@ -712,6 +709,8 @@ def run_program(
             statevector = last.to_host()
     if group is not None:
         extra["mpi"] = state.metadata()
+    if config.in_place:
+        extra["in_place"] = True  # the state had no scratch buffer (two copies did not fit)
     return experiment_output(program, device, config, tally, statevector, sampling, time.perf_counter() - start, extra)
 
 

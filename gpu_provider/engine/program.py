@@ -466,9 +466,9 @@ def gate_arrays(ops):
             yield op.diagonal
 
 
-def any_op(ops, kind) -> bool:
-    """Whether an op of type ``kind`` is in ``ops`` or in a control-flow body."""
-    return any(isinstance(op, kind) or any(any_op(body, kind) for body in op_bodies(op)) for op in ops)
+def any_op(ops, kind, where=None) -> bool:
+    """Whether an op of type ``kind`` (for which ``where(op)`` holds, if given) is in ``ops`` or in a control-flow body."""
+    return any((isinstance(op, kind) and (where is None or where(op))) or any(any_op(body, kind, where) for body in op_bodies(op)) for op in ops)
 
 
 def used_qubits(ops) -> tuple[int, ...]:

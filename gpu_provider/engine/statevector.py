@@ -19,6 +19,7 @@ physical bit positions this order defines.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -43,6 +44,9 @@ SAMPLE_WORKSPACE_BYTES = 32 << 20
 SAMPLE_CHUNK_MAX = 1 << 17
 # A diagonal's broadcast factors hold at most 2^this values.
 DIAGONAL_FACTORS_MAX_QUBITS = 14
+# A state in place (StateVector.in_place) applies a dense gate a chunk of at most this many bytes at
+# a time; the chunk and its product are the only temporaries.
+IN_PLACE_CHUNK_BYTES = 16 << 20
 # StateVector.preload takes arrays of at most this many entries, this many bytes in all.
 PRELOAD_MAX_ENTRIES = 1 << 12
 PRELOAD_MAX_BYTES = 64 << 20
@@ -122,9 +126,18 @@ def controlled_matrix(matrix: np.ndarray, num_controls: int, ctrl_state: int) ->
 
 
 class StateVector:
-    """An n-qubit state on one device, in ``dtype`` (complex64 or complex128)."""
+    """An n-qubit state on one device, in ``dtype`` (complex64 or complex128).
 
-    def __init__(self, xp: Any, num_qubits: int, dtype, kernels: Any = None) -> None:
+    With ``in_place`` the state never allocates its scratch buffer: dense gates apply a chunk
+    at a time through strided views (:meth:`_apply_to_axes`), ``initialize`` writes through
+    views, and the axes stay in canonical order. That is the CPU's way to run a state of which
+    two copies do not fit in memory; it costs about one more pass per dense gate.
+    """
+
+    in_place = False
+
+    def __init__(self, xp: Any, num_qubits: int, dtype, kernels: Any = None, in_place: bool = False) -> None:
+        self.in_place = in_place
         self.xp = xp
         self.num_qubits = num_qubits
         self.dtype = np.dtype(dtype)
@@ -254,6 +267,9 @@ class StateVector:
         if n <= SMALL_STATE_QUBITS and k < n:
             self._apply_small(qubits, matrix)
             return
+        if self.in_place:
+            self._apply_to_axes(self._tensor(), [self.order.index(q) for q in qubits], matrix)
+            return
         order = self.order
         axes = [order.index(q) for q in qubits]
         low, high = min(axes), max(axes)
@@ -268,6 +284,23 @@ class StateVector:
         else:
             xp.matmul(self.data.reshape(-1, dim), matrix.T, out=self.buffer.reshape(-1, dim))
         self._swap()
+
+    def _apply_to_axes(self, tensor, axes: Sequence[int], matrix: np.ndarray) -> None:
+        """``matrix`` (bit i of its index on ``axes[i]`` of ``tensor``, the state or a view of it)
+        applied in place, a chunk of at most ``IN_PLACE_CHUNK_BYTES`` at a time: the chunk's
+        copy and its product are the only temporaries. A chunk fixes the leading axes the gate
+        does not touch, so it is a strided view whose inner axes stay contiguous."""
+        xp = self.xp
+        k = len(axes)
+        rest = [a for a in range(tensor.ndim) if a not in axes]
+        inner = max(0, (IN_PLACE_CHUNK_BYTES // self.dtype.itemsize).bit_length() - 1 - k)
+        outer = rest[: max(0, len(rest) - inner)]
+        view = tensor.transpose(outer + list(reversed(axes)) + rest[len(outer) :])
+        matrix = self._on_device(matrix)
+        dim = 1 << k
+        for index in itertools.product((0, 1), repeat=len(outer)):
+            chunk = view[index]
+            chunk[...] = xp.matmul(matrix, chunk.reshape(dim, -1)).reshape(chunk.shape)
 
     def _apply_small(self, qubits: Sequence[int], matrix: np.ndarray) -> None:
         """A small state in canonical order: gather the groups, one product, scatter back.
@@ -365,19 +398,13 @@ class StateVector:
         if len(controls) + len(qubits) <= DENSE_CONTROLLED_MAX:
             self.apply_unitary(tuple(controls) + tuple(qubits), controlled_matrix(matrix, len(controls), ctrl_state))
             return
-        xp = self.xp
-        # Act only on the slice where the controls hold ctrl_state (a view), with
-        # a temporary of that slice's size: 2^(n - controls) amplitudes.
+        # Act only on the slice where the controls hold ctrl_state (a view), in place, a chunk at a time.
         index = [slice(None)] * self.num_qubits
         for i, control in enumerate(controls):
             index[self.axis(control)] = (ctrl_state >> i) & 1
         view = self._tensor()[tuple(index)]
         rest = [q for q in self.order if q not in controls]
-        k = len(qubits)
-        tensor = self._on_device(matrix).reshape((2,) * (2 * k))
-        view_axes = [rest.index(q) for q in reversed(qubits)]
-        product = xp.tensordot(tensor, view, axes=(list(range(k, 2 * k)), view_axes))
-        view[...] = xp.moveaxis(product, list(range(k)), view_axes)
+        self._apply_to_axes(view, [rest.index(q) for q in qubits], matrix)
 
     def apply_diagonal(self, qubits: Sequence[int], diagonal: np.ndarray) -> None:
         k = len(qubits)
@@ -415,6 +442,10 @@ class StateVector:
         n = self.num_qubits
         scale = float(sum(abs(a) for a in angles))
         if scale == 0.0:
+            return
+        if self.in_place and len(qubits) <= IN_PLACE_EVOLUTION_QUBITS:
+            # No room for the recurrence's three states: the exponential as a dense matrix.
+            self.apply_unitary(qubits, _pauli_exponential(len(qubits), x_masks, z_masks, angles))
             return
         groups: dict[int, np.ndarray] = {}
         for x, z, angle in zip(x_masks, z_masks, angles):
@@ -460,6 +491,17 @@ class StateVector:
     def initialize(self, qubits: Sequence[int], vector: np.ndarray) -> None:
         """``qubits`` are in |0...0>: put them in ``vector`` (Qiskit's order)."""
         k = len(qubits)
+        if self.in_place:
+            # Through views: amplitude b of ``vector`` times the |0...0> slice, written into slice b;
+            # slice 0, the source, last.
+            axes = [self.order.index(q) for q in reversed(qubits)]  # the first is bit k - 1
+            view = self._tensor().transpose(axes + [a for a in range(self.num_qubits) if a not in axes])
+            values = np.asarray(vector, dtype=np.complex128).astype(self.dtype)
+            zero = view[(slice(0, 1),) * k]
+            for b in range((1 << k) - 1, 0, -1):
+                self.xp.multiply(zero, values[b], out=view[tuple(slice(bit, bit + 1) for bit in ((b >> (k - 1 - j)) & 1 for j in range(k)))])
+            zero *= values[0]
+            return
         tail = list(reversed(qubits))
         if self.order[-k:] != tail:
             self._reorder([q for q in self.order if q not in qubits] + tail)
@@ -666,6 +708,23 @@ class StateVector:
         self.order = list(range(self.num_qubits - 1, -1, -1))
         # The next binding brings its own matrices: keep no device copies of this one's.
         self._device_arrays.clear()
+
+
+# A state in place applies a Pauli evolution on at most this many qubits as a dense matrix.
+IN_PLACE_EVOLUTION_QUBITS = 10
+
+
+def _pauli_exponential(k: int, x_masks: Sequence[int], z_masks: Sequence[int], angles: Sequence[float]) -> np.ndarray:
+    """exp(-i sum_j angles[j] P_j) on ``k`` qubits as a 2^k matrix (P_j = i^#Y X^x Z^z, bit i on
+    qubit i), by the eigendecomposition of the Hermitian sum."""
+    dim = 1 << k
+    columns = np.arange(dim)
+    hamiltonian = np.zeros((dim, dim), dtype=np.complex128)
+    for x, z, angle in zip(x_masks, z_masks, angles):
+        signs = 1.0 - 2.0 * (np.bitwise_count(columns & int(z)) & 1)
+        hamiltonian[columns ^ int(x), columns] += angle * (1j ** bin(int(x) & int(z)).count("1")) * signs
+    values, vectors = np.linalg.eigh(hamiltonian)
+    return (vectors * np.exp(-1j * values)) @ vectors.conj().T
 
 
 @functools.lru_cache(maxsize=256)

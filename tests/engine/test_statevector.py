@@ -277,3 +277,69 @@ def test_small_state_gather_path_and_general_path(device, n, precision, monkeypa
                 state.apply_diagonal(qubits[:1], np.exp(1j * np.array([0.0, 0.3])))  # mixes in the axis-order paths
                 state.apply_diagonal(qubits[:1], np.exp(-1j * np.array([0.0, 0.3])))
         assert_close(state, expected.data, precision)
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_a_state_in_place_matches_the_buffered_state_and_never_allocates_a_buffer(precision, monkeypatch):
+    """StateVector(in_place=True), the CPU's way to hold a state of which two copies do not fit: dense
+    gates a chunk at a time (chunks of 1 KiB here, so every gate takes dozens), wide controlled gates,
+    a Pauli evolution as a dense exponential, initialize through views, measurement and reset. Oracle:
+    Statevector for the unitary part; the buffered state (checked against it above) for the rest."""
+    from scipy.linalg import expm
+    from qiskit.circuit.library import StatePreparation
+    from qiskit.quantum_info import Pauli, SparsePauliOp
+
+    from gpu_provider.engine import statevector as S
+
+    monkeypatch.setattr(S, "IN_PLACE_CHUNK_BYTES", 1024)
+    rng = np.random.default_rng(5)
+    n = 13
+    dev, _ = resolve_device("CPU")
+    dtype = PRECISIONS[precision]
+    in_place, buffered = new_state(dev, n, dtype, in_place=True), new_state(dev, n, dtype)
+    fresh = (11, 4, 9)  # still |0>: initialized after the first gates
+    vector = random_statevector(8, seed=3).data
+    others = [q for q in range(n) if q not in fresh]
+    expected = Statevector.from_label("0" * n)
+    steps = []
+    for step in range(24):
+        kind = step % 4
+        if kind == 0 or kind == 1:
+            k = int(rng.integers(1, 6))
+            qubits = [others[i] for i in rng.choice(len(others), k, replace=False)] if step < 8 else random_positions(rng, n, k)
+            matrix = random_unitary(2**k, seed=50 + step).data
+            steps.append(("unitary", qubits, matrix))
+            expected = expected.evolve(Operator(matrix), qargs=qubits)
+        elif kind == 2:
+            qubits = [others[i] for i in rng.choice(len(others), 8, replace=False)] if step < 8 else random_positions(rng, n, 8)
+            ctrl_state = int(rng.integers(0, 2**6))
+            matrix = random_unitary(4, seed=step).data
+            steps.append(("controlled", qubits[:6], ctrl_state, qubits[6:], matrix))
+            expected = expected.evolve(Operator(controlled_matrix(matrix, 6, ctrl_state)), qargs=qubits)
+        else:
+            qubits = [others[i] for i in rng.choice(len(others), 3, replace=False)] if step < 8 else random_positions(rng, n, 3)
+            labels, angles = ["XYZ", "ZZI", "IXY"], rng.uniform(-1, 1, 3)
+            x = [int(sum(int(b) << i for i, b in enumerate(Pauli(label).x))) for label in labels]
+            z = [int(sum(int(b) << i for i, b in enumerate(Pauli(label).z))) for label in labels]
+            steps.append(("evolution", qubits, x, z, angles))
+            expected = expected.evolve(Operator(expm(-1j * SparsePauliOp(labels, angles).to_matrix())), qargs=qubits)
+        if step == 7:
+            steps.append(("initialize", list(fresh), vector))
+            expected = expected.evolve(Operator(StatePreparation(vector)), qargs=list(fresh))
+    for state in (in_place, buffered):
+        for step in steps:
+            if step[0] == "unitary":
+                state.apply_unitary(step[1], step[2])
+            elif step[0] == "controlled":
+                state.apply_controlled(step[1], step[2], step[3], step[4])
+            elif step[0] == "evolution":
+                state.apply_pauli_evolution(*step[1:])
+            else:
+                state.initialize(step[1], step[2])
+    assert in_place._buffer is None and in_place.order == list(range(n - 1, -1, -1))
+    assert_close(in_place, expected.data, precision)
+    for q, draw, reset in ((3, 0.3, False), (10, 0.8, True), (0, 0.5, False)):
+        assert in_place.probability_one(q) == pytest.approx(buffered.probability_one(q), abs=1e-5)
+        assert in_place.measure(q, draw, reset) == buffered.measure(q, draw, reset)
+    assert_close(in_place, buffered.to_host(), precision)
+    assert in_place._buffer is None
