@@ -40,7 +40,8 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub
 from .backend import GPUSimulator
 from .compiler.fusion import default_width
 from .compiler.parameters import CompiledCircuit, FusionOptions, compile_circuit
-from .engine.devices import PRECISIONS, Device, resolve_device, state_bytes
+from .compiler.translate import translate
+from .engine.devices import PRECISIONS, Device, resolve_device, state_bytes, too_large_error
 from .engine.batch import BATCH_MAX_AMPLITUDES, batch_size, batchable, evolve_batch, evolve_columns
 from .engine.distributed import (
     EXCHANGE_BYTES,
@@ -149,10 +150,14 @@ class _Primitive:
             device, reason = resolve_device(options.device, options.device_id)
         return device, options.precision, reason
 
-    def _compile(self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0, tableaux: bool = False) -> CompiledCircuit:
+    def _compile(
+        self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0, tableaux: bool = False, in_place: bool = False
+    ) -> CompiledCircuit:
         """``circuit`` compiled once per run. With ``tableaux``, a Clifford circuit may run
         as a stabilizer state, as the backend's ``method`` option says: then ``compiled.method`` is
-        "stabilizer" (unfused: its gates are read one by one)."""
+        "stabilizer" (unfused: its gates are read one by one). With ``in_place``, a CPU state of
+        which two copies do not fit may run without its scratch buffer (``compiled.in_place``), as
+        the backend's would; a Clifford circuit under "automatic" still goes to a tableau first."""
         key = id(circuit)
         if key not in cache:
             options = self._backend.options
@@ -164,13 +169,22 @@ class _Primitive:
             itemsize = np.dtype(PRECISIONS[options.precision]).itemsize
             too_large = None
             stabilizer = tableaux and not global_qubits and options.method == "stabilizer"
+            vector_in_place = False
             if not stabilizer:
                 try:
-                    device.check_fits(local, itemsize, arrays=2)
+                    _check_vector_fits(device, local, itemsize)
                 except CircuitTooLargeError as exc:
-                    if not (tableaux and not global_qubits and options.method == "automatic"):
+                    narrow = _as_tableau_reads(circuit) if in_place and device.kind == "CPU" and not global_qubits else None
+                    # In place: a circuit measured at the end only (no copies for trajectories), one state.
+                    room = narrow is not None and is_sampling_friendly(narrow) and _fits(device, local, itemsize)
+                    automatic = tableaux and not global_qubits and options.method == "automatic"
+                    clifford = room and not circuit.parameters and why_not_clifford(narrow) is None
+                    if automatic and not (room and not clifford):
+                        stabilizer, too_large = True, exc
+                    elif room:
+                        vector_in_place = True
+                    else:
                         raise
-                    stabilizer, too_large = True, exc
             if stabilizer:  # unfused, gates wider than a tableau reads expanded
                 fusion = FusionOptions(False, device.kind, width, options.fusion_threshold, options.precision)
                 compiled = compile_circuit(circuit, fusion, dense_max_qubits=MAX_GATE_QUBITS)
@@ -179,17 +193,20 @@ class _Primitive:
             if stabilizer:
                 _check_clifford(compiled, too_large)
                 compiled.method = "stabilizer"
+            compiled.in_place = vector_in_place
             if global_qubits and compiled.template is not None:
                 check_split(circuit.name, circuit.num_qubits, global_qubits, compiled.template.ops)
             cache[key] = (circuit, compiled)  # keep the circuit alive: ids stay unique
         return cache[key][1]
 
     def _compiled_pubs(self, kind, pubs, default, device: Device, ranks: Optional[Ranks]) -> list:
-        """Every PUB coerced and validated as ``kind``, with its circuit compiled once (shared by PUBs)."""
+        """Every PUB coerced and validated as ``kind``, with its circuit compiled once (shared by PUBs).
+        The sampler's states may run in place; the estimator's observables need a second array."""
         coerced = [_coerce(kind, pub, default, i) for i, pub in enumerate(_pub_list(pubs))]
         global_qubits = ranks.global_qubits if ranks is not None else 0
         cache: dict = {}
-        return [(pub, self._compile(pub.circuit, device, cache, global_qubits, tableaux=True)) for pub in coerced]
+        in_place = kind is SamplerPub
+        return [(pub, self._compile(pub.circuit, device, cache, global_qubits, tableaux=True, in_place=in_place)) for pub in coerced]
 
     @staticmethod
     def _agreed(ranks: Optional[Ranks], prepare):
@@ -217,7 +234,10 @@ class _Primitive:
         widest = max((task.pub.circuit.num_qubits for task in vectors), default=0)  # run([]): an empty result
         branch_copies = max((getattr(task, "branch_copies", 0) for task in vectors), default=0)
         local = widest - (group.global_qubits if group is not None else 0)
-        reserve = (2 + branch_copies) * state_bytes(local, itemsize) + BATCH_MAX_AMPLITUDES * itemsize + WORKSPACE_BYTES
+        # A state in place (the widest, where two copies did not fit) has no scratch buffer.
+        arrays = 1 if any(getattr(task.compiled, "in_place", False) and task.pub.circuit.num_qubits == widest for task in vectors) else 2
+        batches = any(batch_size(task.pub.circuit.num_qubits) > 1 for task in vectors)
+        reserve = (arrays + branch_copies) * state_bytes(local, itemsize) + (BATCH_MAX_AMPLITUDES * itemsize if batches else 0) + WORKSPACE_BYTES
         reserve = max([reserve] + [_tableau_reserve(task) for task in tasks if _on_tableau(task.compiled)])
         circuits = [task.pub.circuit for task in tasks]
         run = work
@@ -287,6 +307,8 @@ def _simulator_metadata(
         "fusion_ops_after": program_ops,
         "time_taken": seconds,
     }
+    if getattr(compiled, "in_place", False):
+        metadata["in_place"] = True  # a CPU state without its scratch buffer (two copies did not fit)
     if reason:
         metadata["gpu_unavailable_reason"] = reason
     return metadata
@@ -710,6 +732,35 @@ def _tableau_reserve(task) -> int:
     return stabilizer_bytes(program, RunConfig(shots=shots, method="stabilizer"))
 
 
+def _vector_bytes(num_qubits: int, itemsize: int, arrays: int) -> int:
+    """What :meth:`_Primitive._submit` reserves for a state-vector task of ``num_qubits``: ``arrays``
+    states, a batch of small states where such states batch, and the workspace."""
+    batch = BATCH_MAX_AMPLITUDES * itemsize if batch_size(num_qubits) > 1 else 0
+    return arrays * state_bytes(num_qubits, itemsize) + batch + WORKSPACE_BYTES
+
+
+def _check_vector_fits(device: Device, num_qubits: int, itemsize: int) -> None:
+    """Raise :class:`CircuitTooLargeError` unless a state, its scratch buffer and the rest fit on ``device`` now."""
+    needed, free = _vector_bytes(num_qubits, itemsize, 2), device.memory_capacity()
+    if needed > free:
+        raise too_large_error(device.kind, num_qubits, itemsize, needed, free, f"2 arrays of 2^{num_qubits} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace")
+
+
+def _fits(device: Device, num_qubits: int, itemsize: int) -> bool:
+    """Whether one state of ``num_qubits`` (no scratch buffer) and the rest fit on ``device`` now."""
+    return _vector_bytes(num_qubits, itemsize, 1) <= device.memory_capacity()
+
+
+def _as_tableau_reads(circuit: QuantumCircuit):
+    """``circuit`` translated as a tableau reads it (parameters at placeholder values: only its
+    structure is asked), or None where it does not translate (it fails later with its own error)."""
+    try:
+        bound = circuit.assign_parameters([0.5] * circuit.num_parameters, inplace=False) if circuit.parameters else circuit
+        return translate(bound, dense_max_qubits=MAX_GATE_QUBITS)
+    except Exception:
+        return None
+
+
 def _clifford_binding(compiled: CompiledCircuit, values: np.ndarray):
     """The Program of one parameter set of a circuit run as a stabilizer state (it must be Clifford)."""
     program = compiled.bind(values)
@@ -763,7 +814,10 @@ def _sample(
             for name, bits in registers:
                 arrays[name][index] = _register_bytes(memory, bits, task.shots, circuit.num_clbits)
     for chunk in chunks:
-        configs = [RunConfig(shots=task.shots, seed=int(seeds.integers(0, 2**62)), memory=True, precision=precision) for _ in chunk]
+        configs = [
+            RunConfig(shots=task.shots, seed=int(seeds.integers(0, 2**62)), memory=True, precision=precision, in_place=getattr(compiled, "in_place", False))
+            for _ in chunk
+        ]
         kernels = device_kernels(device, configs[0].dtype)
         if not split and len(chunk) > 1 and compiled.can_batch:
             columns = compiled.bind_columns(np.stack([task.values[index] for index in chunk]))

@@ -428,14 +428,30 @@ def circuit(n):
 
 n = 22
 circuits = circuit(n), circuit(20)  # built first: their imports map memory too
+from gpu_provider import EstimatorV2, SamplerV2
+sampler = SamplerV2(backend_options={"device": "CPU"}, seed=3)
+estimator = EstimatorV2(backend_options={"device": "CPU"})
+sampler.run([circuits[1]], shots=10).result()
+estimator.run([(circuits[1].remove_final_measurements(inplace=False), "Z" * 20)]).result()
 limit_room((16 << n) + WORKSPACE_BYTES + (48 << 20))  # one state, not two
 wide = backend.run(circuits[0], shots=4000, seed_simulator=1, method="statevector").result(timeout=300)
 narrow = backend.run(circuits[1], shots=100, seed_simulator=1).result(timeout=300)
+sampled = sampler.run([circuits[0]], shots=2000).result(timeout=300)[0]
+try:
+    estimator.run([(circuits[0].remove_final_measurements(inplace=False), "Z" * n)])
+    estimated = "ran"
+except Exception as exc:
+    estimated = type(exc).__name__
 print(json.dumps({"counts": wide.get_counts(), "in_place": wide.results[0].metadata.get("in_place"),
-                  "narrow": narrow.results[0].metadata.get("in_place"), "narrow_keys": sorted(narrow.get_counts())}))
+                  "narrow": narrow.results[0].metadata.get("in_place"), "narrow_keys": sorted(narrow.get_counts()),
+                  "sampler": sampled.data.meas.get_counts(), "sampler_in_place": sampled.metadata["simulator_metadata"].get("in_place"),
+                  "estimator": estimated}))
 """
     )
     assert out["in_place"] is True and out["narrow"] is None
+    assert out["sampler_in_place"] is True and set(out["sampler"]) == {"0" * 19 + format(b, "03b") for b in range(8)}
+    assert all(150 < c < 350 for c in out["sampler"].values())
+    assert out["estimator"].startswith("CircuitTooLargeError")  # its observables need a second array
     expected = {"0" * 19 + format(b, "03b") for b in range(8)}
     assert set(out["counts"]) == expected and all(350 < c < 650 for c in out["counts"].values())
     assert set(out["narrow_keys"]) <= {"0" * 17 + format(b, "03b") for b in range(8)}
