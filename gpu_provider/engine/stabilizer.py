@@ -680,7 +680,7 @@ def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution:
     n = program.num_qubits
     reference = StabilizerState(xp, n)
     reference_bits: dict = {}  # clbit -> the reference's outcome
-    # The reference run: ("gate", qubits, table), ("measure", qubit, clbit or None for a reset, outcome),
+    # The reference run: ("gate", qubits, table), ("measure", qubit, clbit or None for a reset, outcome, randomize),
     # ("feedback", clbits read, {(0 for x or 1 for z, qubit): the assignments whose Pauli differs from the reference's there}).
     steps: list = []
     tables: dict = {}  # id(conditional) -> (its clbits, its Pauli per assignment)
@@ -699,7 +699,7 @@ def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution:
                 reference.collapse(op.qubit, outcome, p1 if outcome else 1.0 - p1, flip=kind is Reset)
                 if kind is Measure:
                     reference_bits[op.clbit] = outcome
-                steps.append(("measure", op.qubit, op.clbit if kind is Measure else None, outcome))
+                steps.append(("measure", op.qubit, op.clbit if kind is Measure else None, outcome, True))
                 continue
             elif kind is ForLoop:
                 for body in op.iterations:
@@ -735,7 +735,17 @@ def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution:
         if toggles:
             steps.append(("feedback", clbits, toggles))
 
-    run(program.ops)
+    # The trailing measurements change nothing measured after them: the reference takes one outcome
+    # of its support for all of them at once (an elimination) instead of collapsing them one by one,
+    # and no random Z joins the frames there.
+    ops = program.ops
+    tail = len(ops)
+    while tail and type(ops[tail - 1]) is Measure:
+        tail -= 1
+    run(ops[:tail])
+    if tail < len(ops):
+        x0 = reference.sampling_table()[0]
+        steps.extend(("measure", op.qubit, op.clbit, int(x0[op.qubit]), False) for op in ops[tail:])
     to_host = getattr(xp, "asnumpy", np.asarray)
     chunk = min(FRAME_CHUNK_SHOTS, 64 * max(1, FRAME_BYTES // (8 * (2 * n + program.num_clbits + 8))))
     for first in range(0, shots, chunk):
@@ -750,12 +760,13 @@ def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution:
             elif step[0] == "feedback":
                 _feed_frames(frame_x, frame_z, outcome_of, step[1], step[2])
             else:
-                _, q, clbit, outcome = step
+                _, q, clbit, outcome, randomize = step
                 if clbit is not None:
                     outcome_of[clbit] = (outcome, frame_x[q].copy())
                 else:
                     frame_x[q] = 0
-                frame_z[q] = xp.asarray(_random_words(rng, (words,)))
+                if randomize:
+                    frame_z[q] = xp.asarray(_random_words(rng, (words,)))
             if execution is not None:
                 execution.checkpoint(count)
         values = np.zeros(count, dtype=np.int64) if program.num_clbits <= 62 else np.zeros(count, dtype=object)
