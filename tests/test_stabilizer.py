@@ -445,16 +445,26 @@ def test_estimator_dynamic_clifford_circuits_match_the_state_vector_estimator(se
     np.testing.assert_allclose(tableau.data.evs, vector.data.evs, atol=1e-10)
 
 
-def _measure_reset_circuit(seed: int) -> QuantumCircuit:
-    """Clifford layers with mid-circuit measurements and resets, no feed-forward: Pauli frames."""
+def _random_start(seed: int, mid_bits: int) -> tuple:
+    """(rng, n, circuit, mid): 2-6 qubits, a register ``m`` for mid-circuit outcomes and one ``f`` for the end."""
     r = np.random.default_rng(seed)
     n = int(r.integers(2, 7))
     qc = QuantumCircuit(n)
-    mid = ClassicalRegister(5, "m")
+    mid = ClassicalRegister(mid_bits, "m")
     qc.add_register(mid)
     qc.add_register(ClassicalRegister(n, "f"))
+    return r, n, qc, mid
+
+
+def _clifford_layer(qc: QuantumCircuit, r: np.random.Generator, n: int) -> None:
+    qc.compose(random_clifford_circuit(n, int(r.integers(1, 3 * n + 1)), seed=int(r.integers(1 << 30))), inplace=True)
+
+
+def _measure_reset_circuit(seed: int) -> QuantumCircuit:
+    """Clifford layers with mid-circuit measurements and resets, no feed-forward: Pauli frames."""
+    r, n, qc, mid = _random_start(seed, 5)
     for _ in range(int(r.integers(2, 6))):
-        qc.compose(random_clifford_circuit(n, int(r.integers(1, 3 * n + 1)), seed=int(r.integers(1 << 30))), inplace=True)
+        _clifford_layer(qc, r, n)
         q = int(r.integers(n))
         qc.measure(q, mid[int(r.integers(5))])
         if r.integers(2):
@@ -508,8 +518,9 @@ def test_a_wide_repetition_code_runs_as_pauli_frames_with_consistent_syndromes()
     assert np.all((ones > 120) & (ones < 280))  # each syndrome bit about half the 400 shots
 
 
-def test_pauli_frames_on_the_device_path_of_a_cupy_stand_in(fake_gpu):  # noqa: F811
-    circuit = _measure_reset_circuit(3)
+@pytest.mark.parametrize("make", [lambda: _measure_reset_circuit(3), lambda: _feedback_circuit(4)], ids=["measure_reset", "feed_forward"])
+def test_pauli_frames_on_the_device_path_of_a_cupy_stand_in(fake_gpu, make):  # noqa: F811
+    circuit = make()
     on_gpu = GPUSimulator(device="GPU", method="stabilizer").run(circuit, shots=3000, seed_simulator=3).result()
     assert on_gpu.results[0].metadata["device"].startswith("GPU") and on_gpu.results[0].metadata["pauli_frames"]
     expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=4).result().get_counts()
@@ -533,19 +544,14 @@ def _feedback_circuit(seed: int) -> QuantumCircuit:
     (with ``else``), ``switch``, classical expressions, nested conditionals, ``for`` loops of them."""
     from qiskit.circuit.classical import expr
 
-    r = np.random.default_rng(seed)
-    n = int(r.integers(2, 7))
-    qc = QuantumCircuit(n)
-    mid = ClassicalRegister(4, "m")
-    qc.add_register(mid)
-    qc.add_register(ClassicalRegister(n, "f"))
+    r, n, qc, mid = _random_start(seed, 4)
 
     def paulis():
         for _ in range(int(r.integers(1, 3))):
             (qc.x, qc.y, qc.z)[int(r.integers(3))](int(r.integers(n)))
 
     for _ in range(int(r.integers(2, 7))):
-        qc.compose(random_clifford_circuit(n, int(r.integers(1, 3 * n + 1)), seed=int(r.integers(1 << 30))), inplace=True)
+        _clifford_layer(qc, r, n)
         q, c = int(r.integers(n)), mid[int(r.integers(4))]
         kind = int(r.integers(6))
         if kind == 5:
@@ -660,11 +666,3 @@ def test_feed_forward_that_is_not_a_pauli_keeps_the_trajectories():
         assert not result.results[0].metadata.get("pauli_frames")
         expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=2000, seed_simulator=5).result().get_counts()
         assert_counts_agree(result.get_counts(), expected)
-
-
-def test_pauli_feed_forward_on_the_device_path_of_a_cupy_stand_in(fake_gpu):  # noqa: F811
-    circuit = _feedback_circuit(4)
-    on_gpu = GPUSimulator(device="GPU", method="stabilizer").run(circuit, shots=3000, seed_simulator=3).result()
-    assert on_gpu.results[0].metadata["device"].startswith("GPU") and on_gpu.results[0].metadata["pauli_frames"]
-    expected = GPUSimulator(device="CPU", method="statevector").run(circuit, shots=3000, seed_simulator=4).result().get_counts()
-    assert_counts_agree(on_gpu.get_counts(), expected)
