@@ -831,9 +831,10 @@ def _dense_width(method: str) -> int:
 
 
 def _in_place_instead(device: Device, program: Program, config: RunConfig, capacity: int) -> Optional[RunConfig]:
-    """``config`` with a CPU state in place (no scratch buffer, :attr:`RunConfig.in_place`) where
-    the run then fits in ``capacity``; None where it would not, or the device is not the CPU."""
-    if device.kind != "CPU" or config.method != "statevector":
+    """``config`` with a state in place (no scratch buffer, :attr:`RunConfig.in_place`) where the run
+    then fits in ``capacity``; None where it would not. On a GPU this matters to programs the kernels
+    do not cover alone (``initialize``, gates wider than theirs), which otherwise count a buffer."""
+    if config.method != "statevector":
         return None
     in_place = dataclasses.replace(config, in_place=True)
     return in_place if memory_needed(program, in_place, device) <= capacity else None

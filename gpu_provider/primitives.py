@@ -155,7 +155,7 @@ class _Primitive:
     ) -> CompiledCircuit:
         """``circuit`` compiled once per run. With ``tableaux``, a Clifford circuit may run
         as a stabilizer state, as the backend's ``method`` option says: then ``compiled.method`` is
-        "stabilizer" (unfused: its gates are read one by one). With ``in_place``, a CPU state of
+        "stabilizer" (unfused: its gates are read one by one). With ``in_place``, a state of
         which two copies do not fit may run without its scratch buffer (``compiled.in_place``), as
         the backend's would; a Clifford circuit under "automatic" still goes to a tableau first."""
         key = id(circuit)
@@ -174,7 +174,7 @@ class _Primitive:
                 try:
                     _check_vector_fits(device, local, itemsize)
                 except CircuitTooLargeError as exc:
-                    narrow = _as_tableau_reads(circuit) if in_place and device.kind == "CPU" and not global_qubits else None
+                    narrow = _as_tableau_reads(circuit) if in_place and not global_qubits else None
                     # In place: a circuit measured at the end only (no copies for trajectories), one state.
                     room = narrow is not None and is_sampling_friendly(narrow) and _fits(device, local, itemsize)
                     automatic = tableaux and not global_qubits and options.method == "automatic"

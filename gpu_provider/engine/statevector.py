@@ -227,6 +227,15 @@ class StateVector:
         canonical = self._canonical_order()
         if self.order == canonical:
             return
+        if self.in_place and (self.kernels is None or not self.kernels.can_apply(2)):
+            # No buffer to transpose into: exchange axes pairwise, each a SWAP applied in place.
+            order = self.order
+            for axis, wanted in enumerate(canonical):
+                if order[axis] != wanted:
+                    other = order.index(wanted)
+                    self._apply_to_axes(self._tensor(), [axis, other], _SWAP)
+                    order[axis], order[other] = order[other], order[axis]
+            return
         if self.kernels is not None and self._buffer is None and self.kernels.can_apply(2):
             # The GPU kernels path holds one state array: reorder in place by SWAPs on
             # pairs of bit positions (a pass each, exact) instead of a copy into a buffer.

@@ -412,3 +412,39 @@ def test_kernel_programs_reserve_one_state_others_two():
     mid.x(0)  # a gate on a measured qubit: trajectories
     assert state_arrays(translate(mid), config, in_place=True) == 2 + 11
     assert state_arrays(translate(mid), RunConfig(precision="single", shot_branching=False), in_place=True) == 2
+
+
+def test_a_gpu_state_the_kernels_do_not_cover_runs_in_place_where_two_do_not_fit(monkeypatch):
+    """On a (stand-in) GPU whose free memory holds one 21-qubit state and the workspace but not two,
+    a program with ``initialize`` and a 7-qubit gate (which the kernels do not apply) runs in place
+    instead of being refused: a random circuit and its inverse on 20 qubits, H on two of them, one
+    more qubit initialized to 0.6|0> + 0.8|1>. A 23-qubit state is still refused."""
+    from gpu_provider.engine import kernels
+
+    n = 20
+    free = devices.state_bytes(n + 1, 16) + (72 << 20)
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy(free_bytes=free, total_bytes=2 * free))
+    monkeypatch.setattr(kernels, "kernels_for", lambda dtype: None)
+    devices.reset_probe()
+    try:
+        u = random_circuit(n, 5)
+        u.unitary(random_unitary(1 << 7, seed=2).data, [0, 4, 7, 9, 12, 15, 19])
+        u.mcx(list(range(1, 8)), 18)
+        qc = QuantumCircuit(n + 1)
+        qc.initialize([0.6, 0.8], [n])  # a fresh qubit: an Initialize op
+        qc.compose(u, range(n), inplace=True)
+        qc.compose(u.inverse(), range(n), inplace=True)
+        qc.h([0, 1])
+        qc.measure_all()
+        result = GPUSimulator(device="GPU", method="statevector").run(qc, shots=4000, seed_simulator=3).result()
+        metadata = result.results[0].metadata
+        assert metadata["device"].startswith("GPU") and metadata["in_place"] is True
+        counts = result.get_counts()
+        zeros = "0" * (n - 2)
+        assert set(counts) <= {top + zeros + low for top in "01" for low in ("00", "01", "10", "11")}
+        high = sum(c for key, c in counts.items() if key[0] == "1")
+        assert abs(high / 4000 - 0.64) < 0.04  # the initialized qubit: |0.8|^2
+        with pytest.raises(CircuitTooLargeError):
+            GPUSimulator(device="GPU", method="statevector").run(random_circuit(n + 3, 1), shots=10)
+    finally:
+        devices.reset_probe()

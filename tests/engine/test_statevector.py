@@ -343,3 +343,18 @@ def test_a_state_in_place_matches_the_buffered_state_and_never_allocates_a_buffe
         assert in_place.measure(q, draw, reset) == buffered.measure(q, draw, reset)
     assert_close(in_place, buffered.to_host(), precision)
     assert in_place._buffer is None
+
+
+def test_a_state_in_place_reorders_its_axes_by_swaps():
+    """to_canonical without a buffer: the axes exchanged pairwise in place (a state given in a
+    permuted axis order comes back in canonical order, nothing allocated)."""
+    n = 14
+    expected = random_start(n, 9)
+    dev, _ = resolve_device("CPU")
+    state = new_state(dev, n, PRECISIONS["double"], in_place=True)
+    order = [int(q) for q in np.random.default_rng(4).permutation(n)]
+    canonical = list(range(n - 1, -1, -1))
+    state.data[...] = expected.reshape((2,) * n).transpose([canonical.index(q) for q in order]).reshape(-1)
+    state.order = order
+    assert_close(state, expected, "double")
+    assert state.order == canonical and state._buffer is None
