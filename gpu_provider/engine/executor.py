@@ -78,8 +78,9 @@ class RunConfig:
     batched_shots_max_qubits: int = 16
     # "statevector", or "stabilizer" for a Clifford program run as a tableau (engine/stabilizer.py).
     method: str = "statevector"
-    # A NumPy state vector without its scratch buffer (StateVector.in_place): how a CPU runs a
-    # state of which two copies do not fit. run() sets it only then (it costs a pass per dense gate).
+    # A state vector without its scratch buffer (StateVector.in_place): how the CPU (or a GPU whose
+    # kernels do not cover the program) runs a state of which two copies do not fit. run() sets it
+    # only then (on the CPU it costs about a pass per dense gate).
     in_place: bool = False
 
     @property
@@ -487,7 +488,7 @@ def state_arrays(program: Program, config: RunConfig, in_place: bool = False) ->
     """How many full-size arrays a program's run holds at its peak.
 
     With ``in_place`` (the GPU kernels apply every op of the program, see
-    :func:`kernels_cover`): the state alone. With ``config.in_place`` (a NumPy state
+    :func:`kernels_cover`): the state alone. With ``config.in_place`` (a state
     without its buffer): the state, a host copy for ``statevector=True``, and the
     Chebyshev recurrence of a Pauli evolution too wide for a dense matrix. Otherwise
     the state and its scratch buffer, a host copy for ``statevector=True``, and the

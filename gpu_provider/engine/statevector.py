@@ -130,8 +130,9 @@ class StateVector:
 
     With ``in_place`` the state never allocates its scratch buffer: dense gates apply a chunk
     at a time through strided views (:meth:`_apply_to_axes`), ``initialize`` writes through
-    views, and the axes stay in canonical order. That is the CPU's way to run a state of which
-    two copies do not fit in memory; it costs about one more pass per dense gate.
+    views, and the axes stay in canonical order. That is how the CPU runs a state of which two
+    copies do not fit in memory (about one more pass per dense gate), and how a GPU runs one whose
+    program its kernels do not cover alone (those ops take this path, the rest the kernels).
     """
 
     in_place = False
