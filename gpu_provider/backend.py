@@ -340,9 +340,9 @@ class GPUSimulator(BackendV2):
                 try:
                     _check_fits(device, program, config, itemsize, capacity, num_qubits=local_qubits if split else None)
                 except CircuitTooLargeError as exc:
-                    # A CPU state without its scratch buffer, where that fits; "automatic", as Aer's, runs
-                    # a Clifford circuit too wide for a state vector as a stabilizer state (first choice).
-                    in_place = None if split else _in_place_instead(device, program, config, capacity)
+                    # A state without its scratch buffer, where that fits; "automatic", as Aer's, runs a
+                    # Clifford circuit too wide for a state vector as a stabilizer state (first choice).
+                    in_place, exc = (None, exc) if split else _in_place_instead(exc, device, program, config, itemsize, capacity)
                     if in_place is not None and not (merged["method"] == "automatic" and why_not_clifford(program) is None):
                         config = in_place
                     else:
@@ -749,7 +749,7 @@ def _check_fits(device: Device, program: Program, config: RunConfig, itemsize: i
     needed = memory_needed(program, config, device, num_qubits=n) + (EXCHANGE_BYTES if num_qubits is not None else 0)
     if needed > capacity:
         arrays = state_arrays(program, config, kernels_cover(program, device, config.dtype))
-        detail = f"{arrays} arrays of 2^{n} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
+        detail = f"{arrays} array{'s' if arrays > 1 else ''} of 2^{n} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
         if num_qubits is not None:
             detail += f" on each rank ({program.num_qubits - n} qubits are spread over the ranks); use more ranks"
         raise too_large_error(device.kind, n, itemsize, needed, capacity, detail)
@@ -830,14 +830,19 @@ def _dense_width(method: str) -> int:
     return MAX_GATE_QUBITS if method == "stabilizer" else DENSE_MAX_QUBITS
 
 
-def _in_place_instead(device: Device, program: Program, config: RunConfig, capacity: int) -> Optional[RunConfig]:
-    """``config`` with a state in place (no scratch buffer, :attr:`RunConfig.in_place`) where the run
-    then fits in ``capacity``; None where it would not. On a GPU this matters to programs the kernels
+def _in_place_instead(exc: CircuitTooLargeError, device: Device, program: Program, config: RunConfig, itemsize: int, capacity: int) -> tuple:
+    """``(config with a state in place, exc)`` (no scratch buffer, :attr:`RunConfig.in_place`) where
+    the run then fits in ``capacity``; else ``(None, the error)``, which then names what the run
+    needs in place, the least a state vector needs. On a GPU this matters to programs the kernels
     do not cover alone (``initialize``, gates wider than theirs), which otherwise count a buffer."""
     if config.method != "statevector":
-        return None
+        return None, exc
     in_place = dataclasses.replace(config, in_place=True)
-    return in_place if memory_needed(program, in_place, device) <= capacity else None
+    try:
+        _check_fits(device, program, in_place, itemsize, capacity)
+    except CircuitTooLargeError as smallest:
+        return None, smallest
+    return in_place, exc
 
 
 def _stabilizer_instead(exc: CircuitTooLargeError, merged: dict, circuit, program: Program, config: RunConfig, ranks) -> tuple:
