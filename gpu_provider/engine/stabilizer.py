@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import CircuitTooLargeError, InvalidInputError
 from .program import Diagonal, ForLoop, GlobalPhase, IfElse, Initialize, Measure, PauliEvolution, Reset, Store, SwitchCase, Unitary, WhileLoop
-from .program import Binary, Bits, Cast, Const, Index, Unary, evaluate
+from .program import Binary, Bits, Cast, Const, Index, Unary, count_ops, evaluate
 from .program import BreakLoop, ContinueLoop, LoopBodies
 
 # The widest gate whose Clifford action is read off its matrix (4^k Pauli images of a 2^k matrix).
@@ -540,15 +540,17 @@ class StabilizerState:
 _FRAME_OPS = (Unitary, Diagonal, GlobalPhase, Measure, Reset)
 # Clbits a conditional run on frames may read (its Pauli is tabulated over their 2^k values).
 FRAME_CONDITION_BITS = 8
+# Ops (loops unrolled) a program run on frames may hold: its reference run keeps a step per op.
+FRAME_MAX_STEPS = 1 << 20
 
 
 def frames_fit(program: Any) -> bool:
     """Whether ``program``'s shots can run as Pauli frames (:func:`sample_frames`): Clifford gates,
     measurements, resets and ``for`` loops of them, and feed-forward of Paulis only (``if``/``switch``
     on at most ``FRAME_CONDITION_BITS`` clbits whose bodies are Pauli gates, such as teleportation's
-    corrections or an active reset). No classical variables, ``while`` loops or other conditioned
-    gates: those keep the per-shot trajectories."""
-    return _frame_ops_fit(program.ops)
+    corrections or an active reset), at most ``FRAME_MAX_STEPS`` ops with loops unrolled. No classical
+    variables, ``while`` loops or other conditioned gates: those keep the per-shot trajectories."""
+    return count_ops(program.ops) <= FRAME_MAX_STEPS and _frame_ops_fit(program.ops)
 
 
 def _frame_ops_fit(ops) -> bool:
@@ -683,7 +685,7 @@ def sample_frames(program: Any, shots: int, rng: np.random.Generator, execution:
     # The reference run: ("gate", qubits, table), ("measure", qubit, clbit or None for a reset, outcome, randomize),
     # ("feedback", clbits read, {(0 for x or 1 for z, qubit): the assignments whose Pauli differs from the reference's there}).
     steps: list = []
-    tables: dict = {}  # id(conditional) -> (its clbits, its Pauli per assignment)
+    tables: dict = {}  # id(conditional) -> (the conditional, its clbits, its Pauli per assignment)
 
     def run(ops) -> None:
         for op in ops:
