@@ -106,6 +106,21 @@ def test_teleport_is_exact_in_every_mode(device, mode):
         assert metadata["trajectories"] == SHOTS
 
 
+@pytest.mark.parametrize("method", ["statevector", "stabilizer"])
+def test_a_clbit_measured_twice_at_the_end_leaves_the_others_alone(device, mode, method):
+    """The final measurements write clbit 0 twice, after a mid-circuit one wrote 1 into clbit 1: every
+    shot reads '10' (Aer's answer). The clbits they write are a set: counted twice, clbit 0 had
+    cleared clbit 1 (1 + 1 = 2)."""
+    circuit = QuantumCircuit(2, 2)
+    circuit.x(1)
+    circuit.measure(1, 1)
+    circuit.h(1)  # a gate after it: the measurements are not all terminal
+    circuit.measure(0, 0)
+    circuit.measure(0, 0)
+    for shots in (1, 200):
+        assert run(device, circuit, shots=shots, method=method, **mode).get_counts() == {"10": shots}
+
+
 def test_branching_runs_each_path_once(device):
     """Two mid-circuit measurements of |+>: four paths, four trajectories for any number of shots."""
     result = run(device, teleport(), shots=100_000)

@@ -782,7 +782,9 @@ def _branch_or_shot_by_shot(
             cut -= 1
         ops, final = program.ops[:cut], list(program.ops[cut:])
     measured = sorted({m.qubit for m in final})
-    written = sum(1 << m.clbit for m in final)
+    written = 0  # the clbits the final measurements write (a clbit written twice counts once)
+    for m in final:
+        written |= 1 << m.clbit
     last = [state]
 
     def finish(trajectory: Trajectory) -> None:
