@@ -40,6 +40,9 @@ STANDARD_GATES = frozenset(_STANDARD_TYPES)
 _FAST_EXCLUDED = NO_OPS | {"global_phase"}
 # Gates wider than this are expanded through their definition rather than built as a dense matrix.
 DENSE_MAX_QUBITS = 10
+# Gates defined by a matrix they hold, whose definition is a synthesis of it (minutes from 8-10
+# qubits on): always built as that matrix, whatever dense_max_qubits asks.
+MATRIX_GATES = frozenset({"unitary", "hamiltonian", "isometry"})
 UNITARY_TOLERANCE = 1e-7
 # For loops with more iterations than this build each iteration's body when it runs.
 EAGER_LOOP_ITERATIONS = 1024
@@ -566,7 +569,7 @@ class _Translator:
         if priced is not None:
             ops.extend(priced)
             return
-        if op.num_qubits <= self.dense_max_qubits or _definition(op) is None:
+        if op.num_qubits <= self.dense_max_qubits or name in MATRIX_GATES or _definition(op) is None:
             matrix = self._matrix(op)
             if matrix is not None:
                 is_diag, data = _classify(matrix)

@@ -617,6 +617,10 @@ def test_wide_high_level_objects_without_a_definition_are_synthesized():
     program = translate(narrow, dense_max_qubits=MAX_GATE_QUBITS)
     assert all(len(op.qubits) + len(getattr(op, "controls", ())) <= MAX_GATE_QUBITS for op in flat_gate_ops(program))
     np.testing.assert_allclose(reference_evolve(program), expected, atol=1e-10, rtol=0)
+    # A gate that holds its matrix stays that matrix at any dense width: its definition is a synthesis.
+    held = QuantumCircuit(8)
+    held.unitary(random_unitary(2**7, seed=6), range(7))
+    assert [len(op.qubits) for op in flat_gate_ops(translate(held, dense_max_qubits=MAX_GATE_QUBITS))] == [7]
 
 
 def test_store_to_one_bit_of_a_variable_or_register():
