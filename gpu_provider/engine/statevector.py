@@ -502,13 +502,17 @@ class StateVector:
         """``qubits`` are in |0...0>: put them in ``vector`` (Qiskit's order)."""
         k = len(qubits)
         if self.in_place:
-            # Through views: amplitude b of ``vector`` times the |0...0> slice, written into slice b;
-            # slice 0, the source, last.
+            # Through views: amplitude b of ``vector`` times the |0...0> slice, written into slice b.
             axes = [self.order.index(q) for q in reversed(qubits)]  # the first is bit k - 1
             view = self._tensor().transpose(axes + [a for a in range(self.num_qubits) if a not in axes])
-            values = np.asarray(vector, dtype=np.complex128).astype(self.dtype)
+            values = np.asarray(vector).astype(self.dtype, copy=False)  # the caller's vector when it has the dtype
             zero = view[(slice(0, 1),) * k]
-            for b in range((1 << k) - 1, 0, -1):
+            if zero.size * self.dtype.itemsize <= IN_PLACE_CHUNK_BYTES:
+                # A small slice (many qubits initialized): copied once, then one broadcast product.
+                factors = values.reshape((2,) * k + (1,) * (self.num_qubits - k))
+                self.xp.multiply(self.xp.asarray(factors), zero.copy(), out=view)
+                return
+            for b in range((1 << k) - 1, 0, -1):  # slice 0, the source, last
                 self.xp.multiply(zero, values[b], out=view[tuple(slice(bit, bit + 1) for bit in ((b >> (k - 1 - j)) & 1 for j in range(k)))])
             zero *= values[0]
             return

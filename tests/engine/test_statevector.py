@@ -359,3 +359,30 @@ def test_a_state_in_place_reorders_its_axes_by_swaps():
     state.order = order
     assert_close(state, expected, "double")
     assert state.order == canonical and state._buffer is None
+
+
+@pytest.mark.parametrize("k", [2, 11, 13])
+def test_a_state_in_place_initializes_few_or_many_qubits(device, k, monkeypatch):
+    """initialize in place: slice by slice when the |0...0> slice is large (few qubits), one broadcast
+    product when it is small (many qubits; with 1 KiB chunks here, 11 and 13 of 13). Oracle: the
+    product state, amplitude by amplitude (the other qubits in a random state first)."""
+    from gpu_provider.engine import statevector as S
+
+    monkeypatch.setattr(S, "IN_PLACE_CHUNK_BYTES", 1024)
+    n = 13
+    dev, _ = resolve_device(device)
+    rng = np.random.default_rng(k)
+    qubits = [int(q) for q in rng.permutation(n)[:k]]
+    others = [q for q in range(n) if q not in qubits]
+    vector = random_statevector(2**k, seed=k).data
+    state = new_state(dev, n, PRECISIONS["double"], in_place=True)
+    matrix = random_unitary(2 ** len(others), seed=1).data
+    if others:
+        state.apply_unitary(others, matrix)
+    state.initialize(qubits, vector)
+    index = np.arange(2**n)
+    of_others = sum(((index >> q) & 1) << j for j, q in enumerate(others))
+    of_qubits = sum(((index >> q) & 1) << j for j, q in enumerate(qubits))
+    others_state = matrix[:, 0] if others else np.ones(1)
+    assert_close(state, others_state[of_others] * vector[of_qubits], "double")
+    assert state._buffer is None
