@@ -599,6 +599,26 @@ def test_pauli_feed_forward_runs_as_frames_and_matches_the_state_vector():
         assert_counts_agree(result.get_counts(), expected)
 
 
+def test_a_pauli_with_any_global_phase_is_fed_forward_on_frames():
+    """e^{0.3i} X as a conditioned unitary (a Pauli up to a phase that is no power of i) and rz(pi)."""
+    from qiskit.circuit.library import UnitaryGate
+
+    qc = QuantumCircuit(2, 3)
+    qc.h(0)
+    qc.cx(0, 1)
+    qc.measure(0, 0)
+    with qc.if_test((qc.clbits[0], 1)):
+        qc.append(UnitaryGate(np.exp(0.3j) * np.array([[0, 1], [1, 0]])), [0])
+        qc.rz(np.pi, 1)
+    qc.h(1)
+    qc.measure(0, 1)
+    qc.measure(1, 2)
+    result = GPUSimulator(device="CPU", method="stabilizer").run(qc, shots=3000, seed_simulator=2).result()
+    assert result.results[0].metadata["pauli_frames"]
+    expected = GPUSimulator(device="CPU", method="statevector").run(qc, shots=3000, seed_simulator=3).result().get_counts()
+    assert_counts_agree(result.get_counts(), expected)
+
+
 def _teleportations(pairs: int) -> QuantumCircuit:
     """``pairs`` qubits in |+i> teleported at once (a Bell pair each, X and Z corrections conditioned
     on the two outcomes), then rotated back to |0> and measured: 0 in every shot when the

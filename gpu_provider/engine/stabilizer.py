@@ -627,7 +627,11 @@ def _op_pauli(op: Any) -> Optional[tuple[int, int]]:
         return 0, sum(1 << q for j, q in enumerate(op.qubits) if (z >> j) & 1)
     if op.controls or len(op.qubits) > MAX_GATE_QUBITS:
         return None
-    pauli = _as_pauli(np.asarray(op.matrix, dtype=complex), len(op.qubits))
+    matrix = np.asarray(op.matrix, dtype=complex)
+    first = matrix[int(np.argmax(np.abs(matrix[:, 0]))), 0]
+    if abs(abs(first) - 1.0) > _TOLERANCE:
+        return None
+    pauli = _as_pauli(matrix * np.conj(first), len(op.qubits))  # any global phase: frames drop it
     if pauli is None:
         return None
     x, z, _ = pauli
