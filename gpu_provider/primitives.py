@@ -37,7 +37,7 @@ from qiskit.primitives.containers import BitArray, DataBin, PrimitiveResult, Pub
 from qiskit.primitives.containers.estimator_pub import EstimatorPub
 from qiskit.primitives.containers.sampler_pub import SamplerPub
 
-from .backend import GPUSimulator
+from .backend import GPUSimulator, _check_fits, _in_place_instead
 from .compiler.fusion import default_width
 from .compiler.parameters import CompiledCircuit, FusionOptions, compile_circuit
 from .compiler.translate import translate
@@ -55,7 +55,19 @@ from .engine.distributed import (
     ranks_for,
     run_on_ranks,
 )
-from .engine.executor import WORKSPACE_BYTES, Execution, RunConfig, device_kernels, evolve, new_state, run_program, sample_memory, stabilizer_bytes
+from .engine.executor import (
+    WORKSPACE_BYTES,
+    Execution,
+    RunConfig,
+    device_kernels,
+    evolve,
+    kernels_cover,
+    new_state,
+    run_program,
+    sample_memory,
+    stabilizer_bytes,
+    state_arrays,
+)
 from .engine.expectation import MAX_MASK_QUBITS, PauliSum, batch_expectation_values, expectation_values, pauli_sum
 from .engine.program import Measure, is_sampling_friendly
 from .engine.trajectories import branch_points, run_exact
@@ -151,12 +163,12 @@ class _Primitive:
         return device, options.precision, reason
 
     def _compile(
-        self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0, tableaux: bool = False, in_place: bool = False
+        self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0, tableaux: bool = False
     ) -> CompiledCircuit:
         """``circuit`` compiled once per run. With ``tableaux``, a Clifford circuit may run
         as a stabilizer state, as the backend's ``method`` option says: then ``compiled.method`` is
-        "stabilizer" (unfused: its gates are read one by one). With ``in_place``, a state of
-        which two copies do not fit may run without its scratch buffer (``compiled.in_place``), as
+        "stabilizer" (unfused: its gates are read one by one). A state of which two copies do not
+        fit may run without its scratch buffer (``compiled.in_place``), as
         the backend's would; a Clifford circuit under "automatic" still goes to a tableau first."""
         key = id(circuit)
         if key not in cache:
@@ -174,7 +186,7 @@ class _Primitive:
                 try:
                     _check_vector_fits(device, local, itemsize)
                 except CircuitTooLargeError as exc:
-                    narrow = _as_tableau_reads(circuit) if in_place and not global_qubits else None
+                    narrow = _as_tableau_reads(circuit) if not global_qubits else None
                     # In place: a circuit measured at the end only (no copies for trajectories), one state.
                     room = narrow is not None and is_sampling_friendly(narrow) and _fits(device, local, itemsize)
                     automatic = tableaux and not global_qubits and options.method == "automatic"
@@ -190,6 +202,7 @@ class _Primitive:
                 compiled = compile_circuit(circuit, fusion, dense_max_qubits=MAX_GATE_QUBITS)
             else:
                 compiled = compile_circuit(circuit, fusion)
+                vector_in_place, compiled.state_arrays = _program_arrays(compiled, device, options.precision, local, vector_in_place, bool(global_qubits))
             if stabilizer:
                 _check_clifford(compiled, too_large)
                 compiled.method = "stabilizer"
@@ -201,12 +214,12 @@ class _Primitive:
 
     def _compiled_pubs(self, kind, pubs, default, device: Device, ranks: Optional[Ranks]) -> list:
         """Every PUB coerced and validated as ``kind``, with its circuit compiled once (shared by PUBs).
-        The sampler's states may run in place; the estimator's observables need a second array."""
+        A state of which two copies do not fit may run in place: the sampler draws its shots and
+        the estimator reads its Pauli sums a chunk at a time, without a second array."""
         coerced = [_coerce(kind, pub, default, i) for i, pub in enumerate(_pub_list(pubs))]
         global_qubits = ranks.global_qubits if ranks is not None else 0
         cache: dict = {}
-        in_place = kind is SamplerPub
-        return [(pub, self._compile(pub.circuit, device, cache, global_qubits, tableaux=True, in_place=in_place)) for pub in coerced]
+        return [(pub, self._compile(pub.circuit, device, cache, global_qubits, tableaux=True)) for pub in coerced]
 
     @staticmethod
     def _agreed(ranks: Optional[Ranks], prepare):
@@ -234,8 +247,9 @@ class _Primitive:
         widest = max((task.pub.circuit.num_qubits for task in vectors), default=0)  # run([]): an empty result
         branch_copies = max((getattr(task, "branch_copies", 0) for task in vectors), default=0)
         local = widest - (group.global_qubits if group is not None else 0)
-        # A state in place (the widest, where two copies did not fit) has no scratch buffer.
-        arrays = 1 if any(getattr(task.compiled, "in_place", False) and task.pub.circuit.num_qubits == widest for task in vectors) else 2
+        # The arrays the widest circuit's program holds: 1 in place (two copies did not fit), 2 with
+        # the scratch buffer, more for a wide Pauli evolution's recurrence.
+        arrays = max((getattr(task.compiled, "state_arrays", 2) for task in vectors if task.pub.circuit.num_qubits == widest), default=2)
         batches = any(batch_size(task.pub.circuit.num_qubits) > 1 for task in vectors)
         reserve = (arrays + branch_copies) * state_bytes(local, itemsize) + (BATCH_MAX_AMPLITUDES * itemsize if batches else 0) + WORKSPACE_BYTES
         reserve = max([reserve] + [_tableau_reserve(task) for task in tasks if _on_tableau(task.compiled)])
@@ -567,7 +581,7 @@ def _estimate(
             _consume(zip(chunk, states), bc_obs, evs)
             continue
         if state is None:
-            state = new_state(device, pub.circuit.num_qubits, config.dtype)
+            state = new_state(device, pub.circuit.num_qubits, config.dtype, in_place=getattr(compiled, "in_place", False))
         for (_, positions), program in zip(chunk, programs):
             _store(positions, _expectations(program, state, [bc_obs[p] for p in positions], config, execution), bc_obs, evs)
     del state
@@ -730,6 +744,30 @@ def _tableau_reserve(task) -> int:
     # branching with that many forks (2^copies shots) would.
     shots = getattr(task, "shots", None) or 1 << max(getattr(task, "branch_copies", 0), 0)
     return stabilizer_bytes(program, RunConfig(shots=shots, method="stabilizer"))
+
+
+def _program_arrays(compiled: CompiledCircuit, device: Device, precision: str, local: int, in_place: bool, split: bool) -> tuple:
+    """``(in place, state-sized arrays)`` the run of ``compiled``'s program holds, as the backend
+    counts them (:func:`~gpu_provider.engine.executor.state_arrays`: a wide Pauli evolution's
+    recurrence, the copy trajectories restart from) and checks them against the device now. A
+    program measured only at the end that fits only in place runs in place; one that fits in
+    neither way is refused before the job, saying what it needs. Translated per binding (no
+    template), the count of a plain state."""
+    template = compiled.template
+    if template is None:
+        return in_place, 1 if in_place else 2
+    itemsize = np.dtype(PRECISIONS[precision]).itemsize
+    config = RunConfig(shots=1, precision=precision, in_place=in_place)
+    capacity = device.memory_capacity()
+    try:
+        _check_fits(device, template, config, itemsize, capacity, num_qubits=local if split else None)
+    except CircuitTooLargeError as exc:
+        if in_place or split or not is_sampling_friendly(template):
+            raise
+        config, smallest = _in_place_instead(exc, device, template, config, itemsize, capacity)
+        if config is None:
+            raise smallest from None
+    return config.in_place, state_arrays(template, config, kernels_cover(template, device, config.dtype))
 
 
 def _vector_bytes(num_qubits: int, itemsize: int, arrays: int) -> int:

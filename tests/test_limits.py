@@ -401,7 +401,8 @@ def test_a_state_whose_two_copies_do_not_fit_runs_in_place():
     """Under a limit with room for one 22-qubit state (64 MiB) and the workspace but not two, a
     non-Clifford circuit runs in place (no scratch buffer) instead of being refused: a random
     circuit, wide controlled gates and a Pauli evolution, then their inverse and H on three qubits,
-    so exactly the 8 outcomes of those three qubits come out. A 20-qubit circuit keeps its buffer."""
+    so exactly the 8 outcomes of those three qubits come out, and the estimator's values are those
+    of |+++>|0...0>. A 20-qubit circuit keeps its buffer."""
     out = run_child(
         LIMITED
         + """
@@ -437,11 +438,9 @@ limit_room((16 << n) + WORKSPACE_BYTES + (48 << 20))  # one state, not two
 wide = backend.run(circuits[0], shots=4000, seed_simulator=1, method="statevector").result(timeout=300)
 narrow = backend.run(circuits[1], shots=100, seed_simulator=1).result(timeout=300)
 sampled = sampler.run([circuits[0]], shots=2000).result(timeout=300)[0]
-try:
-    estimator.run([(circuits[0].remove_final_measurements(inplace=False), "Z" * n)])
-    estimated = "ran"
-except Exception as exc:
-    estimated = type(exc).__name__
+observables = ["Z" * (n - 3) + "XXX", "Z" * n, "I" * (n - 6) + "Z" + "I" * 5, "I" * (n - 2) + "XY"]
+estimated = estimator.run([(circuits[0].remove_final_measurements(inplace=False), observables)]).result(timeout=300)[0]
+estimated = {"evs": estimated.data.evs.tolist(), "in_place": estimated.metadata["simulator_metadata"].get("in_place")}
 print(json.dumps({"counts": wide.get_counts(), "in_place": wide.results[0].metadata.get("in_place"),
                   "narrow": narrow.results[0].metadata.get("in_place"), "narrow_keys": sorted(narrow.get_counts()),
                   "sampler": sampled.data.meas.get_counts(), "sampler_in_place": sampled.metadata["simulator_metadata"].get("in_place"),
@@ -451,10 +450,62 @@ print(json.dumps({"counts": wide.get_counts(), "in_place": wide.results[0].metad
     assert out["in_place"] is True and out["narrow"] is None
     assert out["sampler_in_place"] is True and set(out["sampler"]) == {"0" * 19 + format(b, "03b") for b in range(8)}
     assert all(150 < c < 350 for c in out["sampler"].values())
-    assert out["estimator"].startswith("CircuitTooLargeError")  # its observables need a second array
+    # The estimator reads its Pauli sums a chunk at a time: no second array either.
+    assert out["estimator"]["in_place"] is True
+    assert np.allclose(out["estimator"]["evs"], [1.0, 0.0, 1.0, 0.0], atol=1e-9)
     expected = {"0" * 19 + format(b, "03b") for b in range(8)}
     assert set(out["counts"]) == expected and all(350 < c < 650 for c in out["counts"].values())
     assert set(out["narrow_keys"]) <= {"0" * 17 + format(b, "03b") for b in range(8)}
+
+
+def test_primitives_count_a_pauli_evolution_s_arrays_under_a_limit():
+    """A Pauli evolution of non-commuting terms on 11 or more qubits runs as a Chebyshev recurrence
+    holding four more state-sized arrays (six in all; five in place, where it is no dense
+    exponential). The primitives count them as ``run()`` does: with room for seven 22-qubit
+    states the estimator's values are the exact state's; with room for three, both primitives
+    refuse the circuit at ``run()``, naming five arrays, instead of a job failing on its memory."""
+    out = run_child(
+        LIMITED
+        + """
+import numpy as np
+from qiskit.circuit.library import PauliEvolutionGate
+from qiskit.quantum_info import SparsePauliOp, Statevector
+from gpu_provider.engine.executor import WORKSPACE_BYTES
+
+def circuit(n):
+    qc = QuantumCircuit(n)
+    qc.h(range(n))
+    qc.ry(0.3, range(n))
+    qc.append(PauliEvolutionGate(SparsePauliOp(["X" * 11, "Z" * 10 + "Y"], [0.4, 0.9]), time=1.0), list(range(11)))
+    return qc
+
+n = 22
+wide, small = circuit(n), circuit(11)
+observables = ["I" * 9 + "YX", "I" * 10 + "X", "ZZZZZZZZZZX"]
+exact = [Statevector(small).expectation_value(SparsePauliOp(o)).real for o in observables]
+observables = ["I" * (n - 11) + o for o in observables]
+from gpu_provider import EstimatorV2, SamplerV2
+estimator = EstimatorV2(backend_options={"device": "CPU"})
+sampler = SamplerV2(backend_options={"device": "CPU"}, seed=5)
+estimator.run([(small, "Z" * 11)]).result()
+limit_room(7 * (16 << n) + WORKSPACE_BYTES + (48 << 20))
+result = estimator.run([(wide, observables)]).result(timeout=300)[0]
+limit_room(3 * (16 << n) + WORKSPACE_BYTES + (48 << 20))
+refused = {}
+for name, run in (("estimator", lambda: estimator.run([(wide, observables)])), ("sampler", lambda: sampler.run([wide.measure_all(inplace=False)], shots=10))):
+    try:
+        run().result(timeout=300)
+        refused[name] = "ran"
+    except Exception as exc:
+        refused[name] = type(exc).__name__ + ": " + str(exc)
+print(json.dumps({"evs": result.data.evs.tolist(), "exact": exact, "in_place": result.metadata["simulator_metadata"].get("in_place"), "refused": refused}))
+"""
+    )
+    assert out["in_place"] is None
+    assert np.allclose(out["evs"], out["exact"], atol=1e-9) and min(abs(v) for v in out["exact"]) > 0.01
+    for name in ("estimator", "sampler"):
+        assert out["refused"][name].startswith("CircuitTooLargeError"), out["refused"]
+        assert "5 arrays" in out["refused"][name]
 
 
 def test_memory_output_for_too_many_shots_is_refused_under_a_limit():

@@ -163,6 +163,8 @@ def expectation_values(state, observables: Sequence[PauliSum]) -> np.ndarray:
         if kernels is not None:
             for o in np.nonzero(np.any(group_weights != 0, axis=1))[0]:
                 out[o] += kernels.pauli_expectation(state, int(x_mask), z_phys[members], group_weights[o])
+        elif getattr(state, "in_place", False):  # no scratch buffer: a chunk at a time
+            out += group_weights @ _chunked_group_values(state, int(x_mask), [int(m) for m in z_phys[members]])
         else:
             values = _group_values(state.xp, data, n, int(x_mask), [int(m) for m in z_phys[members]], state.buffer)
             out += group_weights @ values[0]
@@ -228,6 +230,36 @@ def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch) ->
         members = np.nonzero(odd == is_odd)[0]
         if members.size:
             values[:, members] = factor * _parity_sums(xp, part, bits, [z_masks[t] for t in members])
+    return values
+
+
+def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
+    """``<X^x Z^z_t>`` for each t (physical masks) of a state in place: (T,), complex128.
+
+    No state-sized temporary: the state is cut into chunks over its leading (most
+    significant) bits, each at most ``IN_PLACE_CHUNK_BYTES``. Chunk ``j`` pairs with chunk
+    ``j ^ (x >> inner)``; ``conj(partner flipped on the inner X bits) * chunk`` goes into one
+    chunk of scratch, whose signed sums per inner Z mask are weighed by the parity of the
+    chunk's own bits under Z. Every pair is visited from both sides (the sums are over all i).
+    """
+    xp = state.xp
+    n = state.num_qubits
+    inner = state.chunk_qubits()
+    lead = n - inner
+    rows = state.data.reshape(1 << lead, 1 << inner)
+    low = (1 << inner) - 1
+    flips = tuple(inner - 1 - bit for bit in range(inner) if (x_mask >> bit) & 1)
+    inner_z = [z & low for z in z_masks]
+    lead_z = [z >> inner for z in z_masks]
+    scratch = xp.empty((2,) * inner, dtype=state.dtype)
+    values = np.zeros(len(z_masks), dtype=np.complex128)
+    for j in range(1 << lead):
+        partner = rows[j ^ (x_mask >> inner)].reshape((2,) * inner)
+        xp.conjugate(xp.flip(partner, axis=flips) if flips else partner, out=scratch)
+        xp.multiply(scratch, rows[j].reshape((2,) * inner), out=scratch)
+        sums = _signed_sums(xp, scratch, inner, inner_z)
+        signs = np.array([-1.0 if bin(j & z).count("1") & 1 else 1.0 for z in lead_z])
+        values += signs * sums
     return values
 
 

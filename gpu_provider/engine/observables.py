@@ -93,6 +93,10 @@ def expectations(state: StateVector, observables: Sequence[Observable]) -> np.nd
     scratch = None
     for i, observable in enumerate(observables):
         for term in observable.dense:
+            if getattr(state, "in_place", False):
+                # No room for a copy: rotate into the term's eigenbasis and back (Hermitian terms).
+                out[i] += term.coeff * tensor_expectation(state, [(term.qubits, term.matrix)])[0]
+                continue
             if scratch is None:
                 scratch = _aligned_copy(state)
             else:
@@ -153,32 +157,50 @@ def _to_host(xp, array) -> np.ndarray:
 def marginal_probabilities(state: StateVector, qubits: Sequence[int]) -> np.ndarray:
     """Probabilities (float64, on the host) of the 2^k outcomes of measuring ``qubits``.
 
-    Bit ``j`` of an outcome's index is the value of ``qubits[j]``.
+    Bit ``j`` of an outcome's index is the value of ``qubits[j]``. Read a chunk of at most
+    ``IN_PLACE_CHUNK_BYTES`` of the state at a time (its leading bits fixed), so no
+    state-sized temporary is made: a state in place or on the GPU kernels' single array
+    needs nothing more.
     """
     _check_qubits(state, qubits)
     if getattr(state, "distributed", False):  # split over MPI ranks: reduced over them
         return state.marginal_probabilities(qubits)
     n = state.num_qubits
+    state.to_canonical()
+    xp = state.xp
     kept = sorted(n - 1 - q for q in qubits)  # canonical order: axis a holds qubit n-1-a
+    inner = state.chunk_qubits()
+    lead = n - inner
+    lead_kept = [a for a in kept if a < lead]
+    inner_kept = [a - lead for a in kept if a >= lead]
     # Merge each run of summed-out axes into one dimension: a few long reductions, not many short ones.
     shape: list[int] = []
     summed: list[int] = []
     run = 0
-    for axis in range(n + 1):
-        if axis < n and axis not in kept:
+    for axis in range(inner + 1):
+        if axis < inner and axis not in inner_kept:
             run += 1
             continue
         if run:
             summed.append(len(shape))
             shape.append(1 << run)
             run = 0
-        if axis < n:
+        if axis < inner:
             shape.append(2)
-    probabilities = state.probabilities().reshape(shape)
-    marginal = probabilities.sum(axis=tuple(summed), dtype=np.float64) if summed else probabilities.astype(np.float64)
+    real = np.float64 if state.dtype == np.complex128 else np.float32
+    rows = state.data.reshape(1 << lead, 1 << inner)
+    scratch = xp.empty(1 << inner, dtype=real)
+    marginal = np.zeros((2,) * len(kept), dtype=np.float64)
+    for j in range(1 << lead):
+        xp.abs(rows[j], out=scratch)
+        xp.square(scratch, out=scratch)
+        part = scratch.reshape(shape)
+        part = part.sum(axis=tuple(summed), dtype=np.float64) if summed else part.astype(np.float64)
+        # The chunk's own bits pick where its marginal lands: leading axis a is bit lead-1-a of j.
+        marginal[tuple((j >> (lead - 1 - a)) & 1 for a in lead_kept)] += _to_host(xp, part).reshape((2,) * len(inner_kept))
     # Leading axis = most significant bit = qubits[-1].
     order = [kept.index(n - 1 - q) for q in reversed(qubits)]
-    return _to_host(state.xp, marginal.reshape((2,) * len(kept)).transpose(order).reshape(-1))
+    return marginal.transpose(order).reshape(-1)
 
 
 def amplitudes(state: StateVector, indices: Sequence[int]) -> np.ndarray:

@@ -158,6 +158,11 @@ class StateVector:
             self._buffer = self.xp.empty_like(self.data)
         return self._buffer
 
+    def chunk_qubits(self) -> int:
+        """The low qubits (bit positions) a chunk of at most ``IN_PLACE_CHUNK_BYTES`` spans: how a
+        state in place, or a read that makes no state-sized temporary, cuts the state."""
+        return min(self.num_qubits, max(0, (IN_PLACE_CHUNK_BYTES // self.dtype.itemsize).bit_length() - 1))
+
     def _swap(self) -> None:
         self.data, self._buffer = self._buffer, self.data
 
@@ -303,7 +308,7 @@ class StateVector:
         xp = self.xp
         k = len(axes)
         rest = [a for a in range(tensor.ndim) if a not in axes]
-        inner = max(0, (IN_PLACE_CHUNK_BYTES // self.dtype.itemsize).bit_length() - 1 - k)
+        inner = max(0, self.chunk_qubits() - k)
         outer = rest[: max(0, len(rest) - inner)]
         view = tensor.transpose(outer + list(reversed(axes)) + rest[len(outer) :])
         matrix = self._on_device(matrix)
@@ -588,16 +593,6 @@ class StateVector:
         norm2 = float(xp.einsum(subscripts, zero.real, zero.real) + xp.einsum(subscripts, zero.imag, zero.imag))
         if norm2 > 0.0:
             zero *= self.dtype.type(1.0 / math.sqrt(norm2))
-
-    def probabilities(self):
-        """|amplitude|^2 in canonical order, as a real array on the device."""
-        self.to_canonical()
-        xp = self.xp
-        real = np.float64 if self.dtype == np.complex128 else np.float32
-        out = xp.empty(self.data.shape, dtype=real)
-        xp.abs(self.data, out=out)
-        xp.square(out, out=out)
-        return out
 
     def sampling_table(self):
         """Per-row probabilities of the state (rows of 2^ROW_QUBITS amplitudes) and their cumulative sum.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from qiskit.circuit.random import random_circuit
@@ -108,3 +110,57 @@ def test_evolve_refuses_measurements():
     device, _ = resolve_device("CPU", 0)
     with pytest.raises(SimulationError, match="gates only"):
         final_state(translate(qc), device, RunConfig())
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_readouts_of_a_state_in_place_need_no_second_array(device, precision, monkeypatch):
+    """A state in place (no scratch buffer: how a state of which two copies do not fit runs) is
+    read a chunk at a time: Pauli sums (X masks on the chunks' leading bits pair chunk j with
+    chunk j ^ x), marginal probabilities, and a dense Hermitian term through its eigenbasis and
+    back. Chunks of 4 KiB here, so a 16-qubit state takes 128 or 256 of them. Oracle:
+    qiskit.quantum_info on the same amplitudes; no buffer nor copy may be allocated."""
+    from gpu_provider.engine import expectation as E
+    from gpu_provider.engine import statevector as S
+    from gpu_provider.engine.devices import PRECISIONS
+    from gpu_provider.engine.executor import new_state
+    from gpu_provider.engine.observables import DenseTerm, Observable, expectations
+
+    monkeypatch.setattr(S, "IN_PLACE_CHUNK_BYTES", 4096)
+    n = 16
+    dev, _ = resolve_device(device)
+    state = new_state(dev, n, PRECISIONS[precision], in_place=True)
+    rng = np.random.default_rng(8)
+    for q in range(n):
+        state.apply_unitary([q], np.linalg.qr(rng.normal(size=(2, 2)) + 1j * rng.normal(size=(2, 2)))[0])
+    for step in range(12):
+        qubits = [int(q) for q in rng.choice(n, 3, replace=False)]
+        state.apply_unitary(qubits, Operator(random_circuit(3, 2, seed=step)).data if step % 2 else np.linalg.qr(rng.normal(size=(8, 8)) + 1j * rng.normal(size=(8, 8)))[0])
+    exact = Statevector(state.to_host().astype(np.complex128))
+    tol = 1e-10 if precision == "double" else 2e-5
+    labels = ["".join(rng.choice(list("IXYZ"), n)) for _ in range(24)] + ["X" + "I" * (n - 2) + "X", "Y" * n, "Z" * n, "I" * n]
+    operators = [SparsePauliOp(labels[:10], rng.normal(size=10)), SparsePauliOp(labels[10:], rng.normal(size=len(labels) - 10))]
+    sums = []
+    for operator in operators:
+        x = [int(sum(int(b) << q for q, b in enumerate(p.x))) for p in operator.paulis]
+        z = [int(sum(int(b) << q for q, b in enumerate(p.z))) for p in operator.paulis]
+        sums.append(E.pauli_sum(n, x, z, operator.coeffs))
+    E.expectation_values(state, sums)  # first calls import what NumPy loads lazily
+    expectations(state, [Observable(n, None, (DenseTerm((1,), np.diag([1.0, -1.0])),))])
+    tracemalloc.start()
+    values = E.expectation_values(state, sums)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_allclose(values, [exact.expectation_value(o) for o in operators], atol=tol * 10)
+    for qubits in ([0], [n - 1], [9, 2, 15, 0], list(range(n))[::-1]):
+        np.testing.assert_allclose(marginal_probabilities(state, qubits), exact.probabilities(qubits), atol=tol)
+    hermitian = random_hermitian(8, seed=4).data
+    observable = Observable(n, sums[0], (DenseTerm((14, 3, 6), hermitian, 0.5),))
+    expected = exact.expectation_value(operators[0]) + 0.5 * exact.expectation_value(Operator(hermitian), [14, 3, 6])
+    tracemalloc.start()
+    value = expectations(state, [observable])
+    peak = max(peak, tracemalloc.get_traced_memory()[1])
+    tracemalloc.stop()
+    np.testing.assert_allclose(value, [expected], atol=tol * 10)
+    assert state._buffer is None
+    if device == "CPU":  # NumPy's allocations are traced: nothing near a copy of the state (1 MiB or 512 KiB)
+        assert peak < state.data.nbytes // 2, peak
