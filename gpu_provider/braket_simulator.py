@@ -24,6 +24,7 @@ Requires the ``braket`` extra (``pip install "gpu-provider[braket]"``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -47,8 +48,20 @@ from braket.task_result import GateModelTaskResult, ResultTypeValue
 
 from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse
-from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes
-from .engine.executor import Execution, RunConfig, dispatcher_for, max_qubits_for, memory_needed, new_state, run_ops, sample_outcomes
+from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes, too_large_error
+from .engine.executor import (
+    WORKSPACE_BYTES,
+    Execution,
+    RunConfig,
+    dispatcher_for,
+    kernels_cover,
+    max_qubits_for,
+    memory_needed,
+    new_state,
+    run_ops,
+    sample_outcomes,
+    state_arrays,
+)
 from .engine.observables import DENSITY_MATRIX_COPIES, amplitudes, marginal_probabilities, reduced_density_matrix, tensor_expectation
 from .engine.program import Diagonal, GlobalPhase, Program, Unitary
 from .engine.statevector import StateVector
@@ -133,18 +146,19 @@ class _EngineSimulation(Simulation):
     def result_values(self, results) -> list:
         """Exact values of Braket result types (JAQCD form), read from one final state."""
         n = self._qubit_count
-        # Probabilities take one state-sized array; a density matrix its copies.
-        extra = DENSITY_MATRIX_COPIES if any(type(result).__name__ == "DensityMatrix" for result in results) else 1
+        # Expectation values, variances, probabilities and amplitudes read the state a chunk at a
+        # time; a density matrix takes its copies, a state vector its host copy.
+        extra = max([_read_arrays(type(result).__name__, self._settings) for result in results], default=0)
         return self._run(lambda state, _: [_exact_value(state, result, n) for result in results], extra_arrays=extra)
 
     @property
     def state_vector(self) -> np.ndarray:
-        return self._run(lambda state, _: state.to_host().astype(np.complex128), extra_arrays=0)
+        return self._run(lambda state, _: _host_state(state), extra_arrays=_read_arrays("StateVector", self._settings))
 
     @property
     def probabilities(self) -> np.ndarray:
         n = self._qubit_count
-        return self._run(lambda state, _: marginal_probabilities(state, list(range(n))), extra_arrays=1)
+        return self._run(lambda state, _: marginal_probabilities(state, list(range(n))), extra_arrays=0)
 
     @property
     def density_matrix(self) -> np.ndarray:
@@ -158,23 +172,31 @@ class _EngineSimulation(Simulation):
             raise ValueError(f"the observable {observable} has no target qubits")
         n = self._qubit_count
         factor = (tuple(n - 1 - q for q in reversed(qubits)), np.asarray(observable.matrix, dtype=complex))
-        return self._run(lambda state, _: tensor_expectation(state, [factor])[0], extra_arrays=1)
+        return self._run(lambda state, _: tensor_expectation(state, [factor])[0], extra_arrays=0)
 
     # -- the job ------------------------------------------------------------------
 
     def _run(self, read: Callable[[StateVector, Execution], Any], extra_arrays: int) -> Any:
         settings, n = self._settings, self._qubit_count
         device, itemsize = settings.device, settings.dtype.itemsize
-        # The state, its scratch buffer and what the read allocates: fail before running.
-        device.check_fits(n, itemsize, arrays=2 + extra_arrays)
         config = RunConfig(shots=max(self._shots, 1), seed=self._seed, precision=settings.precision)
         segments = self._segments(config)
         gates = Program(n, 0, tuple(op for segment, _ in segments for op in segment), name="braket")
-        reserve = memory_needed(gates, config, device) + extra_arrays * state_bytes(n, itemsize)
+        # The state (its scratch buffer too, where both fit; else in place), what the gates hold
+        # and what the read allocates: fail before running.
+        extra = extra_arrays * state_bytes(n, itemsize)
+        capacity = device.memory_capacity()
+        if memory_needed(gates, config, device) + extra > capacity:
+            config = dataclasses.replace(config, in_place=True)
+        reserve = memory_needed(gates, config, device) + extra
+        if reserve > capacity:
+            arrays = state_arrays(gates, config, kernels_cover(gates, device, config.dtype)) + extra_arrays
+            detail = f"{arrays} array{'s' if arrays > 1 else ''} of 2^{n} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
+            raise too_large_error(device.kind, n, itemsize, reserve, capacity, detail)
 
         def simulate(execution: Execution):
             start = time.perf_counter()
-            state = new_state(device, n, config.dtype)
+            state = new_state(device, n, config.dtype, in_place=config.in_place)
             rng = np.random.default_rng(self._seed)
             for ops, after in segments:
                 run_ops(state, ops, rng, config, execution)
@@ -533,6 +555,24 @@ def _factors(observable, targets, num_qubits: int) -> list:
     return factors
 
 
+def _read_arrays(name: str, settings) -> int:
+    """State-sized arrays of the device a read of result type ``name`` allocates beside the state:
+    a density matrix's copies; a state vector's complex128 host copy, on the CPU (that is the
+    device's memory there); none for the rest, read a chunk at a time."""
+    if name == "DensityMatrix":
+        return DENSITY_MATRIX_COPIES
+    if name == "StateVector" and settings.device.xp is np:
+        return 16 // settings.dtype.itemsize
+    return 0
+
+
+def _host_state(state) -> np.ndarray:
+    """The state as complex128 on the host, in one copy (see :func:`_read_arrays`)."""
+    state.to_canonical()
+    data = state.data if state.xp is np else state.data.get()
+    return data.astype(np.complex128, copy=state.xp is np)
+
+
 def _exact_value(state, result, num_qubits: int):
     name = type(result).__name__
     if name in ("Expectation", "Variance"):
@@ -544,7 +584,7 @@ def _exact_value(state, result, num_qubits: int):
         targets = result.targets if result.targets else list(range(num_qubits))
         return marginal_probabilities(state, [num_qubits - 1 - q for q in reversed(targets)])
     if name == "StateVector":
-        return state.to_host().astype(np.complex128)
+        return _host_state(state)
     if name == "DensityMatrix":
         targets = result.targets if result.targets else list(range(num_qubits))
         return reduced_density_matrix(state, [num_qubits - 1 - q for q in reversed(targets)])

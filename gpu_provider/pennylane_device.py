@@ -65,11 +65,20 @@ from .engine.distributed import (
     ranks_for,
     run_on_ranks,
 )
-from .engine.executor import RunConfig, device_kernels, evolve, new_state, sample_outcomes
+from .engine.executor import WORKSPACE_BYTES, RunConfig, device_kernels, evolve, new_state, sample_outcomes
 from .engine.trajectories import Interpreter, Trajectory, branch_points, run_exact, saved_states
 from .engine.expectation import pauli_sum
-from .engine.observables import DENSE_MAX_QUBITS, DenseTerm, Observable, apply_observable, expectations, inner, marginal_probabilities
-from .errors import InvalidOptionError
+from .engine.observables import (
+    DENSE_MAX_QUBITS,
+    DenseTerm,
+    Observable,
+    apply_observable,
+    expectations,
+    inner,
+    marginal_probabilities,
+    tensor_expectation,
+)
+from .errors import CircuitTooLargeError, InvalidOptionError
 
 logger = logging.getLogger(__name__)
 
@@ -297,23 +306,32 @@ class GPUQubitDevice(Device):
         wires = self.wires if self.wires is not None else tape.wires
         return _Layout(Wires(wires))
 
-    def _new_state(self, num_qubits: int, ops=(), arrays: int = 2):
-        """A state of ``num_qubits`` qubits, once ``arrays`` of them (its copies, buffers) fit the device."""
+    def _new_state(self, num_qubits: int, ops=(), arrays: int = 2, in_place: bool = False):
+        """A state of ``num_qubits`` qubits, once ``arrays`` of them (its copies, buffers) fit the
+        device with the engine's workspace. With ``in_place``, where they do not but one state does,
+        a state without its scratch buffer (its reads then make no state-sized temporary either)."""
         itemsize = np.dtype(PRECISIONS[self._precision]).itemsize
         dtype = PRECISIONS[self._precision]
         group = self._group
         if group is not None and group.global_qubits:
             check_split("pennylane", num_qubits, group.global_qubits, ops)
-            self._device.check_fits(num_qubits - group.global_qubits, itemsize, arrays=arrays)
+            self._device.check_fits(num_qubits - group.global_qubits, itemsize, arrays=arrays, workspace=WORKSPACE_BYTES)
             return DistributedStateVector(self._device.xp, num_qubits, dtype, device_kernels(self._device, dtype), group, ops)
-        self._device.check_fits(num_qubits, itemsize, arrays=arrays)
+        try:
+            self._device.check_fits(num_qubits, itemsize, arrays=arrays, workspace=WORKSPACE_BYTES)
+        except CircuitTooLargeError:
+            if not in_place:
+                raise
+            self._device.check_fits(num_qubits, itemsize, arrays=1, workspace=WORKSPACE_BYTES)
+            return new_state(self._device, num_qubits, dtype, in_place=True)
         return new_state(self._device, num_qubits, dtype)
 
-    def _forward(self, tape: QuantumScript, layout: "_Layout"):
-        """The final state of ``tape`` (no mid-circuit measurements), fused, on the engine's device."""
+    def _forward(self, tape: QuantumScript, layout: "_Layout", arrays: int = 2, in_place: bool = False):
+        """The final state of ``tape`` (no mid-circuit measurements), fused, on the engine's device,
+        once ``arrays`` states fit; in place (see :meth:`_new_state`) if ``in_place`` and they do not."""
         ops = layout.engine_ops(tape.operations)
         program = self._fused(P.Program(layout.num_qubits, 0, tuple(ops), name="pennylane"))
-        state = self._new_state(layout.num_qubits, program.ops)
+        state = self._new_state(layout.num_qubits, program.ops, arrays=arrays, in_place=in_place)
         return evolve(program, state, RunConfig(shots=1, precision=self._precision))
 
     def _fused(self, program: P.Program) -> P.Program:
@@ -330,7 +348,8 @@ class GPUQubitDevice(Device):
             if not tape.shots:  # mcm_method="tree-traversal" (deferred and one-shot leave none here)
                 return self._run_tree(tape, layout)
             return self._run_one_shot(tape, layout)
-        state = self._forward(tape, layout)
+        copies, in_place = _read_copies(tape, layout, self._device.xp is np)
+        state = self._forward(tape, layout, arrays=2 + copies, in_place=in_place)
         if not tape.shots:
             results = tuple(self._measure_exact(mp, state, layout) for mp in tape.measurements)
             return results[0] if len(results) == 1 else results
@@ -613,8 +632,55 @@ def _is_sum(obs) -> bool:
     return isinstance(obs, (qml.ops.Sum, qml.ops.LinearCombination)) or (isinstance(obs, qml.ops.SProd) and _is_sum(obs.base))
 
 
+def _read_copies(tape: QuantumScript, layout: "_Layout", host: bool) -> tuple[int, bool]:
+    """``(copies, in place)`` for reading the final state of ``tape`` (no mid-circuit measurements).
+
+    ``copies``: the most state-sized arrays one measurement adds beside a state and its scratch
+    buffer (one at a time: a rotated copy to sample or to take probabilities in another basis,
+    the copy a dense term is applied to, ``O|psi>`` and its work copy for a variance, the host
+    copy of a state read on the CPU). ``in place``: whether every measurement reads the state
+    without any, so the state may run without its buffer: exact expectation values, variances of
+    Pauli sums and of one Hermitian term, probabilities of wires, samples that need no rotation.
+    """
+    copies, in_place = 0, True
+    for mp in tape.measurements:
+        obs = mp.obs
+        if tape.shots:
+            rotated = False
+            if obs is not None:
+                try:
+                    terms = obs.terms()[1] if isinstance(mp, ExpectationMP) and _is_sum(obs) else [obs]
+                    rotated = any(term.diagonalizing_gates() for term in terms)
+                except Exception:
+                    rotated = True
+            need, readable = int(rotated), not rotated
+        elif isinstance(mp, (ExpectationMP, VarianceMP)) and obs is None:
+            need, readable = 0, True  # a function of measured wires: marginal probabilities
+        elif isinstance(mp, ExpectationMP):
+            need, readable = int(bool(layout.observable(obs).dense)), True
+        elif isinstance(mp, VarianceMP):
+            pauli = obs.pauli_rep is not None
+            need, readable = (0 if pauli else 2), pauli or _single_term(layout.observable(obs)) is not None
+        elif isinstance(mp, ProbabilityMP):
+            need, readable = int(obs is not None), obs is None
+        else:  # the state itself, a density matrix, an entropy: read from a host copy
+            need, readable = int(host), False
+        copies, in_place = max(copies, need), in_place and readable
+    return copies, in_place
+
+
+def _single_term(observable: Observable):
+    """The one dense term of an observable that is a real multiple of one Hermitian matrix, else None."""
+    if observable.pauli is not None or len(observable.dense) != 1 or complex(observable.dense[0].coeff).imag:
+        return None
+    return observable.dense[0]
+
+
 def _variance(state, obs, layout: "_Layout") -> float:
     observable = layout.observable(obs)
+    term = _single_term(observable) if getattr(state, "in_place", False) else None
+    if term is not None:  # no room for O|psi>: the term's moments in its eigenbasis
+        return tensor_expectation(state, [(term.qubits, term.matrix)])[1] * complex(term.coeff).real ** 2
     mean = expectations(state, [observable])[0].real
     rep = obs.pauli_rep
     if rep is not None:

@@ -508,6 +508,134 @@ print(json.dumps({"evs": result.data.evs.tolist(), "exact": exact, "in_place": r
         assert "5 arrays" in out["refused"][name]
 
 
+def test_pennylane_reads_a_state_whose_two_copies_do_not_fit_in_place():
+    """The PennyLane device under a limit with room for one 22-qubit state: a tape of exact
+    expectation values (a Pauli sum, a Hermitian matrix), variances (a Pauli word, a Hermitian
+    matrix) and probabilities runs in place, with default.qubit's values (computed before the
+    limit); one asking for the state is refused, naming the three arrays it needs (the state, its
+    buffer, the host copy it is read from); with shots, the samples of an unrotated measurement
+    come from the same state."""
+    pytest.importorskip("pennylane")
+    out = run_child(
+        LIMITED
+        + """
+import numpy as np
+import pennylane as qml
+from gpu_provider.engine.executor import WORKSPACE_BYTES
+
+n = 22
+rng = np.random.default_rng(4)
+weights = rng.uniform(0, 2, (3, n, 3))
+hermitian = qml.Hermitian(np.array([[1.0, 0.5 - 0.2j, 0, 0], [0.5 + 0.2j, -0.3, 0.1, 0], [0, 0.1, 0.7, 0.4j], [0, 0, -0.4j, 0.2]]), wires=[3, 17])
+sum_ = 0.7 * qml.PauliZ(0) @ qml.PauliX(20) - 0.4 * qml.PauliY(5) @ qml.PauliY(21) + 0.2 * qml.PauliX(11)
+
+def body():
+    qml.StronglyEntanglingLayers(weights, wires=range(n))
+    return [qml.expval(sum_), qml.expval(hermitian), qml.var(qml.PauliZ(4) @ qml.PauliX(9)), qml.var(hermitian), qml.probs(wires=[0, 13, 21])]
+
+def flat(values):
+    return np.concatenate([np.ravel(v) for v in values]).tolist()
+
+exact = flat(qml.QNode(body, qml.device("default.qubit", wires=n))())
+ours = qml.device("gpu_provider.qubit", wires=n, device="CPU")
+sampled = qml.device("gpu_provider.qubit", wires=n, device="CPU", shots=20000, seed=3)
+
+def sample_body():
+    qml.StronglyEntanglingLayers(weights, wires=range(n))
+    return qml.expval(qml.PauliZ(0) @ qml.PauliZ(13)), qml.probs(wires=[0, 13])
+
+def state_body():
+    qml.StronglyEntanglingLayers(weights, wires=range(n))
+    return qml.state()
+
+small = QuantumCircuit(1)
+limit_room((16 << n) + WORKSPACE_BYTES + (48 << 20))  # one state, not two
+got = flat(qml.QNode(body, ours)())
+shots = flat(qml.QNode(sample_body, sampled)())
+try:
+    qml.QNode(state_body, ours)()
+    refused = "ran"
+except Exception as exc:
+    refused = type(exc).__name__ + ": " + str(exc)
+print(json.dumps({"exact": exact, "got": got, "shots": shots, "refused": refused}))
+""",
+        timeout=300,
+    )
+    assert np.allclose(out["got"], out["exact"], atol=1e-9)
+    exact = np.array(out["exact"])
+    marginal = exact[-8:].reshape(2, 2, 2).sum(axis=1).reshape(-1)  # wires 0 and 21 -> wires 0, 13 below
+    probs_0_13 = exact[-8:].reshape(2, 2, 2).sum(axis=2).reshape(-1)
+    assert np.allclose(out["shots"][1:], probs_0_13, atol=0.02) and marginal.sum() == pytest.approx(1.0)
+    assert out["shots"][0] == pytest.approx(probs_0_13 @ np.array([1, -1, -1, 1]), abs=0.03)
+    # The state, its buffer and the host copy qml.state() is read from.
+    assert out["refused"].startswith("CircuitTooLargeError") and "3 arrays" in out["refused"], out["refused"]
+
+
+def test_braket_reads_a_state_whose_two_copies_do_not_fit_in_place():
+    """LocalSimulator("gpu_provider") under a limit with room for one 22-qubit state: exact
+    expectation values, variances, probabilities and amplitudes, and shots, run in place with
+    braket_sv's values on a 12-qubit copy of the circuit (the other qubits stay |0>, computed
+    before the limit); a state vector (the state and its host copy) is refused, naming 2 arrays."""
+    pytest.importorskip("braket.devices")
+    out = run_child(
+        LIMITED
+        + """
+import numpy as np
+from braket.circuits import Circuit, Observable
+from braket.devices import LocalSimulator
+from gpu_provider.engine.executor import WORKSPACE_BYTES
+
+def body(n):
+    rng = np.random.default_rng(2)
+    circuit = Circuit()
+    for layer in range(4):
+        for q in range(12):
+            circuit.rx(q, rng.uniform(0, 3)).rz(q, rng.uniform(0, 3))
+        for q in range(layer % 2, 11, 2):
+            circuit.cnot(q, q + 1)
+    for q in range(12, n):
+        circuit.i(q)
+    return circuit
+
+def exact(n):
+    circuit = body(n)
+    circuit.expectation(Observable.Z() @ Observable.X(), target=[0, 7])
+    circuit.expectation(Observable.Hermitian(np.array([[0.5, 0.3j], [-0.3j, -1.0]])), target=[4])
+    circuit.variance(Observable.Y(), target=[11])
+    circuit.probability(target=[1, 10, 3])
+    circuit.amplitude(state=["0" * n, "1" + "0" * (n - 1)])
+    return circuit
+
+def flat(values):
+    out = []
+    for value in values:
+        if isinstance(value, dict):
+            out += [abs(v) for v in value.values()]
+        else:
+            out += np.ravel(value).real.tolist()
+    return out
+
+oracle = flat(LocalSimulator("braket_sv").run(exact(12), shots=0).result().values)
+ours = LocalSimulator("gpu_provider")
+ours.run(exact(12), shots=0, device="CPU").result()
+n = 22
+limit_room((16 << n) + WORKSPACE_BYTES + (48 << 20))  # one state, not two
+got = flat(ours.run(exact(n), shots=0, device="CPU").result().values)
+counts = ours.run(body(n), shots=2000, device="CPU", seed=4).result().measurement_counts
+try:
+    ours.run(body(n).state_vector(), shots=0, device="CPU").result()
+    refused = "ran"
+except Exception as exc:
+    refused = type(exc).__name__ + ": " + str(exc)
+print(json.dumps({"oracle": oracle, "got": got, "counts": dict(counts), "refused": refused}))
+""",
+        timeout=300,
+    )
+    assert np.allclose(out["got"], out["oracle"], atol=1e-9)
+    assert sum(out["counts"].values()) == 2000 and all(key.endswith("0" * 10) for key in out["counts"])
+    assert out["refused"].startswith("CircuitTooLargeError") and "2 arrays" in out["refused"], out["refused"]
+
+
 def test_memory_output_for_too_many_shots_is_refused_under_a_limit():
     out = run_child(
         LIMITED

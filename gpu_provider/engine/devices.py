@@ -149,12 +149,16 @@ class Device:
         """Bytes a new allocation can take now: free memory, capped by the process's limits."""
         return self.free_bytes()
 
-    def check_fits(self, num_qubits: int, itemsize: int, arrays: int = 2) -> None:
-        """Raise :class:`CircuitTooLargeError` unless ``arrays`` states of ``num_qubits`` fit."""
-        needed = state_bytes(num_qubits, itemsize) * arrays
+    def check_fits(self, num_qubits: int, itemsize: int, arrays: int = 2, workspace: int = 0) -> None:
+        """Raise :class:`CircuitTooLargeError` unless ``arrays`` states of ``num_qubits`` and
+        ``workspace`` bytes fit."""
+        needed = state_bytes(num_qubits, itemsize) * arrays + workspace
         free = self.memory_capacity()
         if needed > free:
-            raise too_large_error(self.kind, num_qubits, itemsize, needed, free, f"{arrays} arrays of 2^{num_qubits} x {itemsize} bytes")
+            detail = f"{arrays} array{'s' if arrays != 1 else ''} of 2^{num_qubits} x {itemsize} bytes"
+            if workspace:
+                detail += f" and {workspace >> 20} MiB of workspace"
+            raise too_large_error(self.kind, num_qubits, itemsize, needed, free, detail)
 
     @property
     def name(self) -> str:
