@@ -3,11 +3,14 @@
 Run from the repository root::
 
     python -m benchmarks.capacity [--sizes 26,28,30] [--layers 3] [--shots 1000] [--precision double]
-                                  [--out bench-out]
+                                  [--front backend|estimator] [--out bench-out]
 
 Each size runs one circuit (``--layers`` layers of a random ``u`` on every qubit and a ``cx`` on
 alternate neighbours, every qubit measured; not Clifford, so no stabilizer state) in a fresh
-child process per simulator, one after the other, so each has the machine's memory to itself:
+child process per simulator, one after the other, so each has the machine's memory to itself.
+With ``--front estimator`` the circuit is not measured and each side's ``EstimatorV2`` (Aer's
+``qiskit_aer.primitives.EstimatorV2``) takes one observable: ``Z Z`` on every neighbouring pair
+plus ``X X`` on three pairs and a ``Y`` (five passes over the state, grouped by X part).
 
 - ``buffered``: gpu_provider as it runs when two copies of the state fit (skipped where they
   do not: the child would be refused);
@@ -37,7 +40,9 @@ import json, resource, sys, time
 import numpy as np
 from qiskit import QuantumCircuit, transpile
 
-n, layers, shots, precision, who = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+from qiskit.quantum_info import SparsePauliOp
+
+n, layers, shots, precision, who, front = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 rng = np.random.default_rng(n)
 qc = QuantumCircuit(n)
 for layer in range(layers):
@@ -45,32 +50,47 @@ for layer in range(layers):
         qc.u(*rng.uniform(0, 3, 3), q)
     for q in range(layer % 2, n - 1, 2):
         qc.cx(q, q + 1)
-qc.measure_all()
+terms = [("ZZ", [q, q + 1], 1.0) for q in range(n - 1)] + [("XX", [q, q + 1], 0.5) for q in (0, n // 2, n - 2)] + [("Y", [n // 3], 0.25)]
+observable = SparsePauliOp.from_sparse_list(terms, num_qubits=n)
+if front == "backend":
+    qc.measure_all()
 if who == "aer":
     from qiskit_aer import AerSimulator
     backend = AerSimulator(method="statevector", precision=precision)
     qc = transpile(qc, backend, optimization_level=0)
+    if front == "estimator":
+        from qiskit_aer.primitives import EstimatorV2
+        estimator = EstimatorV2(options={"backend_options": {"method": "statevector", "precision": precision}})
 else:
-    from gpu_provider import GPUSimulator
+    from gpu_provider import EstimatorV2, GPUSimulator
     from gpu_provider.engine import devices
     backend = GPUSimulator(device="CPU", precision=precision, method="statevector")
     backend.run(QuantumCircuit(1), shots=1).result()  # the worker thread and its arenas exist before any limit
+    estimator = EstimatorV2(backend=backend)
+    estimator.run([(QuantumCircuit(1), "Z")]).result()
     if who == "in_place":
         used = devices._proc_status_bytes(("VmSize",))["VmSize"]
         itemsize = 16 if precision == "double" else 8
         resource.setrlimit(resource.RLIMIT_AS, (used + (itemsize << n) + (1 << 29), resource.RLIM_INFINITY))
 start = time.perf_counter()
-result = backend.run(qc, shots=shots, seed_simulator=1).result()
-seconds = time.perf_counter() - start
-metadata = result.results[0].metadata if who != "aer" else {}
+if front == "estimator":
+    result = estimator.run([(qc, observable)]).result()[0]
+    seconds = time.perf_counter() - start
+    metadata = result.metadata.get("simulator_metadata", {}) if who != "aer" else {}
+    value = {"value": float(result.data.evs)}
+else:
+    result = backend.run(qc, shots=shots, seed_simulator=1).result()
+    seconds = time.perf_counter() - start
+    metadata = result.results[0].metadata if who != "aer" else {}
+    value = {"outcomes": len(result.get_counts())}
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-print(json.dumps({"seconds": round(seconds, 2), "in_place": bool(metadata.get("in_place")), "outcomes": len(result.get_counts()), "peak_gib": round(peak, 2)}))
+print(json.dumps({"seconds": round(seconds, 2), "in_place": bool(metadata.get("in_place")), **value, "peak_gib": round(peak, 2)}))
 """
 
 
 def run_child(args, n: int, who: str) -> dict:
     process = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(CHILD), str(n), str(args.layers), str(args.shots), args.precision, who],
+        [sys.executable, "-c", textwrap.dedent(CHILD), str(n), str(args.layers), str(args.shots), args.precision, who, args.front],
         capture_output=True,
         text=True,
         env={**os.environ, "GPU_PROVIDER_DISABLE_GPU": "1"},
@@ -87,6 +107,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--shots", type=int, default=1000)
     parser.add_argument("--precision", default="double", choices=["double", "single"])
     parser.add_argument("--simulators", default="buffered,in_place,aer")
+    parser.add_argument("--front", default="backend", choices=["backend", "estimator"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -106,6 +127,7 @@ def main(argv=None) -> dict:
         rows.append(row)
     report = {
         "benchmark": "capacity",
+        "front": args.front,
         "precision": args.precision,
         "layers": args.layers,
         "shots": args.shots,

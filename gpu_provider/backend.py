@@ -750,6 +750,8 @@ def _check_fits(device: Device, program: Program, config: RunConfig, itemsize: i
     if needed > capacity:
         arrays = state_arrays(program, config, kernels_cover(program, device, config.dtype))
         detail = f"{arrays} array{'s' if arrays > 1 else ''} of 2^{n} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
+        if config.statevector:
+            detail += "; one array is the copy statevector=True returns: leave it off to need one less"
         if num_qubits is not None:
             detail += f" on each rank ({program.num_qubits - n} qubits are spread over the ranks); use more ranks"
         raise too_large_error(device.kind, n, itemsize, needed, capacity, detail)

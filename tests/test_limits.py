@@ -636,6 +636,16 @@ print(json.dumps({"oracle": oracle, "got": got, "counts": dict(counts), "refused
     assert out["refused"].startswith("CircuitTooLargeError") and "2 arrays" in out["refused"], out["refused"]
 
 
+def test_a_statevector_too_large_to_return_says_the_copy_is_the_returned_one():
+    """34 qubits in double (256 GiB a copy): even in place the run needs the state and the copy
+    statevector=True returns; the error says so, and that leaving it off needs one less."""
+    qc = QuantumCircuit(34)
+    qc.h(range(34))
+    qc.t(0)  # not Clifford: no stabilizer state
+    with pytest.raises(CircuitTooLargeError, match=r"\(2 arrays of 2\^34 x 16 bytes .*copy statevector=True returns: leave it off"):
+        GPUSimulator(device="CPU").run(qc, shots=1, statevector=True)
+
+
 def test_memory_output_for_too_many_shots_is_refused_under_a_limit():
     out = run_child(
         LIMITED
