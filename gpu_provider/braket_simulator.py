@@ -185,7 +185,7 @@ class _EngineSimulation(Simulation):
         # The state (its scratch buffer too, where both fit; else in place), what the gates hold
         # and what the read allocates: fail before running.
         extra = extra_arrays * state_bytes(n, itemsize)
-        capacity = device.memory_capacity()
+        capacity = dispatcher_for(device).capacity()  # as run() counts it: jobs running now do not shrink it
         if memory_needed(gates, config, device) + extra > capacity:
             config = dataclasses.replace(config, in_place=True)
         reserve = memory_needed(gates, config, device) + extra

@@ -60,6 +60,7 @@ from .engine.executor import (
     Execution,
     RunConfig,
     device_kernels,
+    dispatcher_for,
     evolve,
     kernels_cover,
     new_state,
@@ -749,7 +750,7 @@ def _tableau_reserve(task) -> int:
 def _program_arrays(compiled: CompiledCircuit, device: Device, precision: str, local: int, in_place: bool, split: bool) -> tuple:
     """``(in place, state-sized arrays)`` the run of ``compiled``'s program holds, as the backend
     counts them (:func:`~gpu_provider.engine.executor.state_arrays`: a wide Pauli evolution's
-    recurrence, the copy trajectories restart from) and checks them against the device now. A
+    recurrence, the copy trajectories restart from) and checks them against the device's room. A
     program measured only at the end that fits only in place runs in place; one that fits in
     neither way is refused before the job, saying what it needs. Translated per binding (no
     template), the count of a plain state."""
@@ -758,7 +759,7 @@ def _program_arrays(compiled: CompiledCircuit, device: Device, precision: str, l
         return in_place, 1 if in_place else 2
     itemsize = np.dtype(PRECISIONS[precision]).itemsize
     config = RunConfig(shots=1, precision=precision, in_place=in_place)
-    capacity = device.memory_capacity()
+    capacity = dispatcher_for(device).capacity()
     try:
         _check_fits(device, template, config, itemsize, capacity, num_qubits=local if split else None)
     except CircuitTooLargeError as exc:
@@ -778,15 +779,18 @@ def _vector_bytes(num_qubits: int, itemsize: int, arrays: int) -> int:
 
 
 def _check_vector_fits(device: Device, num_qubits: int, itemsize: int) -> None:
-    """Raise :class:`CircuitTooLargeError` unless a state, its scratch buffer and the rest fit on ``device`` now."""
-    needed, free = _vector_bytes(num_qubits, itemsize, 2), device.memory_capacity()
+    """Raise :class:`CircuitTooLargeError` unless a state, its scratch buffer and the rest fit on
+    ``device``: in what its dispatcher lets jobs of this process share (a job running now does
+    not shrink it; the new one waits for memory instead), as ``run()`` of the backend counts."""
+    needed, free = _vector_bytes(num_qubits, itemsize, 2), dispatcher_for(device).capacity()
     if needed > free:
         raise too_large_error(device.kind, num_qubits, itemsize, needed, free, f"2 arrays of 2^{num_qubits} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace")
 
 
 def _fits(device: Device, num_qubits: int, itemsize: int) -> bool:
-    """Whether one state of ``num_qubits`` (no scratch buffer) and the rest fit on ``device`` now."""
-    return _vector_bytes(num_qubits, itemsize, 1) <= device.memory_capacity()
+    """Whether one state of ``num_qubits`` (no scratch buffer) and the rest fit on ``device`` (as
+    :func:`_check_vector_fits` counts)."""
+    return _vector_bytes(num_qubits, itemsize, 1) <= dispatcher_for(device).capacity()
 
 
 def _as_tableau_reads(circuit: QuantumCircuit):

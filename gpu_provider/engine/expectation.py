@@ -209,9 +209,10 @@ def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch) ->
     tensor = data.reshape((rows,) + (2,) * n)  # axis 1 + a holds physical bit n - 1 - a
     values = np.zeros((rows, len(z_masks)), dtype=np.complex128)
     if not x_mask:
-        # Z-only terms: parity sums of |psi[i]|^2.
-        product = tensor.real * tensor.real
-        product += tensor.imag * tensor.imag
+        # Z-only terms: parity sums of |psi[i]|^2, formed in the scratch (as reals: no temporary).
+        product = scratch.reshape(-1).view(data.real.dtype)[: rows << n].reshape(tensor.shape)
+        xp.abs(tensor, out=product)
+        xp.square(product, out=product)
         values += _parity_sums(xp, product, [n - 1 - a for a in range(n)], z_masks)
         return values
     high = x_mask.bit_length() - 1
