@@ -21,7 +21,10 @@ Two ways to run a group, one math:
   group reads are summed out, and each term's parity sum is a chain of
   halvings (``t[0] + t[1]`` or ``t[0] - t[1]`` per axis) whose common prefixes
   are shared between terms, so a group of T terms costs about
-  ``log2(T) + 2`` passes, not T.
+  ``log2(T) + 2`` passes, not T. A single state is read a chunk of at most
+  ``IN_PLACE_CHUNK_BYTES`` at a time (:func:`_chunked_group_values`), so its
+  reads need neither its scratch buffer nor any state-sized temporary: a
+  state in place reads the same way; a batch of states uses its own scratch.
 
 The state stays on the device; only per-block partials or one scalar per term
 come back. Masks are in qubit order and mapped to the state's physical bit
@@ -156,18 +159,14 @@ def expectation_values(state, observables: Sequence[PauliSum]) -> np.ndarray:
     x_phys = _physical(x, bits)
     z_phys = _physical(z, bits)
     kernels = getattr(state, "kernels", None)
-    data = state.data.reshape(1, -1)
     for x_mask in np.unique(x_phys):
         members = np.nonzero(x_phys == x_mask)[0]
         group_weights = weights[:, members]
         if kernels is not None:
             for o in np.nonzero(np.any(group_weights != 0, axis=1))[0]:
                 out[o] += kernels.pauli_expectation(state, int(x_mask), z_phys[members], group_weights[o])
-        elif getattr(state, "in_place", False):  # no scratch buffer: a chunk at a time
+        else:  # a chunk at a time: no state-sized temporary, the scratch buffer unused
             out += group_weights @ _chunked_group_values(state, int(x_mask), [int(m) for m in z_phys[members]])
-        else:
-            values = _group_values(state.xp, data, n, int(x_mask), [int(m) for m in z_phys[members]], state.buffer)
-            out += group_weights @ values[0]
     return out
 
 
@@ -235,13 +234,17 @@ def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch) ->
 
 
 def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
-    """``<X^x Z^z_t>`` for each t (physical masks) of a state in place: (T,), complex128.
+    """``<X^x Z^z_t>`` for each t (physical masks) of one state: (T,), complex128.
 
-    No state-sized temporary: the state is cut into chunks over its leading (most
-    significant) bits, each at most ``IN_PLACE_CHUNK_BYTES``. Chunk ``j`` pairs with chunk
-    ``j ^ (x >> inner)``; ``conj(partner flipped on the inner X bits) * chunk`` goes into one
-    chunk of scratch, whose signed sums per inner Z mask are weighed by the parity of the
-    chunk's own bits under Z. Every pair is visited from both sides (the sums are over all i).
+    No state-sized temporary: the state is cut into chunks of ``state.chunk_qubits()`` low bits
+    (at most ``IN_PLACE_CHUNK_BYTES``), its leading bits fixed per chunk, and each pair
+    ``(i, i ^ x)`` is visited once, as in :func:`_group_values`. Where X flips no leading bit, a
+    chunk's pairs lie inside it: :func:`_group_values` on the chunk, with one chunk of scratch.
+    Otherwise chunk ``j`` (the highest flipped bit 0) pairs with chunk ``j ^ (x >> inner)``:
+    ``q = conj(partner flipped on the inner X bits) * chunk`` goes into the scratch and each
+    term takes ``2 Re q`` or ``2i Im q`` (as ``x & z`` has even or odd parity) through the
+    halvings of :func:`_parity_sums`. Either way a chunk's sums are weighed by the parity of
+    its own bits under each Z mask.
     """
     xp = state.xp
     n = state.num_qubits
@@ -249,18 +252,31 @@ def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
     lead = n - inner
     rows = state.data.reshape(1 << lead, 1 << inner)
     low = (1 << inner) - 1
-    flips = tuple(inner - 1 - bit for bit in range(inner) if (x_mask >> bit) & 1)
     inner_z = [z & low for z in z_masks]
     lead_z = [z >> inner for z in z_masks]
-    scratch = xp.empty((2,) * inner, dtype=state.dtype)
     values = np.zeros(len(z_masks), dtype=np.complex128)
+    lead_x = x_mask >> inner
+    scratch = xp.empty((1,) + (2,) * inner, dtype=state.dtype)
+    if lead_x:
+        high = 1 << (lead_x.bit_length() - 1)
+        flips = tuple(1 + inner - 1 - bit for bit in range(inner) if (x_mask >> bit) & 1)
+        bits = [inner - 1 - axis for axis in range(inner)]
+        odd = np.array([bin(x_mask & z).count("1") & 1 for z in z_masks])
+        parts = [(np.nonzero(odd == flag)[0], flag) for flag in (0, 1)]
     for j in range(1 << lead):
-        partner = rows[j ^ (x_mask >> inner)].reshape((2,) * inner)
-        xp.conjugate(xp.flip(partner, axis=flips) if flips else partner, out=scratch)
-        xp.multiply(scratch, rows[j].reshape((2,) * inner), out=scratch)
-        sums = _signed_sums(xp, scratch, inner, inner_z)
         signs = np.array([-1.0 if bin(j & z).count("1") & 1 else 1.0 for z in lead_z])
-        values += signs * sums
+        if not lead_x:
+            values += signs * _group_values(xp, rows[j : j + 1], inner, x_mask, inner_z, scratch)[0]
+            continue
+        if j & high:
+            continue  # visited from its partner
+        partner = rows[j ^ lead_x].reshape(scratch.shape)
+        xp.conjugate(xp.flip(partner, axis=flips) if flips else partner, out=scratch)
+        xp.multiply(scratch, rows[j].reshape(scratch.shape), out=scratch)
+        for members, flag in parts:
+            if members.size:
+                sums = _parity_sums(xp, scratch.imag if flag else scratch.real, bits, [inner_z[t] for t in members])[0]
+                values[members] += signs[members] * sums * (2j if flag else 2.0)
     return values
 
 
