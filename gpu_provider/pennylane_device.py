@@ -65,7 +65,7 @@ from .engine.distributed import (
     ranks_for,
     run_on_ranks,
 )
-from .engine.executor import WORKSPACE_BYTES, RunConfig, device_kernels, evolve, new_state, sample_outcomes
+from .engine.executor import WORKSPACE_BYTES, RunConfig, device_kernels, evolve, kernels_cover, new_state, sample_outcomes
 from .engine.trajectories import Interpreter, Trajectory, branch_points, run_exact, saved_states
 from .engine.expectation import pauli_sum
 from .engine.observables import (
@@ -326,11 +326,16 @@ class GPUQubitDevice(Device):
             return new_state(self._device, num_qubits, dtype, in_place=True)
         return new_state(self._device, num_qubits, dtype)
 
-    def _forward(self, tape: QuantumScript, layout: "_Layout", arrays: int = 2, in_place: bool = False):
+    def _forward(self, tape: QuantumScript, layout: "_Layout", arrays: int = 2, in_place: bool = False, states: int = 0):
         """The final state of ``tape`` (no mid-circuit measurements), fused, on the engine's device,
-        once ``arrays`` states fit; in place (see :meth:`_new_state`) if ``in_place`` and they do not."""
+        once ``arrays`` states fit beside ``states`` more that the caller will make, each with its
+        scratch buffer unless the GPU kernels apply every gate in place; in place (see
+        :meth:`_new_state`) if ``in_place`` and they do not fit."""
         ops = layout.engine_ops(tape.operations)
         program = self._fused(P.Program(layout.num_qubits, 0, tuple(ops), name="pennylane"))
+        if states:
+            per_state = 1 if kernels_cover(program, self._device, PRECISIONS[self._precision]) else 2
+            arrays += states * per_state
         state = self._new_state(layout.num_qubits, program.ops, arrays=arrays, in_place=in_place)
         return evolve(program, state, RunConfig(shots=1, precision=self._precision))
 
@@ -548,10 +553,13 @@ class GPUQubitDevice(Device):
         if not all(isinstance(mp, ExpectationMP) for mp in tape.measurements):
             raise DeviceError("adjoint differentiation on gpu_provider.qubit supports expectation values only")
         layout = self._layout(tape)
-        state = self._forward(tape, layout)
         observables = [layout.observable(mp.obs) for mp in tape.measurements]
-        values = tuple(np.float64(v.real) for v in expectations(state, observables))
         steps = layout.adjoint_steps(tape)
+        # The sweep's states: a bra per observable (made through one work copy: the third
+        # array) and, where a gate has a derivative matrix, a scratch copy of the state.
+        states = len(observables) + int(any(step.derivatives for step in steps))
+        state = self._forward(tape, layout, arrays=3, states=states)
+        values = tuple(np.float64(v.real) for v in expectations(state, observables))
         jac = adjoint_jacobian(state, steps, observables, len(tape.trainable_params))
         results = values[0] if len(values) == 1 else values
         return results, _jacobian_shape(jac)

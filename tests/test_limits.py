@@ -571,6 +571,55 @@ print(json.dumps({"exact": exact, "got": got, "shots": shots, "refused": refused
     assert out["refused"].startswith("CircuitTooLargeError") and "3 arrays" in out["refused"], out["refused"]
 
 
+def test_pennylane_adjoint_counts_its_sweep_s_states_under_a_limit():
+    """Adjoint differentiation keeps, beside the state and its buffer, a bra per observable (each
+    with its buffer) and the work copy that makes them: 7 arrays for two observables. With room
+    for eight 22-qubit states its Jacobian is default.qubit's; with room for five it is refused
+    before running (CircuitTooLargeError naming 7 arrays), not a MemoryError halfway."""
+    pytest.importorskip("pennylane")
+    out = run_child(
+        LIMITED
+        + """
+import numpy as np
+import pennylane as qml
+from pennylane import numpy as pnp
+from gpu_provider.engine.executor import WORKSPACE_BYTES
+
+n = 22
+def body(a, b, c):
+    for q in range(n):
+        qml.Hadamard(q)
+    qml.RX(a, wires=0)
+    qml.CNOT(wires=[0, 11])
+    qml.RY(b, wires=11)
+    qml.CNOT(wires=[11, 21])
+    qml.RZ(c, wires=21)
+    qml.RX(0.4, wires=21)
+    return qml.expval(qml.PauliZ(0) @ qml.PauliY(21)), qml.expval(qml.PauliX(11) + 0.5 * qml.PauliZ(21))
+
+args = [pnp.array(0.3, requires_grad=True), pnp.array(-0.8, requires_grad=True), pnp.array(1.1, requires_grad=True)]
+def jacobian(device):
+    node = qml.QNode(body, device, diff_method="adjoint")
+    return np.array(qml.jacobian(lambda *x: qml.math.stack(node(*x)))(*args)).tolist()
+
+exact = jacobian(qml.device("default.qubit", wires=n))
+ours = qml.device("gpu_provider.qubit", wires=n, device="CPU")
+limit_room(8 * (16 << n) + WORKSPACE_BYTES + (48 << 20))
+got = jacobian(ours)
+limit_room(5 * (16 << n) + WORKSPACE_BYTES + (48 << 20))
+try:
+    jacobian(ours)
+    refused = "ran"
+except Exception as exc:
+    refused = type(exc).__name__ + ": " + str(exc)
+print(json.dumps({"exact": exact, "got": got, "refused": refused}))
+""",
+        timeout=300,
+    )
+    assert np.allclose(out["got"], out["exact"], atol=1e-9) and np.max(np.abs(out["exact"])) > 0.1
+    assert out["refused"].startswith("CircuitTooLargeError") and "7 arrays" in out["refused"], out["refused"]
+
+
 def test_braket_reads_a_state_whose_two_copies_do_not_fit_in_place():
     """LocalSimulator("gpu_provider") under a limit with room for one 22-qubit state: exact
     expectation values, variances, probabilities and amplitudes, and shots, run in place with

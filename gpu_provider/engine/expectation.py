@@ -17,11 +17,11 @@ Two ways to run a group, one math:
   and weighs it by ``sum_t w_t (-1)^popcount(i & z_t)`` for one observable's
   weights; per-block partials in double, a fixed grid, so it is deterministic.
 - ``xp`` (NumPy, or CuPy without kernels): one pass forms
-  ``conj(psi[i ^ x]) psi[i]`` (a flip of the X axes), the axes no term of the
-  group reads are summed out, and each term's parity sum is a chain of
-  halvings (``t[0] + t[1]`` or ``t[0] - t[1]`` per axis) whose common prefixes
-  are shared between terms, so a group of T terms costs about
-  ``log2(T) + 2`` passes, not T. A single state is read a chunk of at most
+  ``conj(psi[i ^ x]) psi[i]`` (a flip of the X axes) on the half of the pairs
+  ``(i, i ^ x)`` where the highest X bit is 0, and the group's parity sums are one matrix product of the result, as a matrix of
+  its high bits by its low bits, with the low bits' signs of every term, then
+  the high bits' signs (:func:`_parity_sums`): one pass for the whole
+  group, in BLAS or cuBLAS. A single state is read a chunk of at most
   ``IN_PLACE_CHUNK_BYTES`` at a time (:func:`_chunked_group_values`), so its
   reads need neither its scratch buffer nor any state-sized temporary: a
   state in place reads the same way; a batch of states uses its own scratch.
@@ -226,11 +226,8 @@ def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch) ->
     xp.multiply(q, a, out=q)
     bits = [n - 1 - axis for axis in range(n) if axis != high_axis]
     odd = np.array([bin(x_mask & z).count("1") & 1 for z in z_masks], dtype=bool)
-    for is_odd, part, factor in ((False, q.real, 2.0), (True, q.imag, 2.0j)):
-        members = np.nonzero(odd == is_odd)[0]
-        if members.size:
-            values[:, members] = factor * _parity_sums(xp, part, bits, [z_masks[t] for t in members])
-    return values
+    sums = _parity_sums(xp, q, bits, z_masks, imag=odd)
+    return np.where(odd, 2j, 2.0) * sums
 
 
 def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
@@ -242,8 +239,8 @@ def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
     chunk's pairs lie inside it: :func:`_group_values` on the chunk, with one chunk of scratch.
     Otherwise chunk ``j`` (the highest flipped bit 0) pairs with chunk ``j ^ (x >> inner)``:
     ``q = conj(partner flipped on the inner X bits) * chunk`` goes into the scratch and each
-    term takes ``2 Re q`` or ``2i Im q`` (as ``x & z`` has even or odd parity) through the
-    halvings of :func:`_parity_sums`. Either way a chunk's sums are weighed by the parity of
+    term takes ``2 Re q`` or ``2i Im q`` (as ``x & z`` has even or odd parity) through
+    :func:`_parity_sums`. Either way a chunk's sums are weighed by the parity of
     its own bits under each Z mask.
     """
     xp = state.xp
@@ -261,8 +258,8 @@ def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
         high = 1 << (lead_x.bit_length() - 1)
         flips = tuple(1 + inner - 1 - bit for bit in range(inner) if (x_mask >> bit) & 1)
         bits = [inner - 1 - axis for axis in range(inner)]
-        odd = np.array([bin(x_mask & z).count("1") & 1 for z in z_masks])
-        parts = [(np.nonzero(odd == flag)[0], flag) for flag in (0, 1)]
+        odd = np.array([bin(x_mask & z).count("1") & 1 for z in z_masks], dtype=bool)
+        factors = np.where(odd, 2j, 2.0)
     for j in range(1 << lead):
         signs = np.array([-1.0 if bin(j & z).count("1") & 1 else 1.0 for z in lead_z])
         if not lead_x:
@@ -273,38 +270,69 @@ def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
         partner = rows[j ^ lead_x].reshape(scratch.shape)
         xp.conjugate(xp.flip(partner, axis=flips) if flips else partner, out=scratch)
         xp.multiply(scratch, rows[j].reshape(scratch.shape), out=scratch)
-        for members, flag in parts:
-            if members.size:
-                sums = _parity_sums(xp, scratch.imag if flag else scratch.real, bits, [inner_z[t] for t in members])[0]
-                values[members] += signs[members] * sums * (2j if flag else 2.0)
+        values += signs * factors * _parity_sums(xp, scratch, bits, inner_z, imag=odd)[0]
     return values
 
 
-def _parity_sums(xp, tensor, bits: list[int], z_masks: list[int]) -> np.ndarray:
-    """``sum_i (-1)^popcount(i & z) tensor[r, i]`` for each row r and each z: (B, T).
+# A parity-sum product's output (rows x 2^(k - m) x terms) is kept under this many bytes.
+PARITY_BLOCK_BYTES = 16 << 20
+# Its low bits (the matrix's columns): all of a row up to this many, else at least this many.
+PARITY_LOW_BITS = 10
 
-    ``bits[axis]`` is the physical bit of tensor axis ``1 + axis``. Axes that
-    no z reads are summed out first (one pass); then each term is a chain of
-    halvings, ``t[:, 0] + t[:, 1]`` or ``t[:, 0] - t[:, 1]`` along the next
-    axis, and terms that agree on the first axes share those halvings.
+
+def _sign_table(bits: int, masks: list[int]) -> np.ndarray:
+    """``(2^bits, T)`` float64: ``(-1)^popcount(j & masks[t])`` at row j, column t."""
+    index = np.arange(1 << bits, dtype=np.int64)[:, None] & np.asarray(masks, dtype=np.int64)[None, :]
+    for shift in (32, 16, 8, 4, 2, 1):
+        index ^= index >> shift
+    return 1.0 - 2.0 * (index & 1)
+
+
+def _parity_sums(xp, array, bits: list[int], z_masks: list[int], imag=None) -> np.ndarray:
+    """``sum_i (-1)^popcount(i & z) part[r, i]`` for each row r and each z: (B, T), float64.
+
+    ``array`` is C-contiguous, ``(B, 2, ..., 2)``; ``bits[axis]`` is the physical bit of its
+    axis ``1 + axis``. Real, ``part`` is ``array``; complex, ``part`` is its real part for the
+    terms where ``imag`` is False and its imaginary part where True. The sign of i splits
+    into the signs of its high and low halves of bits, so with ``A`` the array as a matrix of
+    ``2^(k-m)`` rows by ``2^m`` columns (complex: ``2^(m+1)`` interleaved real columns), the
+    sums are ``sum_rows(high signs * (A @ low signs))``: one matrix product over the array
+    for every term at once (BLAS, or cuBLAS on a GPU), blocks of terms keeping its output
+    under ``PARITY_BLOCK_BYTES``. The product runs in the array's precision, the last sum in
+    double.
     """
-    union = 0
+    rows = array.shape[0]
+    k = array.ndim - 1
+    complex_part = imag is not None
+    real = array.real.dtype if complex_part else array.dtype
+    flat = []  # each mask over the flat index within a row: axis a is bit k - 1 - a
     for z in z_masks:
-        union |= z
-    kept = [axis for axis, bit in enumerate(bits) if (union >> bit) & 1]
-    summed = tuple(1 + axis for axis in range(len(bits)) if axis not in kept)
-    reduced = xp.sum(tensor, axis=summed) if summed else tensor
-    paths = [tuple((z >> bits[axis]) & 1 for axis in kept) for z in z_masks]
-    level = {(): reduced}
-    for depth in range(len(kept)):
-        needed = {path[: depth + 1] for path in paths}
-        level = {
-            prefix: (level[prefix[:-1]][:, 0] - level[prefix[:-1]][:, 1]) if prefix[-1] else (level[prefix[:-1]][:, 0] + level[prefix[:-1]][:, 1])
-            for prefix in needed
-        }
-    rows = tensor.shape[0]
-    sums = xp.stack([level[path].reshape(rows) for path in paths], axis=1).astype(np.float64)
-    return np.asarray(sums.get() if xp is not np else sums)
+        mask = 0
+        for axis, bit in enumerate(bits):
+            if (z >> bit) & 1:
+                mask |= 1 << (k - 1 - axis)
+        flat.append(mask)
+    low = k if k <= PARITY_LOW_BITS else max(PARITY_LOW_BITS, k // 2)
+    high = k - low
+    columns = (2 if complex_part else 1) << low
+    matrix = (array.reshape(-1).view(real) if complex_part else array).reshape(rows << high, columns)
+    out = np.zeros((rows, len(z_masks)), dtype=np.float64)
+    block = max(1, PARITY_BLOCK_BYTES // (8 * (rows << high)))
+    for start in range(0, len(z_masks), block):
+        masks = flat[start : start + block]
+        low_signs = _sign_table(low, [m & ((1 << low) - 1) for m in masks])
+        if complex_part:  # interleaved (re, im) columns: each term reads one of the two
+            parts = np.asarray(imag[start : start + block], dtype=bool)
+            expanded = np.zeros((columns, len(masks)))
+            expanded[0::2, ~parts] = low_signs[:, ~parts]
+            expanded[1::2, parts] = low_signs[:, parts]
+            low_signs = expanded
+        high_signs = _sign_table(high, [m >> low for m in masks])
+        partial = matrix @ xp.asarray(low_signs.astype(real))
+        partial = partial.reshape(rows, 1 << high, len(masks)).astype(np.float64)
+        sums = (partial * xp.asarray(high_signs)[None]).sum(axis=1)
+        out[:, start : start + block] = sums.get() if xp is not np else sums
+    return out
 
 
 def transition_expectation(bra, ket, observable: PauliSum) -> complex:

@@ -72,6 +72,39 @@ def test_matches_dense_matrices_in_any_axis_order(dtype, tolerance, n):
     assert abs(values.imag).max() <= tolerance * np.sum(np.abs(coeffs)) * 10  # Hermitian sums are real
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(np.complex128, 1e-12), (np.complex64, 1e-5)])
+def test_parity_sums_split_into_high_and_low_bits_and_blocks_of_terms(dtype, tolerance, monkeypatch):
+    """The parity sums as one product of the state's high-by-low matrix with sign tables: forced
+    here to split 9 bits into 2 low and 7 high and to take one term per block, many terms to a
+    Z-only group and one X group with real and imaginary parts, the batch path (two rows) too."""
+    from gpu_provider.engine import expectation as E
+
+    monkeypatch.setattr(E, "PARITY_LOW_BITS", 2)
+    monkeypatch.setattr(E, "PARITY_BLOCK_BYTES", 8)
+    n = 9
+    rng = np.random.default_rng(12)
+    labels = ["".join(rng.choice(list("IZ"), size=n)) for _ in range(12)]
+    labels += ["XIYZIIXZY", "XIYZZIXIY", "YIXZIIXZY", "XIYIIIXZX"]  # one X mask: even and odd x & z
+    coeffs = rng.normal(size=len(labels))
+    rows = [random_state(rng, n) for _ in range(2)]
+    for psi in rows:
+        state = StateVector(np, n, dtype)
+        state.data[...] = psi
+        expected = sum(c * np.vdot(psi, dense(label) @ psi) for label, c in zip(labels, coeffs))
+        assert abs(expectation_values(state, [observable(n, labels, coeffs)])[0] - expected) <= tolerance * 10 * np.sum(np.abs(coeffs))
+    data = np.stack(rows).astype(dtype)  # two rows at once, as a batch of states reads them
+    for group in (labels[:12], labels[12:]):
+        x = masks(group[0])[0]
+        values = E._group_values(np, data, n, x, [masks(label)[1] for label in group], np.empty(data.size, dtype=dtype))
+        for row, psi in enumerate(rows):
+            # <X^x Z^z> (the Y factors' i not folded in): psi^dagger X^x Z^z psi
+            exact = []
+            for label in group:
+                xz = "".join("X" if c in "XY" else "I" for c in label), "".join("Z" if c in "ZY" else "I" for c in label)
+                exact.append(np.vdot(psi, dense(xz[0]) @ dense(xz[1]) @ psi))
+            np.testing.assert_allclose(values[row], exact, atol=tolerance * 10)
+
+
 def test_duplicate_terms_and_shared_terms_between_observables():
     n = 3
     rng = np.random.default_rng(1)
