@@ -164,13 +164,15 @@ class _Primitive:
         return device, options.precision, reason
 
     def _compile(
-        self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0, tableaux: bool = False
+        self, circuit: QuantumCircuit, device: Device, cache: dict, global_qubits: int = 0, tableaux: bool = False, restart: bool = True
     ) -> CompiledCircuit:
         """``circuit`` compiled once per run. With ``tableaux``, a Clifford circuit may run
         as a stabilizer state, as the backend's ``method`` option says: then ``compiled.method`` is
         "stabilizer" (unfused: its gates are read one by one). A state of which two copies do not
         fit may run without its scratch buffer (``compiled.in_place``), as
-        the backend's would; a Clifford circuit under "automatic" still goes to a tableau first."""
+        the backend's would; a Clifford circuit under "automatic" still goes to a tableau first.
+        ``restart``: a dynamic circuit's shots run as trajectories from a copy of the state (the
+        sampler's), not by exact branching (the estimator's, whose copies its PUBs count)."""
         key = id(circuit)
         if key not in cache:
             options = self._backend.options
@@ -203,7 +205,9 @@ class _Primitive:
                 compiled = compile_circuit(circuit, fusion, dense_max_qubits=MAX_GATE_QUBITS)
             else:
                 compiled = compile_circuit(circuit, fusion)
-                vector_in_place, compiled.state_arrays = _program_arrays(compiled, device, options.precision, local, vector_in_place, bool(global_qubits))
+                vector_in_place, compiled.state_arrays = _program_arrays(
+                    compiled, device, options.precision, local, vector_in_place, bool(global_qubits), restart
+                )
             if stabilizer:
                 _check_clifford(compiled, too_large)
                 compiled.method = "stabilizer"
@@ -220,7 +224,8 @@ class _Primitive:
         coerced = [_coerce(kind, pub, default, i) for i, pub in enumerate(_pub_list(pubs))]
         global_qubits = ranks.global_qubits if ranks is not None else 0
         cache: dict = {}
-        return [(pub, self._compile(pub.circuit, device, cache, global_qubits, tableaux=True)) for pub in coerced]
+        restart = kind is SamplerPub
+        return [(pub, self._compile(pub.circuit, device, cache, global_qubits, tableaux=True, restart=restart)) for pub in coerced]
 
     @staticmethod
     def _agreed(ranks: Optional[Ranks], prepare):
@@ -482,9 +487,10 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
             elif template is not None:
                 # Exact branching: a state copy waits per uncertain measurement on a path.
                 copies = branch_points(template.ops)
-            if template is not None and copies and not _on_tableau(compiled):
+            if template is not None and not is_sampling_friendly(template) and not _on_tableau(compiled):
                 local = n - (ranks.global_qubits if ranks is not None else 0)
-                device.check_fits(local, np.dtype(PRECISIONS[dtype_name]).itemsize, arrays=2 + copies)
+                arrays = getattr(compiled, "state_arrays", 2) + copies
+                device.check_fits(local, np.dtype(PRECISIONS[dtype_name]).itemsize, arrays=arrays, workspace=WORKSPACE_BYTES)
             shape = np.broadcast_shapes(pub.parameter_values.shape, pub.observables.shape)
             tasks.append(_EstimatorTask(pub, compiled, values, observables, shape, copies))
             ops_total += _ops_estimate(pub, compiled)
@@ -747,28 +753,33 @@ def _tableau_reserve(task) -> int:
     return stabilizer_bytes(program, RunConfig(shots=shots, method="stabilizer"))
 
 
-def _program_arrays(compiled: CompiledCircuit, device: Device, precision: str, local: int, in_place: bool, split: bool) -> tuple:
+def _program_arrays(compiled: CompiledCircuit, device: Device, precision: str, local: int, in_place: bool, split: bool, restart: bool) -> tuple:
     """``(in place, state-sized arrays)`` the run of ``compiled``'s program holds, as the backend
     counts them (:func:`~gpu_provider.engine.executor.state_arrays`: a wide Pauli evolution's
     recurrence, the copy trajectories restart from) and checks them against the device's room. A
     program measured only at the end that fits only in place runs in place; one that fits in
-    neither way is refused before the job, saying what it needs. Translated per binding (no
-    template), the count of a plain state."""
+    neither way is refused before the job, saying what it needs. Without ``restart`` a dynamic
+    program branches exactly instead (the estimator): no restart copy, and its PUB checks the
+    count with the copies its paths keep. Translated per binding (no template), the count of a
+    plain state."""
     template = compiled.template
     if template is None:
         return in_place, 1 if in_place else 2
     itemsize = np.dtype(PRECISIONS[precision]).itemsize
     config = RunConfig(shots=1, precision=precision, in_place=in_place)
+    sampling = is_sampling_friendly(template)
     capacity = dispatcher_for(device).capacity()
     try:
-        _check_fits(device, template, config, itemsize, capacity, num_qubits=local if split else None)
+        if restart or sampling:
+            _check_fits(device, template, config, itemsize, capacity, num_qubits=local if split else None)
     except CircuitTooLargeError as exc:
-        if in_place or split or not is_sampling_friendly(template):
+        if in_place or split or not sampling:
             raise
         config, smallest = _in_place_instead(exc, device, template, config, itemsize, capacity)
         if config is None:
             raise smallest from None
-    return config.in_place, state_arrays(template, config, kernels_cover(template, device, config.dtype))
+    arrays = state_arrays(template, config, kernels_cover(template, device, config.dtype))
+    return config.in_place, arrays - (0 if restart or sampling else 1)
 
 
 def _vector_bytes(num_qubits: int, itemsize: int, arrays: int) -> int:

@@ -508,6 +508,43 @@ print(json.dumps({"evs": result.data.evs.tolist(), "exact": exact, "in_place": r
         assert "5 arrays" in out["refused"][name]
 
 
+def test_estimator_branching_counts_its_path_copies_under_a_limit():
+    """The estimator branches exactly on a mid-circuit measurement: the state, its buffer and one
+    copy waiting per uncertain measurement on a path (3 arrays here), no restart copy. With room
+    for three 22-qubit states it runs, with values that average both outcomes; with room for two
+    it is refused at run(), naming the 3 arrays."""
+    out = run_child(
+        LIMITED
+        + """
+from qiskit.quantum_info import SparsePauliOp
+from gpu_provider.engine.executor import WORKSPACE_BYTES
+from gpu_provider import EstimatorV2
+
+n = 22
+qc = QuantumCircuit(n, 1)
+qc.h(range(n))
+qc.t(range(n))
+qc.measure(0, 0)
+qc.h(0)
+estimator = EstimatorV2(backend_options={"device": "CPU"})
+estimator.run([(QuantumCircuit(1), "Z")]).result()
+observables = ["I" * (n - 1) + "Z", "I" * (n - 2) + "XI", "I" * (n - 2) + "YI"]
+limit_room(3 * (16 << n) + WORKSPACE_BYTES + (48 << 20))
+values = estimator.run([(qc, observables)]).result(timeout=300)[0].data.evs.tolist()
+limit_room(2 * (16 << n) + WORKSPACE_BYTES + (48 << 20))
+try:
+    estimator.run([(qc, observables)])
+    refused = "ran"
+except Exception as exc:
+    refused = type(exc).__name__ + ": " + str(exc)
+print(json.dumps({"values": values, "refused": refused}))
+"""
+    )
+    # Qubit 0 measured then H: <Z> = 0; qubit 1 is T|+>: <X> = <Y> = 1/sqrt(2).
+    assert np.allclose(out["values"], [0.0, 2**-0.5, 2**-0.5], atol=1e-9)
+    assert out["refused"].startswith("CircuitTooLargeError") and "3 arrays" in out["refused"], out["refused"]
+
+
 def test_pennylane_reads_a_state_whose_two_copies_do_not_fit_in_place():
     """The PennyLane device under a limit with room for one 22-qubit state: a tape of exact
     expectation values (a Pauli sum, a Hermitian matrix), variances (a Pauli word, a Hermitian
