@@ -376,7 +376,7 @@ class GPUQubitDevice(Device):
         if isinstance(mp, ProbabilityMP):
             target = state
             if mp.obs is not None:
-                target = state.snapshot()
+                target = state.snapshot(in_place=True)
                 for op in layout.engine_ops(mp.obs.diagonalizing_gates()):
                     apply_gate(target, op)
             wires = mp.wires if len(mp.wires) else layout.wires
@@ -397,7 +397,7 @@ class GPUQubitDevice(Device):
     def _rotated(self, state, layout: "_Layout", gates):
         if not gates:
             return state
-        rotated = state.snapshot()
+        rotated = state.snapshot(in_place=True)
         for op in layout.engine_ops(gates):
             apply_gate(rotated, op)
         return rotated

@@ -608,6 +608,54 @@ print(json.dumps({"exact": exact, "got": got, "shots": shots, "refused": refused
     assert out["refused"].startswith("CircuitTooLargeError") and "3 arrays" in out["refused"], out["refused"]
 
 
+def test_pennylane_copies_for_reads_keep_no_buffer_of_their_own():
+    """A read's scratch copy (O|psi> and its work copy for a non-Pauli variance, a rotated copy for
+    probabilities in another basis) applies its gates a chunk at a time, so it costs the one array
+    counted for it, not two. With room for the four arrays counted (state, buffer, two copies) and
+    22 qubits, these run with default.qubit's values instead of dying with a MemoryError."""
+    pytest.importorskip("pennylane")
+    out = run_child(
+        LIMITED
+        + """
+import numpy as np
+import pennylane as qml
+from gpu_provider.engine.executor import WORKSPACE_BYTES
+
+n = 22
+A = np.array([[1.0, 0.5 - 0.2j, 0, 0], [0.5 + 0.2j, -0.3, 0.1, 0], [0, 0.1, 0.7, 0.4j], [0, 0, -0.4j, 0.2]])
+measurements = {
+    "var_hermitian": lambda: qml.var(qml.Hermitian(A, wires=[3, 17])),
+    "var_sum": lambda: qml.var(0.5 * qml.Hermitian(A[:2, :2], wires=[0]) + qml.PauliZ(3)),
+    "probs_x": lambda: qml.probs(op=qml.PauliX(5) @ qml.PauliY(20)),
+}
+
+def node(device, measure):
+    def body():
+        for q in range(n):
+            qml.RY(0.1 * q + 0.2, wires=q)
+        for q in range(0, n - 1, 2):
+            qml.CNOT(wires=[q, q + 1])
+        return measure()
+    return qml.QNode(body, device)
+
+oracle = {k: np.ravel(node(qml.device("default.qubit", wires=n), m)()).tolist() for k, m in measurements.items()}
+ours = qml.device("gpu_provider.qubit", wires=n, device="CPU")
+got = {}
+for key, measure in measurements.items():
+    limit_room(4 * (16 << n) + WORKSPACE_BYTES + (48 << 20))
+    try:
+        got[key] = np.ravel(node(ours, measure)()).tolist()
+    except Exception as exc:
+        got[key] = type(exc).__name__ + ": " + str(exc)[:200]
+print(json.dumps({"oracle": oracle, "got": got}))
+""",
+        timeout=300,
+    )
+    for key, expected in out["oracle"].items():
+        assert not isinstance(out["got"][key], str), out["got"][key]
+        assert np.allclose(out["got"][key], expected, atol=1e-9), key
+
+
 def test_pennylane_adjoint_counts_its_sweep_s_states_under_a_limit():
     """Adjoint differentiation keeps, beside the state and its buffer, a bra per observable (each
     with its buffer) and the work copy that makes them: 7 arrays for two observables. With room

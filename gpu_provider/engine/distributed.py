@@ -1032,7 +1032,9 @@ class DistributedStateVector:
 
     # -- copies ------------------------------------------------------------------------
 
-    def snapshot(self) -> "DistributedStateVector":
+    def snapshot(self, in_place: bool = False) -> "DistributedStateVector":
+        """A copy of every rank's part. ``in_place`` is not taken here: the ranks' exchanges use
+        the parts' buffers, so a copy keeps them (the callers count two arrays per rank)."""
         twin = DistributedStateVector.__new__(DistributedStateVector)
         twin.__dict__.update(self.__dict__)
         twin.local = self.local.snapshot()

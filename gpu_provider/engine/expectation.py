@@ -274,8 +274,10 @@ def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
     return values
 
 
-# A parity-sum product's output (rows x 2^(k - m) x terms) is kept under this many bytes.
-PARITY_BLOCK_BYTES = 16 << 20
+# A parity-sum product takes terms in blocks whose sign tables and output (each 2^m or
+# rows x 2^(k - m) by the block's terms) stay under this many bytes: its temporaries, a few of
+# these, fit in the job's workspace.
+PARITY_BLOCK_BYTES = 4 << 20
 # Its low bits (the matrix's columns): all of a row up to this many, else at least this many.
 PARITY_LOW_BITS = 10
 
@@ -297,9 +299,9 @@ def _parity_sums(xp, array, bits: list[int], z_masks: list[int], imag=None) -> n
     into the signs of its high and low halves of bits, so with ``A`` the array as a matrix of
     ``2^(k-m)`` rows by ``2^m`` columns (complex: ``2^(m+1)`` interleaved real columns), the
     sums are ``sum_rows(high signs * (A @ low signs))``: one matrix product over the array
-    for every term at once (BLAS, or cuBLAS on a GPU), blocks of terms keeping its output
-    under ``PARITY_BLOCK_BYTES``. The product runs in the array's precision, the last sum in
-    double.
+    for every term at once (BLAS, or cuBLAS on a GPU), blocks of terms keeping its sign tables
+    and output under ``PARITY_BLOCK_BYTES`` each. The product runs in the array's precision,
+    the last sum in double.
     """
     rows = array.shape[0]
     k = array.ndim - 1
@@ -317,7 +319,7 @@ def _parity_sums(xp, array, bits: list[int], z_masks: list[int], imag=None) -> n
     columns = (2 if complex_part else 1) << low
     matrix = (array.reshape(-1).view(real) if complex_part else array).reshape(rows << high, columns)
     out = np.zeros((rows, len(z_masks)), dtype=np.float64)
-    block = max(1, PARITY_BLOCK_BYTES // (8 * (rows << high)))
+    block = max(1, PARITY_BLOCK_BYTES // (8 * max(rows << high, columns)))
     for start in range(0, len(z_masks), block):
         masks = flat[start : start + block]
         low_signs = _sign_table(low, [m & ((1 << low) - 1) for m in masks])

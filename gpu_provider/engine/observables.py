@@ -66,7 +66,8 @@ class Observable:
 
 
 def _aligned_copy(state: StateVector) -> StateVector:
-    return state.snapshot()
+    """A scratch copy for a read: one array (its gates apply a chunk at a time, no buffer)."""
+    return state.snapshot(in_place=True)
 
 
 def inner(state: StateVector, other: StateVector) -> complex:

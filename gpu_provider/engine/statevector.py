@@ -259,11 +259,14 @@ class StateVector:
         self.xp.copyto(self.data, other.data)
         self.order = list(other.order)
 
-    def snapshot(self) -> "StateVector":
+    def snapshot(self, in_place: bool = False) -> "StateVector":
+        """A copy of the state. With ``in_place`` the copy never allocates a scratch buffer of its
+        own (gates on it apply a chunk at a time): a read's scratch copy costs one array, not two."""
         twin = StateVector.__new__(StateVector)
         twin.__dict__.update(self.__dict__)
         twin.data = self.data.copy()
         twin._buffer = None
+        twin.in_place = self.in_place or in_place
         twin.order = list(self.order)
         twin._device_arrays = self._device_arrays  # the program's matrices, read-only: shared by its copies
         return twin
