@@ -40,10 +40,12 @@ from pennylane.devices.preprocess import (
 )
 from pennylane.exceptions import DeviceError
 from pennylane.measurements import (
+    DensityMatrixMP,
     ExpectationMP,
     ProbabilityMP,
     SampleMeasurement,
     StateMeasurement,
+    StateMP,
     VarianceMP,
 )
 from pennylane.operation import StatePrepBase, operation_derivative
@@ -640,13 +642,18 @@ def _is_sum(obs) -> bool:
     return isinstance(obs, (qml.ops.Sum, qml.ops.LinearCombination)) or (isinstance(obs, qml.ops.SProd) and _is_sum(obs.base))
 
 
+# A density matrix, purity or entropy: the host copy of the state and what PennyLane's own
+# processing of it allocates (three more copies, measured for a reduced density matrix).
+HOST_STATE_PROCESSING_COPIES = 4
+
+
 def _read_copies(tape: QuantumScript, layout: "_Layout", host: bool) -> tuple[int, bool]:
     """``(copies, in place)`` for reading the final state of ``tape`` (no mid-circuit measurements).
 
     ``copies``: the most state-sized arrays one measurement adds beside a state and its scratch
     buffer (one at a time: a rotated copy to sample or to take probabilities in another basis,
     the copy a dense term is applied to, ``O|psi>`` and its work copy for a variance, the host
-    copy of a state read on the CPU). ``in place``: whether every measurement reads the state
+    copy of a state read on the CPU and what PennyLane's processing of it makes). ``in place``: whether every measurement reads the state
     without any, so the state may run without its buffer: exact expectation values, variances of
     Pauli sums and of one Hermitian term, probabilities of wires, samples that need no rotation.
     """
@@ -671,8 +678,9 @@ def _read_copies(tape: QuantumScript, layout: "_Layout", host: bool) -> tuple[in
             need, readable = (0 if pauli else 2), pauli or _single_term(layout.observable(obs)) is not None
         elif isinstance(mp, ProbabilityMP):
             need, readable = int(obs is not None), obs is None
-        else:  # the state itself, a density matrix, an entropy: read from a host copy
-            need, readable = int(host), False
+        else:  # the state itself, or a density matrix, purity or entropy PennyLane forms from a host copy
+            plain = isinstance(mp, StateMP) and not isinstance(mp, DensityMatrixMP)
+            need, readable = (1 if plain else HOST_STATE_PROCESSING_COPIES) if host else 0, False
         copies, in_place = max(copies, need), in_place and readable
     return copies, in_place
 

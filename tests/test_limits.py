@@ -589,12 +589,19 @@ small = QuantumCircuit(1)
 limit_room((16 << n) + WORKSPACE_BYTES + (48 << 20))  # one state, not two
 got = flat(qml.QNode(body, ours)())
 shots = flat(qml.QNode(sample_body, sampled)())
-try:
-    qml.QNode(state_body, ours)()
-    refused = "ran"
-except Exception as exc:
-    refused = type(exc).__name__ + ": " + str(exc)
-print(json.dumps({"exact": exact, "got": got, "shots": shots, "refused": refused}))
+def density_body():
+    qml.StronglyEntanglingLayers(weights, wires=range(n))
+    return qml.density_matrix(wires=[0, 1])
+
+refusals = []
+for measured in (state_body, density_body):
+    try:
+        qml.QNode(measured, ours)()
+        refusals.append("ran")
+    except Exception as exc:
+        refusals.append(type(exc).__name__ + ": " + str(exc))
+refused, density = refusals
+print(json.dumps({"exact": exact, "got": got, "shots": shots, "refused": refused, "density": density}))
 """,
         timeout=300,
     )
@@ -604,8 +611,10 @@ print(json.dumps({"exact": exact, "got": got, "shots": shots, "refused": refused
     probs_0_13 = exact[-8:].reshape(2, 2, 2).sum(axis=2).reshape(-1)
     assert np.allclose(out["shots"][1:], probs_0_13, atol=0.02) and marginal.sum() == pytest.approx(1.0)
     assert out["shots"][0] == pytest.approx(probs_0_13 @ np.array([1, -1, -1, 1]), abs=0.03)
-    # The state, its buffer and the host copy qml.state() is read from.
+    # The state, its buffer and the host copy qml.state() is read from; a density matrix adds
+    # what PennyLane's processing of that copy allocates.
     assert out["refused"].startswith("CircuitTooLargeError") and "3 arrays" in out["refused"], out["refused"]
+    assert out["density"].startswith("CircuitTooLargeError") and "6 arrays" in out["density"], out["density"]
 
 
 def test_pennylane_copies_for_reads_keep_no_buffer_of_their_own():
