@@ -148,12 +148,12 @@ class _EngineSimulation(Simulation):
         n = self._qubit_count
         # Expectation values, variances, probabilities and amplitudes read the state a chunk at a
         # time; a density matrix takes its copies, a state vector its host copy.
-        extra = max([_read_arrays(type(result).__name__, self._settings) for result in results], default=0)
+        extra = max([_read_arrays(type(result).__name__, self._settings, n, getattr(result, "targets", None)) for result in results], default=0)
         return self._run(lambda state, _: [_exact_value(state, result, n) for result in results], extra_arrays=extra)
 
     @property
     def state_vector(self) -> np.ndarray:
-        return self._run(lambda state, _: _host_state(state), extra_arrays=_read_arrays("StateVector", self._settings))
+        return self._run(lambda state, _: _host_state(state), extra_arrays=_read_arrays("StateVector", self._settings, self._qubit_count))
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -163,7 +163,7 @@ class _EngineSimulation(Simulation):
     @property
     def density_matrix(self) -> np.ndarray:
         n = self._qubit_count
-        return self._run(lambda state, _: reduced_density_matrix(state, list(range(n))), extra_arrays=DENSITY_MATRIX_COPIES)
+        return self._run(lambda state, _: reduced_density_matrix(state, list(range(n))), extra_arrays=_read_arrays("DensityMatrix", self._settings, n))
 
     def expectation(self, observable) -> float:
         """``<O>`` of a Braket simulator observable (its matrix on its measured qubits)."""
@@ -555,12 +555,14 @@ def _factors(observable, targets, num_qubits: int) -> list:
     return factors
 
 
-def _read_arrays(name: str, settings) -> int:
+def _read_arrays(name: str, settings, num_qubits: int, targets=None) -> int:
     """State-sized arrays of the device a read of result type ``name`` allocates beside the state:
-    a density matrix's copies; a state vector's complex128 host copy, on the CPU (that is the
-    device's memory there); none for the rest, read a chunk at a time."""
+    a density matrix's copies and its 4^k complex128 entries (``targets``, else every qubit); a
+    state vector's complex128 host copy, on the CPU (that is the device's memory there); none
+    for the rest, read a chunk at a time."""
     if name == "DensityMatrix":
-        return DENSITY_MATRIX_COPIES
+        k = len(targets) if targets else num_qubits
+        return DENSITY_MATRIX_COPIES + -(-(16 << (2 * k)) // state_bytes(num_qubits, settings.dtype.itemsize))
     if name == "StateVector" and settings.device.xp is np:
         return 16 // settings.dtype.itemsize
     return 0

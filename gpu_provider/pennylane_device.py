@@ -57,7 +57,7 @@ from pennylane.wires import Wires
 from .compiler.fusion import default_width, fuse
 from .engine import program as P
 from .engine.adjoint import AdjointStep, adjoint_jacobian, apply_gate
-from .engine.devices import PRECISIONS, check_device_option, resolve_device
+from .engine.devices import PRECISIONS, check_device_option, resolve_device, state_bytes
 from .engine.distributed import (
     DistributedStateVector,
     RankGroup,
@@ -355,7 +355,7 @@ class GPUQubitDevice(Device):
             if not tape.shots:  # mcm_method="tree-traversal" (deferred and one-shot leave none here)
                 return self._run_tree(tape, layout)
             return self._run_one_shot(tape, layout)
-        copies, in_place = _read_copies(tape, layout, self._device.xp is np)
+        copies, in_place = _read_copies(tape, layout, self._device.xp is np, np.dtype(PRECISIONS[self._precision]).itemsize)
         state = self._forward(tape, layout, arrays=2 + copies, in_place=in_place)
         if not tape.shots:
             results = tuple(self._measure_exact(mp, state, layout) for mp in tape.measurements)
@@ -416,8 +416,8 @@ class GPUQubitDevice(Device):
                 if isinstance(term, qml.Identity) or len(term.wires) == 0:
                     total += float(np.real(coeff))
                     continue
-                rotated = self._rotated(state, layout, term.diagonalizing_gates())
-                samples = self._sample_bits(rotated, layout, shots)
+                # One rotated copy at a time (as counted): the last term's is gone before the next.
+                samples = self._sample_bits(self._rotated(state, layout, term.diagonalizing_gates()), layout, shots)
                 total += float(np.real(coeff)) * float(qml.expval(term).process_samples(samples, wire_order=layout.wires))
             return np.float64(total)
         return mp.process_samples(self._samples_in_basis(mp, state, layout, shots), wire_order=layout.wires)
@@ -647,13 +647,14 @@ def _is_sum(obs) -> bool:
 HOST_STATE_PROCESSING_COPIES = 4
 
 
-def _read_copies(tape: QuantumScript, layout: "_Layout", host: bool) -> tuple[int, bool]:
+def _read_copies(tape: QuantumScript, layout: "_Layout", host: bool, itemsize: int) -> tuple[int, bool]:
     """``(copies, in place)`` for reading the final state of ``tape`` (no mid-circuit measurements).
 
     ``copies``: the most state-sized arrays one measurement adds beside a state and its scratch
     buffer (one at a time: a rotated copy to sample or to take probabilities in another basis,
     the copy a dense term is applied to, ``O|psi>`` and its work copy for a variance, the host
-    copy of a state read on the CPU and what PennyLane's processing of it makes). ``in place``: whether every measurement reads the state
+    copy of a state read on the CPU, what PennyLane's processing of it makes, and a density
+    matrix's own entries). ``in place``: whether every measurement reads the state
     without any, so the state may run without its buffer: exact expectation values, variances of
     Pauli sums and of one Hermitian term, probabilities of wires, samples that need no rotation.
     """
@@ -681,6 +682,9 @@ def _read_copies(tape: QuantumScript, layout: "_Layout", host: bool) -> tuple[in
         else:  # the state itself, or a density matrix, purity or entropy PennyLane forms from a host copy
             plain = isinstance(mp, StateMP) and not isinstance(mp, DensityMatrixMP)
             need, readable = (1 if plain else HOST_STATE_PROCESSING_COPIES) if host else 0, False
+            if host and isinstance(mp, DensityMatrixMP):  # and its 4^k complex128 entries
+                k = len(mp.wires) or layout.num_qubits
+                need += -(-(16 << (2 * k)) // state_bytes(layout.num_qubits, itemsize))
         copies, in_place = max(copies, need), in_place and readable
     return copies, in_place
 

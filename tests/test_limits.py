@@ -665,6 +665,57 @@ print(json.dumps({"oracle": oracle, "got": got}))
         assert np.allclose(out["got"][key], expected, atol=1e-9), key
 
 
+def test_a_wide_density_matrix_counts_its_entries_and_rotated_terms_take_turns():
+    """A density matrix of 12 of 22 qubits has 4^12 complex128 entries (256 MiB, four 22-qubit
+    states): Braket counts them and refuses before running (7 arrays) with room for six states.
+    A PennyLane shots estimate of a sum of rotated terms keeps one rotated copy at a time, so it
+    runs in the three arrays it counts (state, buffer, one copy)."""
+    pytest.importorskip("pennylane")
+    pytest.importorskip("braket.devices")
+    out = run_child(
+        LIMITED
+        + """
+import numpy as np
+import pennylane as qml
+from braket.circuits import Circuit
+from braket.devices import LocalSimulator
+from gpu_provider.engine.executor import WORKSPACE_BYTES
+
+n = 22
+circuit = Circuit()
+for q in range(n):
+    circuit.ry(q, 0.1 * q + 0.2)
+circuit.density_matrix(target=list(range(12)))
+braket = LocalSimulator("gpu_provider")
+braket.run(Circuit().h(0).probability(), shots=0, device="CPU").result()
+
+def body():
+    for q in range(n):
+        qml.RY(0.1 * q + 0.2, wires=q)
+    return qml.expval(qml.PauliX(0) + qml.PauliY(3))
+
+device = qml.device("gpu_provider.qubit", wires=n, device="CPU", seed=1)
+node = qml.set_shots(qml.QNode(body, device), shots=4000) if hasattr(qml, "set_shots") else qml.QNode(body, device, shots=4000)
+limit_room(6 * (16 << n) + WORKSPACE_BYTES + (48 << 20))
+try:
+    braket.run(circuit, shots=0, device="CPU").result()
+    refused = "ran"
+except Exception as exc:
+    refused = type(exc).__name__ + ": " + str(exc)
+limit_room(3 * (16 << n) + WORKSPACE_BYTES + (24 << 20))
+try:
+    value = float(node())
+except Exception as exc:
+    value = type(exc).__name__ + ": " + str(exc)[:200]
+print(json.dumps({"refused": refused, "value": value, "exact": float(np.sin(0.2))}))
+""",
+        timeout=300,
+    )
+    assert out["refused"].startswith("CircuitTooLargeError") and "7 arrays" in out["refused"], out["refused"]
+    assert not isinstance(out["value"], str), out["value"]
+    assert abs(out["value"] - out["exact"]) < 0.06  # <X0> = sin(0.2), <Y3> = 0; 4000 shots per term
+
+
 def test_pennylane_adjoint_counts_its_sweep_s_states_under_a_limit():
     """Adjoint differentiation keeps, beside the state and its buffer, a bra per observable (each
     with its buffer) and the work copy that makes them: 7 arrays for two observables. With room

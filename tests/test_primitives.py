@@ -137,3 +137,19 @@ def test_estimator_bell_observables(device):
     # ZZ and XX are exactly +1 and YY exactly -1 on a Bell state: every shot agrees.
     np.testing.assert_allclose(evs[:3], [1.0, 1.0, -1.0], atol=1e-12)
     _assert_estimates(evs[3:], result[0].data.stds[3:], [0.0])
+
+
+def test_estimator_on_a_batch_of_zero_qubit_states():
+    """Three parameter sets of a 0-qubit circuit run as one batch of 0-qubit states: each value is
+    the identity's coefficient, as Qiskit's StatevectorEstimator gives (the batch's scratch had
+    room for two rows' probabilities only)."""
+    from qiskit.primitives import StatevectorEstimator
+
+    from gpu_provider import EstimatorV2
+
+    t = Parameter("t")
+    pubs = [(QuantumCircuit(0, global_phase=t), SparsePauliOp([""], [2.0]), np.array([[0.1], [0.2], [0.3], [0.4]]))]
+    expected = StatevectorEstimator().run(pubs).result()[0].data.evs
+    got = EstimatorV2(backend_options={"device": "CPU"}).run(pubs).result()[0].data.evs
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    np.testing.assert_allclose(got, [2.0] * 4, atol=1e-12)

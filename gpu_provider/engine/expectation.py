@@ -183,7 +183,8 @@ def batch_expectation_values(batch, observables: Sequence[Sequence[PauliSum]]) -
         return outs
     x, z, weights = _term_table(flat, n)
     values = np.zeros((batch.batch, x.shape[0]), dtype=np.complex128)
-    scratch = batch.xp.empty(batch.data.size // 2 if n else 1, dtype=batch.dtype)
+    # Half the batch for q; with no qubits, room for its |psi|^2 as reals (one per row).
+    scratch = batch.xp.empty(batch.data.size // 2 if n else batch.data.size, dtype=batch.dtype)
     for x_mask in np.unique(x):
         members = np.nonzero(x == x_mask)[0]
         values[:, members] = _group_values(batch.xp, batch.data, n, int(x_mask), [int(m) for m in z[members]], scratch)
