@@ -139,7 +139,8 @@ def apply_observable(state: StateVector, observable: Observable, out: StateVecto
                     work.apply_unitary((q,), _X)
         if work.order != out.order:
             work._reorder(list(out.order))
-        out.data += out.dtype.type(coeff) * work.data
+        work.data *= out.dtype.type(coeff)  # in place: no state-sized temporary
+        out.data += work.data
     return out
 
 
