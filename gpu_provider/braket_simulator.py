@@ -62,7 +62,14 @@ from .engine.executor import (
     sample_outcomes,
     state_arrays,
 )
-from .engine.observables import DENSITY_MATRIX_COPIES, amplitudes, marginal_probabilities, reduced_density_matrix, tensor_expectation
+from .engine.observables import (
+    DENSITY_MATRIX_COPIES,
+    amplitudes,
+    density_matrix_arrays,
+    marginal_probabilities,
+    reduced_density_matrix,
+    tensor_expectation,
+)
 from .engine.program import Diagonal, GlobalPhase, Program, Unitary
 from .engine.statevector import StateVector
 from .errors import GPUProviderError, SimulationError
@@ -561,8 +568,7 @@ def _read_arrays(name: str, settings, num_qubits: int, targets=None) -> int:
     state vector's complex128 host copy, on the CPU (that is the device's memory there); none
     for the rest, read a chunk at a time."""
     if name == "DensityMatrix":
-        k = len(targets) if targets else num_qubits
-        return DENSITY_MATRIX_COPIES + -(-(16 << (2 * k)) // state_bytes(num_qubits, settings.dtype.itemsize))
+        return DENSITY_MATRIX_COPIES + density_matrix_arrays(len(targets) if targets else num_qubits, num_qubits, settings.dtype.itemsize)
     if name == "StateVector" and settings.device.xp is np:
         return 16 // settings.dtype.itemsize
     return 0

@@ -57,7 +57,7 @@ from pennylane.wires import Wires
 from .compiler.fusion import default_width, fuse
 from .engine import program as P
 from .engine.adjoint import AdjointStep, adjoint_jacobian, apply_gate
-from .engine.devices import PRECISIONS, check_device_option, resolve_device, state_bytes
+from .engine.devices import PRECISIONS, check_device_option, resolve_device
 from .engine.distributed import (
     DistributedStateVector,
     RankGroup,
@@ -75,6 +75,7 @@ from .engine.observables import (
     DenseTerm,
     Observable,
     apply_observable,
+    density_matrix_arrays,
     expectations,
     inner,
     marginal_probabilities,
@@ -683,8 +684,7 @@ def _read_copies(tape: QuantumScript, layout: "_Layout", host: bool, itemsize: i
             plain = isinstance(mp, StateMP) and not isinstance(mp, DensityMatrixMP)
             need, readable = (1 if plain else HOST_STATE_PROCESSING_COPIES) if host else 0, False
             if host and isinstance(mp, DensityMatrixMP):  # and its 4^k complex128 entries
-                k = len(mp.wires) or layout.num_qubits
-                need += -(-(16 << (2 * k)) // state_bytes(layout.num_qubits, itemsize))
+                need += density_matrix_arrays(len(mp.wires) or layout.num_qubits, layout.num_qubits, itemsize)
         copies, in_place = max(copies, need), in_place and readable
     return copies, in_place
 

@@ -222,6 +222,13 @@ DENSITY_MATRIX_MAX_QUBITS = 14
 DENSITY_MATRIX_COPIES = 2
 
 
+def density_matrix_arrays(k: int, num_qubits: int, itemsize: int) -> int:
+    """State-sized arrays a density matrix of ``k`` of ``num_qubits`` qubits holds (4^k complex128
+    entries), for a memory check; one of at most 1 MiB fits in the workspace and counts none."""
+    entries = 16 << (2 * k)
+    return 0 if entries <= 1 << 20 else -(-entries // ((1 << num_qubits) * itemsize))
+
+
 def reduced_density_matrix(state: StateVector, qubits: Sequence[int]) -> np.ndarray:
     """The density matrix of ``qubits`` (the rest traced out), complex128 on the host.
 
