@@ -195,7 +195,7 @@ def batch_expectation_values(batch, observables: Sequence[Sequence[PauliSum]]) -
     return outs
 
 
-def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch) -> np.ndarray:
+def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch, tables=None) -> np.ndarray:
     """``<X^x Z^z_t>`` for each t (physical masks) and each row of ``data`` (B, 2^n): (B, T).
 
     With ``x != 0`` the pairs ``(i, i ^ x)`` are visited once, from the half
@@ -213,7 +213,7 @@ def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch) ->
         product = scratch.reshape(-1).view(data.real.dtype)[: rows << n].reshape(tensor.shape)
         xp.abs(tensor, out=product)
         xp.square(product, out=product)
-        values += _parity_sums(xp, product, [n - 1 - a for a in range(n)], z_masks)
+        values += _parity_sums(xp, product, [n - 1 - a for a in range(n)], z_masks, tables=tables)
         return values
     high = x_mask.bit_length() - 1
     high_axis = n - 1 - high
@@ -227,7 +227,7 @@ def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch) ->
     xp.multiply(q, a, out=q)
     bits = [n - 1 - axis for axis in range(n) if axis != high_axis]
     odd = np.array([bin(x_mask & z).count("1") & 1 for z in z_masks], dtype=bool)
-    sums = _parity_sums(xp, q, bits, z_masks, imag=odd)
+    sums = _parity_sums(xp, q, bits, z_masks, imag=odd, tables=tables)
     return np.where(odd, 2j, 2.0) * sums
 
 
@@ -255,6 +255,7 @@ def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
     values = np.zeros(len(z_masks), dtype=np.complex128)
     lead_x = x_mask >> inner
     scratch = xp.empty((1,) + (2,) * inner, dtype=state.dtype)
+    tables: dict = {}  # every chunk reads the same terms: their sign tables once
     if lead_x:
         high = 1 << (lead_x.bit_length() - 1)
         flips = tuple(1 + inner - 1 - bit for bit in range(inner) if (x_mask >> bit) & 1)
@@ -264,14 +265,14 @@ def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
     for j in range(1 << lead):
         signs = np.array([-1.0 if bin(j & z).count("1") & 1 else 1.0 for z in lead_z])
         if not lead_x:
-            values += signs * _group_values(xp, rows[j : j + 1], inner, x_mask, inner_z, scratch)[0]
+            values += signs * _group_values(xp, rows[j : j + 1], inner, x_mask, inner_z, scratch, tables)[0]
             continue
         if j & high:
             continue  # visited from its partner
         partner = rows[j ^ lead_x].reshape(scratch.shape)
         xp.conjugate(xp.flip(partner, axis=flips) if flips else partner, out=scratch)
         xp.multiply(scratch, rows[j].reshape(scratch.shape), out=scratch)
-        values += signs * factors * _parity_sums(xp, scratch, bits, inner_z, imag=odd)[0]
+        values += signs * factors * _parity_sums(xp, scratch, bits, inner_z, imag=odd, tables=tables)[0]
     return values
 
 
@@ -291,7 +292,7 @@ def _sign_table(bits: int, masks: list[int]) -> np.ndarray:
     return 1.0 - 2.0 * (index & 1)
 
 
-def _parity_sums(xp, array, bits: list[int], z_masks: list[int], imag=None) -> np.ndarray:
+def _parity_sums(xp, array, bits: list[int], z_masks: list[int], imag=None, tables=None) -> np.ndarray:
     """``sum_i (-1)^popcount(i & z) part[r, i]`` for each row r and each z: (B, T), float64.
 
     ``array`` is C-contiguous, ``(B, 2, ..., 2)``; ``bits[axis]`` is the physical bit of its
@@ -302,7 +303,9 @@ def _parity_sums(xp, array, bits: list[int], z_masks: list[int], imag=None) -> n
     sums are ``sum_rows(high signs * (A @ low signs))``: one matrix product over the array
     for every term at once (BLAS, or cuBLAS on a GPU), blocks of terms keeping its sign tables
     and output under ``PARITY_BLOCK_BYTES`` each. The product runs in the array's precision,
-    the last sum in double.
+    the last sum in double. ``tables``: a dict kept by a caller that reads arrays of the same
+    shape with the same terms (the chunks of a state): the sign tables of a single block are
+    built once there, not per array.
     """
     rows = array.shape[0]
     k = array.ndim - 1
@@ -323,17 +326,23 @@ def _parity_sums(xp, array, bits: list[int], z_masks: list[int], imag=None) -> n
     block = max(1, PARITY_BLOCK_BYTES // (8 * max(rows << high, columns)))
     for start in range(0, len(z_masks), block):
         masks = flat[start : start + block]
-        low_signs = _sign_table(low, [m & ((1 << low) - 1) for m in masks])
-        if complex_part:  # interleaved (re, im) columns: each term reads one of the two
-            parts = np.asarray(imag[start : start + block], dtype=bool)
-            expanded = np.zeros((columns, len(masks)))
-            expanded[0::2, ~parts] = low_signs[:, ~parts]
-            expanded[1::2, parts] = low_signs[:, parts]
-            low_signs = expanded
-        high_signs = _sign_table(high, [m >> low for m in masks])
-        partial = matrix @ xp.asarray(low_signs.astype(real))
+        if tables is not None and start in tables:
+            low_signs, high_signs = tables[start]
+        else:
+            low_signs = _sign_table(low, [m & ((1 << low) - 1) for m in masks])
+            if complex_part:  # interleaved (re, im) columns: each term reads one of the two
+                parts = np.asarray(imag[start : start + block], dtype=bool)
+                expanded = np.zeros((columns, len(masks)))
+                expanded[0::2, ~parts] = low_signs[:, ~parts]
+                expanded[1::2, parts] = low_signs[:, parts]
+                low_signs = expanded
+            low_signs = xp.asarray(low_signs.astype(real))
+            high_signs = xp.asarray(_sign_table(high, [m >> low for m in masks]))[None]
+            if tables is not None and block >= len(z_masks):  # one block: its tables stay small
+                tables[start] = low_signs, high_signs
+        partial = matrix @ low_signs
         partial = partial.reshape(rows, 1 << high, len(masks)).astype(np.float64)
-        sums = (partial * xp.asarray(high_signs)[None]).sum(axis=1)
+        sums = (partial * high_signs).sum(axis=1)
         out[:, start : start + block] = sums.get() if xp is not np else sums
     return out
 
