@@ -110,6 +110,10 @@ SMALL_PARTIAL_BYTES = 32 * 8
 # where the state takes more than SMALL_WIDE_STATE_BYTES, since then only one
 # block fits a multiprocessor's shared memory (228 KiB on sm_90, 164 KiB on
 # sm_80) and twice the threads hide more of each op's shared-memory latency.
+# Under that cap the complex128 instances spill (ptxas, sm_90: about 300 bytes a
+# thread, `python -m benchmarks.kernel_resources`), in the five-qubit matrix case
+# alone: its 32 complex128 inputs fill the 128 registers. Gates of one to four
+# qubits, nearly all a small circuit holds, run without spilling.
 SMALL_BLOCK_MIN, SMALL_BLOCK_MAX, SMALL_BLOCK_WIDE = 32, 256, 512
 SMALL_WIDE_STATE_BYTES = 64 << 10
 

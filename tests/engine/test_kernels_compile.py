@@ -764,6 +764,21 @@ def test_emulated_pauli_expectation_chunks_many_terms(emulated):
     gpu_checks.check_pauli_expectation(np, kernels, precision, 6, seed=9, count=K.MAX_PAULI_TERMS + 20)
 
 
+def test_emulated_big_state_checks_pass_and_catch_planted_errors(emulated):
+    """The checks test_kernels_gpu_big.py makes on 2^32-amplitude states, here on 2^14 and 2^13
+    with the emulated kernels: they pass, and each planted kernel error fails at least one."""
+    from tests.engine import test_kernels_gpu_big as big
+
+    precision, kernels = emulated
+    n = 14 if precision == "single" else 13
+    rows = big.big_state_checks(np, kernels, n)
+    assert not big.failures(rows), big.failures(rows)
+    assert len(rows) == 22
+    for plant in big.PLANTS:  # the matrix cases of two methods are enough to meet each planted error
+        rows = big.big_state_checks(np, big.planted(kernels, plant), n, methods=("strided", "tiled"))
+        assert big.failures(rows), f"planted error {plant!r} not caught"
+
+
 
 # ---------------------------------------------------------------------------
 # run_small_circuits: whole circuits per block, many per launch
