@@ -43,9 +43,8 @@ from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, default_width, fuse, fusion_limits
 from .compiler.translate import DENSE_MAX_QUBITS, EAGER_LOOP_ITERATIONS, translate
 from .engine import small_batch
-from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes, too_large_error
+from .engine.devices import PRECISIONS, Device, byte_count, check_device_option, resolve_device, state_bytes, too_large_error
 from .engine.executor import (
-    WORKSPACE_BYTES,
     Execution,
     ExperimentOutput,
     RunConfig,
@@ -55,6 +54,7 @@ from .engine.executor import (
     memory_needed,
     max_qubits_for,
     run_program,
+    need_detail,
     state_arrays,
 )
 from .engine.distributed import (
@@ -71,7 +71,7 @@ from .engine.distributed import (
     run_on_ranks,
 )
 from .engine.program import Program, compact, lazy_loop, measurements_are_terminal
-from .engine.stabilizer import MAX_GATE_QUBITS, require_clifford, why_not_clifford
+from .engine.stabilizer import MAX_GATE_QUBITS, require_clifford, tableau_bytes, why_not_clifford
 from .errors import CircuitTooLargeError, DeviceUnavailableError, InvalidInputError, InvalidOptionError, UnknownOptionError
 from .executors import check_executor_options, run_chunks
 from .job import GPUJob
@@ -748,8 +748,17 @@ def _check_fits(device: Device, program: Program, config: RunConfig, itemsize: i
     n = program.num_qubits if num_qubits is None else num_qubits
     needed = memory_needed(program, config, device, num_qubits=n) + (EXCHANGE_BYTES if num_qubits is not None else 0)
     if needed > capacity:
+        if config.method == "stabilizer":
+            raise CircuitTooLargeError(
+                f"a {n}-qubit stabilizer state needs {byte_count(needed)} bytes on the {device.kind} (its tableau "
+                f"of {byte_count(tableau_bytes(n))} bytes, copies of it and workspace) but only "
+                f"{byte_count(capacity)} bytes are free; use fewer qubits or another device",
+                num_qubits=n,
+                bytes_needed=needed,
+                bytes_free=capacity,
+            )
         arrays = state_arrays(program, config, kernels_cover(program, device, config.dtype))
-        detail = f"{arrays} array{'s' if arrays > 1 else ''} of 2^{n} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
+        detail = need_detail(arrays, n, itemsize)
         if config.statevector:
             detail += "; one array is the copy statevector=True returns: leave it off to need one less"
         if num_qubits is not None:
@@ -871,8 +880,8 @@ def _check_statevector_output(program: Program, name: str, itemsize: int) -> Non
     if needed > free:
         raise CircuitTooLargeError(
             f"statevector=True returns all {program.width} qubits of circuit {name!r} "
-            f"({program.num_qubits} of them are used), which needs {needed:,} bytes of host memory but "
-            f"{free:,} are free; drop statevector=True (counts need only the used qubits) or remove the idle qubits",
+            f"({program.num_qubits} of them are used), which needs {byte_count(needed)} bytes of host memory but "
+            f"{byte_count(free)} are free; drop statevector=True (counts need only the used qubits) or remove the idle qubits",
             num_qubits=program.width,
             bytes_needed=needed,
             bytes_free=free,
@@ -888,7 +897,7 @@ def _check_gathered_state(program: Program, name: str, itemsize: int) -> None:
     if needed > free:
         raise CircuitTooLargeError(
             f"statevector=True gathers the whole {program.width}-qubit state of circuit {name!r} on every rank, "
-            f"which needs {needed:,} bytes of host memory but {free:,} are free; drop statevector=True "
+            f"which needs {byte_count(needed)} bytes of host memory but {byte_count(free)} are free; drop statevector=True "
             "(counts and expectation values are reduced over the ranks without it)",
             num_qubits=program.width,
             bytes_needed=needed,

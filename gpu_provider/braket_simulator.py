@@ -50,13 +50,13 @@ from . import __version__
 from .compiler.fusion import DEFAULT_FUSION_THRESHOLD, fuse
 from .engine.devices import PRECISIONS, Device, check_device_option, resolve_device, state_bytes, too_large_error
 from .engine.executor import (
-    WORKSPACE_BYTES,
     Execution,
     RunConfig,
     dispatcher_for,
     kernels_cover,
     max_qubits_for,
     memory_needed,
+    need_detail,
     new_state,
     run_ops,
     sample_outcomes,
@@ -198,8 +198,7 @@ class _EngineSimulation(Simulation):
         reserve = memory_needed(gates, config, device) + extra
         if reserve > capacity:
             arrays = state_arrays(gates, config, kernels_cover(gates, device, config.dtype)) + extra_arrays
-            detail = f"{arrays} array{'s' if arrays > 1 else ''} of 2^{n} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace"
-            raise too_large_error(device.kind, n, itemsize, reserve, capacity, detail)
+            raise too_large_error(device.kind, n, itemsize, reserve, capacity, need_detail(arrays, n, itemsize))
 
         def simulate(execution: Execution):
             start = time.perf_counter()

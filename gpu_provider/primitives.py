@@ -24,6 +24,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -221,7 +222,7 @@ class _Primitive:
         """Every PUB coerced and validated as ``kind``, with its circuit compiled once (shared by PUBs).
         A state of which two copies do not fit may run in place: the sampler draws its shots and
         the estimator reads its Pauli sums a chunk at a time, without a second array."""
-        coerced = [_coerce(kind, pub, default, i) for i, pub in enumerate(_pub_list(pubs))]
+        coerced = [_coerce(kind, pub, default, i) for i, pub in enumerate(_pub_list(pubs, kind))]
         global_qubits = ranks.global_qubits if ranks is not None else 0
         cache: dict = {}
         restart = kind is SamplerPub
@@ -524,9 +525,13 @@ def _coerce(kind, pub, default, index: int):
         raise InvalidInputError(f"PUB {index} is not valid: {exc}") from exc
 
 
-def _pub_list(pubs) -> list:
+def _pub_list(pubs, kind) -> list:
     if isinstance(pubs, (QuantumCircuit, EstimatorPub, SamplerPub)):
-        raise InvalidInputError("run() takes a list of PUBs; wrap a single one in a list: run([pub])")
+        primitive = "Sampler" if kind is SamplerPub else "Estimator"
+        raise InvalidInputError(
+            f"An invalid {primitive} pub-like was given ({type(pubs).__name__}): "
+            "run() takes a list of PUBs; wrap a single one in a list: run([pub])"
+        )
     return list(pubs)
 
 
@@ -713,6 +718,14 @@ class SamplerV2(_Primitive, BaseSamplerV2):
         ranks = self._ranks()
         prepared, group = self._agreed(ranks, lambda: self._prepare(pubs, shots, ranks))
         tasks, device, dtype_name, reason, seed = (prepared[key] for key in ("tasks", "device", "dtype", "reason", "seed"))
+        if any(not task.pub.circuit.cregs for task in tasks):
+            # As Qiskit's StatevectorSampler: such a PUB's result has no data.
+            warnings.warn(
+                "One of your circuits has no output classical registers and so the result "
+                "will be empty. Did you mean to add measurement instructions?",
+                UserWarning,
+                stacklevel=2,
+            )
 
         def work(execution: Execution) -> PrimitiveResult:
             seeds = np.random.default_rng(seed)

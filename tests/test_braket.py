@@ -307,7 +307,7 @@ def test_state_too_large_fails_before_running():
 
     source = "OPENQASM 3.0; qubit[60] q; h q;\n#pragma braket result expectation z(q[0])"
     # The least it needs: one state, in place (an expectation value is read a chunk at a time).
-    with pytest.raises(CircuitTooLargeError, match=r"60-qubit state .*\(1 array of 2\^60 x 16 bytes and 64 MiB of workspace\)"):
+    with pytest.raises(CircuitTooLargeError, match=r"60-qubit state .*\(1 array of 2\^60 x 16 bytes, [0-9,]+ bytes of sampling table and 64 MiB of workspace\)"):
         GPUBraketSimulator(device="CPU").run(Program(source=source), shots=0)
 
 

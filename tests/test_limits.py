@@ -836,7 +836,7 @@ def test_a_statevector_too_large_to_return_says_the_copy_is_the_returned_one():
     qc = QuantumCircuit(34)
     qc.h(range(34))
     qc.t(0)  # not Clifford: no stabilizer state
-    with pytest.raises(CircuitTooLargeError, match=r"\(2 arrays of 2\^34 x 16 bytes .*copy statevector=True returns: leave it off"):
+    with pytest.raises(CircuitTooLargeError, match=r"\(2 arrays of 2\^34 x 16 bytes, .*copy statevector=True returns: leave it off"):
         GPUSimulator(device="CPU").run(qc, shots=1, statevector=True)
 
 
@@ -899,6 +899,40 @@ def test_too_large_in_single_precision_does_not_advise_single(backend):
     with pytest.raises(CircuitTooLargeError, match="precision='single'"):
         backend.run(qc, precision="double")
     assert_backend_still_works(backend)
+
+
+def test_refusals_of_states_of_thousands_of_qubits_are_readable(backend):
+    """2^20000 bytes has more digits than Python turns into text by default: the refusal names a
+    power of two instead of failing to format (a ValueError before); a Clifford circuit that wide
+    goes on to a stabilizer state, and one too wide for a tableau is refused in a tableau's terms."""
+    n = 20000
+    qc = QuantumCircuit(n)
+    qc.h(0)
+    qc.t(0)
+    qc.measure_all()
+    with pytest.raises(CircuitTooLargeError, match=rf"a {n}-qubit state needs about 2\^{n + 4} bytes .*1 array of 2\^{n} x 16 bytes, about 2\^\d+ bytes of sampling table"):
+        backend.run(qc, shots=10)
+    wide = QuantumCircuit(200_000)
+    wide.h(0)
+    wide.cx(0, 199_999)
+    wide.measure_all()
+    with pytest.raises(CircuitTooLargeError, match=r"a 200000-qubit stabilizer state needs [0-9,]+ bytes .*its tableau of 160,000,400,000 bytes"):
+        backend.run(wide, shots=10)
+    assert_backend_still_works(backend)
+
+
+def test_a_refusal_names_the_sampling_table(backend):
+    qc = QuantumCircuit(36)
+    qc.ry(0.3, range(36))
+    with pytest.raises(CircuitTooLargeError) as info:
+        backend.run(qc)
+    # The parts named add up to the total.
+    message = str(info.value)
+    needed = info.value.bytes_needed
+    table = executor.sampling_table_bytes(36)
+    assert f"{table:,} bytes of sampling table" in message
+    arrays = int(message.split("(")[1].split(" array")[0])
+    assert needed == arrays * (1 << 36) * 16 + table + executor.WORKSPACE_BYTES
 
 
 def test_pickling_a_job_says_what_can_be_pickled(backend):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -173,7 +174,7 @@ def test_estimator_bad_input_then_a_good_run():
         est.run([(qc, "ZZZ", np.zeros(qc.num_parameters))], precision=-0.1)
     with pytest.raises(ValueError, match="precision"):
         EstimatorV2(default_precision=-1)
-    with pytest.raises(ValueError, match="list of PUBs"):
+    with pytest.raises(ValueError, match="An invalid Estimator pub-like was given.*list of PUBs"):
         est.run(qc)
     good = est.run([(qc, "ZZZ", np.zeros(qc.num_parameters))]).result()[0].data.evs
     assert abs(good - Statevector(qc.assign_parameters(np.zeros(qc.num_parameters))).expectation_value(SparsePauliOp("ZZZ")).real) < 1e-12
@@ -333,7 +334,16 @@ def test_sampler_wide_registers_and_no_registers():
     assert data.small.num_bits == 2 and set(data.small.get_bitstrings()) == {"10"}
     plain = QuantumCircuit(1)
     plain.h(0)
-    assert list(SamplerV2().run([plain], shots=3).result()[0].data.keys()) == []
+    # As StatevectorSampler: a circuit without classical registers warns that its result is empty.
+    with pytest.warns(UserWarning, match="no output classical registers") as ours:
+        assert list(SamplerV2().run([plain], shots=3).result()[0].data.keys()) == []
+    with pytest.warns(UserWarning) as reference:
+        StatevectorSampler().run([plain], shots=3).result()
+    assert [str(w.message) for w in ours] == [str(w.message) for w in reference]
+    assert ours[0].filename == __file__  # attributed to the caller's run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SamplerV2().run([qc], shots=3).result()  # registers: no warning
 
 
 def test_sampler_bad_input_then_a_good_run():
@@ -343,6 +353,8 @@ def test_sampler_bad_input_then_a_good_run():
     qc.rz(phi, 0)
     qc.measure_all()
     smp = SamplerV2(seed=3)
+    with pytest.raises(ValueError, match="An invalid Sampler pub-like was given.*list of PUBs"):
+        smp.run(qc)
     with pytest.raises(ValueError, match="PUB 0 is not valid"):
         smp.run([(qc, [0.1, 0.2, 0.3])])
     with pytest.raises(ValueError, match="shots"):

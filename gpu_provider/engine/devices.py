@@ -169,12 +169,21 @@ def state_bytes(num_qubits: int, itemsize: int) -> int:
     return (1 << num_qubits) * itemsize
 
 
+def byte_count(value: int) -> str:
+    """``value`` bytes for a message: with thousands separators, or as a power of two past 2^64
+    (a state of thousands of qubits has more digits than Python converts to text by default)."""
+    value = int(value)
+    if value.bit_length() <= 64:
+        return f"{value:,}"
+    return f"about 2^{value.bit_length() - 1}"
+
+
 def too_large_error(kind: str, num_qubits: int, itemsize: int, needed: int, free: int, detail: str) -> CircuitTooLargeError:
     """The error for a state that does not fit, with advice that applies to this run."""
     advice = "use fewer qubits, precision='single', or another device" if itemsize > 8 else "use fewer qubits or another device"
     return CircuitTooLargeError(
-        f"a {num_qubits}-qubit state needs {needed:,} bytes on the {kind} ({detail}) "
-        f"but only {free:,} bytes are free; {advice}",
+        f"a {num_qubits}-qubit state needs {byte_count(needed)} bytes on the {kind} ({detail}) "
+        f"but only {byte_count(free)} bytes are free; {advice}",
         num_qubits=num_qubits,
         bytes_needed=needed,
         bytes_free=free,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import CircuitTooLargeError, InvalidInputError, JobCancelledError, SimulationError
-from .devices import PRECISIONS, Device, state_bytes
+from .devices import PRECISIONS, Device, byte_count, state_bytes
 from .program import (
     CONTROL_FLOW,
     Diagonal,
@@ -352,8 +352,8 @@ class Dispatcher:
                     self._pending.popleft()
                     execution.refuse(
                         CircuitTooLargeError(
-                            f"the job needs {need:,} bytes on the {self.device.kind} at its peak (its largest circuit has "
-                            f"{execution.num_qubits} qubits) but only {free:,} bytes are free with no other job of this "
+                            f"the job needs {byte_count(need)} bytes on the {self.device.kind} at its peak (its largest circuit has "
+                            f"{execution.num_qubits} qubits) but only {byte_count(free)} bytes are free with no other job of this "
                             "process running; use fewer qubits or another device",
                             num_qubits=execution.num_qubits,
                             bytes_needed=need,
@@ -546,6 +546,15 @@ def sampling_table_bytes(num_qubits: int) -> int:
     from .statevector import ROW_QUBITS
 
     return 2 * 8 * (1 << max(num_qubits - ROW_QUBITS, 0))
+
+
+def need_detail(arrays: int, num_qubits: int, itemsize: int) -> str:
+    """What :func:`memory_needed` counts for a state vector, in words (for a refusal's message)."""
+    table = sampling_table_bytes(num_qubits)
+    detail = f"{arrays} array{'s' if arrays > 1 else ''} of 2^{num_qubits} x {itemsize} bytes, "
+    if table >= 1 << 20:
+        detail += f"{byte_count(table)} bytes of sampling table and "
+    return detail + f"{WORKSPACE_BYTES >> 20} MiB of workspace"
 
 
 def memory_needed(program: Program, config: RunConfig, device: Optional[Device] = None, num_qubits: Optional[int] = None) -> int:
