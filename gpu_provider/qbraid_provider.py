@@ -35,7 +35,7 @@ from qiskit.providers import JobError, JobTimeoutError
 from qiskit.providers import JobStatus as QiskitJobStatus
 
 from .backend import GPUSimulator
-from .engine.executor import max_qubits_for
+from .engine.executor import dispatcher_for, max_qubits_for
 from .engine.devices import PRECISIONS, probe_gpu, resolve_device
 from .errors import GPUProviderError, InvalidInputError, InvalidOptionError
 from .job import GPUJob
@@ -119,6 +119,18 @@ class GPUQbraidDevice(QuantumDevice):
         if DEVICE_KINDS[self.id] == "GPU" and not probe_gpu().usable:
             return DeviceStatus.UNAVAILABLE
         return DeviceStatus.ONLINE
+
+    def queue_depth(self) -> int:
+        """Jobs of this process waiting to start on this device (admission waits for memory).
+
+        Raises:
+            ResourceNotFoundError: the GPU device where no GPU is usable.
+        """
+        try:
+            device, _ = resolve_device(DEVICE_KINDS[self.id], 0)
+        except GPUProviderError as exc:
+            raise ResourceNotFoundError(f"{self.id} has no queue: {exc}") from exc
+        return dispatcher_for(device).queued()
 
     def submit(self, run_input, shots: Optional[int] = None, **options: Any):
         """Run Qiskit circuit(s); one :class:`GPUQbraidJob` per circuit.

@@ -85,6 +85,11 @@ def test_target_profiles(cpu):
     assert {"qiskit", "qasm2", "qasm3"} <= set(cpu.supported_run_inputs())
     gpu = load_provider("gpu_provider").get_device("gpu_provider_gpu")
     assert gpu.status() == (DeviceStatus.ONLINE if probe_gpu().usable else DeviceStatus.UNAVAILABLE)
+    assert cpu.metadata()["queue_depth"] == 0
+    if not probe_gpu().usable:  # no queue: qBraid's metadata leaves the entry out
+        with pytest.raises(ResourceNotFoundError, match="no queue"):
+            gpu.queue_depth()
+        assert "queue_depth" not in gpu.metadata()
 
 
 @pytest.mark.parametrize("program", [pytest.param(_reference(), id="qiskit"), pytest.param(QASM3, id="qasm3"), pytest.param(QASM2, id="qasm2")])
@@ -153,10 +158,13 @@ def test_cancel_queued_job_never_runs(cpu):
     busy = [cpu.run(long_circuit(), **LONG_OPTIONS) for _ in range(2)]
     try:
         assert wait_for(lambda: all(job.status() == JobStatus.RUNNING for job in busy))
+        assert cpu.queue_depth() == 0  # the running jobs are not queued
         queued = cpu.run(_reference(), shots=10)
         assert queued.status() == JobStatus.QUEUED
+        assert cpu.queue_depth() == 1 and cpu.metadata()["queue_depth"] == 1
         queued.cancel()
         assert queued.status() == JobStatus.CANCELLED
+        assert cpu.queue_depth() == 0
         assert queued._job._execution.started_at is None
     finally:
         for job in busy:

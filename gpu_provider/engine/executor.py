@@ -322,6 +322,11 @@ class Dispatcher:
             self._pending.append(execution)
             self._cond.notify()
 
+    def queued(self) -> int:
+        """Jobs submitted here that wait to start (cancelled ones not counted)."""
+        with self._cond:
+            return sum(1 for execution in self._pending if not execution.finished)
+
     def capacity(self) -> int:
         """Bytes a job may reserve here at most: all that jobs of this process can share.
 
