@@ -2,6 +2,7 @@
 
     python -m benchmarks.gate_overhead [--sizes 8,10,12,13,14] [--precision single]
                                        [--gates 1000] [--repeats 5] [--circuits 100]
+                                       [--device cpu|gpu]
 
 Applies the same random one- and two-qubit gates (alternating) to a
 ``StateVector`` on the CPU, once with the small-state gather path disabled
@@ -18,6 +19,11 @@ pairs, 1024 shots), the CPU time of each step the host takes: translation,
 fusion, and the engine (``run_program``: gates, sampling, counts), divided by
 the circuits' gates before fusion. The same file runs against an older
 checkout (``PYTHONPATH=<checkout> python <this file>``) to compare.
+
+``--device gpu`` (a usable GPU): host and wall microseconds per gate on the
+GPU instead (:func:`gpu_overhead`): the same gates on a ``StateVector`` with
+the kernels, each matrix uploaded on its own and all of them preloaded in one
+copy, and ``run_program`` over a whole random circuit of ``benchmarks.batch``.
 """
 
 from __future__ import annotations
@@ -90,6 +96,49 @@ def _circuit_steps(num_qubits: int, circuits: int, precision: str, repeats: int)
     return best[0], best[1], best[2], ops / circuits
 
 
+def gpu_overhead(n: int, dtype, gates: list, repeats: int) -> dict:
+    """Host and wall microseconds per gate on the GPU, a ``StateVector`` with the kernels on the
+    device's stream: each gate's matrix uploaded on its own, and all of them in one copy first
+    (``preload``, as ``run_program`` does); then ``run_program`` on a whole random circuit
+    (its checkpoint events included). Minimum over ``repeats`` rounds, fresh matrices each round."""
+    import cupy
+
+    from benchmarks.batch import random_circuit
+    from gpu_provider.compiler.translate import translate
+    from gpu_provider.engine.devices import resolve_device
+    from gpu_provider.engine.executor import RunConfig, run_program
+    from gpu_provider.engine.kernels import kernels_for
+
+    device, _ = resolve_device("GPU", 0)
+    out = {}
+    with device.stream() as stream:
+        for label, preload in (("one upload per gate", False), ("matrices preloaded", True)):
+            host, wall = float("inf"), float("inf")
+            for _ in range(repeats + 1):  # the first round compiles the kernels
+                state = S.StateVector(cupy, n, dtype, kernels_for(dtype))
+                matrices = [np.array(matrix) for _, matrix in gates]  # new objects: no device copy cached from a past round
+                stream.synchronize()
+                start = time.perf_counter()
+                if preload:
+                    state.preload(matrices)
+                for (qubits, _), matrix in zip(gates, matrices):
+                    state.apply_unitary(qubits, matrix)
+                issued = time.perf_counter()
+                stream.synchronize()
+                host, wall = min(host, issued - start), min(wall, time.perf_counter() - start)
+            out[label] = {"host_us_per_gate": 1e6 * host / len(gates), "wall_us_per_gate": 1e6 * wall / len(gates)}
+    program = translate(random_circuit(n, 12, np.random.default_rng(5)))
+    precision = "single" if np.dtype(dtype) == np.complex64 else "double"
+    config = RunConfig(shots=1024, seed=1, precision=precision)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        run_program(program, device, config)  # returns once the counts are on the host
+        best = min(best, time.perf_counter() - start)
+    out["run_program, whole circuit"] = {"wall_us_per_op": 1e6 * best / program.num_ops, "ops": program.num_ops}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8,10,12,13,14")
@@ -97,8 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gates", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--circuits", type=int, default=100, help="whole circuits for the per-source-gate table (0: skip it)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="gpu: host and wall us per gate on the GPU instead")
     args = parser.parse_args(argv)
     dtype = PRECISIONS[args.precision]
+    if args.device == "gpu":
+        from gpu_provider.engine.devices import probe_gpu
+
+        probe = probe_gpu()
+        if not probe.usable:
+            print(f"no GPU: {probe.reason}; --device gpu needs a usable NVIDIA GPU, nothing was measured")
+            return 0
+        for n in (int(s) for s in args.sizes.split(",")):
+            for label, row in gpu_overhead(n, dtype, _gates(n, args.gates, seed=n), args.repeats).items():
+                print(f"n={n} {args.precision} {label}: " + ", ".join(f"{key} {value:.1f}" for key, value in row.items()))
+        return 0
     print(f"# CPU time per 1-/2-qubit gate, {args.precision}; the default path is gather up to {S.SMALL_STATE_QUBITS} qubits")
     print(f"{'n':>3} {'general us':>11} {'gather us':>10} {'max diff':>9}")
     for n in (int(s) for s in args.sizes.split(",")):

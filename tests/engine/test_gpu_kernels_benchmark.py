@@ -106,3 +106,39 @@ def test_help_and_no_gpu_exit_cleanly(tmp_path):
         pytest.skip("a GPU is usable here: the run would time it")
     assert bench.main(["--sizes", "8", "--out", str(tmp_path)]) == 0
     assert not (tmp_path / "gpu_kernels.json").exists()
+
+
+def test_gate_overhead_on_the_gpu_path_with_the_cupy_stand_in(fake_gpu, capsys):
+    """benchmarks.gate_overhead --device gpu, run on the NumPy-backed CuPy stand-in: every row is
+    reported, and the state it times is the one the CPU path computes (the timing itself needs a GPU)."""
+    import numpy as np
+
+    from benchmarks import gate_overhead
+    from gpu_provider.engine.statevector import StateVector
+
+    gates = gate_overhead._gates(6, 40, seed=6)
+    rows = gate_overhead.gpu_overhead(6, np.complex128, gates, repeats=1)
+    assert set(rows) == {"one upload per gate", "matrices preloaded", "run_program, whole circuit"}
+    assert all(value > 0 for row in rows.values() for value in row.values())
+    assert gate_overhead.main(["--device", "gpu", "--sizes", "5", "--gates", "10", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "n=5 single one upload per gate: host_us_per_gate" in out and "run_program, whole circuit: wall_us_per_op" in out
+    device_state = StateVector(fake_gpu, 6, np.complex128)
+    host_state = StateVector(np, 6, np.complex128)
+    for qubits, matrix in gates:
+        device_state.apply_unitary(qubits, matrix)
+        host_state.apply_unitary(qubits, matrix)
+    assert np.allclose(device_state.to_host(), host_state.to_host())
+
+
+def test_gate_overhead_without_a_gpu_says_so(capsys):
+    from benchmarks import gate_overhead
+    from gpu_provider.engine import devices
+
+    if devices.probe_gpu().usable:
+        pytest.skip("a GPU is usable here")
+    assert gate_overhead.main(["--device", "gpu", "--sizes", "5"]) == 0
+    assert "nothing was measured" in capsys.readouterr().out
+
+
+from tests.engine.test_gpu_plumbing import fake_gpu  # noqa: E402,F401  (a fixture)

@@ -76,6 +76,9 @@ class FakeStream:
         FakeStream.current.pop()
         return False
 
+    def synchronize(self):  # the stand-in computes as it is called: nothing to wait for
+        pass
+
 
 class FakeDevice:
     def __init__(self, index=0):
