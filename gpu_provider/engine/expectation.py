@@ -350,12 +350,14 @@ def _parity_sums(xp, array, bits: list[int], z_masks: list[int], imag=None, tabl
 def transition_expectation(bra, ket, observable: PauliSum) -> complex:
     """``<bra|O|ket>`` for a Pauli sum ``O`` and two states of the same width, on their device.
 
-    The X-mask grouping of :func:`expectation_values` with two states: a group
-    costs one pass forming ``conj(bra[i ^ x]) ket[i]`` (into ``ket``'s scratch
-    buffer) and the parity sums of its real and imaginary parts. ``bra`` is moved
-    to ``ket``'s axis order first if the two differ. Used by the adjoint sweep,
-    where ``<lambda|G|psi>`` for a gate's Pauli generator ``G`` replaces a copy
-    of the state and a derivative matrix applied to it.
+    Per X-mask group, chunk by chunk as :func:`_chunked_group_values` (no state-sized
+    temporary, no scratch buffer): chunk ``j`` of ``ket`` meets chunk ``j ^ (x >> inner)`` of
+    ``bra``, its amplitudes flipped on the inner X bits; ``q = conj(that) * chunk`` goes into
+    one chunk of scratch, and one matrix product (:func:`_parity_sums`) gives every term's
+    signed sum of its real and imaginary parts, weighed by the parity of the chunk's leading
+    bits. ``bra`` is moved to ``ket``'s axis order first if the two differ. Used by the adjoint
+    sweep, where ``<lambda|G|psi>`` for a gate's Pauli generator ``G`` replaces a copy of the
+    state and a derivative matrix applied to it.
     """
     n = ket.num_qubits
     if bra.num_qubits != n or observable.num_qubits != n:
@@ -368,56 +370,32 @@ def transition_expectation(bra, ket, observable: PauliSum) -> complex:
     bits = [ket.bit(q) for q in range(n)]
     x_phys = _physical(observable.x, bits)
     z_phys = _physical(observable.z, bits)
-    shape = (2,) * n
-    bra_t = bra.data.reshape(shape)
-    ket_t = ket.data.reshape(shape)
-    product = ket.buffer.reshape(shape)
+    inner = ket.chunk_qubits()
+    lead = n - inner
+    low = (1 << inner) - 1
+    bra_rows = bra.data.reshape(1 << lead, 1 << inner)
+    ket_rows = ket.data.reshape(1 << lead, 1 << inner)
+    scratch = xp.empty((1,) + (2,) * inner, dtype=ket.dtype)
+    axis_bits = [inner - 1 - axis for axis in range(inner)]
     total = 0j
     for x_mask in np.unique(x_phys):
         members = np.nonzero(x_phys == x_mask)[0]
-        flips = tuple(n - 1 - bit for bit in range(n) if (int(x_mask) >> bit) & 1)
-        xp.conjugate(xp.flip(bra_t, axis=flips) if flips else bra_t, out=product)
-        xp.multiply(product, ket_t, out=product)
-        values = _signed_sums(xp, product, n, [int(m) for m in z_phys[members]])
-        total += complex(np.sum(observable.coeffs[members] * values))
+        x = int(x_mask)
+        z_masks = [int(z) for z in z_phys[members]]
+        terms = len(z_masks)
+        inner_z = [z & low for z in z_masks] * 2  # each term twice: its real part, then its imaginary part
+        imag = np.repeat([False, True], terms)
+        lead_z = [z >> inner for z in z_masks]
+        flips = tuple(1 + inner - 1 - bit for bit in range(inner) if (x >> bit) & 1)
+        tables: dict = {}
+        sums = np.zeros(terms, dtype=np.complex128)
+        for j in range(1 << lead):
+            partner = bra_rows[j ^ (x >> inner)].reshape(scratch.shape)
+            xp.conjugate(xp.flip(partner, axis=flips) if flips else partner, out=scratch)
+            xp.multiply(scratch, ket_rows[j].reshape(scratch.shape), out=scratch)
+            parts = _parity_sums(xp, scratch, axis_bits, inner_z, imag=imag, tables=tables)[0]
+            signs = np.array([-1.0 if bin(j & z).count("1") & 1 else 1.0 for z in lead_z])
+            sums += signs * (parts[:terms] + 1j * parts[terms:])
+        total += complex(np.sum(observable.coeffs[members] * sums))
     return total
 
-
-def _signed_sums(xp, product, n: int, z_masks: list[int]) -> np.ndarray:
-    """``sum_i (-1)^popcount(i & z) product[i]`` for each z (physical masks), complex128 on the host.
-
-    ``product`` is a contiguous ``(2,) * n`` complex tensor. Runs of axes that no z
-    reads are merged by a reshape and summed out in one contiguous reduction;
-    only the 2^k values of the k axes some z reads come back, and each z's signed
-    sum over them is taken on the host.
-    """
-    union = 0
-    for z in z_masks:
-        union |= z
-    kept_bits = [bit for bit in range(n - 1, -1, -1) if (union >> bit) & 1]  # axis order: high bits first
-    merged, summed = [], []
-    run = 1
-    for axis in range(n):
-        bit = n - 1 - axis
-        if (union >> bit) & 1:
-            merged.append(run)  # the run of unread axes before this one (size 1 if none)
-            summed.append(len(merged) - 1)
-            merged.append(2)
-            run = 1
-        else:
-            run *= 2
-    merged.append(run)
-    summed.append(len(merged) - 1)
-    reduced = xp.sum(product.reshape(merged), axis=tuple(summed))
-    reduced = np.asarray(reduced.get() if xp is not np else reduced, dtype=np.complex128).reshape(-1)
-    # reduced[j]: bit (k - 1 - m) of j is kept_bits[m]'s value.
-    k = len(kept_bits)
-    index = np.arange(1 << k)
-    out = np.empty(len(z_masks), dtype=np.complex128)
-    for t, z in enumerate(z_masks):
-        parity = np.zeros(1 << k, dtype=np.int64)
-        for m, bit in enumerate(kept_bits):
-            if (z >> bit) & 1:
-                parity ^= (index >> (k - 1 - m)) & 1
-        out[t] = np.sum(np.where(parity, -reduced, reduced))
-    return out

@@ -200,18 +200,44 @@ def test_adjoint_in_single_precision_and_on_a_reordered_state():
     np.testing.assert_allclose(single, exact, atol=2e-4)
 
 
-def test_transition_expectation_matches_dense():
+@pytest.mark.parametrize("chunk_bytes", [None, 64, 16])
+@pytest.mark.parametrize("dtype, tolerance", [(np.complex128, 1e-10), (np.complex64, 2e-5)])
+def test_transition_expectation_matches_dense(monkeypatch, chunk_bytes, dtype, tolerance):
+    """Against the dense matrix, with the state in one chunk or cut into chunks of 2^2 and 2^0
+    amplitudes (X flipping leading bits, terms sharing an X mask), in a non-canonical axis order."""
+    from gpu_provider.engine import expectation as E
+    from gpu_provider.engine import statevector as S
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(S, "IN_PLACE_CHUNK_BYTES", chunk_bytes * np.dtype(dtype).itemsize // 16)
+        monkeypatch.setattr(E, "PARITY_LOW_BITS", 1)
     rng = np.random.default_rng(4)
     n = 5
     bra_psi, ket_psi = random_state(rng, n), random_state(rng, n)
-    labels = ["".join(rng.choice(list("IXYZ"), size=n)) for _ in range(12)]
-    coeffs = rng.normal(size=12) + 1j * rng.normal(size=12)
+    labels = ["".join(rng.choice(list("IXYZ"), size=n)) for _ in range(12)] + ["XZIIY", "XIZZY", "IIIII", "ZZZZZ"]
+    coeffs = rng.normal(size=len(labels)) + 1j * rng.normal(size=len(labels))
     xz = [masks(label) for label in labels]
     observable = pauli_sum(n, [a for a, _ in xz], [b for _, b in xz], coeffs)
     full = sum(c * dense(label) for label, c in zip(labels, coeffs))
-    bra, ket = state_from(bra_psi), state_from(ket_psi)
+    bra, ket = StateVector(np, n, dtype), StateVector(np, n, dtype)
+    bra.data[:] = bra_psi.astype(dtype)
+    ket.data[:] = ket_psi.astype(dtype)
     ket._reorder([3, 1, 4, 0, 2])  # the bra is moved to the ket's order
-    assert abs(transition_expectation(bra, ket, observable) - np.vdot(bra_psi, full @ ket_psi)) < 1e-10
+    ket._buffer = None  # the reorder's: the read itself allocates none
+    expected = np.vdot(bra_psi, full @ ket_psi)
+    assert abs(transition_expectation(bra, ket, observable) - expected) < tolerance
+    for label, c in zip(labels, coeffs):  # one term at a time too
+        a, b = masks(label)
+        single = transition_expectation(bra, ket, pauli_sum(n, [a], [b], [c]))
+        assert abs(single - c * np.vdot(bra_psi, dense(label) @ ket_psi)) < tolerance, label
+    assert ket._buffer is None  # no scratch buffer allocated for the read
+
+
+def test_transition_expectation_of_no_qubits():
+    bra, ket = StateVector(np, 0, np.complex128), StateVector(np, 0, np.complex128)
+    bra.data[:] = 0.6 - 0.8j
+    ket.data[:] = 1j
+    assert abs(transition_expectation(bra, ket, pauli_sum(0, [0], [0], [2.0])) - 2 * (0.6 + 0.8j) * 1j) < 1e-12
 
 
 def test_adjoint_refuses_non_gates_and_bad_columns():
