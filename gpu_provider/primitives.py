@@ -863,7 +863,7 @@ def _sample(
     circuit = pub.circuit
     shape = pub.parameter_values.shape
     registers = [(creg.name, [circuit.find_bit(bit).index for bit in creg]) for creg in circuit.cregs]
-    arrays = {name: np.zeros(shape + (task.shots, max(1, -(-len(bits) // 8))), dtype=np.uint8) for name, bits in registers}
+    arrays = {name: np.zeros(shape + (task.shots, -(-len(bits) // 8)), dtype=np.uint8) for name, bits in registers}  # a 0-bit register: 0 bytes
     program_ops = 0
     batched = 0
     compiled = task.compiled
@@ -928,7 +928,9 @@ def _sample(
 
 def _register_bytes(memory: list, clbits: list[int], shots: int, num_clbits: int) -> np.ndarray:
     """Each shot's register value (bit j from ``clbits[j]``) as big-endian bytes, as BitArray stores it."""
-    num_bytes = max(1, -(-len(clbits) // 8))
+    num_bytes = -(-len(clbits) // 8)
+    if not num_bytes:  # a register of no bits, as Qiskit's BitArray holds it: no bytes a shot
+        return np.zeros((shots, 0), dtype=np.uint8)
     if num_clbits <= 62:  # every shot's clbit integer fits an int64
         values = np.asarray(memory, dtype=np.int64)
         register = np.zeros(shots, dtype=np.int64)

@@ -882,6 +882,33 @@ def test_a_definition_that_contains_itself_is_a_typed_error(backend):
     assert_backend_still_works(backend)
 
 
+def test_a_gate_in_its_own_definition_is_a_typed_error_and_same_named_nested_gates_run(backend):
+    looped = Gate("loop", 1, [])
+    body = QuantumCircuit(1)
+    body.x(0)
+    body.append(looped, [0])
+    looped.definition = body  # the very gate inside its own definition
+    qc = QuantumCircuit(1)
+    qc.append(looped, [0])
+    with pytest.raises(UnsupportedInstructionError, match=r"'loop' contains itself \(loop -> loop\)"):
+        backend.run(qc)
+    # Distinct gates that share a name, one inside the other (as Gate.power and grover_operator
+    # build): they expand. "Q" = sx inside "Q" = ry inside "Q" = h.
+    innermost = QuantumCircuit(1, name="Q")
+    innermost.h(0)
+    middle = QuantumCircuit(1, name="Q")
+    middle.ry(0.4, 0)
+    middle.append(innermost.to_gate(), [0])
+    outer = QuantumCircuit(1, name="Q")
+    outer.append(middle.to_gate(), [0])
+    outer.sx(0)
+    nested = QuantumCircuit(1)
+    nested.append(outer.to_gate(), [0])
+    state = backend.run(nested, statevector=True, shots=1).result().get_statevector()
+    assert abs(abs(np.vdot(Statevector(nested).data, state)) - 1) < 1e-9
+    assert_backend_still_works(backend)
+
+
 def test_duplicated_qubits_are_refused_from_run(backend):
     qc = QuantumCircuit(2, 2)
     qc._append(CircuitInstruction(CXGate(), (qc.qubits[0], qc.qubits[0]), ()))

@@ -332,6 +332,14 @@ def test_sampler_wide_registers_and_no_registers():
     data = SamplerV2(seed=1).run([qc], shots=5).result()[0].data
     assert data.wide.num_bits == 70 and set(data.wide.get_bitstrings()) == {"1" + "0" * 69}
     assert data.small.num_bits == 2 and set(data.small.get_bitstrings()) == {"10"}
+    # A register of no bits: an empty BitArray, as StatevectorSampler gives (a job failure before).
+    empty = QuantumCircuit(QuantumRegister(2), ClassicalRegister(0, "empty"), ClassicalRegister(2, "c"))
+    empty.x(0)
+    empty.measure([0, 1], empty.cregs[1])
+    ours = SamplerV2(seed=1).run([empty], shots=6).result()[0].data
+    reference = StatevectorSampler(seed=1).run([empty], shots=6).result()[0].data
+    assert (ours.empty.num_bits, ours.empty.array.shape) == (reference.empty.num_bits, reference.empty.array.shape) == (0, (6, 0))
+    assert ours.c.get_counts() == reference.c.get_counts() == {"01": 6}
     plain = QuantumCircuit(1)
     plain.h(0)
     # As StatevectorSampler: a circuit without classical registers warns that its result is empty.

@@ -302,7 +302,7 @@ class _Translator:
         self.evaluate = evaluate
         self.slots: dict = {}
         self.depth = 0  # control-flow nesting
-        self.expanding: list = []  # (name, width, parameters) of the definitions being expanded
+        self.expanding: list = []  # (name, width, parameters, id of the definition) of those being expanded
 
     def global_phase(self, value, where: str, ops: list) -> None:
         if self.evaluate is not None and isinstance(value, ParameterExpression) and value.parameters:
@@ -331,7 +331,14 @@ class _Translator:
             self.slots[id(emitted)] = (emitted, slot)
             ops.append(emitted)
             return
-        if getattr(op, "definition", None) is None:
+        if op.name in MATRIX_GATES:
+            # Defined by a matrix (a HamiltonianGate's exp(-i t H)): built once its parameters are bound.
+            raise NeedsBinding(f"instruction {op.name!r} depends on parameters and is a matrix once bound")
+        try:
+            definition = op.definition
+        except Exception:  # a definition that cannot be built with unbound parameters
+            definition = None
+        if definition is None:
             raise NeedsBinding(f"instruction {op.name!r} depends on parameters and has no definition")
         if isinstance(op, PauliEvolutionGate):
             # Its definition is a product formula (approximate for non-commuting terms);
@@ -604,9 +611,13 @@ class _Translator:
             )
         if not isinstance(definition, QuantumCircuit):
             raise UnsupportedInstructionError(f"instruction {op.name!r} has a definition of type {type(definition).__name__}")
-        key = (op.name, op.num_qubits, _definition_key(op))
+        # The definition circuit itself tells a gate that contains itself from nested gates that
+        # share a name (Qiskit's Gate.power and grover_operator build "Q" inside "Q"); it stays
+        # alive while expanded, so its id is not reused meanwhile. A definition built anew on
+        # each call meets the depth limit instead.
+        key = (op.name, op.num_qubits, _definition_key(op), id(definition))
         if key in self.expanding or len(self.expanding) >= MAX_DEFINITION_DEPTH:
-            chain = " -> ".join(name for name, _, _ in self.expanding[-5:] + [key])
+            chain = " -> ".join(entry[0] for entry in self.expanding[-5:] + [key])
             raise UnsupportedInstructionError(
                 f"the definition of instruction {op.name!r} contains itself ({chain}), so it can never be expanded; "
                 "give it a matrix or a definition in other gates"

@@ -112,6 +112,37 @@ def test_parameters_inside_control_flow_fall_back_to_per_binding_translation():
     assert program.num_qubits == 2
 
 
+class MatrixOnly(Gate):
+    """A parametrized gate whose definition can only be built once its parameter is bound."""
+
+    def __init__(self, theta):
+        super().__init__("matrix_only", 1, [theta])
+
+    def _define(self):
+        theta = float(self.params[0])  # TypeError while unbound
+        qc = QuantumCircuit(1)
+        qc.rx(theta, 0)
+        qc.rz(2 * theta, 0)
+        self.definition = qc
+
+
+def test_gates_that_need_their_parameters_bound_are_translated_per_binding():
+    """A HamiltonianGate whose time is a parameter, and a gate whose definition fails while its
+    parameter is unbound: both translate per binding (a TypeError from run() before)."""
+    from qiskit.circuit.library import HamiltonianGate
+
+    t = Parameter("t")
+    qc = QuantumCircuit(2)
+    qc.h(1)
+    qc.append(HamiltonianGate(np.array([[1.0, 0.5], [0.5, -1.0]]), time=t), [0])
+    qc.append(MatrixOnly(t * 2), [1])
+    qc.cx(0, 1)
+    compiled = compile_circuit(qc)
+    assert compiled.per_binding_translation
+    for value in (0.3, 1.2):
+        assert_same_state(compiled.bind([value]), qc, [value])
+
+
 def test_wrong_number_of_values_and_non_finite_values():
     qc = mixed_circuit(3)
     compiled = compile_circuit(qc)
