@@ -296,7 +296,10 @@ def _circuit_parts(circuit: QuantumCircuit) -> list:
 def _parameter_values(pub, compiled: CompiledCircuit) -> np.ndarray:
     """The PUB's parameter sets as an array in the compiled circuit's parameter order (shape + (P,))."""
     if compiled.parameters:
-        return pub.parameter_values.as_array(compiled.parameters)
+        values = pub.parameter_values.as_array(compiled.parameters)
+        if not np.all(np.isfinite(values)):  # refused at run(), not as a failed job
+            raise InvalidInputError(f"parameter values for circuit {pub.circuit.name!r} must be finite numbers (NaN or infinity given)")
+        return values
     return np.zeros(pub.parameter_values.shape + (0,))
 
 

@@ -365,6 +365,11 @@ def test_sampler_bad_input_then_a_good_run():
         smp.run(qc)
     with pytest.raises(ValueError, match="PUB 0 is not valid"):
         smp.run([(qc, [0.1, 0.2, 0.3])])
+    # A NaN or infinite value is refused at run() (it failed the job before), by both primitives.
+    with pytest.raises(ValueError, match="must be finite"):
+        smp.run([(qc, [[0.1, 0.2], [np.nan, 0.2]])])
+    with pytest.raises(ValueError, match="must be finite"):
+        EstimatorV2().run([(qc.remove_final_measurements(inplace=False), "Z", [0.1, np.inf])])
     with pytest.raises(ValueError, match="shots"):
         smp.run([(qc, [0.1, 0.2])], shots=-5)
     with pytest.raises(ValueError, match="shots"):
