@@ -257,7 +257,7 @@ class _Primitive:
         # The arrays the widest circuit's program holds: 1 in place (two copies did not fit), 2 with
         # the scratch buffer, more for a wide Pauli evolution's recurrence.
         arrays = max((getattr(task.compiled, "state_arrays", 2) for task in vectors if task.pub.circuit.num_qubits == widest), default=2)
-        batches = any(batch_size(task.pub.circuit.num_qubits) > 1 for task in vectors)
+        batches = any(batch_size(task.pub.circuit.num_qubits, device.kind) > 1 for task in vectors)
         reserve = (arrays + branch_copies) * state_bytes(local, itemsize) + (BATCH_MAX_AMPLITUDES * itemsize if batches else 0) + WORKSPACE_BYTES
         reserve = max([reserve] + [_tableau_reserve(task) for task in tasks if _on_tableau(task.compiled)])
         circuits = [task.pub.circuit for task in tasks]
@@ -575,7 +575,7 @@ def _estimate(
             if state is None:
                 state = DistributedStateVector(device.xp, n, config.dtype, device_kernels(device, config.dtype), group, program.ops)
             _store(positions, _expectations(program, state, [bc_obs[p] for p in positions], config, group), bc_obs, evs)
-    chunks = [] if tableau or (group is not None and group.global_qubits) else _chunks(list(by_binding.items()), n)
+    chunks = [] if tableau or (group is not None and group.global_qubits) else _chunks(list(by_binding.items()), n, device.kind)
     for chunk in chunks:
         kernels = device_kernels(device, config.dtype)
         if len(chunk) > 1 and compiled.can_batch:
@@ -651,9 +651,9 @@ def _store(positions: list, values: np.ndarray, bc_obs: np.ndarray, evs: np.ndar
         evs[p] = value
 
 
-def _chunks(items: list, num_qubits: int):
+def _chunks(items: list, num_qubits: int, device_kind: str):
     """Parameter sets in chunks that one batch of states holds (one at a time for wide states)."""
-    size = batch_size(num_qubits)
+    size = batch_size(num_qubits, device_kind)
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -798,10 +798,10 @@ def _program_arrays(compiled: CompiledCircuit, device: Device, precision: str, l
     return config.in_place, arrays - (0 if restart or sampling else 1)
 
 
-def _vector_bytes(num_qubits: int, itemsize: int, arrays: int) -> int:
+def _vector_bytes(num_qubits: int, itemsize: int, arrays: int, device_kind: str) -> int:
     """What :meth:`_Primitive._submit` reserves for a state-vector task of ``num_qubits``: ``arrays``
     states, a batch of small states where such states batch, and the workspace."""
-    batch = BATCH_MAX_AMPLITUDES * itemsize if batch_size(num_qubits) > 1 else 0
+    batch = BATCH_MAX_AMPLITUDES * itemsize if batch_size(num_qubits, device_kind) > 1 else 0
     return arrays * state_bytes(num_qubits, itemsize) + batch + WORKSPACE_BYTES
 
 
@@ -809,7 +809,7 @@ def _check_vector_fits(device: Device, num_qubits: int, itemsize: int) -> None:
     """Raise :class:`CircuitTooLargeError` unless a state, its scratch buffer and the rest fit on
     ``device``: in what its dispatcher lets jobs of this process share (a job running now does
     not shrink it; the new one waits for memory instead), as ``run()`` of the backend counts."""
-    needed, free = _vector_bytes(num_qubits, itemsize, 2), dispatcher_for(device).capacity()
+    needed, free = _vector_bytes(num_qubits, itemsize, 2, device.kind), dispatcher_for(device).capacity()
     if needed > free:
         raise too_large_error(device.kind, num_qubits, itemsize, needed, free, f"2 arrays of 2^{num_qubits} x {itemsize} bytes and {WORKSPACE_BYTES >> 20} MiB of workspace")
 
@@ -817,7 +817,7 @@ def _check_vector_fits(device: Device, num_qubits: int, itemsize: int) -> None:
 def _fits(device: Device, num_qubits: int, itemsize: int) -> bool:
     """Whether one state of ``num_qubits`` (no scratch buffer) and the rest fit on ``device`` (as
     :func:`_check_vector_fits` counts)."""
-    return _vector_bytes(num_qubits, itemsize, 1) <= dispatcher_for(device).capacity()
+    return _vector_bytes(num_qubits, itemsize, 1, device.kind) <= dispatcher_for(device).capacity()
 
 
 def _as_tableau_reads(circuit: QuantumCircuit):
@@ -872,7 +872,7 @@ def _sample(
     compiled = task.compiled
     split = group is not None and group.global_qubits > 0
     # Split over MPI ranks: one parameter set at a time, each run split (run_program with the group).
-    chunks = [[index] for index in np.ndindex(*shape)] if split else _chunks(list(np.ndindex(*shape)), circuit.num_qubits)
+    chunks = [[index] for index in np.ndindex(*shape)] if split else _chunks(list(np.ndindex(*shape)), circuit.num_qubits, device.kind)
     if _on_tableau(compiled):  # a stabilizer state per parameter set
         chunks = []
         for index in np.ndindex(*shape):

@@ -475,7 +475,7 @@ def test_parameter_sets_run_as_batches_with_the_same_results(monkeypatch):
     sampled = SamplerV2(seed=4).run([(measured, values)], shots=300).result()[0]
     assert batched.metadata["simulator_metadata"]["batched_bindings"] == 7
     assert sampled.metadata["simulator_metadata"]["batched_bindings"] == 7
-    monkeypatch.setattr(primitives, "batch_size", lambda num_qubits: 1)  # one parameter set at a time
+    monkeypatch.setattr(primitives, "batch_size", lambda num_qubits, device_kind: 1)  # one parameter set at a time
     single = EstimatorV2().run([pub]).result()[0]
     single_sampled = SamplerV2(seed=4).run([(measured, values)], shots=300).result()[0]
     again = SamplerV2(seed=4).run([(measured, values)], shots=300).result()[0]

@@ -22,8 +22,13 @@ import numpy as np
 from .program import Diagonal, GlobalPhase, Measure, Program, Unitary, is_sampling_friendly
 from .statevector import DENSE_CONTROLLED_MAX, StateVector, controlled_matrix
 
-# States of at most this many qubits are batched.
+# States of at most this many qubits are batched: on a GPU, where a single small state's op is a
+# launch that leaves the device idle; on the CPU only up to BATCH_MAX_QUBITS_CPU, where the
+# batch's products beat one state at a time (measured with benchmarks/primitives-style sweeps on
+# the 2-core development machine, 64 sets of efficient_su2: batched 0.33x of one at a time at
+# 10 qubits, 0.64x at 11, 1.04x at 12, 1.8x at 13, docs/benchmarks.md).
 BATCH_MAX_QUBITS = 14
+BATCH_MAX_QUBITS_CPU = 11
 # Gates this narrow with a matrix per state are applied as multiply-adds on views rather than a
 # batched product (one-qubit gates always: there it is as fast as a contraction).
 ELEMENTWISE_MAX_QUBITS = 2
@@ -31,9 +36,9 @@ ELEMENTWISE_MAX_QUBITS = 2
 BATCH_MAX_AMPLITUDES = 1 << 22
 
 
-def batch_size(num_qubits: int) -> int:
-    """How many states of ``num_qubits`` one batch holds (1: do not batch)."""
-    if num_qubits > BATCH_MAX_QUBITS:
+def batch_size(num_qubits: int, device_kind: str) -> int:
+    """How many states of ``num_qubits`` one batch on a ``device_kind`` ("CPU" or "GPU") holds (1: do not batch)."""
+    if num_qubits > (BATCH_MAX_QUBITS_CPU if device_kind == "CPU" else BATCH_MAX_QUBITS):
         return 1
     return max(1, BATCH_MAX_AMPLITUDES >> num_qubits)
 

@@ -64,7 +64,10 @@ def test_what_is_not_batchable():
     assert not B.batchable([programs[0], with_reset])
     wide = [Program(B.BATCH_MAX_QUBITS + 1, 0, ()) for _ in range(2)]
     assert not B.batchable(wide)
-    assert B.batch_size(B.BATCH_MAX_QUBITS + 1) == 1 and B.batch_size(10) == B.BATCH_MAX_AMPLITUDES >> 10
+    assert B.batch_size(B.BATCH_MAX_QUBITS + 1, "GPU") == 1 and B.batch_size(10, "GPU") == B.BATCH_MAX_AMPLITUDES >> 10
+    # The CPU batches fewer qubits: past BATCH_MAX_QUBITS_CPU one state at a time is faster there.
+    assert B.batch_size(B.BATCH_MAX_QUBITS_CPU, "CPU") > 1 and B.batch_size(B.BATCH_MAX_QUBITS_CPU + 1, "CPU") == 1
+    assert B.batch_size(B.BATCH_MAX_QUBITS_CPU + 1, "GPU") > 1
 
 
 def test_batch_expectation_values_match_each_row():
