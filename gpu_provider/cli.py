@@ -19,10 +19,13 @@ from .errors import GPUProviderError
 logger = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"^\s*OPENQASM\s+(\d+)", re.MULTILINE)
+# What only OpenQASM 2 writes: its register declarations and its standard include.
+_QASM2_ONLY_RE = re.compile(r'\b(?:qreg|creg)\b|include\s+"qelib1\.inc"')
 
 
 def load_qasm(text: str, source: str = "<string>", include_dirs: tuple = ()):
-    """Parse OpenQASM 2 or 3 (by its ``OPENQASM`` header) into a QuantumCircuit.
+    """Parse OpenQASM 2 or 3 (by its ``OPENQASM`` header; without one, 2 where ``qreg``, ``creg`` or
+    ``include "qelib1.inc"`` appear, else 3) into a QuantumCircuit.
 
     ``include_dirs`` are searched first for OpenQASM 2 ``include`` files (the
     program's own folder, when it came from a file). A UTF-8 byte-order mark is
@@ -36,7 +39,10 @@ def load_qasm(text: str, source: str = "<string>", include_dirs: tuple = ()):
     if not stripped.strip():
         raise GPUProviderError(f"{source} is empty (or only comments); expected an OpenQASM 2 or 3 program")
     match = _VERSION_RE.search(stripped)
-    version = int(match.group(1)) if match else 3
+    if match:
+        version = int(match.group(1))
+    else:  # no OPENQASM line (QASMBench has such files): OpenQASM 2 where its own syntax shows, else 3
+        version = 2 if _QASM2_ONLY_RE.search(stripped) else 3
     try:
         if version == 2:
             return qiskit.qasm2.loads(

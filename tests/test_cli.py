@@ -108,6 +108,21 @@ def test_a_byte_order_mark_is_ignored(tmp_path, capsys):
     assert run_json(capsys, str(path), "--shots", "50", "--device", "cpu")["counts"] == {"1": 50}
 
 
+def test_a_file_without_an_openqasm_line_is_read_by_its_syntax(tmp_path, capsys):
+    """QASMBench has OpenQASM 2 files with no version line (sat_n11): qreg, creg or qelib1.inc mark
+    them as 2 (Qiskit's qasm2 reads them); otherwise the program is read as OpenQASM 3."""
+    two = tmp_path / "two.qasm"
+    two.write_text('// no version line\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nx q[1];\nmeasure q -> c;\n')
+    assert run_json(capsys, str(two), "--shots", "20", "--device", "cpu")["counts"] == {"10": 20}
+    three = tmp_path / "three.qasm"
+    three.write_text('include "stdgates.inc";\nqubit[2] q;\nbit[2] c;\nx q[0];\nc = measure q;\n')
+    assert run_json(capsys, str(three), "--shots", "20", "--device", "cpu")["counts"] == {"01": 20}
+    neither = tmp_path / "neither.qasm"
+    neither.write_text("qubit q;\nfoo q;\n")
+    assert cli.main(["run", str(neither), "--device", "cpu"]) == 2
+    assert "as OpenQASM 3" in capsys.readouterr().err
+
+
 def test_a_wide_clifford_file_runs_as_a_stabilizer_state(tmp_path, capsys):
     """A 200-qubit GHZ program (as QASMBench's large ones): far past a state vector, a stabilizer state."""
     n = 200
