@@ -53,8 +53,8 @@ from .engine.executor import (
     kernels_cover,
     memory_needed,
     max_qubits_for,
-    run_program,
     need_detail,
+    run_program,
     state_arrays,
 )
 from .engine.distributed import (

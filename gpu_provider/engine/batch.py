@@ -24,9 +24,9 @@ from .statevector import DENSE_CONTROLLED_MAX, StateVector, controlled_matrix
 
 # States of at most this many qubits are batched: on a GPU, where a single small state's op is a
 # launch that leaves the device idle; on the CPU only up to BATCH_MAX_QUBITS_CPU, where the
-# batch's products beat one state at a time (measured with benchmarks/primitives-style sweeps on
-# the 2-core development machine, 64 sets of efficient_su2: batched 0.33x of one at a time at
-# 10 qubits, 0.64x at 11, 1.04x at 12, 1.8x at 13, docs/benchmarks.md).
+# batch's products beat one state at a time (`python -m benchmarks.batch_crossover` on the 2-core
+# development machine, 64 sets of efficient_su2: batched 0.33x of one at a time at 10 qubits,
+# 0.64x at 11, 1.04x at 12, 1.8x at 13; docs/benchmarks.md).
 BATCH_MAX_QUBITS = 14
 BATCH_MAX_QUBITS_CPU = 11
 # Gates this narrow with a matrix per state are applied as multiply-adds on views rather than a
