@@ -515,7 +515,10 @@ class EstimatorV2(_Primitive, BaseEstimatorV2):
 
 
 def _check_precision(precision) -> float:
-    if isinstance(precision, bool) or not isinstance(precision, (int, float, np.integer, np.floating)) or not math.isfinite(precision) or precision < 0:
+    if isinstance(precision, bool) or not isinstance(precision, (int, float, np.integer, np.floating)):
+        # As Qiskit's reference estimator: a value that is no number is a TypeError.
+        raise TypeError(f"precision must be a real number, not {precision!r} ({type(precision).__name__})")
+    if not math.isfinite(precision) or precision < 0:
         raise InvalidOptionError(f"precision must be a finite non-negative number (0 is exact), not {precision!r}")
     return float(precision)
 

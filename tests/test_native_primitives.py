@@ -174,6 +174,10 @@ def test_estimator_bad_input_then_a_good_run():
         est.run([(qc, "ZZZ", np.zeros(qc.num_parameters))], precision=-0.1)
     with pytest.raises(ValueError, match="precision"):
         EstimatorV2(default_precision=-1)
+    with pytest.raises(TypeError, match="precision must be a real number"):  # as StatevectorEstimator
+        est.run([(qc, "ZZZ", np.zeros(qc.num_parameters))], precision="0.1")
+    with pytest.raises(ValueError, match="precision"):
+        est.run([(qc, "ZZZ", np.zeros(qc.num_parameters))], precision=float("nan"))
     with pytest.raises(ValueError, match="An invalid Estimator pub-like was given.*list of PUBs"):
         est.run(qc)
     good = est.run([(qc, "ZZZ", np.zeros(qc.num_parameters))]).result()[0].data.evs
