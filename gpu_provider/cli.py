@@ -128,6 +128,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"{metadata.get('time_taken', 0.0) * 1e3:.2f} ms")
     if metadata.get("gpu_unavailable_reason"):
         print(f"# no GPU used: {metadata['gpu_unavailable_reason']}")
+    if not circuit.num_clbits:
+        print("# the program measures nothing, so there are no counts: add measurements (measure q -> c; or c = measure q;)")
     width = max((len(key) for key in counts), default=0)
     for key, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         print(f"{key:>{width}}  {count}")

@@ -123,6 +123,14 @@ def test_a_file_without_an_openqasm_line_is_read_by_its_syntax(tmp_path, capsys)
     assert "as OpenQASM 3" in capsys.readouterr().err
 
 
+def test_a_program_that_measures_nothing_says_so(tmp_path, capsys):
+    path = tmp_path / "unmeasured.qasm"
+    path.write_text('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\nh q[0];\n')
+    assert cli.main(["run", str(path), "--device", "cpu"]) == 0
+    assert "measures nothing, so there are no counts" in capsys.readouterr().out
+    assert run_json(capsys, str(path), "--device", "cpu")["counts"] == {}
+
+
 def test_a_wide_clifford_file_runs_as_a_stabilizer_state(tmp_path, capsys):
     """A 200-qubit GHZ program (as QASMBench's large ones): far past a state vector, a stabilizer state."""
     n = 200
