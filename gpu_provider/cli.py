@@ -82,13 +82,17 @@ def _read_circuit(spec: str):
     if not path.exists():
         candidate = resources.files("gpu_provider.examples") / f"{spec.removesuffix('.qasm')}.qasm"
         if candidate.is_file():
-            return load_qasm(candidate.read_text(), f"example {spec}")
+            circuit = load_qasm(candidate.read_text(), f"example {spec}")
+            circuit.name = candidate.name.removesuffix(".qasm")
+            return circuit
         raise GPUProviderError(f"no such file: {spec} (bundled examples: {', '.join(list_examples())})")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise GPUProviderError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8") from exc
-    return load_qasm(text, str(path), include_dirs=(path.resolve().parent,))
+    circuit = load_qasm(text, str(path), include_dirs=(path.resolve().parent,))
+    circuit.name = path.stem  # errors and results name the file, not "circuit-41"
+    return circuit
 
 
 def list_examples() -> list[str]:

@@ -128,7 +128,8 @@ def test_a_program_that_measures_nothing_says_so(tmp_path, capsys):
     path.write_text('OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\nh q[0];\n')
     assert cli.main(["run", str(path), "--device", "cpu"]) == 0
     assert "measures nothing, so there are no counts" in capsys.readouterr().out
-    assert run_json(capsys, str(path), "--device", "cpu")["counts"] == {}
+    report = run_json(capsys, str(path), "--device", "cpu")
+    assert report["counts"] == {} and report["circuit"] == "unmeasured"  # named after its file
 
 
 def test_a_wide_clifford_file_runs_as_a_stabilizer_state(tmp_path, capsys):
