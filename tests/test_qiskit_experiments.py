@@ -28,6 +28,13 @@ def backend():
     return GPUSimulator(device="CPU", seed_simulator=11)
 
 
+# qiskit-experiments runs its circuits with seed_simulator=None unless told otherwise, which
+# overrides the backend's seed (as Aer's run options do): the statistical tests below pass
+# their seed to run() so they are repeatable (the state tomography's fidelity ranged
+# 0.989-0.997 over unseeded runs, around its 0.99 bound).
+SEED = {"seed_simulator": 11}
+
+
 def _bell() -> QuantumCircuit:
     qc = QuantumCircuit(2)
     qc.h(0)
@@ -47,14 +54,14 @@ def _quietly(run):
 
 
 def test_state_tomography_of_a_bell_pair(backend):
-    data = _quietly(lambda: experiments.StateTomography(_bell()).run(backend, shots=4000))
+    data = _quietly(lambda: experiments.StateTomography(_bell()).run(backend, shots=4000, **SEED))
     fidelity = data.analysis_results("state_fidelity", dataframe=True).value.iloc[0]
     assert fidelity >= 0.99
     assert backend.target.num_qubits > 2  # the experiment's circuits were as wide as the Target
 
 
 def test_process_tomography_of_a_bell_circuit(backend):
-    data = _quietly(lambda: experiments.ProcessTomography(_bell()).run(backend, shots=20000))
+    data = _quietly(lambda: experiments.ProcessTomography(_bell()).run(backend, shots=20000, **SEED))
     assert data.analysis_results("process_fidelity", dataframe=True).value.iloc[0] >= 0.99
 
 
@@ -67,7 +74,7 @@ def test_standard_rb_sees_no_error(backend):
 
 
 def test_quantum_volume_heavy_outputs_match_the_exact_states(backend):
-    data = _quietly(lambda: experiments.QuantumVolume([0, 1, 2], trials=12, seed=3).run(backend, shots=1000))
+    data = _quietly(lambda: experiments.QuantumVolume([0, 1, 2], trials=12, seed=3).run(backend, shots=1000, **SEED))
     expected, measured = [], []
     for record in data.data():
         counts = record["counts"]
