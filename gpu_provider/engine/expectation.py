@@ -231,6 +231,21 @@ def _group_values(xp, data, n: int, x_mask: int, z_masks: list[int], scratch, ta
     return np.where(odd, 2j, 2.0) * sums
 
 
+def _paired_product(xp, partner, chunk, x_mask: int, scratch) -> None:
+    """``scratch = conj(partner flipped on x_mask's inner bits) * chunk``: the chunks are rows of
+    ``2^inner`` amplitudes and ``scratch`` is ``(1, 2, ..., 2)``, its axis ``1 + a`` bit ``inner - 1 - a``."""
+    inner = scratch.ndim - 1
+    flips = tuple(inner - bit for bit in range(inner) if (x_mask >> bit) & 1)
+    partner = partner.reshape(scratch.shape)
+    xp.conjugate(xp.flip(partner, axis=flips) if flips else partner, out=scratch)
+    xp.multiply(scratch, chunk.reshape(scratch.shape), out=scratch)
+
+
+def _lead_signs(j: int, lead_z: list[int]) -> np.ndarray:
+    """``(-1)^popcount(j & z)`` for each z: the sign chunk ``j``'s leading bits give each term."""
+    return np.array([-1.0 if bin(j & z).count("1") & 1 else 1.0 for z in lead_z])
+
+
 def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
     """``<X^x Z^z_t>`` for each t (physical masks) of one state: (T,), complex128.
 
@@ -258,20 +273,17 @@ def _chunked_group_values(state, x_mask: int, z_masks: list[int]) -> np.ndarray:
     tables: dict = {}  # every chunk reads the same terms: their sign tables once
     if lead_x:
         high = 1 << (lead_x.bit_length() - 1)
-        flips = tuple(1 + inner - 1 - bit for bit in range(inner) if (x_mask >> bit) & 1)
         bits = [inner - 1 - axis for axis in range(inner)]
         odd = np.array([bin(x_mask & z).count("1") & 1 for z in z_masks], dtype=bool)
         factors = np.where(odd, 2j, 2.0)
     for j in range(1 << lead):
-        signs = np.array([-1.0 if bin(j & z).count("1") & 1 else 1.0 for z in lead_z])
+        signs = _lead_signs(j, lead_z)
         if not lead_x:
             values += signs * _group_values(xp, rows[j : j + 1], inner, x_mask, inner_z, scratch, tables)[0]
             continue
         if j & high:
             continue  # visited from its partner
-        partner = rows[j ^ lead_x].reshape(scratch.shape)
-        xp.conjugate(xp.flip(partner, axis=flips) if flips else partner, out=scratch)
-        xp.multiply(scratch, rows[j].reshape(scratch.shape), out=scratch)
+        _paired_product(xp, rows[j ^ lead_x], rows[j], x_mask, scratch)
         values += signs * factors * _parity_sums(xp, scratch, bits, inner_z, imag=odd, tables=tables)[0]
     return values
 
@@ -386,16 +398,12 @@ def transition_expectation(bra, ket, observable: PauliSum) -> complex:
         inner_z = [z & low for z in z_masks] * 2  # each term twice: its real part, then its imaginary part
         imag = np.repeat([False, True], terms)
         lead_z = [z >> inner for z in z_masks]
-        flips = tuple(1 + inner - 1 - bit for bit in range(inner) if (x >> bit) & 1)
         tables: dict = {}
         sums = np.zeros(terms, dtype=np.complex128)
         for j in range(1 << lead):
-            partner = bra_rows[j ^ (x >> inner)].reshape(scratch.shape)
-            xp.conjugate(xp.flip(partner, axis=flips) if flips else partner, out=scratch)
-            xp.multiply(scratch, ket_rows[j].reshape(scratch.shape), out=scratch)
+            _paired_product(xp, bra_rows[j ^ (x >> inner)], ket_rows[j], x, scratch)
             parts = _parity_sums(xp, scratch, axis_bits, inner_z, imag=imag, tables=tables)[0]
-            signs = np.array([-1.0 if bin(j & z).count("1") & 1 else 1.0 for z in lead_z])
-            sums += signs * (parts[:terms] + 1j * parts[terms:])
+            sums += _lead_signs(j, lead_z) * (parts[:terms] + 1j * parts[terms:])
         total += complex(np.sum(observable.coeffs[members] * sums))
     return total
 
