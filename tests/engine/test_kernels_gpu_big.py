@@ -20,7 +20,7 @@ on small states, with planted kernel errors that they must catch.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
@@ -256,4 +256,3 @@ def planted(kernels: Any, plant: str) -> Any:
 
 
 PLANTS = ("transpose", "tail", "prob-tail", "pauli-x-low", "collapse-noscale")
-Factory = Callable[[Any], Any]
