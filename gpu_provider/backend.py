@@ -57,6 +57,7 @@ from .engine.executor import (
     run_program,
     state_arrays,
 )
+from .engine.threads import DEFAULT_PARALLEL_THRESHOLD, threads_for
 from .engine.distributed import (
     EXCHANGE_BYTES,
     RankGroup,
@@ -147,6 +148,18 @@ class GPUSimulator(BackendV2):
             the same name; 16 by default, so the device's shared memory
             decides: 14 qubits in single precision, 13 in double, on A100,
             H100 and H200).
+        max_parallel_threads (int): on the CPU, the most BLAS threads a job's
+            matrix products use (Aer's option of the same name; 0, the
+            default, allows every core this process may use). Jobs running at
+            the same time share the cores, and the count never exceeds the
+            process's own (``OPENBLAS_NUM_THREADS``, a ``threadpoolctl``
+            limit). Set 1 on a machine whose cores other work keeps busy.
+        statevector_parallel_threshold (int): on the CPU, a job whose widest
+            circuit has at most this many qubits uses one BLAS thread (Aer's
+            option of the same name, 14 by default): on such small states
+            threads gain nothing measurable on an idle machine and cost
+            1.7-3x (single runs up to 16x) where the cores are busy. See
+            docs/getting-started.md, "CPU threads".
     """
 
     def __init__(self, provider=None, name: str = "gpu_simulator", **options: Any) -> None:
@@ -184,6 +197,8 @@ class GPUSimulator(BackendV2):
             batched_shots_gpu_max_qubits=16,
             parameter_binds=None,
             method="automatic",
+            max_parallel_threads=0,
+            statevector_parallel_threshold=DEFAULT_PARALLEL_THRESHOLD,
         )
 
     @raises_qiskit_errors
@@ -327,6 +342,8 @@ class GPUSimulator(BackendV2):
                 batched_shots=merged["batched_shots_gpu"],
                 batched_shots_max_qubits=merged["batched_shots_gpu_max_qubits"],
                 method=method,
+                max_parallel_threads=merged["max_parallel_threads"],
+                parallel_threshold=merged["statevector_parallel_threshold"],
             )
             if merged["statevector"]:  # the full-width vector returned, idle qubits included
                 _check_statevector_output(program, circuit.name, itemsize)
@@ -408,7 +425,9 @@ class GPUSimulator(BackendV2):
             if merged["memory"] and device.kind == "CPU":  # the per-shot list lives beside the state
                 reserve += merged["shots"] * BYTES_PER_MEMORY_SHOT
         widest = max(program.num_qubits for _, program, _, _ in experiments)
-        execution = Execution(device, ops_total, simulate, reserve_bytes=reserve, num_qubits=widest)
+        # The job's BLAS threads on the CPU; a job on an executor only waits here (its chunks hold their own).
+        threads = 0 if executor is not None else job_threads(widest, merged)
+        execution = Execution(device, ops_total, simulate, reserve_bytes=reserve, num_qubits=widest, threads=threads)
         if group is not None:
             # Cancelled while queued, or refused: this rank still joins the first sync point, so the others stop too.
             execution.on_abandon = lambda kind, message: abandon_on_ranks(group, kind, message)
@@ -628,7 +647,7 @@ def _is_int(value) -> bool:
 _FLAG_OPTIONS = ("memory", "statevector", "fusion_enable", "batch_small_circuits", "shot_branching_enable", "batched_shots_gpu")
 _INT_OPTIONS = (
     "shots", "seed_simulator", "device_id", "fusion_max_qubits", "fusion_threshold", "max_loop_iterations",
-    "batched_shots_gpu_max_qubits", "max_job_size",
+    "batched_shots_gpu_max_qubits", "max_job_size", "max_parallel_threads", "statevector_parallel_threshold",
 )
 
 
@@ -661,6 +680,9 @@ def _validate_options(options: dict) -> None:
     if not _is_int(cap) or cap < 1:
         raise InvalidOptionError(f"max_loop_iterations must be a positive integer, not {cap!r}")
     check_executor_options(options["executor"], options["max_job_size"])
+    for key in ("max_parallel_threads", "statevector_parallel_threshold"):
+        if not _is_int(options[key]) or options[key] < 0:
+            raise InvalidOptionError(f"{key} must be a non-negative integer, not {options[key]!r}")
     # NumPy integers and booleans pass the checks above; the engine and the Result want Python ones.
     for key in _INT_OPTIONS:
         if _is_int(options[key]):
@@ -675,6 +697,13 @@ def _validate_options(options: dict) -> None:
     binds = options["parameter_binds"]
     if binds is not None and not isinstance(binds, (Mapping, list, tuple)):
         raise InvalidOptionError(f"parameter_binds must be a list of dicts (one per circuit) or None, not {type(binds).__name__}")
+
+
+def job_threads(widest: int, options: Any) -> int:
+    """The BLAS threads a CPU job whose widest circuit has ``widest`` qubits asks for, from the
+    backend's ``max_parallel_threads`` and ``statevector_parallel_threshold`` (a dict or Options)."""
+    get = options.get if isinstance(options, Mapping) else lambda key: getattr(options, key)
+    return threads_for(widest, get("max_parallel_threads"), get("statevector_parallel_threshold"))
 
 
 def _check_portable(program: Program, name: str) -> None:

@@ -22,6 +22,7 @@ PennyLane is imported only here (install the ``pennylane`` extra).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -67,7 +68,8 @@ from .engine.distributed import (
     ranks_for,
     run_on_ranks,
 )
-from .engine.executor import WORKSPACE_BYTES, RunConfig, device_kernels, evolve, kernels_cover, new_state, sample_outcomes
+from .engine.executor import WORKSPACE_BYTES, RunConfig, blas_threads, device_kernels, evolve, kernels_cover, new_state, sample_outcomes
+from .engine.threads import threads_for
 from .engine.trajectories import Interpreter, Trajectory, branch_points, run_exact, saved_states
 from .engine.expectation import pauli_sum
 from .engine.observables import (
@@ -88,6 +90,20 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = Path(__file__).parent / "pennylane_qubit.toml"
 # How mid-circuit measurements may run (the capability file says the same).
 MCM_METHODS = ("one-shot", "tree-traversal", "deferred", "device")
+
+
+def _blas_held(method):
+    """Run a device method with the engine's BLAS threads for its widest state (engine/threads.py):
+    one thread up to 14 qubits, where threads cost more than they gain whenever the cores are busy."""
+
+    @functools.wraps(method)
+    def held(self, circuits, *args, **kwargs):
+        batch = (circuits,) if isinstance(circuits, QuantumScript) else circuits
+        widest = len(self.wires) if self.wires is not None else max((len(tape.wires) for tape in batch), default=0)
+        with blas_threads(self._device, threads_for(widest)):
+            return method(self, circuits, *args, **kwargs)
+
+    return held
 
 
 @simulator_tracking
@@ -234,6 +250,7 @@ class GPUQubitDevice(Device):
 
     # -- execution -------------------------------------------------------------
 
+    @_blas_held
     def execute(self, circuits, execution_config: Optional[ExecutionConfig] = None):
         single = isinstance(circuits, QuantumScript)
         batch = (circuits,) if single else circuits
@@ -271,12 +288,14 @@ class GPUQubitDevice(Device):
         finally:
             self._group = None
 
+    @_blas_held
     def compute_derivatives(self, circuits, execution_config: Optional[ExecutionConfig] = None):
         single = isinstance(circuits, QuantumScript)
         batch = (circuits,) if single else circuits
         jacobians = tuple(self._adjoint(tape)[1] for tape in batch)
         return jacobians[0] if single else jacobians
 
+    @_blas_held
     def execute_and_compute_derivatives(self, circuits, execution_config: Optional[ExecutionConfig] = None):
         single = isinstance(circuits, QuantumScript)
         batch = (circuits,) if single else circuits
@@ -289,12 +308,14 @@ class GPUQubitDevice(Device):
         """``device_vjp=True``: the same adjoint Jacobian as :meth:`supports_derivatives`, contracted with the cotangents."""
         return self.supports_derivatives(execution_config, circuit)
 
+    @_blas_held
     def compute_vjp(self, circuits, cotangents, execution_config: Optional[ExecutionConfig] = None):
         single = isinstance(circuits, QuantumScript)
         batch, cotangents = ((circuits,), (cotangents,)) if single else (circuits, cotangents)
         vjps = tuple(_vjp(tape, self._adjoint(tape)[1], dy) for tape, dy in zip(batch, cotangents))
         return vjps[0] if single else vjps
 
+    @_blas_held
     def execute_and_compute_vjp(self, circuits, cotangents, execution_config: Optional[ExecutionConfig] = None):
         single = isinstance(circuits, QuantumScript)
         batch, cotangents = ((circuits,), (cotangents,)) if single else (circuits, cotangents)

@@ -38,7 +38,7 @@ from qiskit.primitives.containers import BitArray, DataBin, PrimitiveResult, Pub
 from qiskit.primitives.containers.estimator_pub import EstimatorPub
 from qiskit.primitives.containers.sampler_pub import SamplerPub
 
-from .backend import GPUSimulator, _check_fits, _in_place_instead
+from .backend import GPUSimulator, _check_fits, _in_place_instead, job_threads
 from .compiler.fusion import default_width
 from .compiler.parameters import CompiledCircuit, FusionOptions, compile_circuit
 from .compiler.translate import translate
@@ -268,7 +268,8 @@ class _Primitive:
             def run(execution: Execution):
                 return run_on_ranks(group, execution, lambda: work(execution))
 
-        execution = Execution(device, ops_total, run, reserve_bytes=reserve, num_qubits=widest)
+        threads = job_threads(widest, self._backend.options)
+        execution = Execution(device, ops_total, run, reserve_bytes=reserve, num_qubits=widest, threads=threads)
         if group is not None:
             execution.on_abandon = lambda kind, message: abandon_on_ranks(group, kind, message)
         job = GPUPrimitiveJob(self._backend, str(uuid.uuid4()), execution, circuits=circuits)

@@ -84,8 +84,8 @@ def test_run_options_asking_for_what_a_simulator_cannot_give_are_errors(backend,
 
 
 def test_other_unknown_run_options_still_warn(backend):
-    with pytest.warns(UserWarning, match="Option max_parallel_threads is not used by this backend"):
-        assert backend.run(bell(), shots=10, max_parallel_threads=4).result().success
+    with pytest.warns(UserWarning, match="Option max_parallel_experiments is not used by this backend"):
+        assert backend.run(bell(), shots=10, max_parallel_experiments=4).result().success
 
 
 def test_aer_options_that_keep_the_answer_are_accepted(backend):

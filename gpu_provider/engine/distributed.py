@@ -55,6 +55,7 @@ from .program import (
     op_bodies,
 )
 from .statevector import StateVector
+from .threads import BLAS_THREADS, cores
 
 # Amplitudes exchanged per message (2^20: 16 MiB in complex128), so the exchange
 # buffers stay small whatever the state's size.
@@ -298,20 +299,14 @@ def _wait_or_timeout(request, size: int) -> None:
         time.sleep(POLL_SECONDS)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def share_cores(ranks_on_node: int) -> Optional[int]:
     """Limit this process's BLAS threads to its share of the node's cores (once; returns the limit).
 
     Ranks on one node each running BLAS with a thread per core oversubscribe it
     (on 2 cores, 2 ranks ran an 18-qubit circuit 20x slower). Nothing is changed
-    where the user set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS,
-    or where threadpoolctl (in the mpi extra) is missing.
+    where the user set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS.
+    Set through :data:`~gpu_provider.engine.threads.BLAS_THREADS`, so it works from
+    any thread and the jobs' own limits never exceed it.
     """
     import logging
 
@@ -319,12 +314,8 @@ def share_cores(ranks_on_node: int) -> Optional[int]:
         return _THREADS_LIMITED[0]
     if any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
         return None
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return None
-    limit = max(1, _cores() // max(1, ranks_on_node))
-    threadpool_limits(limits=limit, user_api="blas")
+    limit = max(1, cores() // max(1, ranks_on_node))
+    BLAS_THREADS.set_ceiling(limit)
     _THREADS_LIMITED.append(limit)
     logging.getLogger(__name__).info("%d MPI ranks share this node: BLAS limited to %d thread(s) per rank", ranks_on_node, limit)
     return limit
@@ -449,7 +440,7 @@ class RankGroup:
         self.exchange_seconds = 0.0
         self.cuda_aware = _cuda_aware(MPI)
         node = _NODE_RANKS.get(comm.py2f())
-        self._oversubscribed = node is not None and node[1] > _cores()
+        self._oversubscribed = node is not None and node[1] > cores()
 
     # -- stopping together ------------------------------------------------------
 

@@ -14,6 +14,7 @@ threads (one CUDA stream each on the GPU); the caller's thread stays free.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -44,6 +45,7 @@ from .program import (
     measurements_are_terminal,
 )
 from .statevector import StateVector
+from .threads import BLAS_THREADS, DEFAULT_PARALLEL_THRESHOLD, threads_for
 from .trajectories import Interpreter, TooManyPaths, Trajectory, saved_states
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,10 @@ class RunConfig:
     # kernels do not cover the program) runs a state of which two copies do not fit. run() sets it
     # only then (on the CPU it costs about a pass per dense gate).
     in_place: bool = False
+    # BLAS threads for CPU products (engine/threads.py; Aer's options of the same names): at most
+    # max_parallel_threads (0: every core), and one for states of up to parallel_threshold qubits.
+    max_parallel_threads: int = 0
+    parallel_threshold: int = DEFAULT_PARALLEL_THRESHOLD
 
     @property
     def dtype(self):
@@ -112,10 +118,19 @@ class Execution:
     """One job's life on a device, read through events; never blocks to answer."""
 
     def __init__(
-        self, device: Device, ops_total: int, run: Callable[["Execution"], Any], reserve_bytes: int = 0, num_qubits: int = 0
+        self,
+        device: Device,
+        ops_total: int,
+        run: Callable[["Execution"], Any],
+        reserve_bytes: int = 0,
+        num_qubits: int = 0,
+        threads: Optional[int] = None,
     ) -> None:
         self.device = device
         self.num_qubits = num_qubits
+        # The BLAS threads the job's CPU products may use (engine/threads.py): by default one for a
+        # state of up to DEFAULT_PARALLEL_THRESHOLD qubits, else every core; 0 leaves the count alone.
+        self.threads = threads_for(num_qubits) if threads is None else int(threads)
         self.ops_total = max(int(ops_total), 1)
         # Device memory the job may use at its peak; the dispatcher admits it only where that fits.
         self.reserve_bytes = int(reserve_bytes)
@@ -396,7 +411,7 @@ def run_execution(execution: Execution) -> None:
         return
     device.job_started()
     try:
-        with device.stream():
+        with device.stream(), blas_threads(device, execution.threads):
             if not execution.begin():
                 return
             result = execution._run(execution)
@@ -414,6 +429,18 @@ def run_execution(execution: Execution) -> None:
             device.release_memory()
         except Exception:  # releasing cached blocks must never fail a job
             logger.debug("releasing device memory failed", exc_info=True)
+
+
+def config_threads(num_qubits: int, config: RunConfig) -> int:
+    """The BLAS threads a ``num_qubits``-qubit program under ``config`` asks for."""
+    return threads_for(num_qubits, config.max_parallel_threads, config.parallel_threshold)
+
+
+def blas_threads(device: Device, threads: int):
+    """Hold the job's BLAS thread count while it runs on the CPU (nothing on a GPU, or for 0)."""
+    if device.kind != "CPU" or threads <= 0:
+        return contextlib.nullcontext()
+    return BLAS_THREADS.hold(threads)
 
 
 _DISPATCHERS: dict = {}

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 from ..errors import JobCancelledError
 from . import small_batch
 from .devices import resolve_device
-from .executor import ExperimentOutput, RunConfig, check_program_fits, run_program
+from .executor import ExperimentOutput, RunConfig, blas_threads, check_program_fits, config_threads, run_program
 from .program import Program
 
 
@@ -45,6 +45,14 @@ class ChunkRun:
         stop = self._stop
         if stop is not None and stop():
             raise JobCancelledError("cancelled: the job's stop flag was set while this chunk ran on its worker")
+
+
+def _chunk_threads(items) -> int:
+    """The BLAS threads of a chunk: what its widest program asks (the job's options are the same in each)."""
+    if not items:
+        return 0
+    program, config = max(items, key=lambda item: item[0].num_qubits)
+    return config_threads(program.num_qubits, config)
 
 
 def worker_name() -> str:
@@ -85,7 +93,7 @@ def run_chunk(
         return run_program(program, resolved, config, run)
 
     try:
-        with resolved.stream():
+        with resolved.stream(), blas_threads(resolved, _chunk_threads(items)):
             runs = small_batch.plan(resolved, items) if batch_small_circuits else [small_batch.Run(0, len(items), False)]
             for (index, _, _), output in zip(experiments, small_batch.outputs_in_order(runs, items, resolved, run, run_one, check_fits=True)):
                 output.metadata["worker"] = worker_name()
