@@ -121,11 +121,12 @@ class BlasThreads:
 
     def __init__(self, setter: Any = None) -> None:
         self._lock = threading.Lock()
-        self._asks: list[int] = []
+        self._asks: dict = {}  # one entry per running hold: its ask
         self._setter = setter
         self._looked = setter is not None
         self._found: Optional[int] = None  # the count before the first running job
         self._current: Optional[int] = None
+        self._inherited: Optional[tuple] = None  # in a child forked during a job: (its count, the count before)
 
     def _library(self) -> Any:
         if not self._looked:
@@ -136,15 +137,16 @@ class BlasThreads:
     @contextlib.contextmanager
     def hold(self, threads: int) -> Iterator[None]:
         """Run the body with at most ``threads`` BLAS threads (shared with other holders)."""
+        token = object()  # this hold's entry (a child forked during it drops every entry: see after_fork)
         with self._lock:
-            self._asks.append(max(1, int(threads)))
+            self._asks[token] = max(1, int(threads))
             self._apply()
         try:
             yield
         finally:
             with self._lock:
-                self._asks.remove(max(1, int(threads)))
-                self._apply()
+                if self._asks.pop(token, None) is not None:
+                    self._apply()
 
     def set_ceiling(self, threads: int) -> None:
         """Set the count outside jobs (an MPI rank's share of its node): later jobs never exceed it."""
@@ -169,14 +171,17 @@ class BlasThreads:
             return
         if self._found is None:
             try:
-                self._found = setter.get() or cores()
+                self._current = self._found = setter.get() or cores()
             except Exception:
                 logger.debug("could not read the BLAS thread count", exc_info=True)
                 self._setter = None
                 return
-            self._current = self._found
+            if self._inherited is not None:  # a forked child's first job: the parent's count before its jobs
+                if self._current == self._inherited[0]:
+                    self._found = self._inherited[1]
+                self._inherited = None
         share = max(1, cores() // len(self._asks))
-        wanted = max(1, min(self._found, share, *self._asks))
+        wanted = max(1, min(self._found, share, *self._asks.values()))
         if wanted != self._current:
             self._safe_set(setter, wanted)
 
@@ -189,13 +194,14 @@ class BlasThreads:
             self._setter = None
 
     def after_fork(self) -> None:
-        """In a forked child: the parent's jobs do not exist here; put the count back."""
+        """In a forked child: the parent's jobs do not exist here. The library is not called in
+        the fork handler; the child keeps the count it inherited until its first job, which
+        starts from the count the parent had before its jobs (unless the child changed it)."""
         self._lock = threading.Lock()
-        asks, self._asks = self._asks, []
-        if asks and self._setter is not None and self._found is not None:
-            self._safe_set(self._setter, self._found)
+        if self._asks and self._found is not None:
+            self._inherited = (self._current, self._found)
+        self._asks = {}
         self._found = self._current = None
-
 
 BLAS_THREADS = BlasThreads()
 

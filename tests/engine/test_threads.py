@@ -9,6 +9,7 @@ counts of the jobs run under each limit.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 import warnings
 
@@ -359,3 +360,59 @@ def _blas_infos():
     from threadpoolctl import threadpool_info
 
     return [info for info in threadpool_info() if info["user_api"] == "blas"]
+
+
+def test_a_child_forked_during_a_job_starts_its_first_job_from_the_parents_count(eight_cores):
+    library = FakeLibrary(8)
+    limit = BlasThreads(library)
+    parent_job = limit.hold(1)  # the parent's job, running when it forks (kept: it never ends here)
+    parent_job.__enter__()
+    assert library.count == 1
+    limit.after_fork()  # in the child: the job's count, no job of its own
+    assert library.sets == [1]  # the fork handler does not call the library
+    with limit.hold(8):
+        assert library.count == 8
+    assert library.count == 8
+    with limit.hold(1):
+        assert library.count == 1
+    assert library.count == 8
+    # A child that set its own count before its first job keeps it.
+    library = FakeLibrary(8)
+    limit = BlasThreads(library)
+    parent_job = limit.hold(1)
+    parent_job.__enter__()
+    limit.after_fork()
+    library.count = 3
+    with limit.hold(8):
+        assert library.count == 3
+    assert library.count == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_real_forked_child_runs_and_restores():
+    """A job in a child process forked while the parent's job held one thread."""
+    import select
+    import signal
+
+    _, before = _real_library_or_skip()
+    with threads_module.BLAS_THREADS.hold(1):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one job as wide as takes every core, report, leave without cleanup
+            try:
+                with threads_module.BLAS_THREADS.hold(threads_for(DEFAULT_PARALLEL_THRESHOLD + 1)):
+                    inside = _library_threads()
+                os.write(write, bytes([inside, _library_threads()]))
+            finally:
+                os._exit(0)
+        os.close(write)
+        # Never wait on the child for long: a fork in a threaded process may wedge it.
+        ready, _, _ = select.select([read], [], [], 30)
+        reported = os.read(read, 2) if ready else b""
+        os.close(read)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert _library_threads() == 1
+    assert tuple(reported) == (before, before)
+    assert _library_threads() == before
