@@ -87,6 +87,11 @@ def adjoint_jacobian(state: StateVector, steps: Sequence[AdjointStep], observabl
         if observable.num_qubits != state.num_qubits:
             raise InvalidInputError(f"an observable acts on {observable.num_qubits} qubits but the state has {state.num_qubits}")
     bras = [apply_observable(state, observable) for observable in observables]
+    for bra in bras:
+        # Each bra takes the gates the state takes, in the same order: with a scratch buffer as
+        # the state has one (a read's copy has none), its axes move as the state's do, so the
+        # transition reads never reorder it, and a dense gate is one product, not chunked copies.
+        bra.in_place = state.in_place
     # Only the steps up to the first differentiated one (from the start) need un-applying.
     first = next((k for k, step in enumerate(steps) if step.derivatives or step.generators), len(steps))
     scratch = None

@@ -108,22 +108,39 @@ def expectations(state: StateVector, observables: Sequence[Observable]) -> np.nd
 
 
 def apply_observable(state: StateVector, observable: Observable, out: StateVector | None = None) -> StateVector:
-    """``O|psi>`` as a new state on the same device (``out`` reused when given): one copy of
-    ``psi`` per term, a Pauli term applied factor by factor, a dense term as one product."""
+    """``O|psi>`` as a new state on the same device (``out`` reused when given), with one
+    scratch copy of the state.
+
+    A Pauli term ``c X^x Z^z`` is two passes: ``c Z^z psi`` into the scratch (one multiply
+    by a broadcast table of signs on the term's Z qubits), then added to ``out`` read on
+    the state's axes reversed where ``x`` has a bit (``(X^x v)[i] = v[i ^ x]``). A dense
+    term is the scratch copy with its matrix applied. A state split over MPI ranks applies
+    each factor as a gate (an X on a rank bit is an exchange).
+    """
     if out is None:
         out = _aligned_copy(state)
     out.copy_from(state)
     out.data.fill(0)
     work = _aligned_copy(state)
+    xp = state.xp
+    local = not getattr(state, "distributed", False)
+    pauli = observable.pauli
     terms: list[tuple[complex, object]] = []
-    if observable.pauli is not None:
-        p = observable.pauli
-        for t in range(p.num_terms):
-            terms.append((complex(p.coeffs[t]), (int(p.x[t]), int(p.z[t]))))
+    if pauli is not None:
+        for t in range(pauli.num_terms):
+            terms.append((complex(pauli.coeffs[t]), (int(pauli.x[t]), int(pauli.z[t]))))
     for term in observable.dense:
         terms.append((complex(term.coeff), term))
     for coeff, term in terms:
         if coeff == 0:
+            continue
+        if local and not isinstance(term, DenseTerm):
+            x, z = term
+            signs = xp.asarray(_sign_pattern(state, z, coeff))
+            xp.multiply(state._tensor(), signs, out=work._tensor())
+            flipped = tuple(slice(None, None, -1) if (x >> q) & 1 else slice(None) for q in state.order)
+            out_tensor = out._tensor()
+            out_tensor += work._tensor()[flipped]
             continue
         work.copy_from(state)
         if isinstance(term, DenseTerm):
@@ -142,6 +159,19 @@ def apply_observable(state: StateVector, observable: Observable, out: StateVecto
         work.data *= out.dtype.type(coeff)  # in place: no state-sized temporary
         out.data += work.data
     return out
+
+
+def _sign_pattern(state: StateVector, z: int, coeff: complex) -> np.ndarray:
+    """``coeff * Z^z`` as a table that broadcasts over ``state``'s axes: 2 entries on each Z
+    qubit's axis (+1, -1), 1 on the others."""
+    n = state.num_qubits
+    pattern = np.full((1,) * n, coeff, dtype=state.dtype)
+    for q in range(n):
+        if (z >> q) & 1:
+            shape = [1] * n
+            shape[state.axis(q)] = 2
+            pattern = pattern * np.array([1, -1], dtype=state.dtype).reshape(shape)
+    return pattern
 
 
 def _check_qubits(state: StateVector, qubits: Sequence[int]) -> None:

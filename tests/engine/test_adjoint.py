@@ -59,21 +59,36 @@ def state_from(psi: np.ndarray, dtype=np.complex128) -> StateVector:
     return state
 
 
-@pytest.mark.parametrize("n", [1, 3, 6])
-def test_expectations_and_apply_observable_match_dense(n):
+@pytest.mark.parametrize("n, dtype, in_place", [(1, np.complex128, False), (3, np.complex128, False), (6, np.complex128, False),
+                                                (6, np.complex64, False), (7, np.complex128, True)])
+def test_expectations_and_apply_observable_match_dense(n, dtype, in_place):
     rng = np.random.default_rng(n)
     psi = random_state(rng, n)
     observable, full = mixed_observable(rng, n) if n >= 2 else (Observable(1, None, (DenseTerm((0,), hermitian(rng, 1), 1.0),)), None)
     if full is None:
         full = observable.dense[0].matrix
-    state = state_from(psi)
+    state = state_from(psi, dtype)
     if n > 2:  # a non-canonical axis order must not matter
         state._reorder([int(q) for q in rng.permutation(n)])
+    state.in_place = in_place
+    tolerance = 1e-10 if dtype == np.complex128 else 2e-5
     value = expectations(state, [observable])[0]
-    assert abs(value - np.vdot(psi, full @ psi)) < 1e-10
+    assert abs(value - np.vdot(psi, full @ psi)) < tolerance * 10
     applied = apply_observable(state, observable)
     applied.to_canonical()
-    np.testing.assert_allclose(applied.data, full @ psi, atol=1e-10)
+    np.testing.assert_allclose(applied.data, full @ psi, atol=tolerance * 10)
+    # Into a given state, whatever it held, and with every Pauli term sharing one X mask or none.
+    labels = ["ZIY" + "I" * (n - 3), "XZX" + "Z" * (n - 3), "YIX" + "I" * (n - 3), "Z" * n] if n >= 3 else ["Z" * n]
+    coeffs = rng.normal(size=len(labels)) + 0.3j * rng.normal(size=len(labels))
+    xz = [masks(label) for label in labels]
+    paulis = Observable(n, pauli_sum(n, [a for a, _ in xz], [b for _, b in xz], coeffs))
+    expected = sum(c * dense(label) for label, c in zip(labels, coeffs)) @ psi
+    out = state.snapshot()
+    out.data[...] = 7.0
+    again = apply_observable(state, paulis, out=out)
+    assert again is out
+    again.to_canonical()
+    np.testing.assert_allclose(again.data, expected, atol=tolerance * 10)
 
 
 def test_marginal_probabilities_follow_the_qubit_order():
