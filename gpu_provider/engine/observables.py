@@ -136,11 +136,10 @@ def apply_observable(state: StateVector, observable: Observable, out: StateVecto
             continue
         if local and not isinstance(term, DenseTerm):
             x, z = term
-            signs = xp.asarray(_sign_pattern(state, z, coeff))
-            xp.multiply(state._tensor(), signs, out=work._tensor())
-            flipped = tuple(slice(None, None, -1) if (x >> q) & 1 else slice(None) for q in state.order)
-            out_tensor = out._tensor()
-            out_tensor += work._tensor()[flipped]
+            shape, signs, flipped = _pauli_views(state, x, z, coeff)
+            xp.multiply(state.data.reshape(shape), xp.asarray(signs), out=work.data.reshape(shape))
+            out_view = out.data.reshape(shape)
+            out_view += work.data.reshape(shape)[flipped]
             continue
         work.copy_from(state)
         if isinstance(term, DenseTerm):
@@ -161,17 +160,32 @@ def apply_observable(state: StateVector, observable: Observable, out: StateVecto
     return out
 
 
-def _sign_pattern(state: StateVector, z: int, coeff: complex) -> np.ndarray:
-    """``coeff * Z^z`` as a table that broadcasts over ``state``'s axes: 2 entries on each Z
-    qubit's axis (+1, -1), 1 on the others."""
-    n = state.num_qubits
-    pattern = np.full((1,) * n, coeff, dtype=state.dtype)
-    for q in range(n):
-        if (z >> q) & 1:
-            shape = [1] * n
-            shape[state.axis(q)] = 2
-            pattern = pattern * np.array([1, -1], dtype=state.dtype).reshape(shape)
-    return pattern
+def _pauli_views(state: StateVector, x: int, z: int, coeff: complex) -> tuple:
+    """How to apply ``coeff X^x Z^z`` to ``state`` on a view of few axes: the state's shape with
+    each run of axes that no factor touches merged into one, ``coeff Z^z`` as a table that
+    broadcasts over it (+1 and -1 on each Z qubit's axis, 1 elsewhere), and the index that
+    reverses each X qubit's axis."""
+    shape: list[int] = []
+    pattern: list[int] = []  # per axis of ``shape``: 0 untouched, else 1 | 2 (X) | 4 (Z)
+    for q in state.order:
+        kind = 1 | (2 if (x >> q) & 1 else 0) | (4 if (z >> q) & 1 else 0)
+        if kind == 1:
+            if shape and pattern[-1] == 0:
+                shape[-1] *= 2
+            else:
+                shape.append(2)
+                pattern.append(0)
+        else:
+            shape.append(2)
+            pattern.append(kind)
+    signs = np.full((1,) * len(shape), coeff, dtype=state.dtype)
+    for axis, kind in enumerate(pattern):
+        if kind & 4:
+            one_axis = [1] * len(shape)
+            one_axis[axis] = 2
+            signs = signs * np.array([1, -1], dtype=state.dtype).reshape(one_axis)
+    flipped = tuple(slice(None, None, -1) if kind & 2 else slice(None) for kind in pattern)
+    return tuple(shape), signs, flipped
 
 
 def _check_qubits(state: StateVector, qubits: Sequence[int]) -> None:
