@@ -33,6 +33,32 @@ AMPLITUDE_TOLERANCE = {"double": 1e-10, "single": 1e-4}
 ALPHA = 1e-6
 
 
+def report_from_forked_child(report, size: int, timeout: float = 30.0) -> bytes:
+    """Fork; the child writes ``report()`` (at most ``size`` bytes) to a pipe and leaves without
+    running the parent's cleanup. Returns what it wrote, or b"" if it wrote nothing within
+    ``timeout`` seconds (then it is killed): a fork in a threaded process may wedge the child,
+    so never wait on it for long."""
+    import os
+    import select
+    import signal
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, report())
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], timeout)
+    reported = os.read(read, size) if ready else b""
+    os.close(read)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return reported
+
+
 def make_backend(device: str, **options) -> GPUSimulator:
     return GPUSimulator(device=device, **options)
 

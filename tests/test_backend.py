@@ -934,29 +934,13 @@ def test_run_holds_off_garbage_collection_while_it_translates_and_restores_it(mo
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_a_child_forked_during_another_threads_run_collects_garbage_again():
     import gc
-    import os
-    import select
-    import signal
 
     from gpu_provider import backend as backend_module
+    from tests.helpers import report_from_forked_child
 
     with backend_module._gc_paused():  # as if another thread were inside run()
         assert not gc.isenabled()
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report, then leave without running the parent's cleanup
-            try:
-                os.write(write, b"1" if gc.isenabled() and backend_module._GC_PAUSES == 0 else b"0")
-            finally:
-                os._exit(0)
-        os.close(write)
-        # Never wait on the child for long: a fork in a threaded process may wedge it.
-        ready, _, _ = select.select([read], [], [], 30)
-        reported = os.read(read, 1) if ready else b""
-        os.close(read)
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        reported = report_from_forked_child(lambda: b"1" if gc.isenabled() and backend_module._GC_PAUSES == 0 else b"0", 1)
     assert reported == b"1" and gc.isenabled()
 
 

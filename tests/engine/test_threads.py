@@ -21,7 +21,7 @@ import gpu_provider.backend as backend_module
 from gpu_provider.engine import threads as threads_module
 from gpu_provider.engine.threads import DEFAULT_PARALLEL_THRESHOLD, BlasThreads, threads_for
 from gpu_provider.errors import InvalidOptionError
-from tests.helpers import assert_counts_match, exact_distribution, make_backend
+from tests.helpers import assert_counts_match, exact_distribution, make_backend, report_from_forked_child
 
 
 class FakeLibrary:
@@ -195,16 +195,17 @@ def _ghz(n):
     return qc
 
 
-def _threads_seen_by_jobs(monkeypatch):
-    """Record the real library's thread count each time the backend runs a program."""
+def _threads_seen_by_jobs(monkeypatch, module=backend_module):
+    """Record the real library's thread count each time ``module`` (the backend, or an
+    executor's chunk runner) runs a program."""
     seen = []
-    original = backend_module.run_program
+    original = module.run_program
 
     def recording(*args, **kwargs):
         seen.append(_library_threads())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(backend_module, "run_program", recording)
+    monkeypatch.setattr(module, "run_program", recording)
     return seen
 
 
@@ -273,14 +274,7 @@ def test_executor_chunks_hold_their_own_threads(monkeypatch):
     _, before = _real_library_or_skip()
     import gpu_provider.engine.remote as remote_module
 
-    seen = []
-    original = remote_module.run_program
-
-    def recording(*args, **kwargs):
-        seen.append(_library_threads())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(remote_module, "run_program", recording)
+    seen = _threads_seen_by_jobs(monkeypatch, remote_module)
     backend = make_backend("CPU")
     circuits = [_ghz(6), _ghz(7)]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -391,28 +385,15 @@ def test_a_child_forked_during_a_job_starts_its_first_job_from_the_parents_count
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_real_forked_child_runs_and_restores():
     """A job in a child process forked while the parent's job held one thread."""
-    import select
-    import signal
-
     _, before = _real_library_or_skip()
+
+    def child_job() -> bytes:  # one job as wide as takes every core
+        with threads_module.BLAS_THREADS.hold(threads_for(DEFAULT_PARALLEL_THRESHOLD + 1)):
+            inside = _library_threads()
+        return bytes([inside, _library_threads()])
+
     with threads_module.BLAS_THREADS.hold(1):
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: one job as wide as takes every core, report, leave without cleanup
-            try:
-                with threads_module.BLAS_THREADS.hold(threads_for(DEFAULT_PARALLEL_THRESHOLD + 1)):
-                    inside = _library_threads()
-                os.write(write, bytes([inside, _library_threads()]))
-            finally:
-                os._exit(0)
-        os.close(write)
-        # Never wait on the child for long: a fork in a threaded process may wedge it.
-        ready, _, _ = select.select([read], [], [], 30)
-        reported = os.read(read, 2) if ready else b""
-        os.close(read)
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        reported = report_from_forked_child(child_job, 2)
         assert _library_threads() == 1
     assert tuple(reported) == (before, before)
     assert _library_threads() == before
