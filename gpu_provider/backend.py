@@ -702,8 +702,7 @@ def _validate_options(options: dict) -> None:
 def job_threads(widest: int, options: Any) -> int:
     """The BLAS threads a CPU job whose widest circuit has ``widest`` qubits asks for, from the
     backend's ``max_parallel_threads`` and ``statevector_parallel_threshold`` (a dict or Options)."""
-    get = options.get if isinstance(options, Mapping) else lambda key: getattr(options, key)
-    return threads_for(widest, get("max_parallel_threads"), get("statevector_parallel_threshold"))
+    return threads_for(widest, options.get("max_parallel_threads"), options.get("statevector_parallel_threshold"))
 
 
 def _check_portable(program: Program, name: str) -> None:
