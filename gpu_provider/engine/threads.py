@@ -66,7 +66,6 @@ class _Setter:
     """Reads and sets the thread count of the BLAS library NumPy loaded."""
 
     def __init__(self, controller: Any) -> None:
-        self.name = f"{controller.internal_api} {controller.version or ''}".strip()
         self._controller = controller
         self._get = self._set = None
         if controller.internal_api == "openblas" and getattr(controller, "threading_layer", None) != "openmp":
